@@ -1,0 +1,209 @@
+"""Basis methods: how the subspace of one gradient matrix is chosen and used.
+
+Every method works on one *oriented* matrix ``g`` of shape ``(k, l)`` whose
+first axis is the projected one (see :mod:`layout`); the combinator vmaps it
+over stacked layers. A method is a :class:`BasisMethod` of pure functions:
+
+* ``init(k, l, rank)`` -> the basis state of one matrix (arrays of static shape);
+* ``refresh(g, state, key, align_signs)`` -> a new basis state from gradient ``g``;
+* ``project(g, state)`` -> coefficients ``C`` of shape ``(rank, l)``;
+* ``unproject(c, state)`` -> the ``(k, l)`` matrix that ``c`` stands for;
+* ``transition(old, new)`` -> ``R`` (``rank x rank``) with ``C_new ~= R C_old``,
+  used to carry moments into a new basis (None if the method cannot say).
+
+Dense bases store ``Q`` (``k x rank``, orthonormal columns, float32): ``C = QᵀG``
+and ``unproject(C) = QC``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from subspace_optax._src import sharding
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class BasisMethod(NamedTuple):
+  """A way to choose, store and apply the basis of one oriented matrix."""
+
+  name: str
+  init: Callable[[int, int, int], Any]
+  refresh: Callable[[jax.Array, Any, jax.Array, bool], Any]
+  project: Callable[[jax.Array, Any], jax.Array]
+  unproject: Callable[[jax.Array, Any], jax.Array]
+  transition: Optional[Callable[[Any, Any], jax.Array]] = None
+  # Refresh on every step without a ``lax.cond`` (online bases).
+  every_step: bool = False
+
+
+# ---------------------------------------------------------------- dense bases
+
+
+def dense_init(k: int, l: int, rank: int) -> jax.Array:
+  """A valid orthonormal placeholder, ``I[:, :rank]``, until the first refresh."""
+  del l
+  return jnp.eye(k, rank, dtype=jnp.float32)
+
+
+def dense_project(g: jax.Array, basis: jax.Array) -> jax.Array:
+  """``C = QᵀG``."""
+  return sharding.einsum('kr,kl->rl', basis, g.astype(basis.dtype))
+
+
+def dense_unproject(c: jax.Array, basis: jax.Array) -> jax.Array:
+  """``QC``."""
+  return sharding.einsum('kr,rl->kl', basis, c.astype(basis.dtype))
+
+
+def dense_transition(old: jax.Array, new: jax.Array) -> jax.Array:
+  """``R = Q_newᵀ Q_old``, so that ``Q_newᵀ G ~= R (Q_oldᵀ G)``."""
+  return sharding.einsum('kr,ks->rs', new, old, precision=_HIGHEST)
+
+
+def align_signs(new: jax.Array, old: jax.Array) -> jax.Array:
+  """Flip columns of ``new`` so each has a non-negative dot with ``old``'s.
+
+  Singular vectors are defined up to sign; without this, moments kept across
+  a refresh are silently negated column by column.
+  """
+  dots = jnp.sum(new * old, axis=0)
+  return new * jnp.where(dots < 0, -1.0, 1.0).astype(new.dtype)
+
+
+def _finish(new: jax.Array, old: jax.Array, align: bool) -> jax.Array:
+  new = new.astype(jnp.float32)
+  if align:
+    new = align_signs(new, old)
+  return sharding.reshard_like(new, old)
+
+
+def svd(algorithm: Optional[Any] = None) -> BasisMethod:
+  """Exact top-``rank`` left singular vectors of the gradient, in float32.
+
+  This is GaLore's basis (Zhao et al., 2024, arXiv 2403.03507): ``Q = U[:, :r]``
+  with ``G = U Σ Vᵀ``. Cost ``O(k l min(k, l))`` per refresh; on a sharded
+  gradient the SVD gathers the whole matrix (use :func:`randomized` there).
+
+  Args:
+    algorithm: optional ``jax.lax.linalg.SvdAlgorithm`` (e.g. ``POLAR`` is much
+      faster on GPU); None uses JAX's default.
+  """
+
+  def refresh(g, old, key, align):
+    del key
+    g = g.astype(jnp.float32)
+    if algorithm is None:
+      u, _, _ = jnp.linalg.svd(g, full_matrices=False)
+    else:
+      u, _, _ = jax.lax.linalg.svd(g, full_matrices=False, algorithm=algorithm)
+    return _finish(u[:, : old.shape[1]], old, align)
+
+  return BasisMethod(
+      'svd', dense_init, refresh, dense_project, dense_unproject,
+      dense_transition,
+  )
+
+
+def orthonormalize(y: jax.Array, key: jax.Array) -> jax.Array:
+  """Orthonormal basis of ``span(y)`` with only ``p x p`` factorisations.
+
+  Shifted Cholesky-QR followed by two plain Cholesky-QR passes (Fukaya et al.,
+  2020, `Shifted Cholesky QR for computing the QR factorization of
+  ill-conditioned matrices <https://arxiv.org/abs/1809.11085>`_): every step
+  forms the ``p x p`` Gram matrix ``YᵀY`` (one all-reduce when ``y``'s rows are
+  sharded) and solves with its Cholesky factor, so a row-sharded ``y`` is never
+  gathered. A tiny random component (1e-4 of ``y``'s RMS) is added first so a
+  rank-deficient ``y`` (gradients of rank below ``p``) still gives ``p``
+  orthonormal columns; those extra directions carry no gradient energy.
+  """
+  k, p = y.shape
+  y = y.astype(jnp.float32)
+  rms = jnp.sqrt(jnp.mean(y * y))
+  noise_scale = jnp.where(rms > 0, 1e-4 * rms, 1.0)
+  y = y + noise_scale * sharding.reshard_like(
+      jax.random.normal(key, (k, p), jnp.float32), y)
+  eye = jnp.eye(p, dtype=jnp.float32)
+  unit_roundoff = jnp.finfo(jnp.float32).eps / 2
+  for step in range(3):
+    gram = sharding.einsum('kp,kq->pq', y, y, precision=_HIGHEST)
+    if step == 0:
+      gram = gram + 11 * (k * p + p * (p + 1)) * unit_roundoff * jnp.trace(gram) * eye
+    lower = jnp.linalg.cholesky(gram)
+    inverse_upper = jax.scipy.linalg.solve_triangular(lower, eye, lower=True).T
+    y = sharding.einsum('kp,pq->kq', y, inverse_upper, precision=_HIGHEST)
+  return y
+
+
+def randomized(oversample: int = 8, power_iterations: int = 1) -> BasisMethod:
+  """Randomized range finder with power iterations and Rayleigh–Ritz.
+
+  Halko, Martinsson & Tropp, `Finding structure with randomness
+  <https://arxiv.org/abs/0909.4061>`_, 2011. With ``p = rank + oversample``:
+
+  .. math::
+    Y = G Ω,\\ Ω \\in R^{l×p};\\quad Q = orth(Y);\\quad
+    Q \\leftarrow orth(G\\, orth(GᵀQ))\\ (power\\ iterations);\\quad
+    B = QᵀG,\\ B Bᵀ = W Λ Wᵀ;\\quad basis = Q W_{:, :r}.
+
+  Cost ``O(k l p)`` per refresh instead of an SVD's ``O(k l min(k, l))``; all
+  factorisations are ``p x p``, so row-sharded gradients are never gathered.
+
+  Args:
+    oversample: extra sketch columns beyond the rank.
+    power_iterations: subspace iterations sharpening the spectrum.
+  """
+  if oversample < 0 or power_iterations < 0:
+    raise ValueError('`oversample` and `power_iterations` must be >= 0.')
+
+  def refresh(g, old, key, align):
+    g = g.astype(jnp.float32)
+    k, l = g.shape
+    rank = old.shape[1]
+    p = min(rank + oversample, k, l)
+    keys = jax.random.split(key, 2 * power_iterations + 2)
+    sketch = jax.random.normal(keys[0], (l, p), jnp.float32)
+    q = orthonormalize(
+        sharding.einsum('kl,lp->kp', g, sketch, precision=_HIGHEST), keys[1])
+    for i in range(power_iterations):
+      z = orthonormalize(
+          sharding.einsum('kl,kp->lp', g, q, precision=_HIGHEST), keys[2 + 2 * i])
+      q = orthonormalize(
+          sharding.einsum('kl,lp->kp', g, z, precision=_HIGHEST), keys[3 + 2 * i])
+    b = sharding.einsum('kp,kl->pl', q, g, precision=_HIGHEST)
+    _, vectors = jnp.linalg.eigh(
+        sharding.einsum('pl,ql->pq', b, b, precision=_HIGHEST))
+    top = vectors[:, ::-1][:, :rank]  # eigh sorts ascending
+    return _finish(
+        sharding.einsum('kp,pr->kr', q, top, precision=_HIGHEST), old, align)
+
+  return BasisMethod(
+      'randomized', dense_init, refresh, dense_project, dense_unproject,
+      dense_transition,
+  )
+
+
+_BY_NAME: dict[str, Callable[[], BasisMethod]] = {
+    'svd': svd,
+    'randomized': randomized,
+}
+
+
+def register(name: str, factory: Callable[[], BasisMethod]) -> None:
+  """Make ``basis=name`` resolve to ``factory()`` in every transform."""
+  _BY_NAME[name] = factory
+
+
+def resolve(basis: str | BasisMethod) -> BasisMethod:
+  """A basis method from its name or itself."""
+  if isinstance(basis, BasisMethod):
+    return basis
+  if isinstance(basis, str) and basis in _BY_NAME:
+    return _BY_NAME[basis]()
+  raise ValueError(
+      f'Unknown basis {basis!r}; use one of {sorted(_BY_NAME)} or a '
+      'subspace_optax.bases.BasisMethod.'
+  )

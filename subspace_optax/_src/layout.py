@@ -1,0 +1,258 @@
+"""How a parameter leaf is seen as a (batch of) matrices.
+
+A leaf of any rank is read as a stack of matrices through
+:class:`DimensionNumbers`: the ``reduction_axis`` axes form the rows (the input
+side, ``m``), the ``output_axis`` axes form the columns (``n``) and every other
+axis is a batch axis (for example the layer axis of ``nnx.scan`` stacks), over
+which each matrix gets its own basis.
+
+The *oriented* view puts the projected axis first: a leaf becomes an array of
+shape ``(*batch, k, l)`` where ``k`` is the projected dimension (the basis is
+``k x rank``) and ``l`` the other one (the coefficients are ``rank x l``).
+Every basis method works on that view only, so it never needs to know the side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+
+Axes = Union[int, tuple[int, ...]]
+
+
+class DimensionNumbers(NamedTuple):
+  """Which axes of a leaf are the rows and columns of its matrix view.
+
+  Attributes:
+    reduction_axis: axis or axes contracted with the layer input (rows, ``m``).
+    output_axis: axis or axes of the layer output (columns, ``n``).
+
+  Axes listed in neither are batch axes: each index along them is a separate
+  matrix with its own basis (stacked layers from ``nnx.scan``/``nnx.vmap``).
+  """
+
+  reduction_axis: Axes = -2
+  output_axis: Axes = -1
+
+
+SIDES = ('compact', 'reference', 'left', 'right')
+
+
+@dataclasses.dataclass(frozen=True)
+class MatrixLayout:
+  """Static description of one projected leaf (Python values only)."""
+
+  path: str  # human-readable leaf path, for error messages
+  shape: tuple[int, ...]  # the leaf's shape
+  batch_axes: tuple[int, ...]
+  reduction_axes: tuple[int, ...]
+  output_axes: tuple[int, ...]
+  rows: int  # m: product of the reduction axes
+  columns: int  # n: product of the output axes
+  project_rows: bool  # True: basis spans the rows (P^T G); False: G Q
+  rank: int
+
+  @property
+  def batch_shape(self) -> tuple[int, ...]:
+    return tuple(self.shape[a] for a in self.batch_axes)
+
+  @property
+  def projected_dim(self) -> int:
+    """``k``: the dimension the basis spans."""
+    return self.rows if self.project_rows else self.columns
+
+  @property
+  def other_dim(self) -> int:
+    """``l``: the dimension the coefficients keep."""
+    return self.columns if self.project_rows else self.rows
+
+  @property
+  def basis_shape(self) -> tuple[int, ...]:
+    return self.batch_shape + (self.projected_dim, self.rank)
+
+  @property
+  def coefficient_shape(self) -> tuple[int, ...]:
+    return self.batch_shape + (self.rank, self.other_dim)
+
+  @property
+  def num_matrices(self) -> int:
+    return math.prod(self.batch_shape)
+
+
+def _normalize_axes(axes: Axes, ndim: int, what: str, path: str) -> tuple[int, ...]:
+  axes = (axes,) if isinstance(axes, int) else tuple(axes)
+  if not axes:
+    raise ValueError(f'{path}: `{what}` is empty; give at least one axis.')
+  out = []
+  for a in axes:
+    if not isinstance(a, int) or isinstance(a, bool):
+      raise TypeError(f'{path}: `{what}` must hold ints, got {a!r}.')
+    if not -ndim <= a < ndim:
+      raise ValueError(
+          f'{path}: `{what}`={a} does not fit a leaf of rank {ndim}; '
+          'give axes in [-ndim, ndim) or exclude this leaf (None).'
+      )
+    out.append(a % ndim)
+  return tuple(out)
+
+
+def resolve_rank(rank: int | float, rows: int, columns: int, path: str) -> int:
+  """Rank for one matrix: ints are clamped to ``min(m, n)``, floats are fractions."""
+  smaller = min(rows, columns)
+  if isinstance(rank, bool) or not isinstance(rank, (int, float)):
+    raise TypeError(f'`rank` must be an int or a float in (0, 1], got {rank!r}.')
+  if isinstance(rank, float):
+    if not 0.0 < rank <= 1.0:
+      raise ValueError(f'`rank`={rank} as a fraction must lie in (0, 1].')
+    return max(1, round(rank * smaller))
+  if rank <= 0:
+    raise ValueError(f'`rank` must be positive, got {rank} (at {path}).')
+  return min(rank, smaller)
+
+
+def validate_rank(rank: Any) -> None:
+  """Construction-time check of a rank argument (no shapes known yet)."""
+  if isinstance(rank, bool) or not isinstance(rank, (int, float)):
+    raise TypeError(
+        f'`rank` must be a Python int (or a float fraction in (0, 1]), got '
+        f'{type(rank).__name__}. With optax.inject_hyperparams, list it in '
+        "static_args=('rank', ...)."
+    )
+  resolve_rank(rank, 1 << 30, 1 << 30, '<construction>')
+
+
+def make_layout(
+    path: str,
+    shape: tuple[int, ...],
+    numbers: DimensionNumbers,
+    side: str,
+    rank: int | float,
+) -> MatrixLayout:
+  ndim = len(shape)
+  if ndim < 2:
+    raise ValueError(
+        f'{path}: a leaf of shape {shape} has no matrix view; give None as its '
+        'dimension numbers so it is not projected.'
+    )
+  reduction = _normalize_axes(numbers.reduction_axis, ndim, 'reduction_axis', path)
+  output = _normalize_axes(numbers.output_axis, ndim, 'output_axis', path)
+  if set(reduction) & set(output) or len(set(reduction)) < len(reduction) or len(
+      set(output)) < len(output):
+    raise ValueError(
+        f'{path}: reduction axes {reduction} and output axes {output} must be '
+        'distinct.'
+    )
+  batch = tuple(a for a in range(ndim) if a not in reduction + output)
+  rows = math.prod(shape[a] for a in reduction)
+  columns = math.prod(shape[a] for a in output)
+  if side == 'compact':
+    project_rows = rows >= columns
+  elif side == 'reference':  # GaLore 'std': the basis lives on the smaller side.
+    project_rows = rows < columns
+  elif side == 'left':
+    project_rows = True
+  elif side == 'right':
+    project_rows = False
+  else:
+    raise ValueError(f'`side` must be one of {SIDES}, got {side!r}.')
+  return MatrixLayout(
+      path=path, shape=tuple(shape), batch_axes=batch, reduction_axes=reduction,
+      output_axes=output, rows=rows, columns=columns, project_rows=project_rows,
+      rank=resolve_rank(rank, rows, columns, path),
+  )
+
+
+def matrix_view(x: jax.Array, layout: MatrixLayout) -> jax.Array:
+  """Leaf -> oriented ``(*batch, k, l)`` view (projected axis first)."""
+  first, second = (
+      (layout.reduction_axes, layout.output_axes) if layout.project_rows
+      else (layout.output_axes, layout.reduction_axes)
+  )
+  order = layout.batch_axes + first + second
+  if order != tuple(range(x.ndim)):
+    x = jnp.transpose(x, order)
+  target = layout.batch_shape + (layout.projected_dim, layout.other_dim)
+  if x.shape != target:
+    x = x.reshape(target)
+  return x
+
+
+def leaf_from_matrix(m: jax.Array, layout: MatrixLayout) -> jax.Array:
+  """Inverse of :func:`matrix_view`."""
+  first, second = (
+      (layout.reduction_axes, layout.output_axes) if layout.project_rows
+      else (layout.output_axes, layout.reduction_axes)
+  )
+  order = layout.batch_axes + first + second
+  permuted_shape = tuple(layout.shape[a] for a in order)
+  if m.shape != permuted_shape:
+    m = m.reshape(permuted_shape)
+  if order != tuple(range(m.ndim)):
+    m = jnp.transpose(m, tuple(order.index(a) for a in range(m.ndim)))
+  return m
+
+
+def batched(fn: Callable[..., Any], num_batch_axes: int) -> Callable[..., Any]:
+  """``fn`` vmapped over ``num_batch_axes`` leading axes of every argument."""
+  for _ in range(num_batch_axes):
+    fn = jax.vmap(fn)
+  return fn
+
+
+def path_name(path) -> str:
+  return jax.tree_util.keystr(path) or '<root>'
+
+
+def _is_numbers_leaf(x) -> bool:
+  return x is None or isinstance(x, DimensionNumbers)
+
+
+def last_two_axes(params) -> Any:
+  """Dimension numbers for every leaf of rank >= 2 over its last two axes.
+
+  Leading axes are batch axes, so layers stacked by ``nnx.scan`` of shape
+  ``(L, m, n)`` get one basis per layer. Leaves of rank < 2 are not projected.
+  """
+  return jax.tree.map(
+      lambda p: DimensionNumbers(-2, -1) if jnp.ndim(p) >= 2 else None, params
+  )
+
+
+def default_dimension_numbers(params) -> Any:
+  """Every 2-D leaf is a matrix; leaves of any other rank are not projected."""
+  return jax.tree.map(
+      lambda p: DimensionNumbers(0, 1) if jnp.ndim(p) == 2 else None, params
+  )
+
+
+def leaf_layouts(params, dimension_numbers, side: str, rank: int | float):
+  """Pytree (structure of ``params``) of :class:`MatrixLayout` or ``None``."""
+  if dimension_numbers is None:
+    numbers = default_dimension_numbers(params)
+  elif isinstance(dimension_numbers, DimensionNumbers):
+    numbers = jax.tree.map(
+        lambda p: dimension_numbers if jnp.ndim(p) >= 2 else None, params
+    )
+  elif callable(dimension_numbers):
+    numbers = dimension_numbers(params)
+  else:
+    numbers = dimension_numbers
+  try:
+    return jax.tree_util.tree_map_with_path(
+        lambda path, n, p: None if n is None else make_layout(
+            path_name(path), tuple(jnp.shape(p)), n, side, rank),
+        numbers, params, is_leaf=_is_numbers_leaf,
+    )
+  except ValueError as error:
+    if 'tree' in str(error).lower() and 'structure' in str(error).lower() or (
+        'Custom node type mismatch' in str(error)):
+      raise ValueError(
+          '`dimension_numbers` must be a pytree with the structure of the params '
+          '(DimensionNumbers or None at each leaf), a single DimensionNumbers, '
+          f'or a callable params -> such a tree. Got a mismatch: {error}'
+      ) from error
+    raise

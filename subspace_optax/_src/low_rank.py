@@ -1,0 +1,339 @@
+"""The subspace pipeline: project -> inner optimizer -> unproject (+ residual).
+
+One combinator owns the basis of every projected leaf, so the inner optimizer's
+state has the low-rank shape (``optax.chain`` cannot thread shapes between
+stages; see shared/ecosystem.md §1.4). Per matrix ``G`` with basis ``Q``:
+
+.. math::
+  C = QᵀG, \\qquad N = inner(C), \\qquad U = α\\, Q N
+  \\;[+\\; residual(G - QQᵀG)].
+
+Leaves that are not projected get the inner optimizer at full size (biases,
+norms, embeddings keep Adam, as in GaLore's second parameter group) and hold
+``optax.MaskedNode()`` in the basis state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from subspace_optax._src import bases as bases_lib
+from subspace_optax._src import layout as layout_lib
+from subspace_optax._src import refresh as refresh_lib
+from subspace_optax._src import sharding
+
+ON_REFRESH = ('keep', 'reset', 'transport')
+
+
+class SubspaceState(NamedTuple):
+  """State of :func:`low_rank`; each field is a stage of the pipeline."""
+
+  count: jax.Array  # int32 scalar: number of updates so far
+  basis: Any  # per leaf: the basis method's state (batched), or MaskedNode()
+  refresh: Any  # per leaf: the refresh policy's state, or MaskedNode()
+  inner_state: optax.OptState  # inner optimizer state on the coefficients
+  residual_state: optax.OptState  # residual path state (EmptyState if none)
+
+
+def _is_variable(x) -> bool:
+  return hasattr(x, 'get_value') and hasattr(x, 'get_metadata')
+
+
+def unbox(tree):
+  """Strip flax ``nnx.Variable`` boxes (duck-typed, no flax import).
+
+  The low-rank state must not inherit a parameter's metadata (its sharding
+  would be applied to a tensor of another shape).
+  """
+  return jax.tree.map(
+      lambda x: x.get_value() if _is_variable(x) else x, tree,
+      is_leaf=_is_variable,
+  )
+
+
+def _is_layout_leaf(x) -> bool:
+  return x is None or isinstance(x, layout_lib.MatrixLayout)
+
+
+def _flat_layouts(tree, dimension_numbers, side, rank):
+  layouts = layout_lib.leaf_layouts(tree, dimension_numbers, side, rank)
+  return jax.tree.leaves(layouts, is_leaf=_is_layout_leaf)
+
+
+def _batched_keys(key: jax.Array, batch_shape: tuple[int, ...]) -> jax.Array:
+  size = 1
+  for d in batch_shape:
+    size *= d
+  keys = jax.random.split(key, size)
+  return keys.reshape(batch_shape) if batch_shape else keys[0]
+
+
+def _all_finite(x: jax.Array) -> jax.Array:
+  return jnp.all(jnp.isfinite(x))
+
+
+def _map_moments(inner_state, treedef, shapes, fn):
+  """Apply ``fn(is_second_moment, flat_leaves) -> flat_leaves`` to every
+  subtree of ``inner_state`` shaped like the coefficients tree.
+
+  Second moments are recognised by the optax field name ``nu``.
+  """
+
+  def matches(x) -> bool:
+    try:
+      if jax.tree.structure(x) != treedef:
+        return False
+    except Exception:  # pylint: disable=broad-except
+      return False
+    return [jnp.shape(v) for v in treedef.flatten_up_to(x)] == shapes
+
+  def visit(path, sub):
+    if not matches(sub):
+      return sub
+    second = any(getattr(k, 'name', None) == 'nu' for k in path)
+    return treedef.unflatten(fn(second, treedef.flatten_up_to(sub)))
+
+  return jax.tree_util.tree_map_with_path(visit, inner_state, is_leaf=matches)
+
+
+def low_rank(
+    inner: optax.GradientTransformation,
+    *,
+    rank: int | float,
+    refresh: int | refresh_lib.RefreshPolicy = 200,
+    basis: str | bases_lib.BasisMethod = 'randomized',
+    side: str = 'compact',
+    on_refresh: str = 'keep',
+    align_signs: bool = True,
+    residual: Optional[optax.GradientTransformation] = None,
+    scale: float = 1.0,
+    dimension_numbers: Any = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  """Run ``inner`` in a low-rank subspace of each matrix-shaped gradient.
+
+  Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+  Projection <https://arxiv.org/abs/2403.03507>`_, 2024, generalised: any basis
+  method, refresh policy, inner optimizer and residual path.
+
+  .. math::
+    C = QᵀG,\\quad N = inner(C),\\quad U = scale \\cdot QN
+    \\;+\\; residual(G - QQᵀG).
+
+  Args:
+    inner: any optax transform that does not use ``params`` (``scale_by_adam``,
+      ``scale_by_lion``, ``trace``, a ``named_chain``...). Its state is built on
+      coefficient-shaped placeholders, so its moments have the low-rank shape.
+    rank: int (clamped to ``min(m, n)`` of each matrix) or a float in (0, 1]
+      (a fraction of ``min(m, n)``). Static under ``inject_hyperparams``.
+    refresh: an int ``T`` (refresh every ``T`` updates, staggered across leaves)
+      or a :mod:`subspace_optax.refresh` policy.
+    basis: ``'randomized'`` (default; no SVD), ``'svd'`` (exact, GaLore), or a
+      :class:`~subspace_optax.bases.BasisMethod`.
+    side: ``'compact'`` projects the larger dimension (smallest moments, like
+      ``optax.contrib.galore``); ``'reference'`` the smaller one (GaLore's
+      ``proj_type='std'``); ``'left'``/``'right'`` force rows/columns.
+    on_refresh: what happens to the inner moments of a refreshed leaf:
+      ``'keep'`` (GaLore), ``'reset'`` (zeroed; momentum reset), or
+      ``'transport'`` (first moments ``m <- R m``, second moments
+      ``v <- (R∘R) v`` with ``R = Q_newᵀ Q_old``).
+    align_signs: flip the new basis columns to agree with the old ones, so kept
+      moments are not negated by the SVD's arbitrary signs.
+    residual: optional transform applied to the part of the gradient outside
+      the subspace, ``G - QQᵀG`` (in the oriented ``(*batch, k, l)`` view; other
+      leaves hold ``MaskedNode()``), e.g. ``optax.scale_by_sign()`` (FRUGAL). It
+      receives the extra args ``coefficients`` and ``subspace_updates`` (the
+      trees of ``C`` and ``N``).
+    scale: multiplies the unprojected update (GaLore's ``α``).
+    dimension_numbers: which leaves are matrices and how: None (every 2-D
+      leaf), a :class:`DimensionNumbers` for every leaf of rank >= 2, a pytree of
+      them (None: not projected), or a callable ``params -> pytree``.
+    seed: seed of the random bases; keys are ``fold_in(key(seed), count)``, so
+      no key is kept in the state.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    :class:`SubspaceState`.
+  """
+  layout_lib.validate_rank(rank)
+  policy = refresh_lib.resolve(refresh)
+  method = bases_lib.resolve(basis)
+  if side not in layout_lib.SIDES:
+    raise ValueError(f'`side` must be one of {layout_lib.SIDES}, got {side!r}.')
+  if on_refresh not in ON_REFRESH:
+    raise ValueError(
+        f'`on_refresh` must be one of {ON_REFRESH}, got {on_refresh!r}.')
+  if on_refresh == 'transport' and method.transition is None:
+    raise ValueError(
+        f"on_refresh='transport' needs a basis with a transition; "
+        f'{method.name!r} has none. Use on_refresh="keep" or "reset".')
+  if isinstance(seed, bool) or not isinstance(seed, int):
+    raise TypeError(f'`seed` must be a Python int, got {seed!r}.')
+  inner = optax.with_extra_args_support(inner)
+  residual_tx = (
+      None if residual is None else optax.with_extra_args_support(residual))
+
+  def layouts_for(tree):
+    return _flat_layouts(tree, dimension_numbers, side, rank)
+
+  def init_fn(params):
+    params = unbox(params)
+    leaves, treedef = jax.tree.flatten(params)
+    layouts = layouts_for(params)
+    projected = [i for i, lay in enumerate(layouts) if lay is not None]
+    basis_leaves, refresh_leaves, placeholders, residual_leaves = [], [], [], []
+    for i, (p, lay) in enumerate(zip(leaves, layouts)):
+      if lay is None:
+        basis_leaves.append(optax.MaskedNode())
+        refresh_leaves.append(optax.MaskedNode())
+        placeholders.append(p)
+        residual_leaves.append(optax.MaskedNode())
+        continue
+      one = method.init(lay.projected_dim, lay.other_dim, lay.rank)
+      basis_leaves.append(jax.tree.map(
+          lambda a, lay=lay: jnp.broadcast_to(a, lay.batch_shape + a.shape), one))
+      refresh_leaves.append(policy.init(projected.index(i), len(projected)))
+      placeholders.append(jnp.zeros(lay.coefficient_shape, jnp.float32))
+      residual_leaves.append(jax.ShapeDtypeStruct(
+          lay.batch_shape + (lay.projected_dim, lay.other_dim), jnp.float32))
+    residual_state = optax.EmptyState()
+    if residual_tx is not None:
+      residual_state = residual_tx.init(jax.tree.map(
+          lambda s: jnp.zeros(s.shape, s.dtype),
+          treedef.unflatten(residual_leaves)))
+    return SubspaceState(
+        count=jnp.zeros([], jnp.int32),
+        basis=treedef.unflatten(basis_leaves),
+        refresh=treedef.unflatten(refresh_leaves),
+        inner_state=inner.init(treedef.unflatten(placeholders)),
+        residual_state=residual_state,
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params  # The inner optimizer never sees params (shapes differ).
+    leaves, treedef = jax.tree.flatten(updates)
+    layouts = layouts_for(updates)
+    try:
+      basis_leaves = treedef.flatten_up_to(state.basis)
+      refresh_leaves = treedef.flatten_up_to(state.refresh)
+    except (ValueError, TypeError) as error:
+      raise ValueError(
+          'The updates do not have the structure of the params the state was '
+          'initialised with; call init again with params shaped like the '
+          f'gradients. ({error})') from error
+    count = state.count
+    step_key = jax.random.fold_in(jax.random.key(seed), count)
+
+    coefficients, views, refreshed, transitions = [], [], [], []
+    new_basis, new_refresh = [], []
+    for i, (g, lay, b, r) in enumerate(
+        zip(leaves, layouts, basis_leaves, refresh_leaves)):
+      if lay is None:
+        coefficients.append(g)
+        for out, value in ((views, None), (refreshed, None), (transitions, None),
+                           (new_basis, b), (new_refresh, r)):
+          out.append(value)
+        continue
+      nb = len(lay.batch_shape)
+      view = layout_lib.matrix_view(g, lay).astype(jnp.float32)
+      keys = _batched_keys(jax.random.fold_in(step_key, i), lay.batch_shape)
+
+      def do_refresh(view=view, b=b, keys=keys, nb=nb):
+        return layout_lib.batched(
+            lambda g1, b1, k1: method.refresh(g1, b1, k1, align_signs), nb)(
+                view, b, keys)
+
+      finite = _all_finite(view)
+      if method.every_step:
+        due = finite
+        b_new = jax.tree.map(
+            lambda n, o: jnp.where(due, n, o), do_refresh(), b)
+      else:
+        due = policy.due(r, count) & finite
+        b_new = jax.lax.cond(due, do_refresh, lambda b=b: b)
+      similarity = jnp.ones([], jnp.float32)
+      if policy.needs_similarity or on_refresh == 'transport':
+        transition = layout_lib.batched(method.transition, nb)(b, b_new)
+        similarity = jnp.mean(
+            jnp.sum(transition * transition, axis=(-2, -1)) / lay.rank)
+        transitions.append(transition)
+      else:
+        transitions.append(None)
+      new_refresh.append(policy.after(r, count, due, similarity))
+      new_basis.append(b_new)
+      refreshed.append(due)
+      views.append(view)
+      coefficients.append(
+          layout_lib.batched(method.project, nb)(view, b_new))
+
+    inner_state = state.inner_state
+    if on_refresh != 'keep' and any(lay is not None for lay in layouts):
+      shapes = [jnp.shape(c) for c in coefficients]
+
+      def move(second, moment_leaves):
+        out = []
+        for m, lay, did, transition in zip(
+            moment_leaves, layouts, refreshed, transitions):
+          if lay is None:
+            out.append(m)
+            continue
+          if on_refresh == 'reset':
+            moved = jnp.zeros_like(m)
+          else:
+            carry = transition * transition if second else transition
+            moved = sharding.einsum(
+                '...rs,...sl->...rl', carry.astype(m.dtype), m)
+          out.append(jnp.where(did, moved, m))
+        return out
+
+      inner_state = _map_moments(inner_state, treedef, shapes, move)
+
+    coefficient_tree = treedef.unflatten(coefficients)
+    low, inner_state = inner.update(
+        coefficient_tree, inner_state, None, **extra_args)
+    low_leaves = treedef.flatten_up_to(low)
+
+    outputs, residual_leaves, projected_c, projected_n = [], [], [], []
+    for g, lay, n, c, b, view in zip(
+        leaves, layouts, low_leaves, coefficients, new_basis, views):
+      if lay is None:
+        outputs.append(n.astype(g.dtype))
+        for out in (residual_leaves, projected_c, projected_n):
+          out.append(optax.MaskedNode())
+        continue
+      nb = len(lay.batch_shape)
+      unproject = layout_lib.batched(method.unproject, nb)
+      outputs.append(scale * unproject(n, b))
+      if residual_tx is not None:
+        residual_leaves.append(view - unproject(c, b))
+        projected_c.append(c)
+        projected_n.append(n)
+
+    residual_state = state.residual_state
+    if residual_tx is not None:
+      residual_out, residual_state = residual_tx.update(
+          treedef.unflatten(residual_leaves), residual_state, None,
+          coefficients=treedef.unflatten(projected_c),
+          subspace_updates=treedef.unflatten(projected_n))
+      residual_out = treedef.flatten_up_to(residual_out)
+      outputs = [
+          o if lay is None else o + extra
+          for o, lay, extra in zip(outputs, layouts, residual_out)
+      ]
+    outputs = [
+        o if lay is None else layout_lib.leaf_from_matrix(o, lay).astype(g.dtype)
+        for o, lay, g in zip(outputs, layouts, leaves)
+    ]
+    return treedef.unflatten(outputs), SubspaceState(
+        count=optax.safe_increment(count),
+        basis=treedef.unflatten(new_basis),
+        refresh=treedef.unflatten(new_refresh),
+        inner_state=inner_state,
+        residual_state=residual_state,
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

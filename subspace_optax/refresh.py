@@ -1,0 +1,6 @@
+"""Refresh policies: when each leaf's basis is recomputed (public namespace)."""
+
+from subspace_optax._src.refresh import every
+from subspace_optax._src.refresh import EveryState
+from subspace_optax._src.refresh import RefreshPolicy
+from subspace_optax._src.refresh import resolve
