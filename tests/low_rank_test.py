@@ -1,0 +1,245 @@
+"""Tests of the low_rank combinator: the pipeline's defining properties."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import subspace_optax as so
+from subspace_optax._src import bases as bases_lib
+
+
+def _params():
+  return {
+      'w': jnp.ones((24, 12)),  # compact side: rows (k = 24)
+      'v': jnp.ones((8, 20)),  # compact side: columns (k = 20)
+      'stack': jnp.ones((3, 10, 16)),  # stacked layers
+      'b': jnp.ones((12,)),  # not projected
+  }
+
+
+def _gradients(seed, params):
+  keys = jax.random.split(jax.random.key(seed), len(jax.tree.leaves(params)))
+  leaves, treedef = jax.tree.flatten(params)
+  return treedef.unflatten(
+      [jax.random.normal(k, p.shape) for k, p in zip(keys, leaves)])
+
+
+def _run(tx, params, steps, seed=0):
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  outs = []
+  for t in range(steps):
+    u, state = update(_gradients(seed + t, params), state, params)
+    outs.append(u)
+  return outs, state
+
+
+def test_inner_state_has_low_rank_shapes_and_masked_basis():
+  tx = so.low_rank(optax.scale_by_adam(), rank=4, refresh=5,
+                   dimension_numbers=so.last_two_axes)
+  state = tx.init(_params())
+  mu = jax.tree.map(jnp.shape, state.inner_state.mu)
+  assert mu == {'w': (4, 12), 'v': (4, 8), 'stack': (3, 4, 10), 'b': (12,)}
+  assert jax.tree.map(jnp.shape, state.basis) == {
+      'w': (24, 4), 'v': (20, 4), 'stack': (3, 16, 4), 'b': optax.MaskedNode()}
+
+
+@pytest.mark.parametrize('basis', ['svd', 'randomized'])
+@pytest.mark.parametrize('side', ['compact', 'reference'])
+def test_update_lies_in_span_of_basis(basis, side):
+  params = _params()
+  tx = so.low_rank(optax.scale_by_adam(), rank=3, refresh=2, basis=basis,
+                   side=side, dimension_numbers=so.last_two_axes)
+  outs, state = _run(tx, params, 3)
+  from subspace_optax._src import layout as layout_lib
+  layouts = layout_lib.leaf_layouts(params, so.last_two_axes, side, 3)
+  for name in ('w', 'v', 'stack'):
+    lay = layouts[name]
+    u = layout_lib.matrix_view(outs[-1][name], lay)
+    q = state.basis[name]
+    inside = jnp.einsum('...kr,...rl->...kl', q, jnp.einsum('...kr,...kl->...rl', q, u))
+    assert float(jnp.abs(u - inside).max()) <= 1e-5 * float(jnp.abs(u).max())
+    gram = jnp.einsum('...kr,...ks->...rs', q, q)
+    np.testing.assert_allclose(gram, np.broadcast_to(np.eye(3), gram.shape), atol=1e-5)
+
+
+def test_full_rank_identity_basis_equals_inner():
+  """With rank = full and a fixed identity basis, low_rank(inner) == inner."""
+  identity = bases_lib.BasisMethod(
+      'identity', bases_lib.dense_init, lambda g, old, key, align: old,
+      bases_lib.dense_project, bases_lib.dense_unproject,
+      bases_lib.dense_transition)
+  params = {'w': jnp.ones((6, 5)), 'b': jnp.ones((5,))}
+  inner = optax.scale_by_adam()
+  tx = so.low_rank(inner, rank=5, refresh=3, basis=identity, side='right')
+  ours, _ = _run(tx, params, 5)
+  theirs, _ = _run(inner, params, 5)
+  for a, b in zip(ours, theirs):
+    np.testing.assert_allclose(a['w'], b['w'], rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(a['b'], b['b'])
+
+
+def test_full_rank_any_orthonormal_basis_equals_rotation_invariant_inner():
+  """SGD with momentum is rotation invariant: any full-rank basis gives it."""
+  params = {'w': jnp.ones((7, 5))}
+  inner = optax.trace(decay=0.9)
+  tx = so.low_rank(inner, rank=5, refresh=1000, basis='svd', side='right')
+  ours, _ = _run(tx, params, 4)
+  theirs, _ = _run(inner, params, 4)
+  for a, b in zip(ours, theirs):
+    np.testing.assert_allclose(a['w'], b['w'], rtol=1e-5, atol=1e-5)
+
+
+def test_state_bytes_equal_analytic_size():
+  params = _params()
+  for side in ('compact', 'reference'):
+    tx = so.galore(1e-3, rank=4, side=side, dimension_numbers=so.last_two_axes)
+    state = tx.init(params)
+    expected = so.galore_bytes(params, 4, side=side,
+                               dimension_numbers=so.last_two_axes)
+    assert so.state_bytes(state) == expected
+    assert so.state_bytes(jax.eval_shape(tx.init, params)) == expected
+  # The compact side holds strictly smaller moments than the reference side.
+  assert so.galore_bytes(params, 4, 'compact', so.last_two_axes) < so.galore_bytes(
+      params, 4, 'reference', so.last_two_axes)
+
+
+def test_staggered_refreshes_spread_over_the_period():
+  """At most ceil(n / T) leaves refresh on one step after the first."""
+  params = {f'w{i}': jnp.ones((16, 8)) for i in range(8)}
+  tx = so.low_rank(optax.scale_by_adam(), rank=2, refresh=4, basis='svd')
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  previous = state.basis
+  for t in range(12):
+    _, state = update(_gradients(t, params), state)
+    changed = sum(
+        not np.array_equal(previous[k], state.basis[k]) for k in params)
+    if t == 0:
+      assert changed == 8
+    else:
+      assert changed <= 2, (t, changed)
+    previous = state.basis
+  # Without stagger every leaf refreshes on the same step.
+  tx = so.low_rank(optax.scale_by_adam(), rank=2,
+                   refresh=so.refresh.every(4, stagger=False), basis='svd')
+  state = tx.init(params)
+  update_once = jax.jit(tx.update)
+  for t in range(4):
+    _, state = update_once(_gradients(t, params), state)
+  before = state.basis
+  _, state = update_once(_gradients(4, params), state)
+  assert all(not np.array_equal(before[k], state.basis[k]) for k in params)
+
+
+def _flip_signs_svd():
+  """An SVD basis whose column signs change arbitrarily from refresh to refresh,
+  as LAPACK/cuSOLVER signs do when the gradient changes."""
+
+  def refresh(g, old, key, align):
+    u, _, _ = jnp.linalg.svd(g.astype(jnp.float32), full_matrices=False)
+    u = u[:, : old.shape[1]] * jax.random.rademacher(key, (old.shape[1],), jnp.float32)
+    return bases_lib.align_signs(u, old) if align else u
+
+  return bases_lib.BasisMethod(
+      'svd_flipped', bases_lib.dense_init, refresh, bases_lib.dense_project,
+      bases_lib.dense_unproject, bases_lib.dense_transition)
+
+
+def test_sign_alignment_makes_updates_independent_of_svd_sign_convention():
+  params = {'w': jnp.ones((12, 9))}
+  differences = {}
+  for align in (False, True):
+    runs = []
+    for basis in (bases_lib.svd(), _flip_signs_svd()):
+      tx = so.low_rank(optax.scale_by_adam(), rank=3, refresh=3, basis=basis,
+                       align_signs=align)
+      outs, _ = _run(tx, params, 8)
+      runs.append(outs)
+    differences[align] = max(
+        float(jnp.abs(a['w'] - b['w']).max()) for a, b in zip(*runs))
+  assert differences[True] < 1e-4
+  assert differences[False] > 1e-1
+
+
+def test_transport_and_reset_on_refresh():
+  params = {'w': jnp.ones((10, 6))}
+  g = _gradients(0, params)
+  # With a gradient that never changes and transport, the moments expressed in
+  # the new basis equal those that a run without refresh would hold.
+  base = so.low_rank(optax.trace(0.9), rank=6, refresh=1000, basis='svd', side='right')
+  moved = so.low_rank(optax.trace(0.9), rank=6, refresh=2, basis='randomized',
+                      side='right', on_refresh='transport')
+  s1, s2 = base.init(params), moved.init(params)
+  for _ in range(5):
+    u1, s1 = base.update(g, s1)
+    u2, s2 = moved.update(g, s2)
+  np.testing.assert_allclose(u1['w'], u2['w'], rtol=1e-4, atol=1e-5)
+  # Reset zeroes the moments of a refreshed leaf: the first step after a refresh
+  # equals a fresh momentum step.
+  reset = so.low_rank(optax.trace(0.5), rank=3, refresh=2, basis='svd',
+                      on_refresh='reset')
+  state = reset.init(params)
+  for t in range(3):
+    u, state = reset.update(_gradients(t, params), state)
+  c = jnp.einsum('kr,kl->rl', state.basis['w'], _gradients(2, params)['w'])
+  np.testing.assert_allclose(state.inner_state.trace['w'], c, rtol=1e-5, atol=1e-6)
+
+
+def test_residual_path_completes_the_gradient():
+  """Identity inner + identity residual reproduce the gradient exactly."""
+  params = _params()
+  tx = so.low_rank(optax.identity(), rank=2, refresh=3, residual=optax.identity(),
+                   dimension_numbers=so.last_two_axes)
+  g = _gradients(1, params)
+  u, _ = tx.update(g, tx.init(params))
+  for k in params:
+    np.testing.assert_allclose(u[k], g[k], rtol=1e-5, atol=1e-5)
+
+
+def test_vmap_over_an_ensemble():
+  params = {'w': jnp.ones((4, 12, 6))}  # 4 ensemble members of a 12x6 matrix
+  tx = so.low_rank(optax.scale_by_adam(), rank=2, refresh=3)
+  inner_params = {'w': params['w'][0]}
+  state = jax.vmap(tx.init)({'w': params['w']})
+  grads = {'w': jax.random.normal(jax.random.key(0), (4, 12, 6))}
+  update = jax.jit(jax.vmap(tx.update))
+  u, state = update(grads, state)
+  for member in range(4):
+    single, _ = tx.update({'w': grads['w'][member]}, tx.init(inner_params))
+    np.testing.assert_allclose(u['w'][member], single['w'], rtol=1e-4, atol=1e-5)
+
+
+def test_composes_with_masked_and_partition():
+  params = {'w': jnp.ones((12, 6)), 'emb': jnp.ones((20, 6)), 'b': jnp.ones((6,))}
+  low = so.low_rank(optax.scale_by_adam(), rank=2, refresh=3)
+  labels = {'w': 'low', 'emb': 'adam', 'b': 'adam'}
+  tx = optax.partition({'low': low, 'adam': optax.scale_by_adam()}, labels)
+  state = tx.init(params)
+  u, state = jax.jit(tx.update)(_gradients(0, params), state, params)
+  assert jax.tree.map(jnp.shape, u) == jax.tree.map(jnp.shape, params)
+  masked = optax.masked(low, {'w': True, 'emb': False, 'b': False})
+  state = masked.init(params)
+  u, _ = jax.jit(masked.update)(_gradients(0, params), state, params)
+  np.testing.assert_array_equal(u['emb'], _gradients(0, params)['emb'])
+
+
+def test_galore_chain_is_a_drop_in_optax_optimizer():
+  params = {'w': jnp.zeros((16, 8))}
+  target = jax.random.normal(jax.random.key(3), (16, 8))
+  tx = so.galore(0.1, rank=8, refresh_every=10, scale=1.0)
+  state = tx.init(params)
+  loss = lambda p: jnp.sum((p['w'] - target) ** 2)
+
+  @jax.jit
+  def step(p, s):
+    g = jax.grad(loss)(p)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  start = float(loss(params))
+  for _ in range(100):
+    params, state = step(params, state)
+  assert float(loss(params)) < 1e-2 * start
