@@ -45,7 +45,8 @@ def scale_by_torch_adam(
   """
 
   def init_fn(params):
-    zeros = lambda p: jnp.zeros(jnp.shape(p), jnp.float32)
+    # zeros_like keeps each leaf's sharding (and accepts ShapeDtypeStructs).
+    zeros = lambda p: optax.tree.zeros_like(p, dtype=jnp.float32)
     return ScaleByTorchAdamState(
         jnp.zeros([], jnp.int32), jax.tree.map(zeros, params),
         jax.tree.map(zeros, params))

@@ -38,6 +38,10 @@ class BasisMethod(NamedTuple):
   transition: Optional[Callable[[Any, Any], jax.Array]] = None
   # Refresh on every step without a ``lax.cond`` (online bases).
   every_step: bool = False
+  # For ``every_step`` methods: the refresh used at update 0 instead of
+  # ``refresh`` (an initial basis from the first gradient), chosen by one
+  # unbatched ``lax.cond`` on the step count. Same signature as ``refresh``.
+  first_refresh: Optional[Callable[[jax.Array, Any, jax.Array, bool], Any]] = None
 
 
 # ---------------------------------------------------------------- dense bases
@@ -75,10 +79,10 @@ def align_signs(new: jax.Array, old: jax.Array) -> jax.Array:
 
 
 def _finish(new: jax.Array, old: jax.Array, align: bool) -> jax.Array:
-  new = new.astype(jnp.float32)
+  new = sharding.reshard_like(new.astype(jnp.float32), old)
   if align:
     new = align_signs(new, old)
-  return sharding.reshard_like(new, old)
+  return new
 
 
 def svd(algorithm: Optional[Any] = None) -> BasisMethod:
@@ -86,7 +90,10 @@ def svd(algorithm: Optional[Any] = None) -> BasisMethod:
 
   This is GaLore's basis (Zhao et al., 2024, arXiv 2403.03507): ``Q = U[:, :r]``
   with ``G = U Σ Vᵀ``. Cost ``O(k l min(k, l))`` per refresh; on a sharded
-  gradient the SVD gathers the whole matrix (use :func:`randomized` there).
+  gradient the SVD gathers the whole matrix, deliberately: on a mesh each
+  refresh all-gathers the ``k x l`` gradient and every device runs the same SVD
+  (explicit ``reshard`` under an Explicit mesh; the compiler inserts the same
+  gather on an Auto mesh). Use :func:`randomized` on sharded weights.
 
   Args:
     algorithm: optional ``jax.lax.linalg.SvdAlgorithm`` (e.g. ``POLAR`` is much
@@ -95,7 +102,7 @@ def svd(algorithm: Optional[Any] = None) -> BasisMethod:
 
   def refresh(g, old, key, align):
     del key
-    g = g.astype(jnp.float32)
+    g = sharding.replicate_matrix(g.astype(jnp.float32))  # the deliberate gather
     if algorithm is None:
       u, _, _ = jnp.linalg.svd(g, full_matrices=False)
     else:
@@ -161,6 +168,10 @@ def randomized(oversample: int = 8, power_iterations: int = 1) -> BasisMethod:
 
   def refresh(g, old, key, align):
     g = g.astype(jnp.float32)
+    # The basis is scale invariant; scaling by max |G| keeps the Gram matrices
+    # below from overflowing (|G| >~ 1e18) or underflowing (|G| <~ 1e-18).
+    peak = jnp.max(jnp.abs(g))
+    g = g / jnp.where(peak > 0, peak, 1.0)
     k, l = g.shape
     rank = old.shape[1]
     p = min(rank + oversample, k, l)

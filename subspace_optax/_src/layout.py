@@ -20,6 +20,7 @@ from typing import Any, Callable, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Axes = Union[int, tuple[int, ...]]
 
@@ -100,29 +101,51 @@ def _normalize_axes(axes: Axes, ndim: int, what: str, path: str) -> tuple[int, .
   return tuple(out)
 
 
+def _as_number(rank: Any) -> Any:
+  """NumPy scalars become Python numbers; anything else is returned as is."""
+  if isinstance(rank, np.integer):
+    return int(rank)
+  if isinstance(rank, np.floating):
+    return float(rank)
+  return rank
+
+
+_RANK_FIX = (
+    'give a positive int (clamped to min(m, n) of each matrix) or a float in '
+    '(0, 1] (a fraction of min(m, n))'
+)
+
+
 def resolve_rank(rank: int | float, rows: int, columns: int, path: str) -> int:
   """Rank for one matrix: ints are clamped to ``min(m, n)``, floats are fractions."""
   smaller = min(rows, columns)
+  rank = _as_number(rank)
   if isinstance(rank, bool) or not isinstance(rank, (int, float)):
-    raise TypeError(f'`rank` must be an int or a float in (0, 1], got {rank!r}.')
+    raise TypeError(
+        f'`rank` must be a Python int or float, got {type(rank).__name__} '
+        f'(at {path}); {_RANK_FIX}.'
+    )
   if isinstance(rank, float):
     if not 0.0 < rank <= 1.0:
-      raise ValueError(f'`rank`={rank} as a fraction must lie in (0, 1].')
+      raise ValueError(
+          f'`rank`={rank} (at {path}) is a float outside (0, 1]; {_RANK_FIX}.')
     return max(1, round(rank * smaller))
   if rank <= 0:
-    raise ValueError(f'`rank` must be positive, got {rank} (at {path}).')
+    raise ValueError(f'`rank`={rank} (at {path}) is not positive; {_RANK_FIX}.')
   return min(rank, smaller)
 
 
 def validate_rank(rank: Any) -> None:
   """Construction-time check of a rank argument (no shapes known yet)."""
+  rank = _as_number(rank)
   if isinstance(rank, bool) or not isinstance(rank, (int, float)):
     raise TypeError(
         f'`rank` must be a Python int (or a float fraction in (0, 1]), got '
-        f'{type(rank).__name__}. With optax.inject_hyperparams, list it in '
+        f'{type(rank).__name__}: it fixes the shapes of the state, so it cannot '
+        'be a traced or array value. With optax.inject_hyperparams, list it in '
         "static_args=('rank', ...)."
     )
-  resolve_rank(rank, 1 << 30, 1 << 30, '<construction>')
+  resolve_rank(rank, 1 << 30, 1 << 30, 'construction')
 
 
 def make_layout(
@@ -211,12 +234,24 @@ def _is_numbers_leaf(x) -> bool:
   return x is None or isinstance(x, DimensionNumbers)
 
 
+def _check_not_a_step_count(params, name: str) -> None:
+  """``optax.inject_hyperparams`` calls callable arguments with the step count."""
+  if (isinstance(params, jax.Array) and params.ndim == 0
+      and jnp.issubdtype(params.dtype, jnp.integer)):
+    raise TypeError(
+        f'`{name}` was called with a step count instead of params: '
+        'optax.inject_hyperparams treats every callable argument as a schedule. '
+        "List it in static_args=('dimension_numbers', ...)."
+    )
+
+
 def last_two_axes(params) -> Any:
   """Dimension numbers for every leaf of rank >= 2 over its last two axes.
 
   Leading axes are batch axes, so layers stacked by ``nnx.scan`` of shape
   ``(L, m, n)`` get one basis per layer. Leaves of rank < 2 are not projected.
   """
+  _check_not_a_step_count(params, 'last_two_axes')
   return jax.tree.map(
       lambda p: DimensionNumbers(-2, -1) if jnp.ndim(p) >= 2 else None, params
   )
@@ -239,8 +274,24 @@ def leaf_layouts(params, dimension_numbers, side: str, rank: int | float):
     )
   elif callable(dimension_numbers):
     numbers = dimension_numbers(params)
+  elif isinstance(dimension_numbers, (str, bytes, int, float, jax.Array)):
+    raise TypeError(
+        f'`dimension_numbers`={dimension_numbers!r} is not valid; give None, a '
+        'DimensionNumbers, a pytree of them (None: leaf not projected) or a '
+        'callable params -> such a pytree.'
+    )
   else:
     numbers = dimension_numbers
+
+  def check_leaf(path, n):
+    if not _is_numbers_leaf(n):
+      raise TypeError(
+          f'`dimension_numbers` at {path_name(path)} is {n!r}; each leaf must be '
+          'a subspace_optax.DimensionNumbers(reduction_axis=..., '
+          'output_axis=...) or None (leaf not projected).'
+      )
+
+  jax.tree_util.tree_map_with_path(check_leaf, numbers, is_leaf=_is_numbers_leaf)
   try:
     return jax.tree_util.tree_map_with_path(
         lambda path, n, p: None if n is None else make_layout(

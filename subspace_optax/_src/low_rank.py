@@ -15,13 +15,16 @@ norms, embeddings keep Adam, as in GaLore's second parameter group) and hold
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from subspace_optax._src import bases as bases_lib
+from subspace_optax._src import batching
 from subspace_optax._src import layout as layout_lib
 from subspace_optax._src import refresh as refresh_lib
 from subspace_optax._src import sharding
@@ -72,8 +75,88 @@ def _batched_keys(key: jax.Array, batch_shape: tuple[int, ...]) -> jax.Array:
   return keys.reshape(batch_shape) if batch_shape else keys[0]
 
 
+def _is_zero(scale) -> bool:
+  return isinstance(scale, (int, float)) and scale == 0
+
+
 def _all_finite(x: jax.Array) -> jax.Array:
   return jnp.all(jnp.isfinite(x))
+
+
+def _finite_or_old(fresh, old, finite_input: jax.Array):
+  """``(fresh, True)`` if the input and every float of ``fresh`` are finite,
+  else ``(old, False)``: a NaN/Inf never becomes a basis."""
+  checks = [finite_input] + [
+      jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(fresh)
+      if jnp.issubdtype(x.dtype, jnp.inexact)]
+  ok = jnp.all(jnp.stack(checks))
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), fresh, old), ok
+
+
+def _abstract(tree):
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+      if hasattr(x, 'dtype') else x, tree)
+
+
+def _check_params_free(tx, role: str, updates, state, **extra_args) -> None:
+  """Fail at init, clearly, if ``tx`` needs ``params`` (it gets None here).
+
+  ``tx.update`` is traced abstractly with ``params=None``; if that fails but
+  succeeds with params, the transform uses params. Any other failure (e.g. a
+  missing extra argument) is left for the real update to report.
+  """
+  updates, state = _abstract(updates), _abstract(state)
+
+  def fails(params) -> Optional[Exception]:
+    try:
+      jax.eval_shape(
+          lambda u, s, p: tx.update(u, s, p, **extra_args), updates, state,
+          params)
+    except Exception as error:  # pylint: disable=broad-except
+      return error
+    return None
+
+  error = fails(None)
+  if error is None or fails(updates) is not None:
+    return
+  raise ValueError(
+      f'low_rank: the {role} transform uses `params`, but inside low_rank it '
+      'receives params=None: it works on the low-rank coefficients C = QᵀG '
+      '(or the residual G - QQᵀG), which have no parameters of their shape. '
+      'Transforms that use params, such as optax.add_decayed_weights, belong '
+      'outside low_rank, later in the chain: optax.chain(low_rank(inner, ...), '
+      'optax.add_decayed_weights(weight_decay), '
+      f'optax.scale_by_learning_rate(learning_rate)). ({error})') from error
+
+
+def _check_state_fits(updates, layouts, basis_leaves, basis_shapes) -> None:
+  """Each gradient leaf must fit the basis the state holds for it."""
+  fix = ('The state was initialised for other params, rank or '
+         'dimension_numbers; call init again with params shaped like the '
+         'gradients, or restore a checkpoint saved with this configuration.')
+  for (path, g), lay, b in zip(
+      jax.tree_util.tree_flatten_with_path(updates)[0], layouts, basis_leaves):
+    has_basis = not isinstance(b, optax.MaskedNode)
+    name = layout_lib.path_name(path)
+    if lay is None and has_basis:
+      raise ValueError(
+          f'{name}: the gradient of shape {jnp.shape(g)} is not projected, but '
+          f'the state holds a basis for it. {fix}')
+    if lay is None:
+      continue
+    if not has_basis:
+      raise ValueError(
+          f'{name}: the gradient of shape {jnp.shape(g)} is projected, but the '
+          f'state holds no basis for it. {fix}')
+    expected = [lay.batch_shape + s for s in basis_shapes(
+        lay.projected_dim, lay.other_dim, lay.rank)]
+    actual = [jnp.shape(a) for a in jax.tree.leaves(b)]
+    if expected != actual:
+      raise ValueError(
+          f'{name}: the gradient of shape {jnp.shape(g)} (rank {lay.rank}) '
+          f'needs a basis of shape {expected}, but the state holds {actual}. '
+          f'{fix}')
 
 
 def _map_moments(inner_state, treedef, shapes, fn):
@@ -146,9 +229,11 @@ def low_rank(
     residual: optional transform applied to the part of the gradient outside
       the subspace, ``G - QQᵀG`` (in the oriented ``(*batch, k, l)`` view; other
       leaves hold ``MaskedNode()``), e.g. ``optax.scale_by_sign()`` (FRUGAL). It
-      receives the extra args ``coefficients`` and ``subspace_updates`` (the
-      trees of ``C`` and ``N``).
-    scale: multiplies the unprojected update (GaLore's ``α``).
+      receives the extra args ``coefficients``, ``subspace_updates`` and
+      ``gradients`` (the trees of ``C``, ``N`` and the oriented ``G``).
+    scale: multiplies the unprojected update (GaLore's ``α``). With ``scale=0``
+      the unprojection is skipped and the update is the residual path's output
+      alone (APOLLO: the subspace only sets the scale of ``G``).
     dimension_numbers: which leaves are matrices and how: None (every 2-D
       leaf), a :class:`DimensionNumbers` for every leaf of rank >= 2, a pytree of
       them (None: not projected), or a callable ``params -> pytree``.
@@ -171,14 +256,27 @@ def low_rank(
     raise ValueError(
         f"on_refresh='transport' needs a basis with a transition; "
         f'{method.name!r} has none. Use on_refresh="keep" or "reset".')
-  if isinstance(seed, bool) or not isinstance(seed, int):
-    raise TypeError(f'`seed` must be a Python int, got {seed!r}.')
+  if on_refresh == 'reset' and method.every_step:
+    raise ValueError(
+        f"on_refresh='reset' with the {method.name!r} basis, which moves on every "
+        'step, would zero the moments on every step. Use on_refresh="keep" '
+        '(or "transport").')
+  if isinstance(seed, bool) or not (
+      isinstance(seed, (int, np.integer)) or (
+          hasattr(seed, 'dtype') and jnp.ndim(seed) == 0
+          and jnp.issubdtype(seed.dtype, jnp.integer))):
+    raise TypeError(f'`seed` must be an int, got {seed!r}.')
   inner = optax.with_extra_args_support(inner)
   residual_tx = (
       None if residual is None else optax.with_extra_args_support(residual))
 
   def layouts_for(tree):
     return _flat_layouts(tree, dimension_numbers, side, rank)
+
+  @functools.lru_cache(maxsize=None)
+  def basis_shapes(k: int, l: int, r: int) -> list[tuple[int, ...]]:
+    return [a.shape for a in jax.tree.leaves(
+        jax.eval_shape(lambda: method.init(k, l, r)))]
 
   def init_fn(params):
     params = unbox(params)
@@ -193,23 +291,42 @@ def low_rank(
         placeholders.append(p)
         residual_leaves.append(optax.MaskedNode())
         continue
+      # The state is sharded by rule from the param (see sharding.py).
+      where = sharding.placement(p)
+      spec = where[1] if where is not None else None
       one = method.init(lay.projected_dim, lay.other_dim, lay.rank)
       basis_leaves.append(jax.tree.map(
-          lambda a, lay=lay: jnp.broadcast_to(a, lay.batch_shape + a.shape), one))
+          lambda a, lay=lay, where=where, spec=spec: sharding.place(
+              jnp.broadcast_to(a, lay.batch_shape + a.shape), where,
+              spec and sharding.basis_leaf_spec(
+                  lay.batch_shape + a.shape, lay, spec)), one))
       refresh_leaves.append(policy.init(projected.index(i), len(projected)))
-      placeholders.append(jnp.zeros(lay.coefficient_shape, jnp.float32))
-      residual_leaves.append(jax.ShapeDtypeStruct(
-          lay.batch_shape + (lay.projected_dim, lay.other_dim), jnp.float32))
+      placeholders.append(sharding.place(
+          jnp.zeros(lay.coefficient_shape, jnp.float32), where,
+          spec and sharding.coefficient_spec(lay, spec)))
+      residual_leaves.append(None if residual_tx is None else sharding.place(
+          jnp.zeros(lay.batch_shape + (lay.projected_dim, lay.other_dim),
+                    jnp.float32), where, spec and sharding.view_spec(spec, lay)))
     residual_state = optax.EmptyState()
     if residual_tx is not None:
-      residual_state = residual_tx.init(jax.tree.map(
-          lambda s: jnp.zeros(s.shape, s.dtype),
-          treedef.unflatten(residual_leaves)))
+      residual_state = residual_tx.init(treedef.unflatten(residual_leaves))
+    inner_state = inner.init(treedef.unflatten(placeholders))
+    _check_params_free(
+        inner, 'inner', treedef.unflatten(placeholders), inner_state)
+    if residual_tx is not None:
+      projected_only = treedef.unflatten([
+          optax.MaskedNode() if lay is None else c
+          for lay, c in zip(layouts, placeholders)])
+      _check_params_free(
+          residual_tx, 'residual', treedef.unflatten(residual_leaves),
+          residual_state, coefficients=projected_only,
+          subspace_updates=projected_only,
+          gradients=treedef.unflatten(residual_leaves))
     return SubspaceState(
         count=jnp.zeros([], jnp.int32),
         basis=treedef.unflatten(basis_leaves),
         refresh=treedef.unflatten(refresh_leaves),
-        inner_state=inner.init(treedef.unflatten(placeholders)),
+        inner_state=inner_state,
         residual_state=residual_state,
     )
 
@@ -225,6 +342,7 @@ def low_rank(
           'The updates do not have the structure of the params the state was '
           'initialised with; call init again with params shaped like the '
           f'gradients. ({error})') from error
+    _check_state_fits(updates, layouts, basis_leaves, basis_shapes)
     count = state.count
     step_key = jax.random.fold_in(jax.random.key(seed), count)
 
@@ -242,19 +360,27 @@ def low_rank(
       view = layout_lib.matrix_view(g, lay).astype(jnp.float32)
       keys = _batched_keys(jax.random.fold_in(step_key, i), lay.batch_shape)
 
-      def do_refresh(view=view, b=b, keys=keys, nb=nb):
+      def do_refresh(view=view, b=b, keys=keys, nb=nb, fn=method.refresh):
         return layout_lib.batched(
-            lambda g1, b1, k1: method.refresh(g1, b1, k1, align_signs), nb)(
-                view, b, keys)
+            lambda g1, b1, k1: fn(g1, b1, k1, align_signs), nb)(view, b, keys)
 
       finite = _all_finite(view)
       if method.every_step:
-        due = finite
-        b_new = jax.tree.map(
-            lambda n, o: jnp.where(due, n, o), do_refresh(), b)
+        fresh = do_refresh() if method.first_refresh is None else batching.cond(
+            count == 0,
+            lambda v, b, k: do_refresh(v, b, k, fn=method.first_refresh),
+            lambda v, b, k: do_refresh(v, b, k), view, b, keys)
+        b_new, due = _finite_or_old(fresh, b, finite)
       else:
-        due = policy.due(r, count) & finite
-        b_new = jax.lax.cond(due, do_refresh, lambda b=b: b)
+        # A refresh from a non-finite gradient, or one that produced a
+        # non-finite basis, is dropped: the old basis stays and it stays due.
+        # batching.cond: under jax.vmap (ensembles) the refresh still runs
+        # only on steps where some member is due, not on every step.
+        b_new, due = batching.cond(
+            policy.due(r, count) & finite,
+            lambda v, b, k: _finite_or_old(
+                do_refresh(v, b, k), b, jnp.asarray(True)),
+            lambda v, b, k: (b, jnp.asarray(False)), view, b, keys)
       similarity = jnp.ones([], jnp.float32)
       if policy.needs_similarity or on_refresh == 'transport':
         transition = layout_lib.batched(method.transition, nb)(b, b_new)
@@ -297,28 +423,32 @@ def low_rank(
         coefficient_tree, inner_state, None, **extra_args)
     low_leaves = treedef.flatten_up_to(low)
 
-    outputs, residual_leaves, projected_c, projected_n = [], [], [], []
+    outputs, residual_leaves, projected_c, projected_n, projected_g = (
+        [], [], [], [], [])
     for g, lay, n, c, b, view in zip(
         leaves, layouts, low_leaves, coefficients, new_basis, views):
       if lay is None:
         outputs.append(n.astype(g.dtype))
-        for out in (residual_leaves, projected_c, projected_n):
+        for out in (residual_leaves, projected_c, projected_n, projected_g):
           out.append(optax.MaskedNode())
         continue
       nb = len(lay.batch_shape)
       unproject = layout_lib.batched(method.unproject, nb)
-      outputs.append(scale * unproject(n, b))
+      outputs.append(
+          jnp.zeros_like(view) if _is_zero(scale) else scale * unproject(n, b))
       if residual_tx is not None:
         residual_leaves.append(view - unproject(c, b))
         projected_c.append(c)
         projected_n.append(n)
+        projected_g.append(view)
 
     residual_state = state.residual_state
     if residual_tx is not None:
       residual_out, residual_state = residual_tx.update(
           treedef.unflatten(residual_leaves), residual_state, None,
           coefficients=treedef.unflatten(projected_c),
-          subspace_updates=treedef.unflatten(projected_n))
+          subspace_updates=treedef.unflatten(projected_n),
+          gradients=treedef.unflatten(projected_g))
       residual_out = treedef.flatten_up_to(residual_out)
       outputs = [
           o if lay is None else o + extra

@@ -19,6 +19,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class RefreshPolicy(NamedTuple):
@@ -39,13 +40,17 @@ class EveryState(NamedTuple):
 
 def check_period(period: Any, name: str) -> None:
   """Construction-time check of a refresh period (a static Python int)."""
+  if isinstance(period, np.integer):
+    period = int(period)
   if isinstance(period, bool) or not isinstance(period, int):
     raise TypeError(
         f'`{name}` must be a Python int, got {type(period).__name__}. With '
         f"optax.inject_hyperparams, list it in static_args=('{name}', ...)."
     )
   if period <= 0:
-    raise ValueError(f'`{name}` must be positive, got {period}.')
+    raise ValueError(
+        f'`{name}`={period} is not positive; give the number of updates '
+        'between basis refreshes (1 refreshes every step).')
 
 
 def every(period: int, stagger: bool = True) -> RefreshPolicy:
@@ -83,6 +88,8 @@ def resolve(refresh: int | RefreshPolicy) -> RefreshPolicy:
   """A policy from an int period (staggered :func:`every`) or itself."""
   if isinstance(refresh, RefreshPolicy):
     return refresh
+  if isinstance(refresh, np.integer):
+    refresh = int(refresh)
   if isinstance(refresh, bool) or not isinstance(refresh, int):
     raise TypeError(
         '`refresh` must be a Python int period or a subspace_optax.refresh '

@@ -1,0 +1,506 @@
+"""Train a byte-level LLaMA-style LM with several optimizers, side by side.
+
+Run from the repository root::
+
+  python -m examples.lm.train                      # tiny model, adamw vs galore
+  python -m examples.lm.train --optimizer adamw,galore,optax_galore --plot
+  python -m examples.lm.train --model llama_60m --steps 2000 --batch-size 32
+  python -m examples.lm.train --no-scan-layers   # blocks as a Python list
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
+    python -m examples.lm.train --mesh data=2,fsdp=4
+  python -m examples.lm.train --data my_notes/ --checkpoint-every 50
+  python -m examples.lm.train ... --resume        # continue bit-exactly
+
+Each optimizer trains in turn on the same batches from the same initial
+weights. Outputs under ``--out``: ``metrics.jsonl`` (one record per step),
+``summary.json``, ``<optimizer>/config.json`` and ``<optimizer>/checkpoints``,
+and with ``--plot`` ``loss.png`` and ``memory.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import sys
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from examples.lm import checkpoint
+from examples.lm import data as data_lib
+from examples.lm import model as model_lib
+from examples.lm import optimizers
+
+DEFAULT_OPTIMIZERS = 'adamw,galore'
+METRICS_FILE = 'metrics.jsonl'
+SUMMARY_FILE = 'summary.json'
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(
+      prog='python -m examples.lm.train', description=__doc__.split('\n')[0],
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument('--optimizer', action='append', default=None,
+                 help='optimizer name(s), repeatable or comma-separated; '
+                 f'registered: {", ".join(sorted(optimizers.REGISTRY))} '
+                 f'(default {DEFAULT_OPTIMIZERS})')
+  p.add_argument('--model', default='tiny', choices=sorted(model_lib.PRESETS))
+  p.add_argument('--scan-layers', action=argparse.BooleanOptionalAction,
+                 default=True,
+                 help='stack the blocks with nnx.vmap/nnx.scan (params '
+                 'become (layers, m, n)); --no-scan-layers keeps a list of '
+                 'blocks (2-D params, slower to compile)')
+  for field in ('dim', 'layers', 'heads', 'ffn_dim'):
+    p.add_argument(f'--{field.replace("_", "-")}', type=int, default=None,
+                   help=f'override the preset\'s {field}')
+  p.add_argument('--precision', default='fp32', choices=('fp32', 'bf16'),
+                 help='bf16: float32 params and optimizer state, bfloat16 '
+                 'matmuls/attention')
+  p.add_argument('--steps', type=int, default=200)
+  p.add_argument('--batch-size', type=int, default=16)
+  p.add_argument('--seq-len', type=int, default=None,
+                 help="default: the model preset's max_seq_len")
+  p.add_argument('--lr', type=float, default=None,
+                 help="peak learning rate; default: the optimizer's own")
+  p.add_argument('--weight-decay', type=float, default=0.0)
+  p.add_argument('--rank', type=float, default=None,
+                 help='subspace rank (int, or a fraction in (0, 1)); '
+                 'default dim // 4')
+  p.add_argument('--refresh-every', type=int, default=100)
+  p.add_argument('--basis', default='svd', choices=('svd', 'randomized'),
+                 help='basis of subspace_optax methods')
+  p.add_argument('--data', nargs='+', default=None, metavar='PATH',
+                 help='text files or directories (default: the Python stdlib '
+                 'sources)')
+  p.add_argument('--max-bytes', type=int, default=data_lib.DEFAULT_MAX_BYTES,
+                 help='cap on the corpus size')
+  p.add_argument('--eval-every', type=int, default=50)
+  p.add_argument('--eval-batches', type=int, default=8)
+  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--mesh', default=None,
+                 help="device mesh, e.g. 'data=2,fsdp=4'; params are sharded "
+                 "over 'fsdp', the batch over 'data' and 'fsdp'")
+  p.add_argument('--out', default='runs/lm', help='output directory')
+  p.add_argument('--checkpoint-every', type=int, default=100,
+                 help='0 disables checkpoints; the last step is always saved '
+                 'otherwise')
+  p.add_argument('--keep', type=int, default=2, help='checkpoints kept')
+  p.add_argument('--resume', action='store_true',
+                 help='continue from the latest checkpoint in --out')
+  p.add_argument('--stop-at', type=int, default=None,
+                 help='stop (and checkpoint) after this step, as if '
+                 'interrupted; the schedule still spans --steps')
+  p.add_argument('--plot', action='store_true',
+                 help='write loss.png and memory.png')
+  p.add_argument('--no-progress', action='store_true',
+                 help='no progress bar')
+  args = p.parse_args(argv)
+  names = []
+  for item in args.optimizer or [DEFAULT_OPTIMIZERS]:
+    names.extend(n.strip() for n in item.split(',') if n.strip())
+  unknown = [n for n in names if n not in optimizers.REGISTRY]
+  if unknown:
+    p.error(f'unknown optimizer(s) {unknown}; registered: '
+            f'{sorted(optimizers.REGISTRY)}')
+  if len(set(names)) != len(names):
+    p.error(f'optimizer listed twice: {names}')
+  args.optimizer = names
+  for flag in ('steps', 'batch_size', 'eval_every', 'eval_batches',
+               'refresh_every', 'keep'):
+    if getattr(args, flag) <= 0:
+      p.error(f'--{flag.replace("_", "-")} must be positive')
+  if args.checkpoint_every < 0:
+    p.error('--checkpoint-every must be >= 0')
+  return args
+
+
+# ----------------------------------------------------------------------------
+# Sharding: FSDP over 'fsdp', data parallel over 'data' (and 'fsdp').
+
+
+def make_mesh(spec: str | None) -> jax.sharding.Mesh | None:
+  """``'data=2,fsdp=4'`` -> a mesh with Auto axes (GSPMD propagation)."""
+  if not spec:
+    return None
+  sizes = {}
+  for part in spec.split(','):
+    name, _, size = part.partition('=')
+    name = name.strip()
+    if name not in ('data', 'fsdp') or not size.strip().isdigit():
+      raise ValueError(
+          f"--mesh expects 'data=N,fsdp=M' (axes data and fsdp), got {spec!r}.")
+    sizes[name] = int(size)
+  devices = math.prod(sizes.values())
+  if devices != jax.device_count():
+    raise ValueError(
+        f'--mesh {spec} needs {devices} devices, jax sees {jax.device_count()}. '
+        'On CPU simulate them with '
+        'XLA_FLAGS=--xla_force_host_platform_device_count=N.')
+  names = tuple(sizes)
+  return jax.make_mesh(
+      tuple(sizes[n] for n in names), names,
+      axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> jax.sharding.PartitionSpec:
+  """Shard the largest axis divisible by ``fsdp`` over 'fsdp' (else none)."""
+  spec = [None] * len(shape)
+  if fsdp > 1:
+    candidates = [a for a, d in enumerate(shape) if d % fsdp == 0 and d >= fsdp]
+    if candidates:
+      spec[max(candidates, key=lambda a: (shape[a], -a))] = 'fsdp'
+  return jax.sharding.PartitionSpec(*spec)
+
+
+def state_shardings(state, mesh):
+  """FSDP shardings for every array of a model/optimizer state."""
+  fsdp = dict(mesh.shape).get('fsdp', 1)
+  return jax.tree.map(
+      lambda x: jax.sharding.NamedSharding(mesh, fsdp_spec(x.shape, fsdp)),
+      state)
+
+
+def batch_sharding(mesh, batch_size: int):
+  axes = tuple(a for a in ('data', 'fsdp') if a in mesh.shape)
+  ways = math.prod(mesh.shape[a] for a in axes)
+  if batch_size % ways:
+    raise ValueError(
+        f'--batch-size {batch_size} is not divisible by the {ways} devices of '
+        f'the mesh axes {axes}.')
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes))
+
+
+# ----------------------------------------------------------------------------
+# Model, optimizer and steps.
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything fixed for one optimizer's training run."""
+
+  name: str
+  model_config: model_lib.Config
+  learning_rate: float
+  rank: int | float | None
+  config: dict[str, Any]  # the JSON run config (compared on resume)
+  tx: Any
+
+
+def make_run(name: str, args: argparse.Namespace,
+             model_config: model_lib.Config, corpus: data_lib.Corpus) -> Run:
+  entry = optimizers.REGISTRY[name]
+  learning_rate = args.lr if args.lr is not None else entry.learning_rate
+  rank = None
+  if entry.low_rank:
+    rank = args.rank if args.rank is not None else model_config.dim // 4
+    rank = int(rank) if float(rank).is_integer() else float(rank)
+  schedule = optimizers.warmup_cosine(learning_rate, args.steps)
+  tx = optimizers.make_optimizer(
+      name, learning_rate_schedule=schedule,
+      rank=rank if rank is not None else 0,
+      refresh_every=args.refresh_every, weight_decay=args.weight_decay,
+      seed=args.seed, basis=args.basis)
+  config = {
+      'model': args.model,
+      'model_config': dataclasses.asdict(model_config),
+      'optimizer': name,
+      'learning_rate': learning_rate,
+      'rank': rank,
+      'refresh_every': args.refresh_every if entry.low_rank else None,
+      'basis': args.basis if entry.low_rank else None,
+      'weight_decay': args.weight_decay,
+      'steps': args.steps,
+      'batch_size': args.batch_size,
+      'seq_len': args.seq_len,
+      'seed': args.seed,
+      'data_fingerprint': corpus.fingerprint,
+  }
+  return Run(name, model_config, learning_rate, rank, config, tx)
+
+
+def create(run: Run, seed: int):
+  """Fresh ``(model, optimizer)``; the same weights for every optimizer."""
+  model = model_lib.Llama(run.model_config, rngs=nnx.Rngs(seed))
+  optimizer = nnx.Optimizer(model, run.tx, wrt=nnx.Param)
+  return model, optimizer
+
+
+def _pair_state(model, optimizer):
+  return {'model': nnx.state(model), 'optimizer': nnx.state(optimizer)}
+
+
+def _constrain(model, optimizer, shardings):
+  state = _pair_state(model, optimizer)
+  state = jax.tree.map(jax.lax.with_sharding_constraint, state, shardings)
+  nnx.update(model, state['model'])
+  nnx.update(optimizer, state['optimizer'])
+
+
+def make_steps(shardings=None):
+  """``(train_step, eval_step)``, jitted with nnx.jit."""
+
+  @nnx.jit
+  def train_step(model, optimizer, inputs, targets):
+    def loss_fn(model):
+      return model_lib.cross_entropy(model(inputs), targets)
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    if shardings is not None:  # Keep the state's layout fixed across steps.
+      _constrain(model, optimizer, shardings)
+    return loss
+
+  @nnx.jit
+  def eval_step(model, inputs, targets):
+    return model_lib.cross_entropy(model(inputs), targets)
+
+  return train_step, eval_step
+
+
+def evaluate(eval_step, model, batches, put) -> float:
+  losses = [eval_step(model, *put(b)) for b in batches]
+  return float(np.mean([float(l) for l in losses]))
+
+
+# ----------------------------------------------------------------------------
+# Metrics file.
+
+
+def _read_metrics(path: pathlib.Path) -> list[dict[str, Any]]:
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def _truncate_metrics(path: pathlib.Path, name: str, keep_until: int) -> None:
+  """Drop ``name``'s records after step ``keep_until`` (a resumed run rewrites
+  them); ``keep_until=0`` drops them all (a fresh run)."""
+  records = [r for r in _read_metrics(path)
+             if r.get('optimizer') != name or r['step'] <= keep_until]
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(''.join(json.dumps(r) + '\n' for r in records))
+
+
+# ----------------------------------------------------------------------------
+# One optimizer.
+
+
+def train_one(run: Run, args, corpus, mesh, out: pathlib.Path) -> dict[str, Any]:
+  run_dir = out / run.name
+  metrics_path = out / METRICS_FILE
+  seq_len, batch_size = args.seq_len, args.batch_size
+
+  abstract = nnx.eval_shape(lambda: create(run, args.seed))
+  shardings = None
+  if mesh is not None:
+    shardings = state_shardings(_pair_state(*abstract), mesh)
+    data_sharding = batch_sharding(mesh, batch_size)
+    put = lambda b: tuple(jax.device_put(x, data_sharding) for x in b)
+  else:
+    put = lambda b: tuple(jnp.asarray(x) for x in b)
+
+  mngr = None
+  if args.checkpoint_every > 0 or args.resume:
+    mngr = checkpoint.manager(run_dir, args.keep)
+  latest = mngr.latest_step() if mngr is not None else None
+  start = 0
+  if latest is not None and args.resume:
+    checkpoint.check_config(run_dir, run.config)
+    target = checkpoint.abstract_state(abstract, shardings)
+    state, progress = checkpoint.restore(mngr, latest, target)
+    model = nnx.merge(nnx.graphdef(abstract[0]), state['model'])
+    optimizer = nnx.merge(nnx.graphdef(abstract[1]), state['optimizer'])
+    start = int(progress['data_position'])
+    if start != int(optimizer.step[...]):
+      raise RuntimeError(
+          f'Checkpoint {latest}: data position {start} != optimizer step '
+          f'{int(optimizer.step[...])}.')
+    _truncate_metrics(metrics_path, run.name, start)
+    print(f'[{run.name}] resumed from {run_dir}/checkpoints/{latest}')
+  else:
+    if latest is not None:
+      raise FileExistsError(
+          f'{run_dir} already holds checkpoints (latest step {latest}). Pass '
+          '--resume to continue them, or choose another --out.')
+    if args.resume:
+      print(f'[{run.name}] no checkpoint in {run_dir}; starting from step 0')
+    model, optimizer = create(run, args.seed)
+    if shardings is not None:
+      state = jax.device_put(_pair_state(model, optimizer), shardings)
+      nnx.update(model, state['model'])
+      nnx.update(optimizer, state['optimizer'])
+    _truncate_metrics(metrics_path, run.name, 0)
+  if mngr is not None:
+    checkpoint.write_config(run_dir, run.config)
+
+  train_step, eval_step = make_steps(shardings)
+  val_batches = data_lib.eval_batches(
+      corpus.val, batches=args.eval_batches, batch_size=batch_size,
+      seq_len=seq_len)
+  state_bytes = optimizers.state_bytes(optimizer.opt_state)
+  end = args.steps if args.stop_at is None else min(args.stop_at, args.steps)
+  tokens_per_step = batch_size * seq_len
+
+  bar = None
+  if not args.no_progress and end > start:
+    from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+
+    bar = tqdm(total=args.steps, initial=start, desc=f'{run.name:>12}',
+               dynamic_ncols=True, leave=True)
+  timed_steps, timed_seconds = 0, 0.0
+  train_losses, val_loss, tokens_per_s = [], None, float('nan')
+  with metrics_path.open('a') as metrics:
+    for step in range(start, end):
+      batch = put(data_lib.batch_at(
+          corpus.train, seed=args.seed, step=step, batch_size=batch_size,
+          seq_len=seq_len))
+      began = time.perf_counter()
+      loss = float(train_step(model, optimizer, *batch))
+      seconds = time.perf_counter() - began
+      if step > start:  # The first step of a process includes compilation.
+        timed_steps += 1
+        timed_seconds += seconds
+        tokens_per_s = timed_steps * tokens_per_step / timed_seconds
+      if not math.isfinite(loss):
+        raise FloatingPointError(
+            f'[{run.name}] loss is {loss} at step {step + 1}; lower --lr.')
+      done = step + 1
+      train_losses.append(loss)
+      val_loss = None
+      if done % args.eval_every == 0 or done == end:
+        val_loss = evaluate(eval_step, model, val_batches, put)
+      record = {'optimizer': run.name, 'step': done, 'loss': loss,
+                'val_loss': val_loss, 'tokens_per_s': tokens_per_s,
+                'opt_state_bytes': state_bytes,
+                'tokens': done * tokens_per_step}
+      metrics.write(json.dumps(record) + '\n')
+      if mngr is not None and (
+          done % args.checkpoint_every == 0 or done == end):
+        metrics.flush()
+        checkpoint.save(mngr, done, model, optimizer, {
+            'step': done, 'data_position': done,
+            'tokens': done * tokens_per_step})
+      if bar is not None:
+        postfix = {'loss': f'{loss:.3f}', 'tok/s': f'{tokens_per_s:,.0f}',
+                   'state': f'{state_bytes / 2**20:.2f}MiB'}
+        if val_loss is not None:
+          postfix['val'] = f'{val_loss:.3f}'
+        bar.set_postfix(postfix, refresh=False)
+        bar.update(1)
+  if bar is not None:
+    bar.close()
+  if mngr is not None:
+    mngr.close()
+
+  final_step = int(optimizer.step[...])
+  if val_loss is None:  # Nothing trained in this process (already finished).
+    val_loss = evaluate(eval_step, model, val_batches, put)
+  history = [r for r in _read_metrics(metrics_path)
+             if r.get('optimizer') == run.name]
+  recent = [r['loss'] for r in history[-10:]] or train_losses[-10:]
+  return {
+      'optimizer': run.name,
+      'steps': final_step,
+      'complete': final_step >= args.steps,
+      'final_val_loss': val_loss,
+      'final_val_bits_per_byte': val_loss / math.log(2),
+      'final_train_loss': float(np.mean(recent)) if recent else None,
+      'opt_state_bytes': state_bytes,
+      'params': model_lib.count_params(model),
+      'tokens_per_s': tokens_per_s if timed_steps else None,
+      'train_seconds': timed_seconds if timed_steps else None,
+      'learning_rate': run.learning_rate,
+      'rank': run.rank,
+  }
+
+
+# ----------------------------------------------------------------------------
+# Entry point.
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+  rows = [('optimizer', 'val loss', 'bits/byte', 'vs adamw', 'state MiB',
+           'tok/s', 'lr', 'rank')]
+  for r in summary['runs']:
+    rows.append((
+        r['optimizer'], f"{r['final_val_loss']:.4f}",
+        f"{r['final_val_bits_per_byte']:.3f}",
+        '-' if r.get('val_loss_ratio_to_adamw') is None
+        else f"{r['val_loss_ratio_to_adamw']:.3f}",
+        f"{r['opt_state_bytes'] / 2**20:.3f}",
+        '-' if r['tokens_per_s'] is None else f"{r['tokens_per_s']:,.0f}",
+        f"{r['learning_rate']:g}", '-' if r['rank'] is None else str(r['rank'])))
+  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+  lines = ['  '.join(c.rjust(w) if i else c.ljust(w)
+                     for i, (c, w) in enumerate(zip(row, widths)))
+           for row in rows]
+  lines.insert(1, '-' * len(lines[0]))
+  return '\n'.join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  args = parse_args(argv)
+  overrides = {f: getattr(args, f) for f in ('dim', 'layers', 'heads', 'ffn_dim')
+               if getattr(args, f) is not None}
+  model_config = model_lib.config_from_preset(
+      args.model, scan_layers=args.scan_layers,
+      compute_dtype='bfloat16' if args.precision == 'bf16' else 'float32',
+      **overrides)
+  if args.seq_len is None:
+    args.seq_len = model_config.max_seq_len
+  try:
+    corpus = data_lib.load_corpus(
+        args.data, max_bytes=args.max_bytes, seq_len=args.seq_len)
+  except data_lib.CorpusError as error:
+    raise SystemExit(f'error: {error}') from error
+  mesh = make_mesh(args.mesh)
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+
+  print(f'corpus: {corpus.description} (train {len(corpus.train):,} / val '
+        f'{len(corpus.val):,} bytes)')
+  print(f'model: {args.model} {model_config}')
+  print(f'batch {args.batch_size} x {args.seq_len} bytes, {args.steps} steps, '
+        f'devices {jax.device_count()} ({jax.default_backend()})'
+        + (f', mesh {dict(mesh.shape)}' if mesh is not None else ''))
+  runs = []
+  began = time.perf_counter()
+  for name in args.optimizer:
+    run = make_run(name, args, model_config, corpus)
+    runs.append(train_one(run, args, corpus, mesh, out))
+  baseline = next((r for r in runs if r['optimizer'] == 'adamw'), None)
+  for r in runs:
+    r['val_loss_ratio_to_adamw'] = (
+        None if baseline is None
+        else r['final_val_loss'] / baseline['final_val_loss'])
+    r['state_ratio_to_adamw'] = (
+        None if baseline is None
+        else r['opt_state_bytes'] / baseline['opt_state_bytes'])
+  summary = {
+      'model': args.model, 'scan_layers': args.scan_layers,
+      'precision': args.precision, 'steps': args.steps,
+      'batch_size': args.batch_size, 'seq_len': args.seq_len,
+      'corpus': corpus.description, 'mesh': args.mesh,
+      'wall_seconds': time.perf_counter() - began, 'runs': runs,
+  }
+  (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+  if args.plot:
+    from examples.lm import plot  # pylint: disable=import-outside-toplevel
+
+    written = plot.plot_metrics(out / METRICS_FILE, out)
+    print('plots: ' + ', '.join(str(p) for p in written))
+  print()
+  print(format_summary(summary))
+  print(f'\nmetrics: {out / METRICS_FILE}  summary: {out / SUMMARY_FILE}')
+  return summary
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])

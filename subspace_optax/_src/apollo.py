@@ -1,0 +1,298 @@
+"""APOLLO: a random low-rank Adam only estimates how to scale the raw gradient."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from subspace_optax._src import bases as bases_lib
+from subspace_optax._src import bias_correction
+from subspace_optax._src import fira
+from subspace_optax._src import layout as layout_lib
+from subspace_optax._src import low_rank as low_rank_lib
+from subspace_optax._src import norm_growth
+from subspace_optax._src import refresh as refresh_lib
+from subspace_optax._src import sharding
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SeedState:
+  """A Gaussian sketch stored as its seed.
+
+  Attributes:
+    seed: uint32 scalar the ``k x rank`` matrix is regenerated from.
+    size: ``k`` (static pytree metadata, not an array).
+    rank: ``r`` (static pytree metadata).
+  """
+
+  seed: jax.Array
+  size: int = dataclasses.field(metadata=dict(static=True))
+  rank: int = dataclasses.field(metadata=dict(static=True))
+
+
+def seeded_matrix(state: SeedState) -> jax.Array:
+  """The ``k x rank`` matrix with entries ``N(0, 1/rank)`` that ``state`` stands for."""
+  return jax.random.normal(
+      jax.random.key(state.seed), (state.size, state.rank), jnp.float32
+  ) / math.sqrt(state.rank)
+
+
+def seeded_gaussian() -> bases_lib.BasisMethod:
+  """A Gaussian sketch ``N(0, 1/rank)`` stored as one uint32 seed per matrix.
+
+  APOLLO's projection (Zhu et al., arXiv 2412.05270, §4): at each refresh a new
+  seed is drawn from the refresh key (itself ``fold_in`` of the optimizer's
+  seed, the step and the leaf), and the matrix
+
+  .. math::
+    P_{ij} \\sim N(0, 1/r),\\qquad C = PᵀG
+
+  is regenerated from it whenever it is used, so the basis state is 4 bytes per
+  matrix (the paper's "seed only"; the reference keeps the dense ``P``). The
+  price is drawing ``k r`` normals per use, cheap next to the ``k r l``
+  projection. Same distribution as :func:`~subspace_optax.bases.gaussian`
+  (which stores the dense matrix); ``align_signs`` is ignored.
+  """
+
+  def init(k: int, l: int, rank: int) -> SeedState:
+    del l
+    return SeedState(jnp.zeros([], jnp.uint32), k, rank)
+
+  def refresh(g, old: SeedState, key, align) -> SeedState:
+    del g, align
+    return SeedState(jax.random.bits(key, (), jnp.uint32), old.size, old.rank)
+
+  def project(g, state: SeedState):
+    return sharding.einsum(
+        'kr,kl->rl', seeded_matrix(state), g.astype(jnp.float32))
+
+  def unproject(c, state: SeedState):
+    return sharding.einsum(
+        'kr,rl->kl', seeded_matrix(state), c.astype(jnp.float32))
+
+  def transition(old: SeedState, new: SeedState):
+    return jnp.einsum('kr,ks->rs', seeded_matrix(new), seeded_matrix(old),
+                      precision=_HIGHEST)
+
+  return bases_lib.BasisMethod(
+      'seeded_gaussian', init, refresh, project, unproject, transition)
+
+
+def scale_gradient_by_subspace(
+    granularity: str = 'channel',
+) -> optax.GradientTransformationExtraArgs:
+  """APOLLO's update direction: the raw gradient scaled, ``G ⊙ s``.
+
+  A residual path for :func:`~subspace_optax.low_rank` with ``scale=0``: it
+  ignores the residual and scales the full gradient ``G`` (extra arg
+  ``gradients``) by ``s`` = :func:`~subspace_optax.subspace_norm_ratio` of
+  the coefficients and the inner optimizer's update in the subspace, per
+  channel of the non-projected axis (``'channel'``) or per matrix
+  (``'tensor'``). State-free.
+  """
+  if granularity not in fira.GRANULARITIES:
+    raise ValueError(
+        f'`granularity` must be one of {fira.GRANULARITIES}, got '
+        f'{granularity!r}.')
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del updates, params
+    fira._needs(extra_args, ('coefficients', 'subspace_updates', 'gradients'),
+                'scale_gradient_by_subspace')
+    out = jax.tree.map(
+        lambda g, c, n: g * fira.subspace_norm_ratio(c, n, granularity),
+        extra_args['gradients'], extra_args['coefficients'],
+        extra_args['subspace_updates'])
+    return out, state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def apollo_scaling(
+    scale_type: str = 'channel',
+    scale: float = 1.0,
+    scale_front: bool = False,
+    limiter: Optional[float] = 1.01,
+) -> optax.GradientTransformationExtraArgs:
+  """APOLLO's output path: ``√scale · limit(G ⊙ s)`` (or ``limit(√scale · G ⊙ s)``).
+
+  :func:`scale_gradient_by_subspace`, the heuristic factor ``sqrt(scale)``
+  before (``scale_front``) or after the norm-growth limiter, and the limiter
+  (per matrix; None disables it).
+  """
+  factor = optax.scale(jnp.sqrt(scale))
+  parts = [scale_gradient_by_subspace(scale_type)]
+  if scale_front:
+    parts.append(factor)
+  if limiter is not None:
+    parts.append(norm_growth.clip_norm_growth(limiter, axes=(-2, -1)))
+  if not scale_front:
+    parts.append(factor)
+  return optax.chain(*parts)
+
+
+def apollo(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: int | float = 256,
+    refresh_every: int = 200,
+    scale_type: str = 'channel',
+    scale: float = 1.0,
+    scale_front: bool = False,
+    limiter: Optional[float] = 1.01,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Optional[Any] = None,
+    basis: str | bases_lib.BasisMethod = 'seeded_gaussian',
+    side: str = 'reference',
+    stagger: bool = True,
+    align_signs: bool = True,
+    on_refresh: str = 'keep',
+    dimension_numbers: Any = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  """APOLLO: SGD-like memory, AdamW-level performance.
+
+  Zhu et al., `APOLLO: SGD-like Memory, AdamW-level Performance
+  <https://arxiv.org/abs/2412.05270>`_, MLSys 2025. Per matrix, with a Gaussian
+  sketch ``P`` (entries ``N(0, 1/r)``) redrawn every ``T`` steps:
+
+  .. math::
+    C = PᵀG,\\quad N = \\frac{m}{\\sqrt{v} + ε},\\quad
+    s_j = \\frac{‖N_{:,j}‖}{‖C_{:,j}‖ + 10^{-8}},\\quad
+    W \\leftarrow W - η\\,\\frac{\\sqrt{1-β_2^t}}{1-β_1^t}\\,
+    \\sqrt{scale}\\; limit(G ⊙ s) - ηλW.
+
+  The low-rank Adam only estimates the per-channel (``scale_type='channel'``)
+  or per-matrix (``'tensor'``) learning-rate scale; the update is the raw
+  gradient, never a back-projection (``low_rank(..., scale=0)`` with
+  :func:`apollo_scaling` as the residual path). The basis is stored as one seed
+  per matrix (:func:`~subspace_optax.bases.seeded_gaussian`), so the state is
+  the low-rank moments ``2 r l`` plus a few scalars per matrix.
+
+  Defaults follow the reference (apollo-torch): rank 256, ``T = 200``,
+  ``ε = 1e-6`` in the PyTorch placement (bias correction after the scaling, as
+  the reference's step size), limiter ``γ = 1.01``, basis on the smaller side
+  (``side='reference'``: channels of the larger dimension). ``basis='svd'`` is
+  the paper's "APOLLO w. SVD". Weight decay is decoupled and applied to the
+  pre-step weight (optax order; the reference decays the post-step weight).
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    rank: sketch rank (int, clamped per matrix) or a fraction of ``min(m, n)``.
+    refresh_every: updates between redraws of the sketch.
+    scale_type: ``'channel'`` (APOLLO) or ``'tensor'`` (APOLLO-Mini).
+    scale: heuristic scale, applied as ``sqrt(scale)`` (128 for APOLLO-Mini;
+      about ``d / r`` for fine-tuning).
+    scale_front: apply ``sqrt(scale)`` before the limiter instead of after.
+    limiter: ``γ`` of the norm-growth limiter, None to disable it.
+    b1, b2, eps: Adam's hyper-parameters.
+    weight_decay: decoupled weight decay ``λ``.
+    weight_decay_mask: optax mask for the weight decay.
+    basis: ``'seeded_gaussian'`` (default), ``'gaussian'`` (dense),
+      ``'svd'``, or any basis method.
+    side: ``'reference'`` (channels of the larger dimension) or another side.
+    stagger: spread the refreshes of different leaves over the period.
+    align_signs: for SVD bases; see :func:`~subspace_optax.low_rank`.
+    on_refresh: see :func:`~subspace_optax.low_rank` (reference: ``'keep'``).
+    dimension_numbers: which leaves to project.
+    seed: seed of the random sketches.
+  """
+  refresh_lib.check_period(refresh_every, 'refresh_every')
+  return optax.chain(
+      low_rank_lib.low_rank(
+          bias_correction.scale_by_adam_moments(b1, b2, eps), rank=rank,
+          refresh=refresh_lib.every(refresh_every, stagger), basis=basis,
+          side=side, on_refresh=on_refresh, align_signs=align_signs,
+          residual=apollo_scaling(scale_type, scale, scale_front, limiter),
+          scale=0.0, dimension_numbers=dimension_numbers, seed=seed),
+      bias_correction.scale_by_bias_correction(b1, b2),
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def apollo_mini(
+    learning_rate: optax.ScalarOrSchedule,
+    refresh_every: int = 200,
+    scale: float = 128.0,
+    scale_front: bool = False,
+    limiter: Optional[float] = 1.01,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Optional[Any] = None,
+    basis: str | bases_lib.BasisMethod = 'seeded_gaussian',
+    side: str = 'reference',
+    stagger: bool = True,
+    on_refresh: str = 'keep',
+    dimension_numbers: Any = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  """APOLLO-Mini: rank 1, one scale per matrix, heuristic scale 128 (``×√128``).
+
+  :func:`apollo` with ``rank=1`` and ``scale_type='tensor'`` (Zhu et al.,
+  arXiv 2412.05270, §4.3); the optimizer state is ``2 max(m, n)`` floats plus a
+  few scalars per matrix. The paper also reports better results with
+  ``learning_rate=2e-2``, and the reference recommends ``scale_front=True``
+  for short warm-ups. Arguments: as :func:`apollo`.
+  """
+  return apollo(
+      learning_rate, rank=1, refresh_every=refresh_every, scale_type='tensor',
+      scale=scale, scale_front=scale_front, limiter=limiter, b1=b1, b2=b2,
+      eps=eps, weight_decay=weight_decay, weight_decay_mask=weight_decay_mask,
+      basis=basis, side=side, stagger=stagger, on_refresh=on_refresh,
+      dimension_numbers=dimension_numbers, seed=seed)
+
+
+def _is_layout(x) -> bool:
+  return x is None or isinstance(x, layout_lib.MatrixLayout)
+
+
+def apollo_bytes(
+    params: Any,
+    rank: int | float = 256,
+    side: str = 'reference',
+    basis: str = 'seeded_gaussian',
+    limiter: bool = True,
+    dimension_numbers: Any = None,
+) -> int:
+  """Analytic state size of :func:`apollo` / :func:`apollo_mini` (float32).
+
+  Per projected matrix: two moments ``2 · 4 r l`` bytes, the basis (4 bytes of
+  seed for ``'seeded_gaussian'``, ``4 k r`` for a dense basis) and the
+  limiter's previous norm (4 bytes); per projected leaf the refresh schedule
+  (two int32). Other leaves keep full Adam moments ``2 · 4 |p|``. Plus the
+  pipeline's and the bias correction's step counts.
+  """
+  layouts = layout_lib.leaf_layouts(params, dimension_numbers, side, rank)
+  total = 2 * 4
+  for p, lay in zip(jax.tree.leaves(params),
+                    jax.tree.leaves(layouts, is_leaf=_is_layout)):
+    if lay is None:
+      total += 2 * 4 * math.prod(np.shape(p))
+      continue
+    basis_bytes = 4 if basis == 'seeded_gaussian' else (
+        4 * lay.projected_dim * lay.rank)
+    per_matrix = 2 * 4 * lay.rank * lay.other_dim + basis_bytes
+    per_matrix += 4 if limiter else 0
+    total += lay.num_matrices * per_matrix + 2 * 4
+  return total
+
+
+bases_lib.register('seeded_gaussian', seeded_gaussian)

@@ -1,0 +1,211 @@
+"""SVD-free basis: columns of a fixed DCT matrix chosen by alignment.
+
+Modoranu et al., `SVD-Free Low-Rank Adaptive Gradient Optimization for Large
+Language Models <https://arxiv.org/abs/2505.17967>`_ (later "FFT-based Dynamic
+Subspace Selection"), 2025.
+
+Every matrix size ``k`` has one orthonormal DCT-II matrix ``D`` (``k x k``). It
+is never stored: the similarity ``S = DᵀG`` is a DCT of the gradient along the
+projected axis (FFT, ``O(k l log k)``), and the ``rank`` selected columns
+``D[:, I]`` are an inverse DCT of one-hot vectors (``O(k r log k)``). The state
+of a matrix is its ``rank`` int32 column indices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from subspace_optax._src import alias
+from subspace_optax._src import bases as bases_lib
+from subspace_optax._src import layout as layout_lib
+from subspace_optax._src import sharding
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ColumnsState:
+  """Selected columns of a fixed ``size x size`` orthonormal matrix.
+
+  Attributes:
+    indices: int32 ``(rank,)`` column indices, ascending.
+    size: the matrix size ``k`` (static pytree metadata, not an array), so
+      ``unproject`` can rebuild the columns without the gradient's shape.
+  """
+
+  indices: jax.Array
+  size: int = dataclasses.field(metadata=dict(static=True))
+
+
+def dct_matrix(size: int) -> np.ndarray:
+  """The orthonormal DCT-II matrix ``D`` (float64 numpy), basis vectors as columns.
+
+  .. math::
+    D_{ij} = \\sqrt{2/k}\\; c_j \\cos\\frac{π (2i + 1) j}{2k},\\qquad
+    c_0 = 1/\\sqrt 2,\\ c_{j>0} = 1,
+
+  so ``DᵀD = I`` and ``Dᵀx`` is ``scipy.fft.dct(x, type=2, norm='ortho')``.
+  """
+  i = np.arange(size)[:, None]
+  j = np.arange(size)[None, :]
+  d = np.sqrt(2.0 / size) * np.cos(np.pi * (2 * i + 1) * j / (2 * size))
+  d[:, 0] /= np.sqrt(2.0)
+  return d
+
+
+def dct_columns(indices: jax.Array, size: int) -> jax.Array:
+  """``D[:, indices]`` (float32, ``size x len(indices)``) without forming ``D``."""
+  one_hot = jax.nn.one_hot(indices, size, dtype=jnp.float32, axis=0)
+  return jax.scipy.fft.idct(one_hot, type=2, axis=0, norm='ortho')
+
+
+def dct_similarity(g: jax.Array) -> jax.Array:
+  """``S = DᵀG`` for a ``(k, l)`` matrix: the orthonormal DCT-II of each column."""
+  return jax.scipy.fft.dct(g.astype(jnp.float32), type=2, axis=0, norm='ortho')
+
+
+def dct(norm_order: float = 1.0) -> bases_lib.BasisMethod:
+  """Columns of the DCT-II matrix that best align with the gradient.
+
+  At a refresh, with ``D`` the orthonormal DCT-II matrix of the projected size:
+
+  .. math::
+    S = DᵀG,\\qquad I = \\operatorname{top-}r_j\\ \\|S_{j,:}\\|_p,\\qquad
+    Q = D_{:, I},
+
+  (``p = 1`` in the paper). ``C = QᵀG = S_{I,:}`` and ``unproject(C) = QC``. The
+  transition between two selections is the partial permutation
+  ``R_{ab} = [I_{new,a} = I_{old,b}]`` (``= Q_newᵀ Q_old``): with
+  ``on_refresh='transport'`` moments of columns kept in both selections move to
+  their new slots and those of new columns start at 0 (DCT-AdamW's
+  ``rotate_subspace``). With ``'keep'`` slots are not matched; prefer
+  ``'transport'`` or ``'reset'``.
+
+  State: ``rank`` int32 indices per matrix (plus the static size). Signs are
+  fixed, so ``align_signs`` has no effect.
+
+  Args:
+    norm_order: ``p`` of the row norm ranking the columns (1 in the paper).
+  """
+
+  def init(k, l, rank):
+    del l
+    return ColumnsState(jnp.arange(rank, dtype=jnp.int32), k)
+
+  def refresh(g, old, key, align):
+    del key, align
+    rank = old.indices.shape[-1]
+    s = dct_similarity(g)
+    if isinstance(norm_order, (int, float)) and norm_order == 1:
+      scores = jnp.sum(jnp.abs(s), axis=1)
+    else:
+      scores = jnp.sum(jnp.abs(s) ** norm_order, axis=1)
+    _, top = jax.lax.top_k(scores, rank)
+    return ColumnsState(jnp.sort(top).astype(jnp.int32), old.size)
+
+  def project(g, state):
+    q = dct_columns(state.indices, state.size)
+    return sharding.einsum('kr,kl->rl', q, g.astype(jnp.float32))
+
+  def unproject(c, state):
+    q = dct_columns(state.indices, state.size)
+    return sharding.einsum('kr,rl->kl', q, c.astype(jnp.float32))
+
+  def transition(old, new):
+    return (new.indices[:, None] == old.indices[None, :]).astype(jnp.float32)
+
+  return bases_lib.BasisMethod('dct', init, refresh, project, unproject,
+                               transition)
+
+
+def dct_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: int | float = 128,
+    refresh_every: int = 200,
+    scale: float = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Optional[Any] = None,
+    side: str = 'compact',
+    stagger: bool = True,
+    on_refresh: str = 'transport',
+    norm_order: float = 1.0,
+    dimension_numbers: Any = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  """DCT-AdamW: Adam in a subspace spanned by DCT columns, no SVD.
+
+  Modoranu et al., `SVD-Free Low-Rank Adaptive Gradient Optimization for Large
+  Language Models <https://arxiv.org/abs/2505.17967>`_, 2025. Every ``T``
+  updates the ``rank`` DCT-II columns with the largest ``ℓ1`` alignment
+  ``‖(DᵀG)_{j,:}‖_1`` are selected (:func:`dct`); then
+
+  .. math::
+    C = D_{:,I}ᵀ G,\\quad N = Adam(C),\\quad
+    W \\leftarrow W - η\\,(α\\, D_{:,I} N + λ W),
+
+  with the Adam ``ε`` after the bias correction (``optax.scale_by_adam``, as the
+  reference) and moments moved between selections by the partial permutation
+  (``on_refresh='transport'``; the reference's ``rotate_subspace=True``).
+  Memory: GaLore's moments plus ``rank`` int32 indices instead of a dense basis
+  (:func:`dct_adamw_bytes`). The optional error-feedback buffer of the
+  reference (an ``m x n`` state) is not included.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    rank: subspace rank (int, clamped per matrix) or a fraction of ``min(m, n)``.
+    refresh_every: updates between column selections.
+    scale: multiplies the unprojected update.
+    b1, b2, eps: Adam's hyper-parameters.
+    weight_decay: decoupled weight decay.
+    weight_decay_mask: optax mask for the weight decay.
+    side: see :func:`subspace_optax.low_rank`.
+    stagger: spread the refreshes of different leaves over the period.
+    on_refresh: ``'transport'`` (default), ``'reset'`` or ``'keep'``.
+    norm_order: ``p`` of the row norm ranking the columns.
+    dimension_numbers: which leaves to project; see :func:`subspace_optax.low_rank`.
+    seed: unused by this basis (kept for a uniform signature).
+  """
+  return alias.galore(
+      learning_rate, rank=rank, refresh_every=refresh_every, scale=scale,
+      b1=b1, b2=b2, eps=eps, eps_before_bias_correction=False,
+      weight_decay=weight_decay, weight_decay_mask=weight_decay_mask,
+      side=side, basis=dct(norm_order), stagger=stagger, align_signs=False,
+      on_refresh=on_refresh, dimension_numbers=dimension_numbers, seed=seed,
+  )
+
+
+def dct_adamw_bytes(
+    params: Any,
+    rank: int | float,
+    side: str = 'compact',
+    dimension_numbers: Any = None,
+) -> int:
+  """Analytic state size of :func:`dct_adamw` (float32 moments).
+
+  Per projected matrix: two Adam moments ``2 r l`` and ``r`` int32 indices;
+  the refresh schedule (two int32 per projected leaf); full Adam moments for
+  every other leaf; the pipeline's and Adam's int32 counts.
+  """
+  layouts = layout_lib.leaf_layouts(params, dimension_numbers, side, rank)
+  total = 2 * 4
+  for p, lay in zip(jax.tree.leaves(params), jax.tree.leaves(
+      layouts, is_leaf=lambda x: x is None or isinstance(
+          x, layout_lib.MatrixLayout))):
+    if lay is None:
+      total += 2 * 4 * math.prod(np.shape(p))
+      continue
+    total += lay.num_matrices * (2 * 4 * lay.rank * lay.other_dim + 4 * lay.rank)
+    total += 2 * 4
+  return total
+
+
+bases_lib.register('dct', dct)

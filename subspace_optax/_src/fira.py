@@ -1,0 +1,234 @@
+"""Fira: GaLore plus a norm-scaled full-rank residual and a growth limiter."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from subspace_optax._src import bases as bases_lib
+from subspace_optax._src import bias_correction
+from subspace_optax._src import layout as layout_lib
+from subspace_optax._src import low_rank as low_rank_lib
+from subspace_optax._src import norm_growth
+from subspace_optax._src import refresh as refresh_lib
+
+GRANULARITIES = ('channel', 'tensor')
+_MATRIX_AXES = (-2, -1)
+
+
+def subspace_norm_ratio(
+    coefficients: jax.Array, subspace_update: jax.Array,
+    granularity: str = 'channel',
+) -> jax.Array:
+  """How much the inner optimizer scales each channel: ``‖N_j‖ / (‖C_j‖ + 1e-8)``.
+
+  ``coefficients`` ``C`` and ``subspace_update`` ``N`` have the oriented shape
+  ``(*batch, rank, l)``; norms are taken over the rank axis, one factor per
+  channel ``j`` of the non-projected axis (``'channel'``, shape
+  ``(*batch, 1, l)``), or over the whole matrix (``'tensor'``, shape
+  ``(*batch, 1, 1)``). Fira's ``φ`` and APOLLO's ``s``.
+  """
+  if granularity not in GRANULARITIES:
+    raise ValueError(
+        f'`granularity` must be one of {GRANULARITIES}, got {granularity!r}.')
+  axes = (-2,) if granularity == 'channel' else _MATRIX_AXES
+  norm = lambda x: jnp.sqrt(jnp.sum(
+      jnp.square(x.astype(jnp.float32)), axis=axes, keepdims=True))
+  return norm(subspace_update) / (norm(coefficients) + 1e-8)
+
+
+def _needs(extra_args: dict, names: tuple[str, ...], who: str) -> None:
+  missing = [n for n in names if n not in extra_args]
+  if missing:
+    raise ValueError(
+        f'{who} is a residual path of subspace_optax.low_rank(residual=...) and '
+        f'needs the extra args {missing}; use it there.')
+
+
+def scale_residual_by_subspace(
+    reference_residual: bool = False, subspace_scale: float = 1.0,
+) -> optax.GradientTransformationExtraArgs:
+  """Fira's norm-based scaling of the residual, ``S = φ ⊙ (G - QQᵀG)``.
+
+  A residual path for :func:`~subspace_optax.low_rank` (state-free). ``φ`` is
+  :func:`subspace_norm_ratio` with channel granularity. With
+  ``reference_residual=True`` the residual is the reference code's
+  ``G - α QQᵀG`` (its back-projection already carries ``α``), i.e.
+  ``S_ref - S_paper = (1-α) φ ⊙ QQᵀG``.
+  """
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params
+    names = ('coefficients', 'subspace_updates') + (
+        ('gradients',) if reference_residual else ())
+    _needs(extra_args, names, 'scale_residual_by_subspace')
+    residual = updates
+    if reference_residual:
+      residual = jax.tree.map(
+          lambda r, g: r + (1 - subspace_scale) * (g - r),
+          updates, extra_args['gradients'])
+    out = jax.tree.map(
+        lambda r, c, n: r * subspace_norm_ratio(c, n, 'channel'),
+        residual, extra_args['coefficients'], extra_args['subspace_updates'])
+    return out, state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def fira_residual(
+    limiter: Optional[float] = 1.01,
+    reference_residual: bool = False,
+    subspace_scale: float = 1.0,
+) -> optax.GradientTransformationExtraArgs:
+  """Fira's residual path: norm-based scaling, then the norm-growth limiter.
+
+  Chen et al., `Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank
+  Constraint? <https://arxiv.org/abs/2410.01623>`_, §3.2–3.3. For
+  ``low_rank(inner, residual=fira_residual(...))``, per matrix with
+  ``C = QᵀG`` and ``N = inner(C)``:
+
+  .. math::
+    φ_j = \\frac{‖N_{:,j}‖}{‖C_{:,j}‖ + 10^{-8}},\\qquad
+    S = φ ⊙ (G - QQᵀG),\\qquad S \\leftarrow limit(S),
+
+  one factor per channel ``j`` of the non-projected axis (use
+  ``side='reference'`` so the channels are those of the larger dimension, as
+  Fira). The limiter (:func:`~subspace_optax.clip_norm_growth`) acts per matrix
+  (each layer of a stack separately).
+
+  Args:
+    limiter: ``γ`` of the norm-growth limiter, or None for no limiter.
+    reference_residual: False follows the paper (``G - QQᵀG``); True reproduces
+      the reference code (``G - α QQᵀG``, which leaks ``1-α`` of the in-subspace
+      gradient into the residual: 75 % at ``α = 0.25``).
+    subspace_scale: ``α``, the pipeline's ``scale``; used only with
+      ``reference_residual=True``.
+  """
+  scaling = scale_residual_by_subspace(reference_residual, subspace_scale)
+  if limiter is None:
+    return scaling
+  return optax.chain(
+      scaling, norm_growth.clip_norm_growth(limiter, axes=_MATRIX_AXES))
+
+
+def fira(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: int | float = 128,
+    refresh_every: int = 200,
+    scale: float = 0.25,
+    limiter: Optional[float] = 1.01,
+    reference_residual: bool = False,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Optional[Any] = None,
+    side: str = 'reference',
+    basis: str | bases_lib.BasisMethod = 'svd',
+    stagger: bool = True,
+    align_signs: bool = True,
+    on_refresh: str = 'keep',
+    dimension_numbers: Any = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  """Fira: GaLore's Adam in a subspace plus a norm-scaled full-rank residual.
+
+  Chen et al., `Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank
+  Constraint? <https://arxiv.org/abs/2410.01623>`_, 2024. Per matrix, with
+  ``Q`` the top-``r`` singular vectors refreshed every ``T`` steps:
+
+  .. math::
+    C = QᵀG,\\quad N = \\frac{m}{\\sqrt{v} + ε},\\quad
+    S = limit\\big(φ ⊙ (G - QQᵀG)\\big),\\quad
+    W \\leftarrow W - η\\,\\frac{\\sqrt{1-β_2^t}}{1-β_1^t}\\,(α\\, Q N + S)
+    - ηλW,
+
+  with ``φ`` from :func:`fira_residual`. As in the reference, ``φ`` comes from
+  the uncorrected Adam ratio and the bias correction multiplies both terms
+  (:func:`~subspace_optax.scale_by_adam_moments` inside the pipeline,
+  :func:`~subspace_optax.scale_by_bias_correction` after it), so the limiter
+  sees the reference's ``S``.
+
+  Defaults follow the reference recipes (rank 128, ``T = 200``, ``α = 0.25``,
+  ``γ = 1.01``, ``ε = 1e-6``; 1B/7B recipes use ``α = 0.0625``) with the basis
+  on the smaller side (``side='reference'``), which makes ``φ`` a factor per
+  channel of the larger dimension as in Fira; ``side='compact'`` would give
+  factors over the smaller dimension, a different method. The residual follows
+  the paper; ``reference_residual=True`` reproduces the code's
+  ``G - α QQᵀG``. Weight decay is decoupled and applied to the pre-step weight
+  (optax order; the reference decays the post-step weight, a difference of
+  ``O(η²λ)``).
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    rank: subspace rank (int, clamped per matrix) or a fraction of ``min(m, n)``.
+    refresh_every: updates between basis refreshes.
+    scale: ``α``, multiplies the unprojected update.
+    limiter: ``γ`` of the norm-growth limiter, None to disable it.
+    reference_residual: see :func:`fira_residual`.
+    b1, b2, eps: Adam's hyper-parameters (PyTorch ``ε`` placement).
+    weight_decay: decoupled weight decay ``λ``.
+    weight_decay_mask: optax mask for the weight decay.
+    side: ``'reference'`` (channels of the larger dimension) or another side
+      of :func:`~subspace_optax.low_rank`.
+    basis: ``'svd'`` (reference) or any basis of
+      :func:`~subspace_optax.low_rank`.
+    stagger: spread the refreshes of different leaves over the period.
+    align_signs: see :func:`~subspace_optax.low_rank`.
+    on_refresh: see :func:`~subspace_optax.low_rank`.
+    dimension_numbers: which leaves to project.
+    seed: seed of random bases.
+  """
+  refresh_lib.check_period(refresh_every, 'refresh_every')
+  return optax.chain(
+      low_rank_lib.low_rank(
+          bias_correction.scale_by_adam_moments(b1, b2, eps), rank=rank,
+          refresh=refresh_lib.every(refresh_every, stagger), basis=basis,
+          side=side, on_refresh=on_refresh, align_signs=align_signs,
+          residual=fira_residual(limiter, reference_residual, scale),
+          scale=scale, dimension_numbers=dimension_numbers, seed=seed),
+      bias_correction.scale_by_bias_correction(b1, b2),
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def _is_layout(x) -> bool:
+  return x is None or isinstance(x, layout_lib.MatrixLayout)
+
+
+def fira_bytes(
+    params: Any,
+    rank: int | float = 128,
+    side: str = 'reference',
+    limiter: bool = True,
+    dimension_numbers: Any = None,
+) -> int:
+  """Analytic state size of :func:`fira` (float32, SVD basis).
+
+  GaLore's state (per projected matrix: basis ``4 k r`` and two moments
+  ``2 · 4 r l`` bytes; per projected leaf the refresh schedule, two int32) plus
+  the limiter's previous norm (one float32 per matrix). Other leaves keep full
+  Adam moments ``2 · 4 |p|``. Plus the pipeline's and the bias correction's
+  step counts (int32).
+  """
+  layouts = layout_lib.leaf_layouts(params, dimension_numbers, side, rank)
+  total = 2 * 4
+  for p, lay in zip(jax.tree.leaves(params),
+                    jax.tree.leaves(layouts, is_leaf=_is_layout)):
+    if lay is None:
+      total += 2 * 4 * math.prod(np.shape(p))
+      continue
+    per_matrix = 4 * lay.projected_dim * lay.rank + 2 * 4 * lay.rank * lay.other_dim
+    per_matrix += 4 if limiter else 0
+    total += lay.num_matrices * per_matrix + 2 * 4
+  return total

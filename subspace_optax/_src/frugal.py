@@ -1,0 +1,241 @@
+"""FRUGAL: a state-full optimizer in a subspace, a state-free one outside it."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from subspace_optax._src import bases as bases_lib
+from subspace_optax._src import index_bases
+from subspace_optax._src import layout as layout_lib
+from subspace_optax._src import low_rank as low_rank_lib
+from subspace_optax._src import random_bases
+from subspace_optax._src import refresh as refresh_lib
+
+BASES = ('svd', 'random', 'columns', 'blocks')
+RESIDUALS = ('sign', 'sgd', None)
+
+
+class ScaleByResettableAdamState(NamedTuple):
+  count: optax.Updates  # int32 scalar per leaf: updates since the last reset
+  mu: optax.Updates
+  nu: optax.Updates
+
+
+def scale_by_resettable_adam(
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0
+) -> optax.GradientTransformation:
+  """``optax.scale_by_adam`` whose bias correction restarts with zeroed moments.
+
+  Each leaf keeps its own step count, restarted whenever both of its moments are
+  exactly zero on entry: at initialisation, and when
+  :func:`~subspace_optax.low_rank` with ``on_refresh='reset'`` has just zeroed a
+  refreshed leaf's moments. This is FRUGAL's ``reset_statistics`` (moments *and*
+  step count reset), per leaf so that it works with staggered refreshes.
+  Without the restart the first update after a reset would be
+  ``~ (1-β₁)/sqrt(1-β₂) ≈ 3.2`` times too large (the second moment's bias
+  correction would assume a long history).
+
+  Otherwise identical to ``optax.scale_by_adam`` (``ε`` added after the bias
+  correction, as FRUGAL's AdamW). A leaf whose gradient is exactly zero from the
+  start keeps restarting, so its bias correction starts with its first nonzero
+  gradient.
+  """
+
+  def init_fn(params):
+    zeros = lambda p: jnp.zeros(jnp.shape(p), jnp.float32)
+    return ScaleByResettableAdamState(
+        jax.tree.map(lambda p: jnp.zeros([], jnp.int32), params),
+        jax.tree.map(zeros, params), jax.tree.map(zeros, params))
+
+  def leaf(g, count, m, v):
+    fresh = jnp.logical_not(jnp.any(m != 0) | jnp.any(v != 0))
+    count = optax.safe_increment(jnp.where(fresh, 0, count))
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    t = count.astype(jnp.float32)
+    m_hat = m / (1 - b1**t)
+    v_hat = v / (1 - b2**t)
+    u = m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
+    return u.astype(jnp.result_type(g)), count, m, v
+
+  def update_fn(updates, state, params=None):
+    del params
+    leaves, treedef = jax.tree.flatten(updates)
+    out = [leaf(g, c, m, v) for g, c, m, v in zip(
+        leaves, treedef.flatten_up_to(state.count),
+        treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu))]
+    pick = lambda i: treedef.unflatten([o[i] for o in out])
+    return pick(0), ScaleByResettableAdamState(pick(1), pick(2), pick(3))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _basis_method(basis, rank) -> bases_lib.BasisMethod:
+  if basis == 'random':
+    return random_bases.random_orthonormal()
+  if basis == 'columns':
+    return index_bases.random_columns()
+  if basis == 'blocks':
+    return index_bases.blocks(rank)
+  return bases_lib.resolve(basis)
+
+
+def _residual(residual, scale: float) -> Optional[optax.GradientTransformation]:
+  if residual is None:
+    return None
+  if residual == 'sign':
+    return optax.chain(optax.scale_by_sign(), optax.scale(scale))
+  if residual == 'sgd':
+    return optax.scale(scale)
+  if isinstance(residual, optax.GradientTransformation):
+    return optax.chain(residual, optax.scale(scale))
+  raise ValueError(
+      f'`residual` must be one of {RESIDUALS} or an optax transform, got '
+      f'{residual!r}.')
+
+
+def frugal(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: int | float = 0.25,
+    refresh_every: int = 200,
+    basis: str | bases_lib.BasisMethod = 'svd',
+    residual: str | optax.GradientTransformation | None = 'sign',
+    residual_scale: float = 1.0,
+    scale: float = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Optional[Any] = None,
+    on_refresh: str = 'reset',
+    side: str = 'reference',
+    stagger: bool = True,
+    align_signs: bool = True,
+    dimension_numbers: Any = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  """FRUGAL: Adam in a subspace, signSGD (or SGD) on the rest of the gradient.
+
+  Zmushko, Beznosikov, Takáč & Horváth, `FRUGAL: Memory-Efficient Optimization
+  by Reducing State Overhead for Scalable Training
+  <https://arxiv.org/abs/2411.07837>`_, ICML 2025, Algorithm 1. Per matrix,
+  with a basis ``Q`` refreshed every ``T`` updates:
+
+  .. math::
+    C = QᵀG,\\quad N = Adam(C),\\quad
+    U = s\\,\\big(Q N + s_r\\, sign(G - QQᵀG)\\big),\\quad
+    W \\leftarrow W - η\\,(U + λ W).
+
+  The update is full rank: the state-free residual moves every coordinate, the
+  state-full Adam only the subspace. Leaves that are not projected (see
+  ``dimension_numbers``; the reference projects only the attention and MLP
+  matrices) get full Adam, as in the reference.
+
+  Bases (``basis``): ``'svd'`` (top singular vectors), ``'random'`` (random
+  orthonormal, QR of a Gaussian), ``'columns'`` (a random subset of coordinates
+  of the projected axis; gather/scatter, state ``rank`` int32 indices),
+  ``'blocks'`` (whole matrices active or not, BAdam-like; ``rank`` is then the
+  probability that a matrix is active and the moments are full size, see
+  :func:`subspace_optax.bases.blocks`), or any basis method.
+
+  Reference behaviour (philip-zmushko/FRUGAL) by default: ``on_refresh='reset'``
+  zeroes the moments of a refreshed leaf *and* restarts its bias correction
+  (:func:`scale_by_resettable_adam`); Adam's ``ε`` is added after the bias
+  correction; the basis sits on the smaller side (``side='reference'``), so a
+  float ``rank = ρ`` keeps Adam state for the fraction ``ρ`` of each matrix.
+  The paper's Algorithm 1 instead carries the state into the new basis:
+  ``on_refresh='transport'`` (svd, random and columns bases). Refreshes are
+  staggered across leaves (``stagger=False``: all leaves together, as the
+  reference). Weight decay is decoupled and applied to the pre-step weight, as
+  in the reference.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    rank: density ``ρ`` in (0, 1] (a fraction of ``min(m, n)``) or an int rank;
+      for ``basis='blocks'`` the probability in [0, 1] that a matrix is active.
+    refresh_every: updates between basis refreshes ``T``.
+    basis: ``'svd'``, ``'random'``, ``'columns'``, ``'blocks'`` or a
+      :class:`~subspace_optax.bases.BasisMethod`.
+    residual: ``'sign'`` (signSGD), ``'sgd'`` (the raw residual), None (no
+      residual: GaLore with FRUGAL's defaults), or an optax transform.
+    residual_scale: ``s_r``, the residual's step relative to Adam's
+      (``inactive_lr_scale``: 1.0 for pre-training, 0.1 for fine-tuning).
+    scale: ``s``, multiplies the whole update of projected leaves
+      (``proj_params_lr_scale``).
+    b1, b2, eps: Adam's hyper-parameters.
+    weight_decay: decoupled weight decay ``λ``.
+    weight_decay_mask: optax mask for the weight decay.
+    on_refresh: ``'reset'`` (reference), ``'transport'`` (paper), ``'keep'``.
+    side: ``'reference'`` (basis on the smaller side) or ``'compact'``.
+    stagger: spread the refreshes of different leaves over the period.
+    align_signs: see :func:`~subspace_optax.low_rank`.
+    dimension_numbers: which leaves to project; see
+      :func:`~subspace_optax.low_rank`.
+    seed: seed of the random bases.
+  """
+  refresh_lib.check_period(refresh_every, 'refresh_every')
+  if isinstance(basis, str) and basis == 'blocks' and not (
+      isinstance(rank, (int, float)) and 0 <= rank <= 1):
+    raise ValueError(
+        "With basis='blocks', `rank` is the probability in [0, 1] that a "
+        f'matrix is active (FRUGAL\'s density), got {rank!r}.')
+  method = _basis_method(basis, rank)
+  whole = method.name == 'blocks'  # the coefficients are the whole matrix
+  pipeline_rank = 1.0 if whole else rank
+  pipeline_side = 'reference' if whole else side
+  return optax.chain(
+      low_rank_lib.low_rank(
+          scale_by_resettable_adam(b1, b2, eps), rank=pipeline_rank,
+          refresh=refresh_lib.every(refresh_every, stagger), basis=method,
+          side=pipeline_side, on_refresh=on_refresh, align_signs=align_signs,
+          residual=_residual(residual, scale * residual_scale), scale=scale,
+          dimension_numbers=dimension_numbers, seed=seed),
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def _is_layout(x) -> bool:
+  return x is None or isinstance(x, layout_lib.MatrixLayout)
+
+
+def frugal_bytes(
+    params: Any,
+    rank: int | float = 0.25,
+    basis: str = 'svd',
+    side: str = 'reference',
+    dimension_numbers: Any = None,
+) -> int:
+  """Analytic state size of :func:`frugal` (float32 moments, sign/SGD residual).
+
+  Per projected matrix with the basis on the ``k`` side and ``l`` the other:
+  two Adam moments ``2 · 4 r l`` bytes, plus the basis: ``4 k r`` (svd,
+  random), ``4 r`` (columns: int32 indices) or ``4`` (blocks: one flag; the
+  moments are then full size, ``r = k``). Per projected leaf the refresh
+  schedule (two int32). Every other leaf keeps full Adam moments ``2 · 4 |p|``.
+  Plus one int32 step count per leaf (the restartable bias correction) and the
+  pipeline's count. The signSGD/SGD residual holds nothing.
+  """
+  if basis == 'blocks':
+    rank, side = 1.0, 'reference'
+  layouts = layout_lib.leaf_layouts(params, dimension_numbers, side, rank)
+  leaves = jax.tree.leaves(params)
+  total = 4 + 4 * len(leaves)
+  for p, lay in zip(leaves, jax.tree.leaves(layouts, is_leaf=_is_layout)):
+    if lay is None:
+      total += 2 * 4 * math.prod(np.shape(p))
+      continue
+    per_matrix = 2 * 4 * lay.rank * lay.other_dim + {
+        'svd': 4 * lay.projected_dim * lay.rank,
+        'random': 4 * lay.projected_dim * lay.rank,
+        'columns': 4 * lay.rank,
+        'blocks': 4,
+    }[basis]
+    total += lay.num_matrices * per_matrix + 2 * 4
+  return total

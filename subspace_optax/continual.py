@@ -1,0 +1,56 @@
+"""Continual learning: orthogonal updates, memories, baselines and metrics.
+
+Fine-tune one model on a sequence of tasks without forgetting, without extra
+parameters per task and without storing old gradients::
+
+  import subspace_optax as so
+  from subspace_optax import continual
+
+  tx = continual.sculpt(1e-3, weight_decay=1e-2)     # AdamW -> orthogonal_to
+  opt_state = tx.init(params)
+  for task in tasks:
+    params, opt_state = train(params, opt_state, task)
+    memory = continual.sculpt_memory(params)          # important directions
+    opt_state = continual.set_memory(opt_state, memory)
+
+See :func:`orthogonal_to` for the projection modes and where each method's
+formula comes from.
+"""
+
+# Orthogonal updates and their memory.
+from subspace_optax._src.memory_updates import add_directions
+from subspace_optax._src.memory_updates import get_memory
+from subspace_optax._src.memory_updates import set_memory
+from subspace_optax._src.orthogonal import orthogonal_to
+from subspace_optax._src.orthogonal import project_out
+from subspace_optax._src.protected import check_memory
+from subspace_optax._src.protected import clear
+from subspace_optax._src.protected import empty_memory
+from subspace_optax._src.protected import MODES
+from subspace_optax._src.protected import OrthogonalState
+from subspace_optax._src.protected import protected_fraction
+from subspace_optax._src.protected import ProtectedSubspace
+# Memory builders (task boundaries).
+from subspace_optax._src.memories import activation_importance
+from subspace_optax._src.memories import gpm_memory
+from subspace_optax._src.memories import gradient_memory
+from subspace_optax._src.memories import sculpt_memory
+# Presets.
+from subspace_optax._src.continual import gpm
+from subspace_optax._src.continual import sculpt
+from subspace_optax._src.continual import sculpt_capacity
+# Baselines and schedules.
+from subspace_optax._src.regularizers import AnchorState
+from subspace_optax._src.regularizers import ewc
+from subspace_optax._src.regularizers import EwcState
+from subspace_optax._src.regularizers import fisher_diagonal
+from subspace_optax._src.regularizers import l2_to_anchor
+from subspace_optax._src.regularizers import rewarm_schedule
+# Metrics.
+from subspace_optax._src.metrics import accuracy_matrix
+from subspace_optax._src.metrics import average_accuracy
+from subspace_optax._src.metrics import backward_transfer
+from subspace_optax._src.metrics import forgetting
+from subspace_optax._src.metrics import forward_transfer
+from subspace_optax._src.metrics import record
+from subspace_optax._src.metrics import summary

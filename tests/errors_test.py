@@ -1,0 +1,303 @@
+"""Bad configurations fail early with an error naming the parameter and the fix.
+
+Each test asserts both halves of the message: *what* is wrong (the argument
+name or the leaf path) and *how* to fix it. Nothing here compiles an update, so
+the file runs in seconds.
+"""
+
+import inspect
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import registry
+import subspace_optax as so
+from subspace_optax._src import bases as bases_lib
+
+PARAMS = {'w': jnp.ones((8, 6)), 'stack': jnp.ones((2, 5, 9)), 'b': jnp.ones(4)}
+
+
+def _low_rank(**kwargs):
+  defaults = dict(rank=2, refresh=3, dimension_numbers=so.last_two_axes)
+  return so.low_rank(optax.scale_by_adam(), **{**defaults, **kwargs})
+
+
+def _raises(error, *fragments):
+  """``pytest.raises`` that asserts every fragment appears in the message."""
+  return pytest.raises(
+      error, match=''.join(f'(?=[\\s\\S]*{re.escape(f)})' for f in fragments))
+
+
+def _takes(entry, argument) -> bool:
+  return argument in inspect.signature(entry.factory).parameters
+
+
+RANKED = [n for n in registry.NAMES if _takes(registry.REGISTRY[n], 'rank')]
+
+
+# ------------------------------------------------------------------- rank
+
+
+@pytest.mark.parametrize('name', RANKED)
+@pytest.mark.parametrize('rank', [0, -3])
+def test_non_positive_rank_fails_at_construction(name, rank):
+  with _raises(ValueError, '`rank`', 'not positive', 'give a positive int'):
+    registry.REGISTRY[name].make(rank=rank)
+
+
+@pytest.mark.parametrize('rank', [1.5, 0.0, -0.25])
+def test_fraction_rank_outside_unit_interval(rank):
+  with _raises(ValueError, '`rank`', 'outside (0, 1]', 'fraction of min(m, n)'):
+    _low_rank(rank=rank)
+
+
+def test_rank_above_matrix_size_is_clamped():
+  """Documented: an int rank is clamped to min(m, n) of each matrix."""
+  state = jax.eval_shape(_low_rank(rank=100).init, PARAMS)
+  assert state.basis['w'].shape == (8, 6)  # k = 8 rows, rank min(8, 6)
+  assert state.basis['stack'].shape == (2, 9, 5)  # per layer: k = 9, rank 5
+  assert so.galore_bytes(PARAMS, 100, dimension_numbers=so.last_two_axes) == (
+      so.galore_bytes(PARAMS, 1.0, dimension_numbers=so.last_two_axes))
+
+
+def test_numpy_ints_are_accepted_as_rank_and_period():
+  tx = so.galore(1e-3, rank=np.int64(2), refresh_every=np.int32(3))
+  assert jax.eval_shape(tx.init, PARAMS)[0].basis['w'].shape == (8, 2)
+
+
+@pytest.mark.parametrize('rank', ['4', None, jnp.asarray(4)])
+def test_non_number_rank_says_static(rank):
+  with _raises(TypeError, '`rank`', 'static_args'):
+    _low_rank(rank=rank)
+
+
+def test_traced_rank_says_static_args():
+  with _raises(TypeError, '`rank`', "static_args=('rank'"):
+    jax.jit(lambda r: _low_rank(rank=r).init(PARAMS))(4)
+
+
+# ----------------------------------------------------------------- refresh
+
+
+@pytest.mark.parametrize('period', [0, -1])
+def test_non_positive_refresh_period(period):
+  with _raises(ValueError, '`refresh_every`', 'not positive',
+               'number of updates between basis refreshes'):
+    so.galore(1e-3, refresh_every=period)
+  with _raises(ValueError, '`period`', 'not positive'):
+    _low_rank(refresh=period)
+
+
+@pytest.mark.parametrize('period', [2.5, '3'])
+def test_non_int_refresh_period_says_static(period):
+  with _raises(TypeError, '`refresh_every`', 'static_args'):
+    so.galore(1e-3, refresh_every=period)
+  with _raises(TypeError, '`refresh`', 'subspace_optax.refresh policy',
+               'static_args'):
+    _low_rank(refresh=period)
+
+
+def test_inject_hyperparams_without_static_args_names_them():
+  tx = optax.inject_hyperparams(so.galore)(1e-3, rank=2, refresh_every=3)
+  with _raises(TypeError, 'static_args'):
+    tx.init(PARAMS)
+  # With them it works, and the seed may stay dynamic.
+  tx = optax.inject_hyperparams(
+      so.galore, static_args=('rank', 'refresh_every'))(
+          1e-3, rank=2, refresh_every=3, seed=5)
+  state = tx.init(PARAMS)
+  jax.eval_shape(tx.update, PARAMS, state, PARAMS)
+
+
+def test_callable_dimension_numbers_under_inject_hyperparams():
+  """inject_hyperparams would call it with the step count (as a schedule)."""
+  tx = optax.inject_hyperparams(so.galore, static_args=('rank', 'refresh_every'))(
+      1e-3, rank=2, refresh_every=3, dimension_numbers=so.last_two_axes)
+  with _raises(TypeError, 'last_two_axes', 'step count',
+               "static_args=('dimension_numbers'"):
+    tx.init(PARAMS)
+
+
+# ----------------------------------------------------------- method names
+
+
+def test_unknown_names_list_the_choices():
+  with _raises(ValueError, "Unknown basis 'qr'", "'svd'", "'randomized'",
+               'BasisMethod'):
+    _low_rank(basis='qr')
+  with _raises(ValueError, '`side`', "'compact'", "'reference'"):
+    _low_rank(side='up')
+  with _raises(ValueError, '`on_refresh`', "'keep'", "'transport'"):
+    _low_rank(on_refresh='drop')
+
+
+def test_transport_needs_a_transition():
+  method = bases_lib.svd()._replace(name='no_transition', transition=None)
+  with _raises(ValueError, "on_refresh='transport'", 'no_transition', 'keep'):
+    _low_rank(basis=method, on_refresh='transport')
+
+
+# ------------------------------------------------------- dimension numbers
+
+
+@pytest.mark.parametrize('numbers, fragments', [
+    (so.DimensionNumbers(0, 3), ["['stack']", '`output_axis`=3',
+                                 'does not fit a leaf of rank 3', 'None']),
+    ({'w': so.DimensionNumbers(0, 1), 'stack': None,
+      'b': so.DimensionNumbers(0, 1)},
+     ["['b']", 'shape (4,)', 'no matrix view', 'give None']),
+    ({'w': so.DimensionNumbers(1, 1), 'stack': None, 'b': None},
+     ["['w']", 'must be distinct']),
+    ({'w': so.DimensionNumbers((), 1), 'stack': None, 'b': None},
+     ["['w']", '`reduction_axis` is empty']),
+])
+def test_dimension_numbers_that_do_not_fit_name_the_leaf(numbers, fragments):
+  with _raises(ValueError, *fragments):
+    _low_rank(dimension_numbers=numbers).init(PARAMS)
+
+
+def test_dimension_numbers_of_the_wrong_type():
+  with _raises(TypeError, "`dimension_numbers` at ['w'][0]", 'DimensionNumbers(',
+               'or None'):
+    _low_rank(dimension_numbers={'w': (0, 1), 'stack': None, 'b': None}).init(
+        PARAMS)
+  with _raises(TypeError, "`dimension_numbers`='last'", 'callable'):
+    _low_rank(dimension_numbers='last').init(PARAMS)
+  with _raises(ValueError, '`dimension_numbers`', 'structure of the params'):
+    _low_rank(dimension_numbers={'w': so.DimensionNumbers()}).init(PARAMS)
+
+
+# ------------------------------------------------ inner transform contract
+
+
+def test_inner_that_uses_params_fails_at_init():
+  inner = optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(0.1))
+  tx = so.low_rank(inner, rank=2)
+  with _raises(ValueError, 'inner transform uses `params`', 'params=None',
+               'optax.add_decayed_weights', 'later in the chain'):
+    tx.init(PARAMS)
+  # Also under jit and eval_shape (the check is abstract).
+  with _raises(ValueError, 'inner transform uses `params`'):
+    jax.eval_shape(tx.init, PARAMS)
+
+
+def test_residual_that_uses_params_fails_at_init():
+  tx = so.low_rank(optax.scale_by_adam(), rank=2,
+                   residual=optax.add_decayed_weights(0.1))
+  with _raises(ValueError, 'residual transform uses `params`', 'params=None'):
+    tx.init(PARAMS)
+
+
+def test_inner_that_needs_an_extra_arg_is_not_refused_at_init():
+  """Only params are diagnosed at init; extra args arrive with update."""
+
+  def update(updates, state, params=None, *, value):
+    del params
+    return jax.tree.map(lambda u: u * value, updates), state
+
+  inner = optax.GradientTransformationExtraArgs(
+      lambda p: optax.EmptyState(), update)
+  tx = so.low_rank(inner, rank=2)
+  state = tx.init(PARAMS)
+  updates, _ = tx.update(PARAMS, state, value=jnp.float32(2.0))
+  assert updates['b'][0] == 2.0
+
+
+# --------------------------------------------------- init/update mismatch
+
+
+def test_updates_with_another_structure():
+  tx = _low_rank()
+  state = tx.init(PARAMS)
+  with _raises(ValueError, 'structure of the params', 'call init again'):
+    tx.update({'w': PARAMS['w']}, state)
+
+
+def test_projected_leaf_with_another_shape_names_the_leaf():
+  tx = _low_rank()
+  state = tx.init(PARAMS)
+  grads = dict(PARAMS, stack=jnp.ones((2, 5, 11)))
+  with _raises(ValueError, "['stack']", 'shape (2, 5, 11)', '(2, 11, 2)',
+               'call init again'):
+    tx.update(grads, state)
+
+
+def test_leaf_that_changed_rank_names_the_leaf():
+  tx = _low_rank()
+  state = tx.init(PARAMS)
+  with _raises(ValueError, "['w']", 'not projected', 'holds a basis',
+               'call init again'):
+    tx.update(dict(PARAMS, w=jnp.ones(6)), state)
+  state = tx.init(dict(PARAMS, w=jnp.ones(6)))
+  with _raises(ValueError, "['w']", 'holds no basis', 'call init again'):
+    tx.update(PARAMS, state)
+
+
+def test_state_of_another_rank_names_the_leaf():
+  state = _low_rank(rank=3).init(PARAMS)
+  with _raises(ValueError, "['stack']", '(rank 2)', '[(2, 9, 3)]',
+               'restore a checkpoint'):
+    _low_rank(rank=2).update(PARAMS, state)
+
+
+# -------------------------------------------------- protected subspaces
+
+
+@pytest.mark.skipif(not hasattr(so, 'orthogonal_to'), reason='not landed')
+def test_protected_memory_that_does_not_fit_names_the_leaf():
+  other = dict(PARAMS, w=jnp.ones((7, 6)))
+  memory = so.continual.empty_memory(other, dimension_numbers=so.last_two_axes)
+  tx = so.orthogonal_to(memory, dimension_numbers=so.last_two_axes)
+  with _raises(ValueError, "['w']", 'does not fit this leaf', '(8,)'):
+    tx.init(PARAMS)
+  with _raises(ValueError, 'structure of the params', 'empty_memory'):
+    so.orthogonal_to({'w': memory['w']}).init(PARAMS)
+
+
+# ----------------------------------------- documented safe behaviours
+
+
+def _nan_basis_method(trigger: float):
+  """An SVD basis that returns NaN when the gradient's first entry > trigger."""
+  svd = bases_lib.svd()
+
+  def refresh(g, old, key, align):
+    new = svd.refresh(g, old, key, align)
+    return jnp.where(g[0, 0] > trigger, jnp.nan, new)
+
+  return svd._replace(name='sometimes_nan', refresh=refresh)
+
+
+def test_a_basis_method_that_returns_nan_is_ignored():
+  """A refresh whose result is not finite is dropped like a NaN gradient:
+  the old basis stays and the refresh stays due."""
+  params = {'w': jnp.ones((6, 4))}
+  tx = so.low_rank(optax.scale_by_adam(), rank=2, refresh=100,
+                   basis=_nan_basis_method(trigger=0.0))
+  state = tx.init(params)
+  bad = {'w': jnp.ones((6, 4))}  # g[0, 0] = 1 > 0: NaN basis
+  good = {'w': -jnp.abs(jax.random.normal(jax.random.key(0), (6, 4)))}
+  _, state_bad = tx.update(bad, state)
+  np.testing.assert_array_equal(state_bad.basis['w'], state.basis['w'])
+  assert state_bad.refresh['w'].next_refresh == 0  # still due
+  _, state_good = tx.update(good, state_bad)
+  assert np.all(np.isfinite(state_good.basis['w']))
+  assert not np.array_equal(state_good.basis['w'], state.basis['w'])
+  assert state_good.refresh['w'].next_refresh > 1
+
+
+@pytest.mark.parametrize('magnitude', [1e-30, 1e30])
+def test_randomized_basis_does_not_depend_on_gradient_scale(magnitude):
+  """Extreme but finite gradients give the same subspace (no under/overflow)."""
+  g = jax.random.normal(jax.random.key(1), (12, 9))
+  method = bases_lib.randomized()
+  key = jax.random.key(2)
+  old = bases_lib.dense_init(12, 9, 3)
+  unit = method.refresh(g, old, key, True)
+  scaled = method.refresh(g * magnitude, old, key, True)
+  assert np.all(np.isfinite(scaled))
+  np.testing.assert_allclose(scaled, unit, atol=1e-4)

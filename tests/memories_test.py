@@ -1,0 +1,145 @@
+"""Tests of the memory builders: sculpt (weights' SVD), GPM (activations),
+gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import subspace_optax as so
+from subspace_optax import continual as cl
+
+
+def _params():
+  keys = jax.random.split(jax.random.key(0), 2)
+  return {
+      'w': jax.random.normal(keys[0], (12, 8)),  # d = 8
+      'stack': jax.random.normal(keys[1], (2, 10, 6)),  # d = 6 per layer
+      'b': jnp.ones((8,)),
+  }
+
+
+def _span_distance(basis, reference):
+  """|(I - P_ref) basis| for orthonormal columns: 0 when span(basis) ⊆ ref."""
+  basis, reference = np.asarray(basis, np.float64), np.asarray(reference, np.float64)
+  return np.linalg.norm(basis - reference @ (reference.T @ basis))
+
+
+def test_sculpt_memory_keeps_top_singular_directions():
+  params = _params()
+  memory = cl.sculpt_memory(params, min_fraction=0.25, max_fraction=0.5,
+                            dimension_numbers=so.last_two_axes)
+  assert isinstance(memory['b'], optax.MaskedNode)
+  w = memory['w']
+  assert w.left.shape == (12, 4) and w.right.shape == (8, 4)  # floor(0.5 * 8)
+  assert int(w.left_count) == int(w.right_count) == 4  # I_n = 1: max_fraction
+  u, _, vh = np.linalg.svd(np.asarray(params['w'], np.float64))
+  assert _span_distance(w.left, u[:, :4]) < 1e-4
+  assert _span_distance(w.right, vh[:4].T) < 1e-4
+  for layer in range(2):
+    u, _, vh = np.linalg.svd(np.asarray(params['stack'][layer], np.float64))
+    assert _span_distance(memory['stack'].left[layer], u[:, :3]) < 1e-4
+    assert _span_distance(memory['stack'].right[layer], vh[:3].T) < 1e-4
+
+
+def test_sculpt_rank_follows_importance():
+  params = _params()
+  importance = {'w': 0.2, 'stack': jnp.array([0.8, 0.5]), 'b': None}
+  memory = cl.sculpt_memory(params, importance, min_fraction=0.1,
+                            max_fraction=0.8, dimension_numbers=so.last_two_axes)
+  # 'max' normalisation: I_n = I / 0.8; k = floor(d (0.1 + 0.7 I_n)).
+  assert int(memory['w'].left_count) == int(8 * (0.1 + 0.7 * 0.25))  # 2
+  np.testing.assert_array_equal(memory['stack'].left_count, [
+      int(6 * 0.8), int(6 * (0.1 + 0.7 * 0.625))])  # [4, 3]
+  # Capacity depends on max_fraction only (static shapes whatever I is).
+  assert memory['w'].left.shape == (12, 6)
+  np.testing.assert_array_equal(memory['w'].left[:, 2:], 0)
+  minmax = cl.sculpt_memory(params, importance, normalization='minmax',
+                            dimension_numbers=so.last_two_axes)
+  assert int(minmax['w'].left_count) == int(8 * 0.1)  # least important: mrr
+  np.testing.assert_array_equal(minmax['stack'].left_count[0], int(6 * 0.8))
+
+
+def test_sculpt_step_keeps_the_protected_singular_values():
+  """With the two-sided mask U_hᵀ W V_h is unchanged by any AdamW step."""
+  params = _params()
+  tx = cl.sculpt(1e-1, weight_decay=0.5, max_fraction=0.5,
+                 dimension_numbers=so.last_two_axes)
+  state = tx.init(params)
+  memory = cl.sculpt_memory(params, max_fraction=0.5,
+                            dimension_numbers=so.last_two_axes)
+  state = cl.set_memory(state, memory)
+  new = params
+  for step in range(3):
+    grads = jax.tree.map(lambda p, s=step: jax.random.normal(
+        jax.random.key(s), p.shape), params)
+    updates, state = tx.update(grads, state, new)
+    new = optax.apply_updates(new, updates)
+  u, v = np.asarray(memory['w'].left), np.asarray(memory['w'].right)
+  np.testing.assert_allclose(u.T @ np.asarray(new['w']) @ v,
+                             u.T @ np.asarray(params['w']) @ v, atol=1e-5)
+  assert np.abs(np.asarray(new['w'] - params['w'])).max() > 1e-2
+
+
+def test_gpm_energy_threshold_picks_the_smallest_rank():
+  # Inputs with energies 16, 8, 4, 2, 1, 0, ... along the axes of R^6.
+  scales = jnp.array([4.0, 2 ** 1.5, 2.0, 2 ** 0.5, 1.0, 0.0])
+  samples = jnp.concatenate([jnp.diag(scales), jnp.zeros((4, 6))])
+  params = {'w': jnp.zeros((6, 3))}
+  total = 31.0
+  for threshold, want in ((16 / total, 1), (0.5, 1), (24 / total + 1e-3, 3),
+                          (0.99, 5)):
+    memory = cl.gpm_memory({'w': samples}, threshold, params=params)
+    assert int(memory['w'].left_count) == want, threshold
+    np.testing.assert_allclose(np.abs(memory['w'].left[:, :want]),
+                               np.eye(6)[:, :want], atol=1e-6)
+    assert isinstance(memory['w'].right, optax.MaskedNode)
+
+
+def test_gpm_grows_incrementally():
+  params = {'w': jnp.zeros((6, 3))}
+  first = jnp.eye(6)[:2] * jnp.array([[3.0], [1.0]])  # span e0, e1
+  memory = cl.gpm_memory({'w': first}, 0.99, params=params)
+  assert int(memory['w'].left_count) == 2
+  # Same span again: nothing new.
+  again = cl.gpm_memory({'w': 2 * first}, 0.99, memory)
+  assert int(again['w'].left_count) == 2
+  # New inputs mostly in the memory plus e3: only e3 is added.
+  second = jnp.stack([jnp.eye(6)[0] * 5, jnp.eye(6)[3]])
+  grown = cl.gpm_memory({'w': second}, 0.99, memory)
+  assert int(grown['w'].left_count) == 3
+  np.testing.assert_allclose(np.abs(grown['w'].left[:, 2]), np.eye(6)[3],
+                             atol=1e-6)
+  # Protected inputs see no change: x Δ = 0 after a left projection.
+  tx = optax.chain(optax.adam(0.1), cl.orthogonal_to(grown, mode='left'))
+  update, _ = tx.update({'w': jnp.ones((6, 3))}, tx.init(params), params)
+  np.testing.assert_allclose(second @ update['w'], 0, atol=1e-6)
+
+
+def test_gpm_memory_checks_activation_shapes():
+  params = {'w': jnp.zeros((6, 3))}
+  with pytest.raises(ValueError, match=r"\['w'\].*activations"):
+    cl.gpm_memory({'w': jnp.ones((4, 5))}, 0.9, params=params)
+
+
+def test_gradient_memory_spans_the_gradients():
+  params = {'w': jnp.zeros((8, 5)), 'b': jnp.zeros(5)}
+  key = jax.random.key(3)
+  left = jnp.linalg.qr(jax.random.normal(key, (8, 2)))[0]
+  right = jnp.linalg.qr(jax.random.normal(jax.random.key(4), (5, 2)))[0]
+  coefficients = jax.random.normal(jax.random.key(5), (3, 2, 2))
+  gradients = {'w': jnp.einsum('mi,sij,nj->smn', left, coefficients, right),
+               'b': jnp.ones((3, 5))}
+  memory = cl.gradient_memory(gradients, 0.999)
+  assert int(memory['w'].left_count) == 2 and int(memory['w'].right_count) == 2
+  assert _span_distance(memory['w'].left[:, :2], left) < 1e-4
+  assert _span_distance(memory['w'].right[:, :2], right) < 1e-4
+
+
+def test_activation_importance():
+  x = jax.random.normal(jax.random.key(0), (16, 4))
+  np.testing.assert_allclose(cl.activation_importance(x, 3 * x), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(cl.activation_importance(x, -x), -1.0, rtol=1e-5)
+  with pytest.raises(ValueError, match='same shape'):
+    cl.activation_importance(x, jnp.ones((16, 5)))

@@ -1,0 +1,64 @@
+"""Smoke test of benchmarks/quality.py: the --quick run and its JSON.
+
+Not a quality check (10 steps of a dim-32 model say nothing about the
+methods); the numbers live in benchmarks/results/quality_cpu.json.
+"""
+
+import json
+import math
+
+import jax
+import pytest
+
+from benchmarks import quality
+
+
+@pytest.fixture(scope='module')
+def quick(tmp_path_factory):
+  directory = tmp_path_factory.mktemp('quality')
+  out, table = directory / 'quality.json', directory / 'quality.md'
+  result = quality.main(['--quick', '--out', str(out), '--markdown', str(table)])
+  return result, out, table
+
+
+def test_quick_run_writes_json_with_the_documented_keys(quick):
+  result, out, table = quick
+  assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+  for key in ('benchmark', 'date', 'machine', 'command', 'versions', 'setup',
+              'rows', 'bars', 'unavailable', 'wall_seconds', 'cpu_seconds'):
+    assert key in result, key
+  assert result['command'].startswith('python -m benchmarks.quality --quick')
+  assert result['setup']['steps'] == 10
+  assert [r['method'] for r in result['rows']] == ['adamw', 'galore']
+  for row in result['rows']:
+    for key in ('rank', 'learning_rate', 'lr_ratio_to_adamw', 'val_loss',
+                'val_loss_ratio_to_adamw', 'opt_state_bytes',
+                'state_ratio_to_adamw', 'state_ratio_to_galore', 'runs'):
+      assert key in row, (row['method'], key)
+    assert math.isfinite(row['val_loss']) and row['runs'][0]['finite']
+  assert 'galore_within_3pct_of_adamw' in result['bars']
+  assert '| galore |' in table.read_text()
+
+
+def test_ratios_are_relative_to_adamw_and_galore_saves_state(quick):
+  result, _, _ = quick
+  adamw, galore = result['rows']
+  assert adamw['val_loss_ratio_to_adamw'] == 1.0
+  assert adamw['state_ratio_to_adamw'] == 1.0
+  assert galore['val_loss_ratio_to_adamw'] == pytest.approx(
+      galore['val_loss'] / adamw['val_loss'])
+  assert galore['rank'] == result['setup']['model']['dim'] // 4
+  assert galore['opt_state_bytes'] == result['setup']['state_budget_bytes']
+  assert galore['state_ratio_to_adamw'] < 0.9
+  assert galore['lr_ratio_to_adamw'] == 10.0
+
+
+def test_budget_rank_is_the_largest_rank_within_the_budget():
+  params = {'w': jax.ShapeDtypeStruct((40, 24), 'float32')}
+  build = lambda rank: quality.so.galore(1e-3, rank=rank, side='reference')
+  bytes_of = lambda rank: quality.state_bytes_of(build(rank), params)
+  assert bytes_of(7) < bytes_of(8) < bytes_of(9)
+  budget = (bytes_of(8) + 3 * bytes_of(9)) // 4  # nearer to rank 9's bytes
+  assert quality.budget_rank(build, params, budget, 24) == (8, bytes_of(8))
+  assert quality.budget_rank(build, params, bytes_of(8), 24) == (8, bytes_of(8))
+  assert quality.budget_rank(build, params, 10**9, 24) == (24, bytes_of(24))

@@ -1,0 +1,279 @@
+"""Every public method configuration, small enough for tests.
+
+The common, resume and error tests iterate over :data:`REGISTRY`. Each entry
+names a public factory of ``subspace_optax``, the keyword arguments of a tiny
+configuration (rank 2, refresh every 3 updates, so a few steps cross a refresh),
+and the arguments ``optax.inject_hyperparams`` must treat as static (shape-
+determining ints and non-schedule callables).
+
+When a method lands in ``subspace_optax/__init__.py``, add it here: the test
+``test_registry_covers_every_public_method`` in ``common_test.py`` fails until
+it is registered (or listed in :data:`NOT_METHODS`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import subspace_optax as so
+
+RANK = 2
+REFRESH = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """A public factory with a small test configuration."""
+
+  name: str
+  factory: Callable[..., optax.GradientTransformation]
+  kwargs: dict[str, Any]
+  # Arguments inject_hyperparams must leave alone (shapes, callables).
+  static_args: tuple[str, ...] = ()
+  # Builds the kwargs that depend on the params (e.g. a protected memory).
+  params_kwargs: Optional[Callable[[Any], dict[str, Any]]] = None
+  # Why inject_hyperparams cannot wrap it (None: it can).
+  no_inject: Optional[str] = None
+
+  def make(self, params=None, **overrides) -> optax.GradientTransformation:
+    return self.factory(**self.arguments(params, **overrides))
+
+  def arguments(self, params=None, **overrides) -> dict[str, Any]:
+    kwargs = dict(self.kwargs)
+    if self.params_kwargs is not None:
+      kwargs.update(self.params_kwargs(
+          make_params() if params is None else params))
+    kwargs.update(overrides)
+    return kwargs
+
+
+def make_params(seed: int = 0):
+  """Mixed dtypes and layouts in one small tree.
+
+  ``w`` (float32) is projected on its rows, ``stack`` (bfloat16, two stacked
+  layers) on its columns, ``b`` is a vector that is not projected.
+  """
+  shapes = {'w': ((8, 6), jnp.float32), 'stack': ((2, 5, 9), jnp.bfloat16),
+            'b': ((4,), jnp.float32)}
+  keys = jax.random.split(jax.random.key(seed), len(shapes))
+  return {
+      name: jax.random.normal(key, shape, jnp.float32).astype(dtype)
+      for key, (name, (shape, dtype)) in zip(keys, sorted(shapes.items()))
+  }
+
+
+# An extra keyword argument every update must accept (and ignore).
+EXTRA_ARGS = {'unexpected_extra_arg': jnp.float32(1.0)}
+
+
+def as_bytes(tree) -> list[np.ndarray]:
+  """Every array leaf as raw bytes, for bit-exact comparisons (bf16 too)."""
+  return [np.frombuffer(np.asarray(leaf).tobytes(), np.uint8)
+          for leaf in jax.tree.leaves(tree)]
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(name: str):
+  """``(tx, jitted update, trace counter, params)`` for a registry entry.
+
+  Cached, so every test file in a session shares one compilation per method.
+  ``trace counter[0]`` counts how often the update was traced.
+  """
+  params = make_params()
+  tx = REGISTRY[name].make(params)
+  traces = [0]
+
+  def update(updates, state, params=None, **extra_args):
+    traces[0] += 1
+    return tx.update(updates, state, params, **extra_args)
+
+  return tx, jax.jit(update), traces, params
+
+
+def gradients(params, seed: int):
+  """A reproducible gradient tree like ``params``."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1000 + seed), len(leaves))
+  return treedef.unflatten([
+      jax.random.normal(k, jnp.shape(p), jnp.float32).astype(jnp.result_type(p))
+      for k, p in zip(keys, leaves)
+  ])
+
+
+def _memory(params):
+  """A protected memory with one orthonormal direction per side and matrix."""
+  memory = so.continual.empty_memory(
+      params, mode='two_sided', capacity=2, dimension_numbers=so.last_two_axes)
+
+  def fill(mem):
+    if not isinstance(mem, so.ProtectedSubspace):
+      return mem
+    fields = {}
+    for side in ('left', 'right'):
+      basis = getattr(mem, side)
+      direction = np.zeros(basis.shape, np.float32)
+      direction[..., 0] = 1.0 / np.sqrt(basis.shape[-2])
+      fields[side] = jnp.asarray(direction)
+      fields[side + '_count'] = jnp.ones_like(getattr(mem, side + '_count'))
+    return so.ProtectedSubspace(**fields)
+
+  return jax.tree.map(fill, memory,
+                      is_leaf=lambda x: isinstance(x, so.ProtectedSubspace))
+
+
+_LR = 1e-2
+_ALIAS_STATIC = ('rank', 'refresh_every', 'dimension_numbers')
+_LOW_RANK_STATIC = ('rank', 'refresh', 'dimension_numbers')
+_SMALL = dict(rank=RANK, refresh_every=REFRESH, dimension_numbers=so.last_two_axes)
+_SVD = dict(basis='svd')
+
+
+def _entries() -> list[Entry]:
+  low = dict(rank=RANK, refresh=REFRESH, dimension_numbers=so.last_two_axes)
+  entries = [
+      # The pipeline with different inners, bases, refresh handling, residual.
+      Entry('low_rank_adam', so.low_rank,
+            dict(inner=optax.scale_by_adam(), basis='randomized', **low),
+            _LOW_RANK_STATIC),
+      Entry('low_rank_lion_svd_transport', so.low_rank,
+            dict(inner=optax.scale_by_lion(), basis='svd',
+                 on_refresh='transport', **low), _LOW_RANK_STATIC),
+      Entry('low_rank_momentum_reset_reference', so.low_rank,
+            dict(inner=optax.trace(0.9), basis='svd', on_refresh='reset',
+                 side='reference', **low), _LOW_RANK_STATIC),
+      Entry('low_rank_sign_residual', so.low_rank,
+            dict(inner=so.scale_by_torch_adam(), residual=optax.scale_by_sign(),
+                 basis='svd', **low), _LOW_RANK_STATIC),
+      # Named methods.
+      Entry('galore', so.galore, dict(learning_rate=_LR, **_SMALL),
+            _ALIAS_STATIC),
+      Entry('galore_reference_reset', so.galore,
+            dict(learning_rate=_LR, side='reference', on_refresh='reset',
+                 eps_before_bias_correction=False, weight_decay=0.1, **_SMALL),
+            _ALIAS_STATIC),
+  ]
+  optional = [
+      ('dct_adamw', lambda: Entry('dct_adamw', so.dct_adamw,
+                                  dict(learning_rate=_LR, **_SMALL), _ALIAS_STATIC)),
+      ('i3s', lambda: Entry('i3s', so.i3s, dict(learning_rate=_LR, **_SMALL),
+                            _ALIAS_STATIC)),
+      ('golore', lambda: Entry('golore', so.golore,
+                               dict(learning_rate=_LR, **_SMALL), _ALIAS_STATIC)),
+      ('online_subspace_descent', lambda: Entry(
+          'online_subspace_descent', so.online_subspace_descent,
+          dict(learning_rate=_LR, rank=RANK, initial='svd',
+               dimension_numbers=so.last_two_axes),
+          ('rank', 'dimension_numbers'))),
+      ('online_subspace_descent', lambda: Entry(
+          'online_subspace_descent_lagged_lion', so.online_subspace_descent,
+          dict(learning_rate=_LR, rank=RANK, inner='lion', lagged=True,
+               initial='svd', dimension_numbers=so.last_two_axes),
+          ('rank', 'dimension_numbers'))),
+      ('apollo', lambda: Entry('apollo', so.apollo,
+                               dict(learning_rate=_LR, **_SMALL), _ALIAS_STATIC)),
+      ('apollo_mini', lambda: Entry(
+          'apollo_mini', so.apollo_mini,
+          dict(learning_rate=_LR, refresh_every=REFRESH,
+               dimension_numbers=so.last_two_axes),
+          ('refresh_every', 'dimension_numbers'))),
+      ('fira', lambda: Entry('fira', so.fira, dict(learning_rate=_LR, **_SMALL),
+                             _ALIAS_STATIC)),
+      ('frugal', lambda: Entry('frugal', so.frugal,
+                               dict(learning_rate=_LR, **_SMALL), _ALIAS_STATIC)),
+      ('q_galore', lambda: Entry(
+          'q_galore', so.q_galore,
+          dict(learning_rate=_LR, group_size=4, window=2, **_SMALL),
+          _ALIAS_STATIC + ('bits', 'group_size', 'window'))),
+      ('auon', lambda: Entry('auon', so.auon, dict(learning_rate=_LR),
+                             ('newton_schulz_steps', 'matrix_mask'))),
+      ('adamp', lambda: Entry('adamp', so.adamp,
+                              dict(learning_rate=_LR, weight_decay=0.1),
+                              ('channel_axis',))),
+      ('sgdp', lambda: Entry('sgdp', so.sgdp,
+                             dict(learning_rate=_LR, momentum=0.9),
+                             ('channel_axis',))),
+      ('orthogonal_to', lambda: Entry(
+          'orthogonal_to', so.orthogonal_to,
+          dict(dimension_numbers=so.last_two_axes),
+          ('dimension_numbers', 'capacity'), params_kwargs=lambda p: dict(
+              memory=_memory(p)))),
+      ('gpm', lambda: Entry(
+          'gpm', so.gpm, dict(learning_rate=_LR, momentum=0.9),
+          ('capacity', 'dimension_numbers', 'momentum'))),
+      ('sculpt', lambda: Entry(
+          'sculpt', so.sculpt, dict(learning_rate=_LR),
+          ('max_fraction', 'dimension_numbers', 'weight_decay_mask'))),
+      ('reset_moments_every', lambda: Entry(
+          'reset_moments_every', so.reset_moments_every,
+          dict(inner=optax.adam(_LR), period=REFRESH), ('period',))),
+      ('project_radial', lambda: Entry(
+          'project_radial', so.project_radial,
+          dict(inner=optax.scale_by_adam(), weight_decay=0.1),
+          ('channel_axis',))),
+      ('ewc', lambda: Entry('ewc', so.ewc, dict(strength=0.5), (),
+                            params_kwargs=lambda p: dict(
+                                anchor=jax.tree.map(jnp.zeros_like, p),
+                                fisher=jax.tree.map(jnp.ones_like, p)))),
+      ('l2_to_anchor', lambda: Entry(
+          'l2_to_anchor', so.l2_to_anchor, dict(strength=0.5), (),
+          params_kwargs=lambda p: dict(anchor=jax.tree.map(jnp.zeros_like, p)))),
+  ]
+  for attribute, build in optional:
+    if hasattr(so, attribute):
+      entries.append(build())
+  return entries
+
+
+REGISTRY: dict[str, Entry] = {e.name: e for e in _entries()}
+NAMES = sorted(REGISTRY)
+
+# Public callables of subspace_optax that are not optimizer methods: memory
+# formulas (``*_bytes``), functions on arrays or states, schedules, and the
+# stages the registered methods are built from (tested through them; residual
+# stages need the pipeline's extra args).
+NOT_METHODS = frozenset({
+    # Layout and memory.
+    'last_two_axes', 'state_bytes', 'check_compatible',
+    # Functions on arrays, states and schedules.
+    'dequantize', 'quantize', 'stochastic_round', 'refactorize',
+    'reset_moments', 'rewarm_schedule', 'subspace_norm_ratio',
+    # Inner optimizers and residual stages of the registered methods.
+    'scale_by_torch_adam', 'scale_by_adam_moments', 'scale_by_bias_correction',
+    'scale_by_resettable_adam', 'scale_by_lion_momentum', 'scale_by_auon',
+    'scale_by_aspect_ratio', 'scale_by_torch_nesterov_adam', 'clip_norm_growth',
+    'apollo_scaling', 'scale_gradient_by_subspace', 'fira_residual',
+    'scale_residual_by_subspace',
+})
+
+
+def is_memory_formula(name: str) -> bool:
+  return name.endswith('_bytes')
+
+
+def subspace_states(state) -> list:
+  """Every :class:`SubspaceState` inside an optimizer state."""
+  is_subspace = lambda x: isinstance(x, so.SubspaceState)
+  return [s for s in jax.tree.leaves(state, is_leaf=is_subspace)
+          if is_subspace(s)]
+
+
+def protected_states(state) -> list:
+  """Every ``OrthogonalState`` (protected memory) inside an optimizer state."""
+  kind = getattr(so, 'OrthogonalState', None)
+  if kind is None:
+    return []
+  is_memory = lambda x: isinstance(x, kind)
+  return [s for s in jax.tree.leaves(state, is_leaf=is_memory) if is_memory(s)]
+
+
+def basis_and_memory(state) -> list:
+  """The parts of a state that must never hold a NaN: bases and memories."""
+  return ([s.basis for s in subspace_states(state)]
+          + [s.memory for s in protected_states(state)])
