@@ -9,7 +9,7 @@ by AdamW's::
   python -m benchmarks.quality                       # default CPU run
   python -m benchmarks.quality --seeds 0,1,2         # median over seeds
   python -m benchmarks.quality --methods adamw,galore,frugal \\
-      --lr-multipliers 0.5,1,2                       # small lr sweep
+      --lr-multipliers 1/3,1,3                       # small lr sweep
   python -m benchmarks.quality --quick               # smoke test (seconds)
 
 Protocol (details in ``benchmarks/README.md``, section "Quality"):
@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import fractions
 import json
 import math
 import os
@@ -218,7 +219,7 @@ def make_setup(args) -> Setup:
                  max_bytes=200_000)
   config = model_lib.config_from_preset(args.model, scan_layers=False)
   return Setup(config, steps=args.steps or 300, batch_size=args.batch_size,
-               seq_len=args.seq_len or config.max_seq_len,
+               seq_len=args.seq_len,
                eval_batches=args.eval_batches,
                refresh_every=args.refresh_every, adamw_lr=args.adamw_lr,
                max_bytes=args.max_bytes)
@@ -261,9 +262,11 @@ def resolve_ranks(names: Sequence[str], setup: Setup,
                   params) -> tuple[dict[str, Optional[int]], int]:
   """Rank of each method and the state budget (bytes of GaLore at dim/4)."""
   quarter = setup.model_config.dim // 4
-  budget = state_bytes_of(
-      METHODS[BUDGET_METHOD].build(1e-3, quarter, setup.refresh_every, 0),
-      params)
+  schedule = lm_optimizers.warmup_cosine(1e-3, setup.steps)  # as in train()
+  build_of = lambda name: lambda r: optax.chain(
+      optax.clip_by_global_norm(1.0),
+      METHODS[name].build(schedule, r, setup.refresh_every, 0))
+  budget = state_bytes_of(build_of(BUDGET_METHOD)(quarter), params)
   ranks = {}
   for name in names:
     rule = METHODS[name].rank
@@ -272,8 +275,7 @@ def resolve_ranks(names: Sequence[str], setup: Setup,
     elif rule == 'quarter':
       ranks[name] = quarter
     elif rule == 'match_budget':
-      build = lambda r, m=METHODS[name]: m.build(1e-3, r, setup.refresh_every, 0)
-      ranks[name], _ = budget_rank(build, params, budget,
+      ranks[name], _ = budget_rank(build_of(name), params, budget,
                                    setup.model_config.dim)
     else:
       raise ValueError(f'Unknown rank rule {rule!r} for {name}.')
@@ -341,7 +343,8 @@ def run(args) -> dict[str, Any]:
   began_wall, began_cpu = time.perf_counter(), time.process_time()
   setup = make_setup(args)
   seeds = [int(s) for s in args.seeds.split(',')]
-  multipliers = [float(m) for m in args.lr_multipliers.split(',')]
+  multipliers = [float(fractions.Fraction(m))
+                 for m in args.lr_multipliers.split(',')]
   available = available_methods()
   if args.methods:
     names = [n.strip() for n in args.methods.split(',') if n.strip()]
@@ -529,16 +532,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument('--model', default='tiny', choices=sorted(model_lib.PRESETS))
   p.add_argument('--steps', type=int, default=None, help='default 300')
   p.add_argument('--batch-size', type=int, default=8)
-  p.add_argument('--seq-len', type=int, default=None,
-                 help="default: the model's max_seq_len")
-  p.add_argument('--eval-batches', type=int, default=32)
+  p.add_argument('--seq-len', type=int, default=64)
+  p.add_argument('--eval-batches', type=int, default=64)
   p.add_argument('--refresh-every', type=int, default=100)
   p.add_argument('--adamw-lr', type=float, default=3e-3,
                  help='AdamW peak lr; other methods use LR_RATIO times it')
   p.add_argument('--max-bytes', type=int, default=data_lib.DEFAULT_MAX_BYTES)
   p.add_argument('--seeds', default='0', help='comma-separated seeds')
   p.add_argument('--lr-multipliers', default='1',
-                 help='comma-separated multipliers of every lr (a sweep)')
+                 help='comma-separated multipliers of every lr (a sweep), e.g. '
+                 '1/3,1,3')
   p.add_argument('--quick', action='store_true',
                  help='smoke test: a 2-layer dim-32 model, 10 steps, '
                  f'methods {",".join(QUICK_METHODS)}')

@@ -8,8 +8,9 @@ method:
 * ``naive``   Adam, nothing else (sequential fine-tuning).
 * ``l2``      ``l2_to_anchor`` (pull towards the previous task's weights) + Adam.
 * ``ewc``     ``ewc`` with the empirical diagonal Fisher summed over tasks + Adam.
-* ``gpm``     Adam whose final update is kept orthogonal to the span of earlier
-              tasks' layer inputs (``gpm_memory`` + ``orthogonal_to('left')``).
+* ``gpm``     Adam (or the paper's plain SGD) whose final update is kept
+              orthogonal to the span of earlier tasks' layer inputs
+              (``gpm_memory`` + ``orthogonal_to('left')``).
 * ``sculpt``  AdamW whose final update is kept out of each weight's top singular
               directions, the rank set per layer by its importance
               (``sculpt_memory`` + ``orthogonal_to('two_sided')``).
@@ -40,9 +41,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import pathlib
 import time
+import types
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -55,23 +58,25 @@ from subspace_optax import continual
 
 METHODS = ('naive', 'l2', 'ewc', 'gpm', 'sculpt')
 
-# Chosen on the validation split (benchmarks/continual.py --tune).
+# Chosen per method on the validation split, seed 0, by
+# ``python -m benchmarks.continual --tune [--tasks split]`` (the grids and every
+# run: benchmarks/results/continual_tuning_{permuted,split}.json).
 DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     'permuted': {
         'naive': {'learning_rate': 1e-3},
-        'l2': {'learning_rate': 1e-3, 'strength': 1e-2},
-        'ewc': {'learning_rate': 1e-3, 'strength': 100.0},
-        'gpm': {'learning_rate': 1e-3, 'threshold': 0.97},
+        'l2': {'learning_rate': 3e-3, 'strength': 1e-2},
+        'ewc': {'learning_rate': 3e-3, 'strength': 100.0},
+        'gpm': {'learning_rate': 3e-3, 'threshold': 0.97},
         'sculpt': {'learning_rate': 1e-3, 'min_fraction': 0.1,
                    'max_fraction': 0.5, 'weight_decay': 0.0},
     },
     'split': {
         'naive': {'learning_rate': 1e-3},
-        'l2': {'learning_rate': 1e-3, 'strength': 1e-2},
-        'ewc': {'learning_rate': 1e-3, 'strength': 100.0},
-        'gpm': {'learning_rate': 1e-3, 'threshold': 0.97},
+        'l2': {'learning_rate': 1e-3, 'strength': 0.1},
+        'ewc': {'learning_rate': 1e-3, 'strength': 1e8},
+        'gpm': {'optimizer': 'sgd', 'learning_rate': 0.1, 'threshold': 0.9},
         'sculpt': {'learning_rate': 1e-3, 'min_fraction': 0.1,
-                   'max_fraction': 0.5, 'weight_decay': 0.0},
+                   'max_fraction': 0.5, 'weight_decay': 0.1},
     },
 }
 
@@ -225,7 +230,8 @@ class Method:
 
 def make_method(name: str, hyper: dict[str, Any], apply_trace, loss_one,
                 config: Config) -> Method:
-  """Build one method; ``apply_trace(params, x)`` gives the model's trace."""
+  """Build one method; ``apply_trace(params, x)`` gives the model's trace and
+  ``loss_one(params, (x, y, class_mask))`` one example's loss."""
   lr = hyper['learning_rate']
   if config.schedule == 'rewarm':  # continual pre-training style
     lr = continual.rewarm_schedule(
@@ -256,10 +262,9 @@ def make_method(name: str, hyper: dict[str, Any], apply_trace, loss_one,
   if name == 'ewc':
     def consolidate(params, opt_state, t, tasks):
       x, y = samples(tasks, t)
-      mask = jnp.asarray(tasks.class_mask[t])
-      fisher = continual.fisher_diagonal(
-          lambda p, example: loss_one(p, example[0], example[1], mask),
-          params, (x, y), batch_size=100)
+      masks = np.broadcast_to(tasks.class_mask[t], (len(y), 10))
+      fisher = continual.fisher_diagonal(loss_one, params, (x, y, masks),
+                                         batch_size=100)
       total = jax.tree.map(jnp.add, optax.tree.get(opt_state, 'fisher'), fisher)
       return optax.tree.set(opt_state, anchor=params, fisher=total)
     return Method(optax.chain(
@@ -272,6 +277,11 @@ def make_method(name: str, hyper: dict[str, Any], apply_trace, loss_one,
           _per_kernel(params, layer_inputs), hyper['threshold'],
           continual.get_memory(opt_state), on_overflow='warn')
       return continual.set_memory(opt_state, memory)
+    inner = hyper.get('optimizer', 'adam')
+    if inner not in ('adam', 'sgd'):
+      raise ValueError(f"gpm's optimizer must be 'adam' or 'sgd', got {inner!r}.")
+    if inner == 'sgd':  # the paper's recipe: plain SGD, then the projection
+      return Method(continual.gpm(lr), grow)
     return Method(optax.chain(optax.adam(lr), continual.orthogonal_to(
         mode='left')), grow)
 
@@ -297,29 +307,47 @@ def make_method(name: str, hyper: dict[str, Any], apply_trace, loss_one,
 # Training and evaluation.
 
 
-def run_method(name: str, hyper: dict[str, Any], tasks: Tasks,
-               config: Config, return_params: bool = False) -> dict[str, Any]:
-  """Train one method on the whole sequence; returns its accuracy matrices
-  (and the final params, not JSON-ready, with ``return_params``)."""
-  model = MLP(config.width, config.depth, rngs=nnx.Rngs(config.seed))
+@functools.lru_cache(maxsize=8)
+def network(width: int, depth: int, seed: int) -> types.SimpleNamespace:
+  """The initial weights and the jitted functions shared by every method (so
+  each is compiled once per run, not once per method)."""
+  model = MLP(width, depth, rngs=nnx.Rngs(seed))
   graphdef, state = nnx.split(model)
-  params = nnx.to_pure_dict(state)
 
   def module(p):
-    st = jax.tree.map(lambda v: v, state)
-    nnx.replace_by_pure_dict(st, p)
-    return nnx.merge(graphdef, st)
-
-  apply_trace = jax.jit(lambda p, x: module(p).trace(x))
+    template = jax.tree.map(lambda v: v, state)
+    nnx.replace_by_pure_dict(template, p)
+    return nnx.merge(graphdef, template)
 
   def masked_logits(p, x, mask):
     return jnp.where(mask, module(p)(x), -1e9)
 
-  def loss_one(p, x, y, mask):
+  def loss_one(p, example):
+    """Negative log-likelihood of one ``(x, y, class_mask)`` example."""
+    x, y, mask = example
     return optax.softmax_cross_entropy_with_integer_labels(
         masked_logits(p, x[None], mask), y[None])[0]
 
-  method = make_method(name, hyper, apply_trace, loss_one, config)
+  @jax.jit
+  def accuracies(p, x, y, valid, mask):
+    def one(xt, yt, vt, mt):
+      hit = jnp.argmax(masked_logits(p, xt, mt), -1) == yt
+      return jnp.sum(hit * vt) / jnp.sum(vt)
+    return jax.vmap(one)(x, y, valid, mask)
+
+  return types.SimpleNamespace(
+      initial=nnx.to_pure_dict(state), masked_logits=masked_logits,
+      loss_one=loss_one, accuracies=accuracies,
+      apply_trace=jax.jit(lambda p, x: module(p).trace(x)))
+
+
+def run_method(name: str, hyper: dict[str, Any], tasks: Tasks,
+               config: Config, return_params: bool = False) -> dict[str, Any]:
+  """Train one method on the whole sequence; returns its accuracy matrices
+  (and the final params, not JSON-ready, with ``return_params``)."""
+  net = network(config.width, config.depth, config.seed)
+  params = net.initial
+  method = make_method(name, hyper, net.apply_trace, net.loss_one, config)
   tx = method.tx
   opt_state = tx.init(params)
 
@@ -330,7 +358,7 @@ def run_method(name: str, hyper: dict[str, Any], tasks: Tasks,
       index = jax.random.randint(step_key, (config.batch_size,), 0, size)
       def loss(p):
         return optax.softmax_cross_entropy_with_integer_labels(
-            masked_logits(p, x[index], mask), y[index]).mean()
+            net.masked_logits(p, x[index], mask), y[index]).mean()
       value, grads = jax.value_and_grad(loss)(params)
       updates, opt_state = tx.update(grads, opt_state, params)
       return (optax.apply_updates(params, updates), opt_state), value
@@ -338,15 +366,8 @@ def run_method(name: str, hyper: dict[str, Any], tasks: Tasks,
     (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), keys)
     return params, opt_state, losses
 
-  @jax.jit
-  def accuracies(params, x, y, valid, mask):
-    def one(xt, yt, vt, mt):
-      hit = jnp.argmax(masked_logits(params, xt, mt), -1) == yt
-      return jnp.sum(hit * vt) / jnp.sum(vt)
-    return jax.vmap(one)(x, y, valid, mask)
-
   masks = jnp.asarray(tasks.class_mask)
-  evaluate = lambda p, split: np.asarray(accuracies(
+  evaluate = lambda p, split: np.asarray(net.accuracies(
       p, getattr(tasks, split + '_x'), getattr(tasks, split + '_y'),
       getattr(tasks, split + '_valid'), masks))
   test, val = (continual.accuracy_matrix(config.num_tasks) for _ in range(2))

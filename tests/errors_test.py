@@ -301,3 +301,16 @@ def test_randomized_basis_does_not_depend_on_gradient_scale(magnitude):
   scaled = method.refresh(g * magnitude, old, key, True)
   assert np.all(np.isfinite(scaled))
   np.testing.assert_allclose(scaled, unit, atol=1e-4)
+
+
+def test_an_ensemble_member_with_an_inf_gradient_keeps_its_basis():
+  """Under jax.vmap a refresh due for one member runs for all of them; LAPACK's
+  SVD never returns on a matrix mixing Inf and finite entries, so the refresh
+  must not see the Inf (the member's result is discarded anyway)."""
+  tx = so.low_rank(optax.scale_by_adam(), rank=2, refresh=3, basis='svd')
+  state = jax.vmap(tx.init)({'w': jnp.ones((2, 8, 6))})
+  g = jax.random.normal(jax.random.key(0), (2, 8, 6)).at[1, 0, 0].set(np.inf)
+  _, new = jax.jit(jax.vmap(tx.update))({'w': g}, state)
+  np.testing.assert_array_equal(new.basis['w'][1], state.basis['w'][1])
+  assert not np.array_equal(new.basis['w'][0], state.basis['w'][0])
+  assert np.all(np.isfinite(new.basis['w']))

@@ -1,6 +1,7 @@
 """Tests of the byte-level LM example (examples/lm): data, model, training,
 orbax checkpoints (bit-exact resume, config checks), metrics and plots."""
 
+import functools
 import json
 import pathlib
 import shutil
@@ -33,6 +34,7 @@ def _write_text(path: pathlib.Path, size: int, seed: int = 0) -> pathlib.Path:
   return path
 
 
+@functools.lru_cache(maxsize=None)
 def _model(scan_layers=False):
   config = model_lib.Config(**{**TINY.__dict__, 'scan_layers': scan_layers})
   return nnx.jit(lambda: model_lib.Llama(config, rngs=nnx.Rngs(0)))()
@@ -156,6 +158,13 @@ def test_low_rank_projects_block_matrices_only(scan_layers):
   low = optimizers.state_bytes(optimizers.make_optimizer(
       'galore', learning_rate_schedule=1e-3, rank=4).init(params))
   assert low < 0.75 * full
+  contrib = optimizers.make_optimizer('optax_galore',
+                                      learning_rate_schedule=1e-3, rank=4)
+  if scan_layers:  # contrib galore cannot project (layers, m, n) kernels.
+    with pytest.raises(ValueError, match='no-scan-layers'):
+      contrib.init(params)
+  else:
+    assert optimizers.state_bytes(contrib.init(params)) < 0.75 * full
 
 
 def test_registry_errors():
@@ -251,7 +260,9 @@ def test_mismatched_config_is_refused(first_run, tmp_path):
     train.main(flags + ['--out', str(copy)])
 
 
-def test_mesh_run_shards_params(tmp_path):
+@pytest.mark.parametrize(
+    'name', ['adamw', pytest.param('galore', marks=pytest.mark.slow)])
+def test_mesh_run_shards_params(name, tmp_path):
   if jax.device_count() < 8:
     pytest.skip('needs 8 devices (tests/conftest.py sets XLA_FLAGS)')
   mesh = train.make_mesh('data=2,fsdp=4')
@@ -263,7 +274,7 @@ def test_mesh_run_shards_params(tmp_path):
   assert wq.spec == jax.sharding.PartitionSpec(None, 'fsdp', None)
   corpus = _write_text(tmp_path / 'corpus.txt', 20_000)
   summary = train.main(TINY_FLAGS + [
-      '--data', str(corpus), '--optimizer', 'galore', '--steps', '2',
+      '--data', str(corpus), '--optimizer', name, '--steps', '2',
       '--batch-size', '8', '--mesh', 'data=2,fsdp=4', '--checkpoint-every',
       '0', '--out', str(tmp_path / 'out')])
   assert np.isfinite(summary['runs'][0]['final_val_loss'])

@@ -156,7 +156,8 @@ def test_stochastic_round_is_unbiased():
   standard_error = 2.0**-7 * np.sqrt(0.21 / n)
   mean = float(jnp.mean(rounded.astype(jnp.float32)))
   assert abs(mean - float(x[0])) < 4 * standard_error
-  bias_of_nearest = abs(float(x[0].astype(jnp.bfloat16).astype(jnp.float32)) - float(x[0]))
+  nearest = float(x[0].astype(jnp.bfloat16).astype(jnp.float32))
+  bias_of_nearest = abs(nearest - float(x[0]))
   assert bias_of_nearest > 100 * standard_error
   # Integers: -2.3 becomes -3 or -2, on average -2.3; exact values stay.
   ints = stochastic_round(jnp.full((n,), -2.3), jnp.int8, key)

@@ -240,7 +240,7 @@ NAMES = sorted(REGISTRY)
 # stages need the pipeline's extra args).
 NOT_METHODS = frozenset({
     # Layout and memory.
-    'last_two_axes', 'state_bytes', 'check_compatible',
+    'last_two_axes', 'state_bytes', 'check_compatible', 'state_shardings',
     # Functions on arrays, states and schedules.
     'dequantize', 'quantize', 'stochastic_round', 'refactorize',
     'reset_moments', 'rewarm_schedule', 'subspace_norm_ratio',

@@ -32,7 +32,6 @@ The keywords every builder receives are listed in :func:`make_optimizer`.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any, Callable
 
 import jax
@@ -144,23 +143,23 @@ def _optax_galore(*, learning_rate, rank, refresh_every, weight_decay, **_):
   ``optax.partition`` hands contrib galore only the matrices it projects, so
   its state holds no ``(0, 0)`` placeholder projectors (orbax cannot save
   zero-size arrays). contrib galore names every axis and cannot treat the
-  layer axis of stacked ``(layers, m, n)`` kernels as a batch axis, so with
-  ``scan_layers`` those kernels get full Adam (a warning says so).
+  layer axis of stacked ``(layers, m, n)`` kernels as a batch axis, so it
+  refuses models built with ``scan_layers`` (it would silently fall back to
+  full Adam there).
   """
   if not isinstance(rank, int):
     raise TypeError(f'optax_galore needs an int rank, got {rank!r}.')
 
   def labels(params):
     def label(path, x):
-      if is_block_matrix(path, x) and jnp.ndim(x) == 2:
-        return 'low_rank'
-      if is_block_matrix(path, x):
-        warnings.warn(
+      if is_block_matrix(path, x) and jnp.ndim(x) != 2:
+        raise ValueError(
             f'optax_galore: {jax.tree_util.keystr(path)} has shape '
-            f'{jnp.shape(x)}; optax.contrib.galore cannot project stacked '
-            'layers, so it gets full Adam (no memory saved). Use --optimizer '
-            'galore or drop --scan-layers.', stacklevel=2)
-      return 'full'
+            f'{jnp.shape(x)}; optax.contrib.galore cannot treat the layer axis '
+            'of stacked kernels as a batch axis (it would not project them). '
+            'Use --no-scan-layers, or --optimizer galore which projects '
+            '(layers, m, n) kernels per layer.')
+      return 'low_rank' if is_block_matrix(path, x) else 'full'
     return jax.tree_util.tree_map_with_path(label, params)
 
   galore_tx = optax.contrib.galore(

@@ -63,7 +63,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument('--precision', default='fp32', choices=('fp32', 'bf16'),
                  help='bf16: float32 params and optimizer state, bfloat16 '
                  'matmuls/attention')
-  p.add_argument('--steps', type=int, default=200)
+  p.add_argument('--steps', type=int, default=150)
   p.add_argument('--batch-size', type=int, default=16)
   p.add_argument('--seq-len', type=int, default=None,
                  help="default: the model preset's max_seq_len")
@@ -74,15 +74,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  help='subspace rank (int, or a fraction in (0, 1)); '
                  'default dim // 4')
   p.add_argument('--refresh-every', type=int, default=100)
-  p.add_argument('--basis', default='svd', choices=('svd', 'randomized'),
-                 help='basis of subspace_optax methods')
+  p.add_argument('--basis', default='auto',
+                 choices=('auto', 'svd', 'randomized'),
+                 help="basis of subspace_optax methods; 'auto': svd on one "
+                 'device, randomized (no all-gather of sharded gradients) '
+                 'with --mesh')
   p.add_argument('--data', nargs='+', default=None, metavar='PATH',
                  help='text files or directories (default: the Python stdlib '
                  'sources)')
   p.add_argument('--max-bytes', type=int, default=data_lib.DEFAULT_MAX_BYTES,
                  help='cap on the corpus size')
   p.add_argument('--eval-every', type=int, default=50)
-  p.add_argument('--eval-batches', type=int, default=8)
+  p.add_argument('--eval-batches', type=int, default=4)
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--mesh', default=None,
                  help="device mesh, e.g. 'data=2,fsdp=4'; params are sharded "
@@ -377,7 +380,8 @@ def train_one(run: Run, args, corpus, mesh, out: pathlib.Path) -> dict[str, Any]
       if done % args.eval_every == 0 or done == end:
         val_loss = evaluate(eval_step, model, val_batches, put)
       record = {'optimizer': run.name, 'step': done, 'loss': loss,
-                'val_loss': val_loss, 'tokens_per_s': tokens_per_s,
+                'val_loss': val_loss,
+                'tokens_per_s': tokens_per_s if timed_steps else None,
                 'opt_state_bytes': state_bytes,
                 'tokens': done * tokens_per_step}
       metrics.write(json.dumps(record) + '\n')
@@ -388,7 +392,8 @@ def train_one(run: Run, args, corpus, mesh, out: pathlib.Path) -> dict[str, Any]
             'step': done, 'data_position': done,
             'tokens': done * tokens_per_step})
       if bar is not None:
-        postfix = {'loss': f'{loss:.3f}', 'tok/s': f'{tokens_per_s:,.0f}',
+        postfix = {'loss': f'{loss:.3f}',
+                   'tok/s': f'{tokens_per_s:,.0f}' if timed_steps else '-',
                    'state': f'{state_bytes / 2**20:.2f}MiB'}
         if val_loss is not None:
           postfix['val'] = f'{val_loss:.3f}'
@@ -461,6 +466,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   except data_lib.CorpusError as error:
     raise SystemExit(f'error: {error}') from error
   mesh = make_mesh(args.mesh)
+  if args.basis == 'auto':
+    args.basis = 'svd' if mesh is None else 'randomized'
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
 

@@ -127,13 +127,13 @@ def apollo_scaling(
     scale_front: bool = False,
     limiter: Optional[float] = 1.01,
 ) -> optax.GradientTransformationExtraArgs:
-  """APOLLO's output path: ``√scale · limit(G ⊙ s)`` (or ``limit(√scale · G ⊙ s)``).
+  """APOLLO's output path: ``√scale · limit(G ⊙ s)``.
 
   :func:`scale_gradient_by_subspace`, the heuristic factor ``sqrt(scale)``
-  before (``scale_front``) or after the norm-growth limiter, and the limiter
-  (per matrix; None disables it).
+  after the norm-growth limiter (or before it with ``scale_front``:
+  ``limit(√scale · G ⊙ s)``), and the limiter (per matrix; None disables it).
   """
-  factor = optax.scale(jnp.sqrt(scale))
+  factor = optax.scale(scale**0.5)
   parts = [scale_gradient_by_subspace(scale_type)]
   if scale_front:
     parts.append(factor)

@@ -115,7 +115,7 @@ def svd(algorithm: Optional[Any] = None) -> BasisMethod:
   )
 
 
-def orthonormalize(y: jax.Array, key: jax.Array) -> jax.Array:
+def orthonormalize(y: jax.Array, key: jax.Array, passes: int = 3) -> jax.Array:
   """Orthonormal basis of ``span(y)`` with only ``p x p`` factorisations.
 
   Shifted Cholesky-QR followed by two plain Cholesky-QR passes (Fukaya et al.,
@@ -126,6 +126,10 @@ def orthonormalize(y: jax.Array, key: jax.Array) -> jax.Array:
   gathered. A tiny random component (1e-4 of ``y``'s RMS) is added first so a
   rank-deficient ``y`` (gradients of rank below ``p``) still gives ``p``
   orthonormal columns; those extra directions carry no gradient energy.
+
+  ``passes=1`` (the shifted pass alone) gives a well-conditioned basis of the
+  same span, enough between power iterations; 3 passes give orthonormality to
+  float32 precision.
   """
   k, p = y.shape
   y = y.astype(jnp.float32)
@@ -135,7 +139,7 @@ def orthonormalize(y: jax.Array, key: jax.Array) -> jax.Array:
       jax.random.normal(key, (k, p), jnp.float32), y)
   eye = jnp.eye(p, dtype=jnp.float32)
   unit_roundoff = jnp.finfo(jnp.float32).eps / 2
-  for step in range(3):
+  for step in range(passes):
     gram = sharding.einsum('kp,kq->pq', y, y, precision=_HIGHEST)
     if step == 0:
       gram = gram + 11 * (k * p + p * (p + 1)) * unit_roundoff * jnp.trace(gram) * eye
@@ -177,13 +181,18 @@ def randomized(oversample: int = 8, power_iterations: int = 1) -> BasisMethod:
     p = min(rank + oversample, k, l)
     keys = jax.random.split(key, 2 * power_iterations + 2)
     sketch = jax.random.normal(keys[0], (l, p), jnp.float32)
+    # Only the last orthonormalisation needs full precision (the final basis is
+    # Q times an orthogonal matrix); the earlier ones only keep the span stable.
+    last = lambda i: 3 if i == power_iterations else 1
     q = orthonormalize(
-        sharding.einsum('kl,lp->kp', g, sketch, precision=_HIGHEST), keys[1])
+        sharding.einsum('kl,lp->kp', g, sketch, precision=_HIGHEST), keys[1],
+        last(0))
     for i in range(power_iterations):
       z = orthonormalize(
-          sharding.einsum('kl,kp->lp', g, q, precision=_HIGHEST), keys[2 + 2 * i])
+          sharding.einsum('kl,kp->lp', g, q, precision=_HIGHEST), keys[2 + 2 * i], 1)
       q = orthonormalize(
-          sharding.einsum('kl,lp->kp', g, z, precision=_HIGHEST), keys[3 + 2 * i])
+          sharding.einsum('kl,lp->kp', g, z, precision=_HIGHEST), keys[3 + 2 * i],
+          last(i + 1))
     b = sharding.einsum('kp,kl->pl', q, g, precision=_HIGHEST)
     _, vectors = jnp.linalg.eigh(
         sharding.einsum('pl,ql->pq', b, b, precision=_HIGHEST))

@@ -361,6 +361,11 @@ def low_rank(
       keys = _batched_keys(jax.random.fold_in(step_key, i), lay.batch_shape)
 
       def do_refresh(view=view, b=b, keys=keys, nb=nb, fn=method.refresh):
+        # A refresh of a non-finite gradient is discarded, but it may still
+        # run (every-step bases, vmapped ensembles); LAPACK's SVD never
+        # returns on a matrix mixing Inf with finite entries (Reference-LAPACK
+        # issue 1409), so it sees the non-finite entries as zeros.
+        view = jnp.where(jnp.isfinite(view), view, 0.0)
         return layout_lib.batched(
             lambda g1, b1, k1: fn(g1, b1, k1, align_signs), nb)(view, b, keys)
 

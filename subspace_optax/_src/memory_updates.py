@@ -24,6 +24,7 @@ from subspace_optax._src.protected import OrthogonalState
 from subspace_optax._src.protected import ProtectedSubspace
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+_is_variable = low_rank_lib._is_variable  # pylint: disable=protected-access
 
 
 def _grow_one(basis, count, candidates, candidate_count, tolerance, capacity):
@@ -173,14 +174,15 @@ def add_directions(
   if on_overflow not in ('raise', 'warn', 'ignore'):
     raise ValueError(
         f'`on_overflow` must be "raise", "warn" or "ignore", got {on_overflow!r}.')
-  memory_leaves, treedef = jax.tree.flatten(memory, is_leaf=protected_lib.is_memory_leaf)
+  is_leaf = protected_lib.is_memory_leaf
+  memory_leaves, treedef = jax.tree.flatten(memory, is_leaf=is_leaf)
   try:
     new_leaves = treedef.flatten_up_to(new)
   except (ValueError, TypeError) as error:
     raise ValueError(
         f'`new` does not have the structure of `memory`. ({error})') from error
   paths = [layout_lib.path_name(p) for p, _ in
-           jax.tree_util.tree_flatten_with_path(memory, is_leaf=protected_lib.is_memory_leaf)[0]]
+           jax.tree_util.tree_flatten_with_path(memory, is_leaf=is_leaf)[0]]
   out = []
   for path, mem, add in zip(paths, memory_leaves, new_leaves):
     if not isinstance(mem, ProtectedSubspace):
@@ -194,7 +196,8 @@ def add_directions(
       basis, count = getattr(mem, side), getattr(mem, side + '_count')
       candidates = getattr(add, side)
       candidate_count = getattr(add, side + '_count')
-      if protected_lib.is_masked(candidates) or (sides is not None and side not in sides):
+      if protected_lib.is_masked(candidates) or (
+          sides is not None and side not in sides):
         fields[side], fields[side + '_count'] = basis, count
         continue
       if protected_lib.is_masked(basis):
@@ -203,7 +206,8 @@ def add_directions(
             f'{side} side; pass sides=("{"right" if side == "left" else "left"}",) '
             'or build the memory with a mode that holds both.')
       batch = tuple(jnp.shape(count))
-      protected_lib.check_side(candidates, batch, basis.shape[-2], path, f'new {side}')
+      protected_lib.check_side(candidates, batch, basis.shape[-2], path,
+                               f'new {side}')
       grown, filled, wanted = _grow(
           basis, jnp.asarray(count, jnp.int32),
           jnp.asarray(candidates, jnp.float32),
@@ -224,7 +228,7 @@ def _find_states(opt_state) -> list:
 
 
 def _value(x):
-  return x.get_value() if low_rank_lib._is_variable(x) else x  # pylint: disable=protected-access
+  return x.get_value() if _is_variable(x) else x
 
 
 def get_memory(opt_state):
@@ -239,7 +243,7 @@ def get_memory(opt_state):
         f'Expected exactly one OrthogonalState in the optimizer state, found '
         f'{len(states)}; use optax.tree.get/set to address one.')
   return jax.tree.map(_value, states[0].memory,
-                      is_leaf=low_rank_lib._is_variable)  # pylint: disable=protected-access
+                      is_leaf=_is_variable)
 
 
 def set_memory(opt_state, memory, *, tolerance: float = 1e-4,
@@ -262,7 +266,7 @@ def set_memory(opt_state, memory, *, tolerance: float = 1e-4,
         f'Expected exactly one OrthogonalState in the optimizer state, found '
         f'{len(states)}.')
   current = get_memory(opt_state)
-  current_leaves, treedef = jax.tree.flatten(current, is_leaf=protected_lib.is_memory_leaf)
+  treedef = jax.tree.structure(current, is_leaf=protected_lib.is_memory_leaf)
   try:
     new_leaves = treedef.flatten_up_to(memory)
   except (ValueError, TypeError) as error:
@@ -289,8 +293,9 @@ def set_memory(opt_state, memory, *, tolerance: float = 1e-4,
       if protected_lib.is_masked(b):
         same = False
         continue
-      protected_lib.check_side(b, tuple(jnp.shape(getattr(old, side + '_count'))),
-                  a.shape[-2], layout_lib.path_name(path), side)
+      protected_lib.check_side(
+          b, tuple(jnp.shape(getattr(old, side + '_count'))), a.shape[-2],
+          layout_lib.path_name(path), side)
       same = same and tuple(jnp.shape(a)) == tuple(jnp.shape(b))
   if same:
     fitted = jax.tree.map(
@@ -303,12 +308,12 @@ def set_memory(opt_state, memory, *, tolerance: float = 1e-4,
     if not _is_state(state):
       return state
     return OrthogonalState(memory=jax.tree.map(
-        _rebox, state.memory, fitted, is_leaf=low_rank_lib._is_variable))  # pylint: disable=protected-access
+        _rebox, state.memory, fitted, is_leaf=_is_variable))
 
   return jax.tree.map(replace, opt_state, is_leaf=_is_state)
 
 
 def _rebox(old, new):
-  if low_rank_lib._is_variable(old):  # pylint: disable=protected-access
+  if _is_variable(old):
     return old.replace(new)
   return new

@@ -70,8 +70,9 @@ def _remove_right(view, basis):
 
 def project_out(view: jax.Array, memory: ProtectedSubspace, mode: str):
   """Remove the protected components from an oriented ``(*batch, m, n)`` view."""
-  left = None if protected_lib.is_masked(memory.left) else memory.left.astype(jnp.float32)
-  right = None if protected_lib.is_masked(memory.right) else memory.right.astype(jnp.float32)
+  def side(basis):
+    return None if protected_lib.is_masked(basis) else basis.astype(jnp.float32)
+  left, right = side(memory.left), side(memory.right)
   if mode == 'block':
     if left is None or right is None:
       raise ValueError("mode='block' needs both left and right bases.")
@@ -143,7 +144,7 @@ def orthogonal_to(
     params = low_rank_lib.unbox(params)
     if memory is not None and capacity is None:
       protected_lib.check_memory(memory, params, dimension_numbers)
-      protected_lib.check_mode(memory, params, mode)
+      protected_lib.check_mode(memory, params, mode, dimension_numbers)
       return OrthogonalState(memory=jax.tree.map(jnp.asarray, memory))
     state_memory = protected_lib.empty_memory(
         params, mode=mode, capacity=1.0 if capacity is None else capacity,
@@ -156,7 +157,8 @@ def orthogonal_to(
     del params
     leaves, treedef = jax.tree.flatten(updates)
     layouts = protected_lib.matrix_layouts(updates, dimension_numbers)
-    memory_leaves = protected_lib.check_memory(state.memory, updates, dimension_numbers)
+    memory_leaves = protected_lib.check_memory(
+        state.memory, updates, dimension_numbers)
     out = []
     for g, lay, mem in zip(leaves, layouts, memory_leaves):
       if lay is None:
@@ -167,4 +169,5 @@ def orthogonal_to(
       out.append(layout_lib.leaf_from_matrix(view, lay).astype(g.dtype))
     return treedef.unflatten(out), state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.with_extra_args_support(
+      optax.GradientTransformation(init_fn, update_fn))

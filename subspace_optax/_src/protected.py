@@ -199,10 +199,11 @@ def check_memory(memory, params, dimension_numbers=None) -> list:
   return memory_leaves
 
 
-def check_mode(memory, params, mode):
+def check_mode(memory, params, mode, dimension_numbers=None):
+  """Raise when ``memory`` lacks a side that ``mode`` projects with."""
   use_left, use_right = mode_sides(mode)
   treedef = jax.tree.structure(params)
-  for lay, mem in zip(matrix_layouts(params), flat_memory(
+  for lay, mem in zip(matrix_layouts(params, dimension_numbers), flat_memory(
       memory, treedef, 'memory')):
     if lay is None or not isinstance(mem, ProtectedSubspace):
       continue

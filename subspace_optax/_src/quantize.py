@@ -3,18 +3,23 @@
 Q-GaLore (Zhang et al., `Q-GaLore: Quantized GaLore with INT4 Projection and
 Layer-Adaptive Low-Rank Gradients <https://arxiv.org/abs/2407.08296>`_, 2024)
 stores the projection matrix in 4 bits and the weights in 8 bits with
-asymmetric min-max quantization per group of entries:
+asymmetric min-max quantization per group of entries, with ``x_min`` and
+``x_max`` the group's extremes:
 
 .. math::
-  s = \\frac{\\max(x_{max} - x_{min},\\ 10^{-5})}{2^b - 1}\\ (x_{min} \\le 0 \\le x_{max}),\\quad
-  z = clip(-round(x_{min}/s),\\ 0,\\ 2^b-1),\\quad
+  s = \\frac{\\max(x_{max} - x_{min},\\ 10^{-5})}{2^b - 1},\\quad
+  z = -round(x_{min}/s),\\quad
   q = clip(round(x/s) + z,\\ 0,\\ 2^b-1),\\quad
   \\hat x = (q - z)\\, s.
+
+Here the range ``[x_min, x_max]`` is widened to contain 0, so ``z`` is an exact
+code in ``[0, 2^b - 1]`` and every entry is in range; the reference clips ``z``
+instead, which cuts off groups whose entries all have one sign. The two agree
+whenever a group's range contains 0, as it does for basis columns.
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
 import jax
@@ -58,7 +63,8 @@ def _groups(x: jax.Array, group_size: int) -> jax.Array:
 
 def _ungroup(x: jax.Array, group_size: int, k: int) -> jax.Array:
   """Repeat ``(ceil(k / g), c)`` group values to ``(k, c)``."""
-  return jnp.repeat(x, group_size, axis=0, total_repeat_length=x.shape[0] * group_size)[:k]
+  return jnp.repeat(x, group_size, axis=0,
+                    total_repeat_length=x.shape[0] * group_size)[:k]
 
 
 def quantize(
@@ -87,9 +93,7 @@ def quantize(
   k, c = x.shape
   x = x.astype(jnp.float32)
   grouped = _groups(x, group_size)
-  # The range always includes 0, so the zero point is an exact code and every
-  # entry is in range (the reference clips the zero point instead, which cuts
-  # off groups whose entries all have one sign).
+  # The range contains 0 (see the module docstring).
   top = jnp.maximum(jnp.max(grouped, axis=1), 0.0)
   bottom = jnp.minimum(jnp.min(grouped, axis=1), 0.0)
   levels = 2**bits - 1

@@ -18,6 +18,7 @@ re-jitting anything: ``optax.tree.set(opt_state, anchor=params, fisher=F)``.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -81,7 +82,8 @@ def l2_to_anchor(
         updates, params, state.anchor)
     return updates, state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.with_extra_args_support(
+      optax.GradientTransformation(init_fn, update_fn))
 
 
 def ewc(
@@ -123,7 +125,17 @@ def ewc(
         updates, params, state.anchor, state.fisher)
     return updates, state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.with_extra_args_support(
+      optax.GradientTransformation(init_fn, update_fn))
+
+
+@functools.lru_cache(maxsize=32)
+def _summed_squared_gradients(loss_fn):
+  """Jitted ``Σ_i (∇ℓ_i)²`` over a chunk (cached per ``loss_fn``, so repeated
+  calls with the same function compile once)."""
+  return jax.jit(lambda p, chunk: jax.tree.map(
+      lambda g: jnp.sum(jnp.square(g.astype(jnp.float32)), axis=0),
+      jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))(p, chunk)))
 
 
 def fisher_diagonal(
@@ -151,9 +163,7 @@ def fisher_diagonal(
                      f'sizes {sorted(sizes)}.')
   total = sizes.pop()
   batch_size = total if batch_size is None else min(batch_size, total)
-  squared_grad = jax.jit(lambda p, chunk: jax.tree.map(
-      lambda g: jnp.sum(jnp.square(g.astype(jnp.float32)), axis=0),
-      jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))(p, chunk)))
+  squared_grad = _summed_squared_gradients(loss_fn)
   accumulated = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32),
                              params)
   for start in range(0, total, batch_size):

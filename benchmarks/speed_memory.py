@@ -1,0 +1,701 @@
+"""Speed and memory benchmark: step times, optimizer-only time, state bytes.
+
+Every method trains the byte-level LLaMA-style model of ``examples/lm`` from
+the same initial weights on the same batches, then runs its optimizer alone on
+fixed real gradients of standalone weight shapes (one LLaMA-60M block at rank
+128 and one LLaMA-130M block at rank 256, the GaLore paper's settings)::
+
+  python -m benchmarks.speed_memory                     # default CPU run
+  python -m benchmarks.speed_memory --quick             # smoke test (seconds)
+  python -m benchmarks.speed_memory --model llama_60m --batch-size 32 \\
+      --refresh-every 200 --timed-steps 400             # on a GPU
+  python -m benchmarks.speed_memory --model llama_130m --batch-size 32 \\
+      --refresh-every 200 --timed-steps 400 --shape-layers 12
+
+Reported per method (medians over the timed steps, milliseconds):
+
+* ``train_step``: one jitted ``value_and_grad`` + ``tx.update`` +
+  ``apply_updates`` with donated params and state;
+* ``optimizer_only``: ``tx.update`` + ``apply_updates`` on precomputed
+  gradients (three real gradients, cycled, so bases really change);
+* for both: ``steady_median_ms`` (steps where no basis changed),
+  ``refresh_median_ms`` / ``refresh_max_ms`` (steps where one did, detected
+  from the state, outside the timed region), ``mean_ms`` over a window of
+  ``2 x refresh_every`` steps (refreshes amortised) and the ratios to
+  ``optax.adamw`` and ``optax.contrib.galore``;
+* ``state_bytes`` (``subspace_optax.state_bytes``) against AdamW's and against
+  the method's analytic formula (``subspace_optax.<method>_bytes``);
+* ``compiled_memory``: XLA's memory analysis of the compiled train step;
+  ``peak_device_bytes``: the device allocator's peak (GPU only; each method
+  then runs in its own process so the peaks do not mix);
+* ``roofline`` (GPU, or with ``--hbm-bandwidth-gbs``): the optimizer must at
+  least read and write its state and the params and read the gradients,
+  ``2 x state_bytes + 3 x param_bytes``; that over the HBM bandwidth is the
+  roofline time, and ``ratio`` is the measured optimizer-only step over it.
+
+Output: one JSON object on stdout, also written to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import pathlib
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import subspace_optax as so
+from benchmarks import quality
+from examples.lm import data as data_lib
+from examples.lm import model as model_lib
+from examples.lm import optimizers as lm_optimizers
+
+DEFAULT_OUT = 'benchmarks/results/speed_memory_cpu.json'
+BASELINE = 'adamw'
+CONTRIB = 'optax_galore'
+LEARNING_RATE = 1e-3  # speed does not depend on it; one value for all
+
+# HBM bandwidth in GB/s by device kind (vendor figures, SXM parts).
+HBM_BANDWIDTH_GBS = {'H100': 3350.0, 'H200': 4800.0, 'A100': 2039.0}
+
+# Standalone weight shapes: one transformer block of the GaLore paper's
+# LLaMA-60M (dim 512, MLP 1376, rank 128) and LLaMA-130M (768, 2048, 256).
+SHAPE_SETS = {
+    'llama_60m_block': (512, 1376, 128),
+    'llama_130m_block': (768, 2048, 256),
+}
+QUICK_SHAPE_SETS = {'quick_block': (64, 160, 16)}
+
+
+# ----------------------------------------------------------------------------
+# Methods.
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """``build(rank, refresh_every, seed)`` -> the method's optax transform."""
+
+  build: Callable[[int, int, int], optax.GradientTransformation]
+  description: str
+  analytic: Optional[Callable[[Any, int], int]] = None  # (params, rank) -> bytes
+  fixed_rank: Optional[int] = None
+
+
+def _blocks():
+  return dict(dimension_numbers=lm_optimizers.block_matrices)
+
+
+def _adamw_bytes(params, rank) -> int:
+  del rank
+  return 4 + 2 * 4 * sum(int(np.prod(jnp.shape(p))) for p in jax.tree.leaves(params))
+
+
+def _galore(basis: str, stagger: bool) -> Method:
+  return Method(
+      lambda r, t, s: so.galore(
+          LEARNING_RATE, rank=r, refresh_every=t, scale=0.25, basis=basis,
+          stagger=stagger, seed=s, **_blocks()),
+      f'subspace_optax.galore, {basis} basis, stagger '
+      f'{"on" if stagger else "off"}, compact side, scale 0.25',
+      lambda params, r: so.galore_bytes(params, r, **_blocks()))
+
+
+def _preset(name: str) -> Method:
+  """A row of benchmarks/quality.py's table (the presets present now)."""
+  entry = quality.METHODS[name]
+  formula = getattr(so, f'{name}_bytes', None)
+
+  def analytic(params, rank):
+    if formula is None:
+      return None
+    try:
+      return int(formula(params, rank, **_blocks()))
+    except TypeError:
+      return None
+
+  return Method(
+      lambda r, t, s: entry.build(LEARNING_RATE, r, t, s), entry.description,
+      analytic, entry.rank if isinstance(entry.rank, int) else None)
+
+
+def methods() -> dict[str, Method]:
+  """Every method benchmarked, in order; presets found at run time."""
+  table = {
+      BASELINE: Method(
+          lambda r, t, s: optax.adamw(LEARNING_RATE, eps=1e-8), 'optax.adamw',
+          _adamw_bytes),
+      CONTRIB: _preset(CONTRIB),
+      'galore_svd': _galore('svd', True),
+      'galore_svd_no_stagger': _galore('svd', False),
+      'galore_randomized': _galore('randomized', True),
+      'galore_randomized_no_stagger': _galore('randomized', False),
+  }
+  for name in quality.available_methods():
+    if name not in (BASELINE, CONTRIB, 'galore'):
+      table[name] = _preset(name)
+  return table
+
+
+QUICK_METHODS = (BASELINE, CONTRIB, 'galore_svd', 'galore_randomized')
+
+
+# ----------------------------------------------------------------------------
+# Timing.
+
+
+def _is_basis_holder(x) -> bool:
+  fields = getattr(x, '_fields', ())
+  return 'basis' in fields or 'projector' in fields
+
+
+@jax.jit
+def basis_fingerprint(opt_state) -> jax.Array:
+  """One number per basis leaf (subspace_optax bases, contrib projectors)."""
+  sums = [jnp.zeros([], jnp.float32)]
+  for node in jax.tree.leaves(opt_state, is_leaf=_is_basis_holder):
+    if _is_basis_holder(node):
+      holder = node.basis if 'basis' in node._fields else node.projector
+      sums += [jnp.sum(jnp.abs(x.astype(jnp.float32)))
+               for x in jax.tree.leaves(holder) if hasattr(x, 'dtype')]
+  return jnp.stack(sums)
+
+
+def _timed_loop(step, carry, inputs_at, opt_state_of, warmup, timed):
+  """Run ``warmup + timed`` steps; per timed step: (ms, basis changed?)."""
+  times, refreshed = [], []
+  previous = np.asarray(basis_fingerprint(opt_state_of(carry)))
+  for i in range(warmup + timed):
+    args = inputs_at(i)
+    start = time.perf_counter()
+    carry = jax.block_until_ready(step(*carry, *args))
+    elapsed = 1e3 * (time.perf_counter() - start)
+    current = np.asarray(basis_fingerprint(opt_state_of(carry)))
+    if i >= warmup:
+      times.append(elapsed)
+      refreshed.append(bool(np.any(current != previous)))
+    previous = current
+  return times, refreshed, carry
+
+
+def _summary(times, refreshed) -> dict[str, Any]:
+  steady = [t for t, r in zip(times, refreshed) if not r]
+  spikes = [t for t, r in zip(times, refreshed) if r]
+  return {
+      'median_ms': statistics.median(times),
+      'steady_median_ms': statistics.median(steady) if steady else None,
+      'refresh_median_ms': statistics.median(spikes) if spikes else None,
+      'refresh_max_ms': max(spikes) if spikes else None,
+      'max_ms': max(times),
+      'mean_ms': statistics.fmean(times),
+      'timed_steps': len(times),
+      'refresh_steps': len(spikes),
+  }
+
+
+def _compiled_memory(compiled) -> Optional[dict[str, int]]:
+  try:
+    analysis = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if analysis is None:
+    return None
+  fields = ('argument_size_in_bytes', 'output_size_in_bytes',
+            'temp_size_in_bytes', 'alias_size_in_bytes')
+  out = {f: int(getattr(analysis, f, 0) or 0) for f in fields}
+  out['estimated_peak_bytes'] = (
+      out['argument_size_in_bytes'] + out['output_size_in_bytes']
+      + out['temp_size_in_bytes'] - out['alias_size_in_bytes'])
+  return out
+
+
+def _peak_device_bytes() -> Optional[int]:
+  try:
+    stats = jax.local_devices()[0].memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return int(stats['peak_bytes_in_use']) if stats and (
+      'peak_bytes_in_use' in stats) else None
+
+
+def _tree_bytes(tree) -> int:
+  return int(so.state_bytes(tree))
+
+
+def _roofline(state_size: int, param_size: int, measured_ms: Optional[float],
+              bandwidth_gbs: Optional[float]) -> Optional[dict[str, Any]]:
+  if not bandwidth_gbs:
+    return None
+  moved = 2 * state_size + 3 * param_size
+  roofline_ms = 1e3 * moved / (bandwidth_gbs * 1e9)
+  return {'bytes_moved': moved, 'bandwidth_gbs': bandwidth_gbs,
+          'roofline_ms': roofline_ms,
+          'ratio': None if measured_ms is None else measured_ms / roofline_ms}
+
+
+def optimizer_only(tx, params, gradients, warmup, timed) -> dict[str, Any]:
+  """``tx.update`` + ``apply_updates`` on cycled precomputed gradients."""
+
+  def opt_step(params, opt_state, grads):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  params = jax.tree.map(jnp.copy, params)
+  opt_state = jax.jit(tx.init)(params)
+  step = jax.jit(opt_step, donate_argnums=(0, 1))
+  times, refreshed, _ = _timed_loop(
+      step, (params, opt_state), lambda i: (gradients[i % len(gradients)],),
+      lambda carry: carry[1], warmup, timed)
+  return _summary(times, refreshed)
+
+
+# ----------------------------------------------------------------------------
+# Set-up.
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  model_config: model_lib.Config
+  batch_size: int
+  seq_len: int
+  refresh_every: int
+  warmup_steps: int
+  timed_steps: int
+  rank: int
+  shape_sets: dict[str, tuple[int, int, int]]
+  shape_layers: int
+  max_bytes: int
+
+
+def make_setup(args) -> Setup:
+  if args.quick:
+    config = model_lib.Config(dim=32, layers=2, heads=2, ffn_dim=64,
+                              max_seq_len=32)
+    return Setup(config, batch_size=4, seq_len=32, refresh_every=3,
+                 warmup_steps=1, timed_steps=6, rank=8,
+                 shape_sets=QUICK_SHAPE_SETS, shape_layers=1,
+                 max_bytes=200_000)
+  config = model_lib.config_from_preset(args.model, scan_layers=False)
+  timed = args.timed_steps or 2 * args.refresh_every
+  return Setup(config, batch_size=args.batch_size,
+               seq_len=args.seq_len or config.max_seq_len,
+               refresh_every=args.refresh_every, warmup_steps=args.warmup_steps,
+               timed_steps=timed, rank=args.rank or config.dim // 4,
+               shape_sets=SHAPE_SETS, shape_layers=args.shape_layers,
+               max_bytes=args.max_bytes)
+
+
+def block_shapes(dim: int, ffn_dim: int, layers: int):
+  """Zeros shaped like ``layers`` LLaMA blocks, with paths that
+  ``block_matrices`` projects (``blocks/<i>/.../kernel``)."""
+  block = {
+      'attention': {n: {'kernel': (dim, dim)} for n in ('wq', 'wk', 'wv', 'wo')},
+      'mlp': {'w_gate': {'kernel': (dim, ffn_dim)},
+              'w_up': {'kernel': (dim, ffn_dim)},
+              'w_down': {'kernel': (ffn_dim, dim)}},
+      'attention_norm': {'scale': (dim,)},
+  }
+  tree = {'blocks': {str(i): block for i in range(layers)}}
+  return jax.tree.map(lambda s: jnp.zeros(s, jnp.float32), tree,
+                      is_leaf=lambda x: isinstance(x, tuple))
+
+
+def shape_gradients(params, count: int, seed: int):
+  """Gradients with a decaying spectrum (like real ones), ``count`` of them."""
+  out = []
+  for c in range(count):
+    keys = iter(jax.random.split(jax.random.key(seed + c), 2 * len(
+        jax.tree.leaves(params))))
+
+    def one(p):
+      if p.ndim < 2:
+        return jax.random.normal(next(keys), p.shape)
+      m, n = p.shape
+      k = min(m, n)
+      left = jax.random.normal(next(keys), (m, k)) * (0.9 ** jnp.arange(k))
+      return left @ jax.random.normal(next(keys), (k, n)) / math.sqrt(k)
+
+    out.append(jax.tree.map(one, params))
+  return out
+
+
+# ----------------------------------------------------------------------------
+# One method.
+
+
+def run_method(name: str, method: Method, setup: Setup, corpus, bandwidth,
+               seed: int = 0) -> dict[str, Any]:
+  rank = method.fixed_rank or setup.rank
+  tx = method.build(rank, setup.refresh_every, seed)
+  graphdef, params = quality.init_params(_quality_setup(setup), seed)
+  result: dict[str, Any] = {'description': method.description, 'rank': rank}
+  opt_state = jax.jit(tx.init)(params)
+  param_size = _tree_bytes(params)
+  result['state_bytes'] = _tree_bytes(opt_state)
+  result['param_bytes'] = param_size
+  analytic = method.analytic(params, rank) if method.analytic else None
+  result['analytic_state_bytes'] = analytic
+  result['state_bytes_vs_analytic'] = (
+      None if not analytic else result['state_bytes'] / analytic)
+
+  def loss_fn(params, inputs, targets):
+    return model_lib.cross_entropy(nnx.merge(graphdef, params)(inputs), targets)
+
+  def train_step(params, opt_state, inputs, targets):
+    loss, grads = jax.value_and_grad(loss_fn)(params, inputs, targets)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  def batch(i):
+    return tuple(jnp.asarray(x) for x in data_lib.batch_at(
+        corpus.train, seed=seed, step=i, batch_size=setup.batch_size,
+        seq_len=setup.seq_len))
+
+  start = time.perf_counter()
+  compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(
+      params, opt_state, *batch(0)).compile()
+  result['compile_seconds'] = time.perf_counter() - start
+  result['compiled_memory'] = _compiled_memory(compiled)
+  times, refreshed, _ = _timed_loop(
+      compiled, (params, opt_state), batch, lambda carry: carry[1],
+      setup.warmup_steps, setup.timed_steps)
+  result['train_step'] = _summary(times, refreshed)
+  result['peak_device_bytes'] = _peak_device_bytes()
+
+  # Optimizer alone on three real gradients of the same model.
+  _, params = quality.init_params(_quality_setup(setup), seed)
+  grad_fn = jax.jit(jax.grad(loss_fn))
+  gradients = [grad_fn(params, *batch(1000 + i)) for i in range(3)]
+  result['optimizer_only'] = optimizer_only(
+      tx, params, gradients, setup.warmup_steps, setup.timed_steps)
+  result['roofline'] = _roofline(
+      result['state_bytes'], param_size,
+      result['optimizer_only']['steady_median_ms']
+      or result['optimizer_only']['median_ms'], bandwidth)
+  return result
+
+
+def run_shapes(name: str, method: Method, setup: Setup, bandwidth,
+               seed: int = 0) -> dict[str, Any]:
+  out = {}
+  for set_name, (dim, ffn_dim, rank) in setup.shape_sets.items():
+    params = block_shapes(dim, ffn_dim, setup.shape_layers)
+    rank = method.fixed_rank or rank
+    tx = method.build(rank, setup.refresh_every, seed)
+    state = jax.eval_shape(tx.init, params)
+    row = {'rank': rank, 'state_bytes': _tree_bytes(state),
+           'param_bytes': _tree_bytes(params)}
+    analytic = method.analytic(params, rank) if method.analytic else None
+    row['analytic_state_bytes'] = analytic
+    row['state_bytes_vs_analytic'] = (
+        None if not analytic else row['state_bytes'] / analytic)
+    row['optimizer_only'] = optimizer_only(
+        tx, params, shape_gradients(params, 3, seed), setup.warmup_steps,
+        setup.timed_steps)
+    timing = row['optimizer_only']
+    row['roofline'] = _roofline(
+        row['state_bytes'], row['param_bytes'],
+        timing['steady_median_ms'] or timing['median_ms'], bandwidth)
+    out[set_name] = row
+  return out
+
+
+def _quality_setup(setup: Setup):
+  """The object ``quality.init_params`` reads (only ``model_config``)."""
+  return quality.Setup(setup.model_config, steps=1, batch_size=setup.batch_size,
+                       seq_len=setup.seq_len, eval_batches=1,
+                       refresh_every=setup.refresh_every, adamw_lr=LEARNING_RATE,
+                       max_bytes=setup.max_bytes)
+
+
+# ----------------------------------------------------------------------------
+# Ratios.
+
+
+def _ratio(a, b):
+  return None if a is None or b is None or b == 0 else a / b
+
+
+def _timing_ratios(row, reference, key) -> dict[str, Any]:
+  mine, theirs = row.get(key), reference.get(key)
+  if not mine or not theirs:
+    return {}
+  steady = lambda t: t['steady_median_ms'] or t['median_ms']
+  return {
+      'median': _ratio(mine['median_ms'], theirs['median_ms']),
+      'steady': _ratio(steady(mine), steady(theirs)),
+      'amortised_mean': _ratio(mine['mean_ms'], theirs['mean_ms']),
+      'refresh_max': _ratio(mine['refresh_max_ms'] or mine['max_ms'],
+                            theirs['refresh_max_ms'] or theirs['max_ms']),
+  }
+
+
+def add_ratios(rows: dict[str, dict[str, Any]]) -> None:
+  for row in rows.values():
+    if 'error' in row:
+      continue
+    for reference_name, label in ((BASELINE, 'vs_adamw'),
+                                  (CONTRIB, 'vs_optax_galore')):
+      reference = rows.get(reference_name)
+      if not reference or 'error' in reference:
+        continue
+      row[label] = {
+          key: _timing_ratios(row, reference, key)
+          for key in ('train_step', 'optimizer_only') if key in row}
+      row[label]['state_bytes'] = _ratio(row['state_bytes'],
+                                         reference['state_bytes'])
+      if row.get('peak_device_bytes') and reference.get('peak_device_bytes'):
+        row[label]['peak_device_bytes'] = _ratio(
+            row['peak_device_bytes'], reference['peak_device_bytes'])
+    for key in ('train_step', 'optimizer_only'):
+      timing = row.get(key)
+      if timing:  # the refresh spike against the method's own normal step
+        timing['refresh_over_steady'] = _ratio(
+            timing['refresh_max_ms'], timing['steady_median_ms'])
+
+
+def goals(rows: dict[str, dict[str, Any]], on_gpu: bool) -> dict[str, Any]:
+  """The issue's speed goals, evaluated on the measured medians."""
+  out = {'evaluated_on': 'gpu' if on_gpu else 'cpu (goals are for a GPU)'}
+  for name, row in rows.items():
+    if 'error' in row or name in (BASELINE, CONTRIB):
+      continue
+    vs = row.get('vs_adamw', {})
+    entry = {
+        'train_step_amortised_vs_adamw': vs.get('train_step', {}).get(
+            'amortised_mean'),
+        'refresh_over_steady_train_step': row['train_step'].get(
+            'refresh_over_steady'),
+        'optimizer_only_vs_roofline': (row.get('roofline') or {}).get('ratio'),
+        'state_bytes_vs_adamw': vs.get('state_bytes'),
+        'peak_device_bytes_vs_adamw': vs.get('peak_device_bytes'),
+    }
+    entry['meets'] = {
+        'train_step_le_1.05x_adamw': _le(entry['train_step_amortised_vs_adamw'],
+                                         1.05),
+        'refresh_le_3x_step': _le(entry['refresh_over_steady_train_step'], 3.0),
+        'optimizer_only_le_2x_roofline': _le(
+            entry['optimizer_only_vs_roofline'], 2.0),
+        'peak_memory_below_adamw': _le(entry['peak_device_bytes_vs_adamw'],
+                                       0.999),
+    }
+    out[name] = entry
+  return out
+
+
+def _le(value, bound):
+  return None if value is None else bool(value <= bound)
+
+
+# ----------------------------------------------------------------------------
+# The benchmark.
+
+
+def _bandwidth(args) -> Optional[float]:
+  if args.hbm_bandwidth_gbs:
+    return args.hbm_bandwidth_gbs
+  kind = jax.devices()[0].device_kind
+  for name, gbs in HBM_BANDWIDTH_GBS.items():
+    if name in kind:
+      return gbs
+  return None
+
+
+def _isolate(args) -> bool:
+  if args.isolate == 'auto':
+    return jax.default_backend() == 'gpu'
+  return args.isolate == 'yes'
+
+
+def _one_in_subprocess(name: str, argv: Sequence[str]) -> dict[str, Any]:
+  """Run one method in a fresh process (clean device peak memory)."""
+  command = [sys.executable, '-m', 'benchmarks.speed_memory', *argv,
+             '--methods', name, '--isolate', 'no', '--raw']
+  done = subprocess.run(command, capture_output=True, text=True, check=False,
+                        cwd=pathlib.Path(__file__).resolve().parents[1])
+  if done.returncode != 0:
+    return {'model': {'error': done.stderr[-2000:]}, 'shapes': {}}
+  return json.loads(done.stdout)
+
+
+def _safely(fn, *args) -> dict[str, Any]:
+  try:
+    return fn(*args)
+  except Exception as error:  # pylint: disable=broad-except
+    return {'error': f'{type(error).__name__}: {error}'[:2000]}
+
+
+def run(args, argv: Sequence[str]) -> dict[str, Any]:
+  began_wall, began_cpu = time.perf_counter(), time.process_time()
+  setup = make_setup(args)
+  table = methods()
+  if args.methods:
+    names = [n.strip() for n in args.methods.split(',') if n.strip()]
+    unknown = [n for n in names if n not in table]
+    if unknown:
+      raise SystemExit(f'error: unknown method(s) {unknown}; known: '
+                       f'{", ".join(table)}')
+  else:
+    names = list(QUICK_METHODS if args.quick else table)
+  bandwidth = _bandwidth(args)
+  corpus = data_lib.load_corpus(None, max_bytes=setup.max_bytes,
+                                seq_len=setup.seq_len)
+
+  model_rows, shape_rows = {}, {s: {} for s in setup.shape_sets}
+  isolate = _isolate(args) and not args.raw
+  passthrough = [a for a in argv if a not in ('--raw',)]
+  passthrough = _drop_option(passthrough, '--methods')
+  passthrough = _drop_option(passthrough, '--isolate')
+  passthrough = _drop_option(passthrough, '--out')
+  for name in names:
+    print(f'[speed_memory] {name}', file=sys.stderr, flush=True)
+    if isolate:
+      one = _one_in_subprocess(name, passthrough)
+      model_rows[name] = one['model'].get(name, one['model'])
+      for s, rows in one.get('shapes', {}).items():
+        shape_rows.setdefault(s, {})[name] = rows.get(name, rows)
+      continue
+    model_rows[name] = _safely(run_method, name, table[name], setup, corpus,
+                               bandwidth)
+    if not args.skip_shapes:
+      for s, row in _safely(run_shapes, name, table[name], setup,
+                            bandwidth).items():
+        if s == 'error':
+          for set_name in shape_rows:
+            shape_rows[set_name][name] = {'error': row}
+        else:
+          shape_rows[s][name] = row
+  if args.raw:
+    return {'model': model_rows, 'shapes': shape_rows}
+
+  add_ratios(model_rows)
+  for rows in shape_rows.values():
+    add_ratios(rows)
+  on_gpu = jax.default_backend() == 'gpu'
+  param_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
+      quality.init_params(_quality_setup(setup), 0)[1]))
+  return {
+      'benchmark': 'speed_memory',
+      'date': args.date or datetime.date.today().isoformat(),
+      'machine': args.machine or f'{os.cpu_count()} CPU cores',
+      'command': 'python -m benchmarks.speed_memory' + (
+          ' ' + shlex.join(argv) if argv else ''),
+      'versions': {'python': platform.python_version(), 'jax': jax.__version__,
+                   'optax': optax.__version__,
+                   'flax': getattr(__import__('flax'), '__version__', None)},
+      'backend': jax.default_backend(),
+      'device_kind': jax.devices()[0].device_kind,
+      'load_average': list(os.getloadavg()) if hasattr(os, 'getloadavg') else None,
+      'setup': {
+          'model': dataclasses.asdict(setup.model_config),
+          'params': param_count, 'batch_size': setup.batch_size,
+          'seq_len': setup.seq_len, 'rank': setup.rank,
+          'refresh_every': setup.refresh_every,
+          'warmup_steps': setup.warmup_steps, 'timed_steps': setup.timed_steps,
+          'projected': 'transformer block kernels (attention, MLP)',
+          'shape_sets': {k: {'dim': v[0], 'ffn_dim': v[1], 'rank': v[2],
+                             'layers': setup.shape_layers}
+                         for k, v in setup.shape_sets.items()},
+          'hbm_bandwidth_gbs': bandwidth,
+          'isolated_processes': isolate,
+          'corpus': corpus.description,
+      },
+      'model': model_rows,
+      'shapes': shape_rows,
+      'goals': goals(model_rows, on_gpu),
+      'wall_seconds': time.perf_counter() - began_wall,
+      'cpu_seconds': time.process_time() - began_cpu,
+  }
+
+
+def _drop_option(argv: list[str], option: str) -> list[str]:
+  out, skip = [], False
+  for a in argv:
+    if skip:
+      skip = False
+      continue
+    if a == option:
+      skip = True
+      continue
+    if a.startswith(option + '='):
+      continue
+    out.append(a)
+  return out
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(
+      prog='python -m benchmarks.speed_memory',
+      description=__doc__.split('\n')[0],
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument('--methods', default=None,
+                 help='comma-separated subset (default: all; see methods())')
+  p.add_argument('--model', default='tiny', choices=sorted(model_lib.PRESETS))
+  p.add_argument('--batch-size', type=int, default=8)
+  p.add_argument('--seq-len', type=int, default=None,
+                 help="default: the model's max_seq_len")
+  p.add_argument('--rank', type=int, default=None, help='default dim // 4')
+  p.add_argument('--refresh-every', type=int, default=20)
+  p.add_argument('--warmup-steps', type=int, default=2,
+                 help='untimed steps after compilation (includes refresh 0)')
+  p.add_argument('--timed-steps', type=int, default=None,
+                 help='default 2 x refresh_every')
+  p.add_argument('--shape-layers', type=int, default=1,
+                 help='blocks per standalone shape set')
+  p.add_argument('--skip-shapes', action='store_true')
+  p.add_argument('--hbm-bandwidth-gbs', type=float, default=None,
+                 help='HBM bandwidth for the roofline; default by device kind '
+                 f'({HBM_BANDWIDTH_GBS}), none on CPU')
+  p.add_argument('--isolate', choices=('auto', 'yes', 'no'), default='auto',
+                 help='one process per method (auto: on GPU, for peak memory)')
+  p.add_argument('--max-bytes', type=int, default=1_000_000,
+                 help='corpus bytes read')
+  p.add_argument('--quick', action='store_true',
+                 help='smoke test: 2-layer dim-32 model, 6 timed steps, '
+                 f'methods {",".join(QUICK_METHODS)}')
+  p.add_argument('--raw', action='store_true', help=argparse.SUPPRESS)
+  p.add_argument('--out', default=None,
+                 help=f'JSON output (the default run writes {DEFAULT_OUT})')
+  p.add_argument('--date', default=None, help='default: today')
+  p.add_argument('--machine', default=None, help="default: '<n> CPU cores'")
+  return p.parse_args(argv)
+
+
+def is_default_run(args: argparse.Namespace) -> bool:
+  defaults = parse_args([])
+  ignored = ('out', 'date', 'machine', 'isolate', 'raw')
+  return all(getattr(args, k) == getattr(defaults, k)
+             for k in vars(defaults) if k not in ignored)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  args = parse_args(argv)
+  result = run(args, argv)
+  text = json.dumps(result, indent=2)
+  print(text)
+  out = args.out
+  if out is None and is_default_run(args) and not args.raw:
+    out = DEFAULT_OUT
+  if out:
+    pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(out).write_text(text + '\n')
+  return result
+
+
+if __name__ == '__main__':
+  main()
