@@ -87,6 +87,10 @@ def project_out(view: jax.Array, memory: ProtectedSubspace, mode: str):
   return view
 
 
+# Stands for the memory in the state template that optax.tree.map_params builds.
+_NOT_PARAMS = object()
+
+
 def orthogonal_to(
     memory: Any = None,
     *,
@@ -141,6 +145,10 @@ def orthogonal_to(
       protected_lib.resolve_capacity(cap, 1 << 30, 'capacity', '<construction>')
 
   def init_fn(params):
+    if type(params).__name__ == '_ParamsPlaceholder':
+      # optax.tree.map_params probe: the memory is never shaped like the params,
+      # so the whole memory is one opaque (non-params) leaf of the template.
+      return OrthogonalState(memory=_NOT_PARAMS)
     params = low_rank_lib.unbox(params)
     if memory is not None and capacity is None:
       protected_lib.check_memory(memory, params, dimension_numbers)
