@@ -17,7 +17,7 @@ Reported per method (medians over the timed steps, milliseconds):
 * ``train_step``: one jitted ``value_and_grad`` + ``tx.update`` +
   ``apply_updates`` with donated params and state;
 * ``optimizer_only``: ``tx.update`` + ``apply_updates`` on precomputed
-  gradients (three real gradients, cycled, so bases really change);
+  gradients (a few real gradients, cycled, so bases really change);
 * for both: ``steady_median_ms`` (steps where no basis changed),
   ``refresh_median_ms`` / ``refresh_max_ms`` (steps where one did, detected
   from the state, outside the timed region), ``mean_ms`` over a window of
@@ -39,6 +39,7 @@ Output: one JSON object on stdout, also written to ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -158,21 +159,36 @@ QUICK_METHODS = (BASELINE, CONTRIB, 'galore_svd', 'galore_randomized')
 # Timing.
 
 
+_BASIS_FIELDS = ('basis', 'refresh', 'projector')
+
+
 def _is_basis_holder(x) -> bool:
-  fields = getattr(x, '_fields', ())
-  return 'basis' in fields or 'projector' in fields
+  return any(f in getattr(x, '_fields', ()) for f in _BASIS_FIELDS)
 
 
 @jax.jit
 def basis_fingerprint(opt_state) -> jax.Array:
-  """One number per basis leaf (subspace_optax bases, contrib projectors)."""
+  """One number per basis leaf and refresh-schedule leaf.
+
+  Covers subspace_optax states (``basis`` and the refresh policy's state, which
+  changes exactly when a leaf refreshes) and optax.contrib's ``projector``.
+  Computed between timed steps, never inside them.
+  """
   sums = [jnp.zeros([], jnp.float32)]
   for node in jax.tree.leaves(opt_state, is_leaf=_is_basis_holder):
     if _is_basis_holder(node):
-      holder = node.basis if 'basis' in node._fields else node.projector
-      sums += [jnp.sum(jnp.abs(x.astype(jnp.float32)))
-               for x in jax.tree.leaves(holder) if hasattr(x, 'dtype')]
+      for field in _BASIS_FIELDS:
+        if field in node._fields:
+          sums += [jnp.sum(jnp.abs(x.astype(jnp.float32)))
+                   for x in jax.tree.leaves(getattr(node, field))
+                   if hasattr(x, 'dtype')]
   return jnp.stack(sums)
+
+
+def gradient_count(refresh_every: int) -> int:
+  """How many distinct gradients to cycle: not a divisor of the period, so a
+  leaf's consecutive refreshes see different gradients."""
+  return next(n for n in (3, 4, 5, 7, 11) if refresh_every % n)
 
 
 def _timed_loop(step, carry, inputs_at, opt_state_of, warmup, timed):
@@ -379,7 +395,8 @@ def run_method(name: str, method: Method, setup: Setup, corpus, bandwidth,
   # Optimizer alone on three real gradients of the same model.
   _, params = quality.init_params(_quality_setup(setup), seed)
   grad_fn = jax.jit(jax.grad(loss_fn))
-  gradients = [grad_fn(params, *batch(1000 + i)) for i in range(3)]
+  gradients = [grad_fn(params, *batch(1000 + i))
+               for i in range(gradient_count(setup.refresh_every))]
   result['optimizer_only'] = optimizer_only(
       tx, params, gradients, setup.warmup_steps, setup.timed_steps)
   result['roofline'] = _roofline(
@@ -404,7 +421,9 @@ def run_shapes(name: str, method: Method, setup: Setup, bandwidth,
     row['state_bytes_vs_analytic'] = (
         None if not analytic else row['state_bytes'] / analytic)
     row['optimizer_only'] = optimizer_only(
-        tx, params, shape_gradients(params, 3, seed), setup.warmup_steps,
+        tx, params, shape_gradients(
+            params, gradient_count(setup.refresh_every), seed),
+        setup.warmup_steps,
         setup.timed_steps)
     timing = row['optimizer_only']
     row['roofline'] = _roofline(
@@ -612,6 +631,7 @@ def run(args, argv: Sequence[str]) -> dict[str, Any]:
                          for k, v in setup.shape_sets.items()},
           'hbm_bandwidth_gbs': bandwidth,
           'isolated_processes': isolate,
+          'blas_threads': args.blas_threads or 'library default',
           'corpus': corpus.description,
       },
       'model': model_rows,
@@ -662,6 +682,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                  f'({HBM_BANDWIDTH_GBS}), none on CPU')
   p.add_argument('--isolate', choices=('auto', 'yes', 'no'), default='auto',
                  help='one process per method (auto: on GPU, for peak memory)')
+  p.add_argument('--blas-threads', type=int, default=1,
+                 help='OpenBLAS threads for the CPU LAPACK calls (SVD, eigh) '
+                 'via threadpoolctl; 0 leaves the library default. One thread '
+                 'keeps XLA and OpenBLAS from oversubscribing the cores')
   p.add_argument('--max-bytes', type=int, default=1_000_000,
                  help='corpus bytes read')
   p.add_argument('--quick', action='store_true',
@@ -682,10 +706,23 @@ def is_default_run(args: argparse.Namespace) -> bool:
              for k in vars(defaults) if k not in ignored)
 
 
+def _blas_threads(threads: int):
+  """A context limiting OpenBLAS threads (no-op if 0 or no threadpoolctl)."""
+  try:
+    import scipy.linalg  # pylint: disable=import-outside-toplevel,unused-import
+    import threadpoolctl  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    threads = 0
+  if threads <= 0:
+    return contextlib.nullcontext()
+  return threadpoolctl.threadpool_limits(limits=threads, user_api='blas')
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   argv = list(sys.argv[1:] if argv is None else argv)
   args = parse_args(argv)
-  result = run(args, argv)
+  with _blas_threads(args.blas_threads):
+    result = run(args, argv)
   text = json.dumps(result, indent=2)
   print(text)
   out = args.out

@@ -35,6 +35,7 @@ Usage::
   python examples/continual.py                    # default: 5 permuted tasks
   python examples/continual.py --quick            # CI-sized (seconds)
   python examples/continual.py --tasks split --json out.json --plot out.png
+  python examples/continual.py --schedule rewarm  # LR re-warmed at every task
 """
 
 from __future__ import annotations
@@ -450,7 +451,8 @@ def plot(report: dict[str, Any], path: str | pathlib.Path) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   results = report['results']
   count = len(results)
-  fig, axes = plt.subplots(1, count, figsize=(3.2 * count, 3.4), squeeze=False)
+  fig, axes = plt.subplots(1, count, figsize=(2.9 * count + 1.2, 3.6),
+                           squeeze=False, constrained_layout=True)
   for ax, (name, result) in zip(axes[0], results.items()):
     matrix = 100 * np.asarray(result['test'])
     image = ax.imshow(matrix, vmin=0, vmax=100, cmap='viridis')
@@ -462,12 +464,13 @@ def plot(report: dict[str, Any], path: str | pathlib.Path) -> None:
     ax.set_title(f'{name}\nACC {100 * s["average_accuracy"]:.1f}%  '
                  f'BWT {100 * s["backward_transfer"]:+.1f}', fontsize=9)
     ax.set_xlabel('evaluated on task')
-    ax.set_ylabel('after training task')
+    if ax is axes[0][0]:
+      ax.set_ylabel('after training task')
     ax.set_xticks(range(matrix.shape[1]))
     ax.set_yticks(range(matrix.shape[0]))
   fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label='test accuracy (%)')
-  fig.suptitle(f'{report["config"]["tasks"]} digits: accuracy matrix per method',
-               fontsize=10)
+  fig.suptitle(f'{report["config"]["tasks"]} digits (seed {report["config"]["seed"]}): '
+               'test accuracy matrix per method', fontsize=10)
   fig.savefig(path, dpi=120, bbox_inches='tight')
   plt.close(fig)
 

@@ -209,7 +209,9 @@ def _entries() -> list[Entry]:
           ('capacity', 'dimension_numbers', 'momentum'))),
       ('sculpt', lambda: Entry(
           'sculpt', so.sculpt, dict(learning_rate=_LR),
-          ('max_fraction', 'dimension_numbers', 'weight_decay_mask'))),
+          # weight_decay selects a chain stage in Python (not schedulable).
+          ('max_fraction', 'dimension_numbers', 'weight_decay_mask',
+           'weight_decay'))),
       ('reset_moments_every', lambda: Entry(
           'reset_moments_every', so.reset_moments_every,
           dict(inner=optax.adam(_LR), period=REFRESH), ('period',))),
@@ -240,7 +242,7 @@ NAMES = sorted(REGISTRY)
 # stages need the pipeline's extra args).
 NOT_METHODS = frozenset({
     # Layout and memory.
-    'last_two_axes', 'state_bytes', 'check_compatible', 'state_shardings',
+    'last_two_axes', 'state_bytes', 'check_compatible', 'state_shardings', 'state_shardings',
     # Functions on arrays, states and schedules.
     'dequantize', 'quantize', 'stochastic_round', 'refactorize',
     'reset_moments', 'rewarm_schedule', 'subspace_norm_ratio',

@@ -82,7 +82,8 @@ def sculpt(
     raise ValueError(f"sculpt's `mode` must be 'two_sided' or 'block', got "
                      f'{mode!r}.')
   stages = [optax.scale_by_adam(b1=b1, b2=b2, eps=eps)]
-  if weight_decay:
+  # A traced weight_decay (optax.inject_hyperparams) keeps the decay stage.
+  if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
     stages.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
   stages.append(optax.scale_by_learning_rate(learning_rate))
   stages.append(orthogonal.orthogonal_to(
