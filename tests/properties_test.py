@@ -92,7 +92,7 @@ def pipeline_case(draw):
       seed=draw(st.integers(0, 2**16)))
 
 
-@hypothesis.settings(max_examples=16, **SETTINGS)
+@hypothesis.settings(max_examples=12, **SETTINGS)
 @hypothesis.given(pipeline_case())
 def test_updates_lie_in_an_orthonormal_basis_span(case):
   params = {'w': jnp.zeros(case['shape'], case['dtype']),
@@ -125,7 +125,7 @@ def test_updates_lie_in_an_orthonormal_basis_span(case):
     u = layout_lib.matrix_view(updates['w'].astype(jnp.float32), lay)
     inside = jnp.einsum('...kr,...rl->...kl', basis,
                         jnp.einsum('...kr,...kl->...rl', basis, u))
-    tolerance = 1e-5 if case['dtype'] == jnp.float32 else 1e-2
+    tolerance = 1e-5 if case['dtype'] == jnp.float32 else 2e-2
     assert float(jnp.abs(u - inside).max()) <= tolerance * max(
         float(jnp.abs(u).max()), 1e-30)
   assert len(traces) == 1
@@ -195,7 +195,7 @@ FORMULAS = _formulas()
 
 @pytest.mark.parametrize('name, make, formula', FORMULAS,
                          ids=[f[0] for f in FORMULAS])
-@hypothesis.settings(max_examples=25, **SETTINGS)
+@hypothesis.settings(max_examples=15, **SETTINGS)
 @hypothesis.given(
     params=param_trees(),
     rank=st.one_of(st.integers(1, 16), st.sampled_from([0.25, 0.5, 1.0])),
@@ -212,13 +212,13 @@ def test_state_bytes_equal_the_analytic_size(name, make, formula, params, rank,
 # ------------------------------------------------- protected subspaces
 
 
-def _orthonormal(key, batch, dim, count):
-  q, _ = jnp.linalg.qr(jax.random.normal(key, batch + (dim, dim)))
-  return q[..., :count]
+def _orthonormal(rng, batch, dim, count):
+  q, _ = np.linalg.qr(rng.standard_normal(batch + (dim, dim)))
+  return q[..., :count].astype(np.float32)
 
 
 @pytest.mark.skipif(not hasattr(so, 'orthogonal_to'), reason='not landed')
-@hypothesis.settings(max_examples=20, **SETTINGS)
+@hypothesis.settings(max_examples=12, **SETTINGS)
 @hypothesis.given(
     shape=st.one_of(st.tuples(st.integers(2, 9), st.integers(2, 9)),
                     st.tuples(st.just(2), st.integers(2, 6), st.integers(2, 6))),
@@ -231,31 +231,29 @@ def test_masked_updates_are_orthogonal_to_protected_subspaces(
   params = {'w': jnp.zeros(shape, dtype)}
   memory = so.continual.empty_memory(params, mode=mode,
                                      dimension_numbers=so.last_two_axes)
-  keys = jax.random.split(jax.random.key(seed), 3)
+  rng = np.random.default_rng(seed)
   mem = memory['w']
   batch = shape[:-2]
   fields = dict(mem._asdict())
-  for side, dim, key in (('left', shape[-2], keys[0]),
-                         ('right', shape[-1], keys[1])):
+  for side, dim in (('left', shape[-2]), ('right', shape[-1])):
     if isinstance(getattr(mem, side), optax.MaskedNode):
       continue
     count = int(round(fill * (dim - 1)))  # leave at least one free direction
-    columns = getattr(mem, side).shape[-1]
-    basis = jnp.zeros(batch + (dim, columns), jnp.float32)
-    basis = basis.at[..., :count].set(_orthonormal(key, batch, dim, count))
-    fields[side] = basis
+    basis = np.zeros(getattr(mem, side).shape, np.float32)
+    basis[..., :count] = _orthonormal(rng, batch, dim, count)
+    fields[side] = jnp.asarray(basis)
     fields[side + '_count'] = jnp.full(batch, count, jnp.int32)
   memory = {'w': type(mem)(**fields)}
   tx = so.orthogonal_to(memory, mode=mode, dimension_numbers=so.last_two_axes)
-  g = {'w': jax.random.normal(keys[2], shape, jnp.float32).astype(dtype)}
+  g = {'w': jnp.asarray(rng.standard_normal(shape), dtype)}
   updates, _ = tx.update(g, tx.init(params))
-  u = updates['w'].astype(jnp.float32)
   assert updates['w'].dtype == dtype
-  tolerance = (1e-5 if dtype == jnp.float32 else 1e-2) * max(
-      float(jnp.abs(u).max()), 1e-30)
+  u = np.asarray(updates['w'], np.float32)
+  tolerance = (1e-5 if dtype == jnp.float32 else 2e-2) * max(
+      float(np.abs(u).max()), 1e-30)
   if mode in ('two_sided', 'left'):
-    left = jnp.einsum('...mc,...mn->...cn', fields['left'], u)
-    assert float(jnp.abs(left).max()) <= tolerance
+    left = np.einsum('...mc,...mn->...cn', np.asarray(fields['left']), u)
+    assert float(np.abs(left).max()) <= tolerance
   if mode in ('two_sided', 'right'):
-    right = jnp.einsum('...mn,...nc->...mc', u, fields['right'])
-    assert float(jnp.abs(right).max()) <= tolerance
+    right = np.einsum('...mn,...nc->...mc', u, np.asarray(fields['right']))
+    assert float(np.abs(right).max()) <= tolerance
