@@ -3,7 +3,9 @@
 ``jax.vmap`` turns a ``lax.cond`` with a batched predicate into a select of
 both branches; the refresh goes through ``batching.cond`` so that an ensemble
 still refreshes only on steps where some member is due. Stacked ``(L, m, n)``
-leaves refresh in one batched factorisation, not ``L`` of them.
+leaves refresh in one batched factorisation, not ``L`` of them (a loop over
+``L`` inside that one refresh on multi-device CPU, see
+``batching.loop_on_cpu``).
 """
 
 import jax
@@ -27,18 +29,28 @@ def _sub_jaxprs(params):
         yield item.jaxpr
 
 
-def _equations(jaxpr, inside_cond=False):
-  """(equation, inside a cond branch?) for every equation, recursively."""
+def _equations(jaxpr, inside_cond=False, loop=1):
+  """(equation, inside a cond branch?, trip count of the enclosing scans) for
+  every equation, recursively."""
   for eqn in jaxpr.eqns:
-    yield eqn, inside_cond
+    yield eqn, inside_cond, loop
     nested = inside_cond or eqn.primitive.name == 'cond'
+    length = eqn.params['length'] if eqn.primitive.name == 'scan' else 1
     for sub in _sub_jaxprs(eqn.params):
-      yield from _equations(sub, nested)
+      yield from _equations(sub, nested, loop * length)
 
 
 def _find(jaxpr, name):
-  return [(e, inside) for e, inside in _equations(jaxpr.jaxpr)
+  return [(e, inside) for e, inside, _ in _equations(jaxpr.jaxpr)
           if e.primitive.name == name]
+
+
+def _matrices_per_call(jaxpr, name):
+  """How many matrices each ``name`` factorisation covers: its batch, times
+  the trip count of a loop around it (with several CPU devices the batch is a
+  loop, see ``batching.loop_on_cpu``)."""
+  return [loop * int(np.prod(e.invars[0].aval.shape[:-2], dtype=int))
+          for e, _, loop in _equations(jaxpr.jaxpr) if e.primitive.name == name]
 
 
 def _ensemble(seed, shape=(24, 16)):
@@ -69,7 +81,7 @@ def test_vmapped_update_keeps_the_svd_inside_a_cond():
   svds = _find(jaxpr, 'svd')
   assert svds, 'no svd in the jaxpr'
   assert all(inside for _, inside in svds), 'an svd runs outside any cond'
-  assert svds[0][0].invars[0].aval.shape[0] == MEMBERS  # one batched call
+  assert _matrices_per_call(jaxpr, 'svd') == [MEMBERS]  # one batched call
 
 
 def test_vmapped_update_matches_members_one_by_one():
@@ -113,4 +125,4 @@ def test_stacked_layers_refresh_in_one_batched_call(basis, factorisation):
   assert len(calls) == 1, len(calls)
   eqn, inside = calls[0]
   assert inside  # behind the refresh cond
-  assert eqn.invars[0].aval.shape[0] == layers
+  assert _matrices_per_call(jaxpr, factorisation) == [layers]

@@ -22,6 +22,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from subspace_optax._src import batching
 from subspace_optax._src import sharding
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -85,6 +86,23 @@ def _finish(new: jax.Array, old: jax.Array, align: bool) -> jax.Array:
   return new
 
 
+def singular_vectors(
+    g: jax.Array, algorithm: Optional[Any] = None) -> tuple[jax.Array, jax.Array]:
+  """``(U, σ)`` of the thin SVD ``g = U diag(σ) Vᵀ``; ``algorithm`` is a
+  ``jax.lax.linalg.SvdAlgorithm`` or None (JAX's default). Under ``jax.vmap``
+  on CPU it loops over the batch (:func:`batching.loop_on_cpu`)."""
+
+  @batching.loop_on_cpu
+  def left(g):
+    if algorithm is None:
+      u, s, _ = jnp.linalg.svd(g, full_matrices=False)
+    else:
+      u, s, _ = jax.lax.linalg.svd(g, full_matrices=False, algorithm=algorithm)
+    return u, s
+
+  return left(g)
+
+
 def svd(algorithm: Optional[Any] = None) -> BasisMethod:
   """Exact top-``rank`` left singular vectors of the gradient, in float32.
 
@@ -103,10 +121,7 @@ def svd(algorithm: Optional[Any] = None) -> BasisMethod:
   def refresh(g, old, key, align):
     del key
     g = sharding.replicate_matrix(g.astype(jnp.float32))  # the deliberate gather
-    if algorithm is None:
-      u, _, _ = jnp.linalg.svd(g, full_matrices=False)
-    else:
-      u, _, _ = jax.lax.linalg.svd(g, full_matrices=False, algorithm=algorithm)
+    u, _ = singular_vectors(g, algorithm)
     return _finish(u[:, : old.shape[1]], old, align)
 
   return BasisMethod(

@@ -62,3 +62,29 @@ def cond(
     return out, jax.tree.map(lambda _: True, out)
 
   return run(pred, *operands)
+
+
+def loop_on_cpu(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """``fn`` whose ``jax.vmap`` is a loop (``lax.map``) on multi-device CPU.
+
+  For LAPACK calls such as the SVD. jaxlib's batched CPU LAPACK kernels split
+  the batch over the intra-op thread pool; in a sharded program on several
+  CPU devices, devices that run such a kernel at the same time can all wait
+  on that pool and never return (seen with jax 0.10.2: a batched SVD of
+  stacked layers inside a refresh ``lax.cond`` on an 8-device CPU mesh, every
+  device thread parked in ``ParallelBatchMap``). One matrix per call avoids
+  that kernel path. On other backends the batched call is kept.
+  """
+  wrapped = custom_vmap(fn)
+
+  @wrapped.def_vmap
+  def rule(axis_size, in_batched, *args):
+    args = [jax.tree.map(lambda x, b: _broadcast(x, b, axis_size), a, batched)
+            for a, batched in zip(args, in_batched)]
+    if jax.default_backend() == 'cpu' and jax.device_count() > 1:
+      out = jax.lax.map(lambda a: wrapped(*a), tuple(args))
+    else:
+      out = jax.vmap(fn)(*args)
+    return out, jax.tree.map(lambda _: True, out)
+
+  return wrapped

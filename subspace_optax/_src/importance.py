@@ -50,10 +50,7 @@ def importance_sampled(algorithm: Optional[Any] = None) -> bases_lib.BasisMethod
 
   def refresh(g, old, key, align):
     g = g.astype(jnp.float32)
-    if algorithm is None:
-      u, s, _ = jnp.linalg.svd(g, full_matrices=False)
-    else:
-      u, s, _ = jax.lax.linalg.svd(g, full_matrices=False, algorithm=algorithm)
+    u, s = bases_lib.singular_vectors(g, algorithm)
     rank = old.shape[1]
     chosen = gumbel_top_k(jnp.log(s), rank, key)
     q = jnp.take(u, chosen, axis=1)

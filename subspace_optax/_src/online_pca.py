@@ -127,7 +127,7 @@ def _initial_basis(kind: str, g: jax.Array, old: jax.Array, key: jax.Array):
     q = bases_lib.orthonormalize(sharding.reshard_like(
         jax.random.normal(draw, old.shape, jnp.float32), old), noise)
   else:
-    u, _, _ = jnp.linalg.svd(g.astype(jnp.float32), full_matrices=False)
+    u, _ = bases_lib.singular_vectors(g.astype(jnp.float32))
     q = u[:, :rank]
   return sharding.reshard_like(q.astype(jnp.float32), old)
 
