@@ -2,15 +2,21 @@
 
 Every method trains the byte-level LLaMA-style model of ``examples/lm`` from
 the same initial weights on the same batches, then runs its optimizer alone on
-fixed real gradients of standalone weight shapes (one LLaMA-60M block at rank
-128 and one LLaMA-130M block at rank 256, the GaLore paper's settings)::
+fixed real gradients of that model and on standalone weight shapes (one
+LLaMA-60M block at rank 128 and one LLaMA-130M block at rank 256, the GaLore
+paper's settings; a CPU run does only the 60M block by default)::
 
   python -m benchmarks.speed_memory                     # default CPU run
-  python -m benchmarks.speed_memory --quick             # smoke test (seconds)
+  python -m benchmarks.speed_memory --quick             # smoke test
   python -m benchmarks.speed_memory --model llama_60m --batch-size 32 \\
-      --refresh-every 200 --timed-steps 400             # on a GPU
+      --refresh-every 200 --timed-steps 400 --methods all   # on a GPU
   python -m benchmarks.speed_memory --model llama_130m --batch-size 32 \\
-      --refresh-every 200 --timed-steps 400 --shape-layers 12
+      --refresh-every 200 --timed-steps 400 --shape-layers 12 --methods all
+
+The default run (10 methods, ``DEFAULT_METHODS``) takes about 10 minutes on 2
+CPU cores and writes ``benchmarks/results/speed_memory_cpu.json`` and a
+markdown table next to it (``.md``); any ``--out FILE.json`` also gets its
+``FILE.md``.
 
 Reported per method (medians over the timed steps, milliseconds):
 
@@ -153,6 +159,14 @@ def methods() -> dict[str, Method]:
 
 
 QUICK_METHODS = (BASELINE, CONTRIB, 'galore_svd', 'galore_randomized')
+# The default run (about 10 minutes on 2 CPU cores); ``--methods all`` runs
+# every method of methods().
+DEFAULT_METHODS = (BASELINE, CONTRIB, 'galore_svd', 'galore_svd_no_stagger',
+                   'galore_randomized', 'galore_randomized_no_stagger',
+                   'online_subspace_descent', 'fira', 'apollo', 'q_galore')
+# Standalone shape sets of the default run: both on a GPU, the LLaMA-60M
+# block only on a CPU (the 130M block's refreshes dominate a CPU run).
+CPU_SHAPE_SETS = ('llama_60m_block',)
 
 
 # ----------------------------------------------------------------------------
@@ -311,8 +325,22 @@ def make_setup(args) -> Setup:
                seq_len=args.seq_len or config.max_seq_len,
                refresh_every=args.refresh_every, warmup_steps=args.warmup_steps,
                timed_steps=timed, rank=args.rank or config.dim // 4,
-               shape_sets=SHAPE_SETS, shape_layers=args.shape_layers,
+               shape_sets=_shape_sets(args), shape_layers=args.shape_layers,
                max_bytes=args.max_bytes)
+
+
+def _shape_sets(args) -> dict[str, tuple[int, int, int]]:
+  if args.shape_sets:
+    names = [n.strip() for n in args.shape_sets.split(',') if n.strip()]
+  elif jax.default_backend() == 'cpu':
+    names = list(CPU_SHAPE_SETS)
+  else:
+    names = list(SHAPE_SETS)
+  unknown = [n for n in names if n not in SHAPE_SETS]
+  if unknown:
+    raise SystemExit(f'error: unknown shape set(s) {unknown}; known: '
+                     f'{", ".join(SHAPE_SETS)}')
+  return {n: SHAPE_SETS[n] for n in names}
 
 
 def block_shapes(dim: int, ffn_dim: int, layers: int):
@@ -521,6 +549,126 @@ def _le(value, bound):
 
 
 # ----------------------------------------------------------------------------
+# Markdown.
+
+
+def _ms(value) -> str:
+  return '–' if value is None else f'{value:.2f}'
+
+
+def _times(value) -> str:
+  return '–' if value is None else f'{value:.2f}×'
+
+
+def _mib(value) -> str:
+  return '–' if value is None else f'{value / 2**20:.2f}'
+
+
+def _rank(name, row) -> str:
+  return '–' if name == BASELINE else str(row['rank'])
+
+
+def _analytic_cell(row) -> str:
+  analytic = row.get('analytic_state_bytes')
+  if not analytic:
+    return 'no formula'
+  return 'equal' if row['state_bytes'] == analytic else (
+      f'{row["state_bytes"] / analytic:.4f}×')
+
+
+def _timing_cells(row, key) -> list[str]:
+  timing = row[key]
+  refresh = (f'{timing["refresh_steps"]}/{timing["timed_steps"]}')
+  return [_ms(timing['steady_median_ms']), _ms(timing['refresh_median_ms']),
+          refresh, _ms(timing['mean_ms']),
+          _times(row.get('vs_adamw', {}).get(key, {}).get('amortised_mean')),
+          _times(row.get('vs_optax_galore', {}).get(key, {}).get(
+              'amortised_mean'))]
+
+
+def _state_cells(row) -> list[str]:
+  return [_mib(row['state_bytes']),
+          _times(row.get('vs_adamw', {}).get('state_bytes')),
+          _analytic_cell(row)]
+
+
+_TIMING_HEADER = ('steady median ms', 'refresh median ms', 'refresh steps',
+                  'mean ms', 'mean × adamw', 'mean × optax galore')
+
+
+def _table(header, rows) -> list[str]:
+  lines = ['| ' + ' | '.join(header) + ' |',
+           '|' + '|'.join(['---'] * len(header)) + '|']
+  lines += ['| ' + ' | '.join(r) + ' |' for r in rows]
+  return lines
+
+
+def markdown(result: dict[str, Any]) -> str:
+  """The JSON result as markdown tables (benchmarks/README.md quotes them)."""
+  setup = result['setup']
+  model = setup['model']
+  load = result.get('load_average') or {}
+  lines = [
+      '# Speed and memory (generated by benchmarks/speed_memory.py)', '',
+      f'* command: `{result["command"]}`',
+      f'* date: {result["date"]}; machine: {result["machine"]}; backend '
+      f'{result["backend"]} ({result["device_kind"]})',
+      '* versions: ' + ', '.join(f'{k} {v}' for k, v in
+                                 result['versions'].items()),
+      f'* load average (1, 5, 15 min) at start {load.get("start")}, at end '
+      f'{load.get("end")}; wall {result["wall_seconds"]:.0f} s',
+      f'* model: dim {model["dim"]}, {model["layers"]} layers, ffn '
+      f'{model["ffn_dim"]}, {setup["params"]:,} params; batch '
+      f'{setup["batch_size"]} x {setup["seq_len"]} tokens; rank '
+      f'{setup["rank"]} (unless fixed by the method); refresh every '
+      f'{setup["refresh_every"]}; {setup["warmup_steps"]} warm-up + '
+      f'{setup["timed_steps"]} timed steps; BLAS threads '
+      f'{setup["blas_threads"]}',
+      '',
+      'Times are medians in milliseconds. "steady" excludes the steps on '
+      'which some basis changed ("refresh steps": such steps / timed steps; '
+      'with staggered refreshes some leaf refreshes on most steps, and the '
+      'online basis moves on every step, so there is no steady step). '
+      '"mean" is over all timed steps (refreshes amortised); its ratios '
+      'are to optax.adamw and optax.contrib.galore. State MiB is '
+      '`subspace_optax.state_bytes`; "vs analytic" compares it with the '
+      "method's `subspace_optax.<method>_bytes` formula.", '',
+      '## Train step (value_and_grad + update + apply_updates)', '']
+  rows = []
+  for name, row in result['model'].items():
+    if 'error' in row:
+      rows.append([name, 'error: ' + row['error'][:80].replace('|', '/')]
+                  + [''] * 10)
+      continue
+    rows.append([name, _rank(name, row)] + _timing_cells(row, 'train_step')
+                + _state_cells(row)
+                + [_ms(row['optimizer_only']['steady_median_ms']
+                       or row['optimizer_only']['median_ms'])])
+  lines += _table(('method', 'rank') + _TIMING_HEADER
+                  + ('state MiB', 'state × adamw', 'vs analytic',
+                     'optimizer-only ms'), rows)
+  lines += ['', '## Optimizer only (update + apply_updates), model '
+            'gradients', '']
+  rows = [[name, _rank(name, row)] + _timing_cells(row, 'optimizer_only')
+          for name, row in result['model'].items() if 'error' not in row]
+  lines += _table(('method', 'rank') + _TIMING_HEADER, rows)
+  for set_name, shape_rows in result['shapes'].items():
+    shape = setup['shape_sets'][set_name]
+    lines += ['', f'## Optimizer only, {set_name}: {shape["layers"]} block(s) '
+              f'of dim {shape["dim"]}, ffn {shape["ffn_dim"]}, rank '
+              f'{shape["rank"]}', '']
+    rows = []
+    for name, row in shape_rows.items():
+      if 'error' in row:
+        continue
+      rows.append([name, _rank(name, row)]
+                  + _timing_cells(row, 'optimizer_only') + _state_cells(row))
+    lines += _table(('method', 'rank') + _TIMING_HEADER
+                    + ('state MiB', 'state × adamw', 'vs analytic'), rows)
+  return '\n'.join(lines) + '\n'
+
+
+# ----------------------------------------------------------------------------
 # The benchmark.
 
 
@@ -558,18 +706,27 @@ def _safely(fn, *args) -> dict[str, Any]:
     return {'error': f'{type(error).__name__}: {error}'[:2000]}
 
 
+def _load_average() -> Optional[list[float]]:
+  return [round(x, 2) for x in os.getloadavg()] if hasattr(
+      os, 'getloadavg') else None
+
+
 def run(args, argv: Sequence[str]) -> dict[str, Any]:
   began_wall, began_cpu = time.perf_counter(), time.process_time()
+  load_at_start = _load_average()
   setup = make_setup(args)
   table = methods()
-  if args.methods:
+  if args.methods == 'all':
+    names = list(table)
+  elif args.methods:
     names = [n.strip() for n in args.methods.split(',') if n.strip()]
     unknown = [n for n in names if n not in table]
     if unknown:
       raise SystemExit(f'error: unknown method(s) {unknown}; known: '
                        f'{", ".join(table)}')
   else:
-    names = list(QUICK_METHODS if args.quick else table)
+    names = [n for n in (QUICK_METHODS if args.quick else DEFAULT_METHODS)
+             if n in table]
   bandwidth = _bandwidth(args)
   corpus = data_lib.load_corpus(None, max_bytes=setup.max_bytes,
                                 seq_len=setup.seq_len)
@@ -618,7 +775,7 @@ def run(args, argv: Sequence[str]) -> dict[str, Any]:
                    'flax': getattr(__import__('flax'), '__version__', None)},
       'backend': jax.default_backend(),
       'device_kind': jax.devices()[0].device_kind,
-      'load_average': list(os.getloadavg()) if hasattr(os, 'getloadavg') else None,
+      'load_average': {'start': load_at_start, 'end': _load_average()},
       'setup': {
           'model': dataclasses.asdict(setup.model_config),
           'params': param_count, 'batch_size': setup.batch_size,
@@ -663,7 +820,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
       description=__doc__.split('\n')[0],
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument('--methods', default=None,
-                 help='comma-separated subset (default: all; see methods())')
+                 help="comma-separated names, or 'all' (see methods()); "
+                 f'default: {",".join(DEFAULT_METHODS)}')
   p.add_argument('--model', default='tiny', choices=sorted(model_lib.PRESETS))
   p.add_argument('--batch-size', type=int, default=8)
   p.add_argument('--seq-len', type=int, default=None,
@@ -676,6 +834,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                  help='default 2 x refresh_every')
   p.add_argument('--shape-layers', type=int, default=1,
                  help='blocks per standalone shape set')
+  p.add_argument('--shape-sets', default=None,
+                 help=f'comma-separated subset of {",".join(SHAPE_SETS)}; '
+                 f'default: all on a GPU, {",".join(CPU_SHAPE_SETS)} on a CPU')
   p.add_argument('--skip-shapes', action='store_true')
   p.add_argument('--hbm-bandwidth-gbs', type=float, default=None,
                  help='HBM bandwidth for the roofline; default by device kind '
@@ -731,6 +892,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   if out:
     pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(out).write_text(text + '\n')
+    if not args.raw:
+      pathlib.Path(out).with_suffix('.md').write_text(markdown(result))
   return result
 
 

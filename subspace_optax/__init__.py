@@ -12,7 +12,7 @@ from subspace_optax._src.low_rank import low_rank
 from subspace_optax._src.low_rank import SubspaceState
 from subspace_optax._src.memory import galore_bytes
 from subspace_optax._src.memory import state_bytes
-# --- low-rank method family (issue 3) ---
+# --- low-rank method family ---
 from subspace_optax._src.auon import auon
 from subspace_optax._src.auon import auon_bytes
 from subspace_optax._src.auon import scale_by_aspect_ratio
@@ -62,7 +62,7 @@ from subspace_optax._src.quantize import dequantize
 from subspace_optax._src.quantize import quantize
 from subspace_optax._src.quantize import QuantizedMatrix
 from subspace_optax._src.quantize import stochastic_round
-# --- continual learning (issue 4) ---
+# --- continual learning ---
 from subspace_optax import continual
 from subspace_optax._src.continual import gpm
 from subspace_optax._src.continual import sculpt
@@ -72,9 +72,9 @@ from subspace_optax._src.protected import ProtectedSubspace
 from subspace_optax._src.regularizers import ewc
 from subspace_optax._src.regularizers import l2_to_anchor
 from subspace_optax._src.regularizers import rewarm_schedule
-# --- sharding and performance (issue 6) ---
+# --- sharding and performance ---
 from subspace_optax._src.sharding import state_shardings
-# --- reliability (issue 7) ---
+# --- reliability ---
 from subspace_optax._src.checkpoint import check_compatible
 
 __version__ = '0.1.0'

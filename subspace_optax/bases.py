@@ -7,8 +7,7 @@ from subspace_optax._src.bases import randomized
 from subspace_optax._src.bases import register
 from subspace_optax._src.bases import resolve
 from subspace_optax._src.bases import svd
-# Online, random, DCT and importance-sampled bases (issue 3).
-from subspace_optax._src.dct import ColumnsState
+# Online, random, DCT and importance-sampled bases.
 from subspace_optax._src.dct import dct
 from subspace_optax._src.dct import dct_columns
 from subspace_optax._src.dct import dct_matrix
@@ -20,12 +19,12 @@ from subspace_optax._src.online_pca import OnlinePCAState
 from subspace_optax._src.online_pca import range_finder
 from subspace_optax._src.random_bases import gaussian
 from subspace_optax._src.random_bases import random_orthonormal
-# Index, seeded and quantized bases (FRUGAL, APOLLO, Q-GaLore; issue 3).
+# Index, seeded and quantized bases (FRUGAL, APOLLO, Q-GaLore).
 from subspace_optax._src.apollo import seeded_gaussian
 from subspace_optax._src.apollo import seeded_matrix
 from subspace_optax._src.apollo import SeedState
 from subspace_optax._src.index_bases import blocks
 from subspace_optax._src.index_bases import BlockState
-from subspace_optax._src.index_bases import CoordinateState
+from subspace_optax._src.index_bases import SelectedColumns
 from subspace_optax._src.index_bases import random_columns
 from subspace_optax._src.quantize import quantized

@@ -18,7 +18,7 @@ def test_tasks_are_padded_to_one_shape():
   for t in range(5):  # every real example belongs to the task's classes
     labels = tasks.test_y[t][tasks.test_valid[t]]
     assert set(np.unique(labels)) == {2 * t, 2 * t + 1}
-  permuted = example.load_tasks(example.Config(num_tasks=2))
+  permuted = example.load_tasks(example.Config(tasks='permuted', num_tasks=2))
   np.testing.assert_allclose(np.sort(permuted.train_x[0], 1),
                              np.sort(permuted.train_x[1], 1))  # same pixels
   assert not np.allclose(permuted.train_x[0], permuted.train_x[1])

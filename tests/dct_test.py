@@ -50,8 +50,8 @@ def test_refresh_selects_the_planted_columns_and_state_is_indices():
 
 def test_transition_is_a_partial_permutation():
   method = so.bases.dct()
-  old = dct_lib.ColumnsState(jnp.array([1, 5, 7], jnp.int32), 16)
-  new = dct_lib.ColumnsState(jnp.array([0, 5, 7], jnp.int32), 16)
+  old = so.bases.SelectedColumns(jnp.array([1, 5, 7], jnp.int32), 16)
+  new = so.bases.SelectedColumns(jnp.array([0, 5, 7], jnp.int32), 16)
   expected = np.zeros((3, 3))
   expected[1, 1] = expected[2, 2] = 1
   np.testing.assert_array_equal(method.transition(old, new), expected)

@@ -94,8 +94,8 @@ def test_state_bytes_equal_analytic_size(basis):
 
 def test_columns_transition_is_partial_permutation():
   method = so.bases.random_columns()
-  old = so.bases.CoordinateState(jnp.array([1, 4, 7], jnp.int32), 9)
-  new = so.bases.CoordinateState(jnp.array([0, 4, 7], jnp.int32), 9)
+  old = so.bases.SelectedColumns(jnp.array([1, 4, 7], jnp.int32), 9)
+  new = so.bases.SelectedColumns(jnp.array([0, 4, 7], jnp.int32), 9)
   np.testing.assert_array_equal(
       method.transition(old, new), [[0, 0, 0], [0, 1, 0], [0, 0, 1]])
   g = jnp.arange(18.0).reshape(9, 2)

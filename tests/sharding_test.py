@@ -56,6 +56,13 @@ TRANSFORMS = {
         1e-2, rank=RANK, refresh_every=2, basis='randomized',
         weight_decay=0.1, dimension_numbers=so.last_two_axes),
 }
+# Online Subspace Descent (basis moved every step by online PCA; the first
+# update's range finder sits in the other branch of the same lax.cond). Only
+# its compiled update is checked (HLO and shardings), to keep the file cheap.
+ONLINE = {
+    'online_subspace_descent': lambda: so.online_subspace_descent(
+        1e-2, rank=RANK, dimension_numbers=so.last_two_axes),
+}
 # Eager (no-jit) updates dispatch op by op on 8 devices; the SVD path has few.
 EAGER_UPDATE = ('svd',)
 AXIS_TYPES = {'explicit': AxisType.Explicit, 'auto': AxisType.Auto}
@@ -95,7 +102,7 @@ def _same_sharding(a, b) -> bool:
 def _compiled(name: str, axis_type: str):
   """(params, grads, jit-initialised state, compiled update) for one case."""
   mesh = _mesh(axis_type)
-  tx = TRANSFORMS[name]()
+  tx = {**TRANSFORMS, **ONLINE}[name]()
   with jax.set_mesh(mesh):
     params, grads = _tree(mesh, 0), _tree(mesh, 1)
     if axis_type == 'auto':
@@ -177,19 +184,51 @@ def test_state_keeps_its_sharding(name, axis_type):
       assert np.isfinite(np.asarray(updates[k])).all()
 
 
-@pytest.mark.parametrize('axis_type', sorted(AXIS_TYPES))
-def test_randomized_basis_gathers_no_gradient_matrix(axis_type):
-  """The compiled update (a refresh is due: count 0) has no all-gather of a
-  full gradient matrix; any gather is at most k x p (sketch-sized)."""
-  _, _, _, update = _compiled('galore_randomized', axis_type)
-  gathers = _all_gathers(update.as_text())
+def _assert_no_gradient_matrix_gathered(hlo_text: str) -> None:
+  """No all-gather of a full gradient matrix; any gather is at most k x p
+  (sketch-sized), and the small contractions are all-reduced instead."""
   largest_sketch = 256 * (RANK + 8)  # k x (rank + oversample)
   matrices = {tuple(s[-2:]) for s in SHAPES.values() if len(s) >= 2}
-  for shape in gathers:
+  for shape in _all_gathers(hlo_text):
     assert tuple(shape[-2:]) not in matrices and tuple(
         shape[-2:][::-1]) not in matrices, shape
     assert int(np.prod(shape)) <= largest_sketch, shape
-  assert ' all-reduce' in update.as_text()  # the p x p Gram matrices are summed
+  assert ' all-reduce' in hlo_text  # Gram matrices and C = QᵀG are summed
+
+
+@pytest.mark.parametrize('axis_type', sorted(AXIS_TYPES))
+def test_randomized_basis_gathers_no_gradient_matrix(axis_type):
+  """The compiled update (a refresh is due: count 0) has no all-gather of a
+  full gradient matrix."""
+  _, _, _, update = _compiled('galore_randomized', axis_type)
+  _assert_no_gradient_matrix_gathered(update.as_text())
+
+
+@pytest.mark.parametrize('axis_type', sorted(AXIS_TYPES))
+def test_online_basis_gathers_no_gradient_matrix(axis_type):
+  """Online Subspace Descent's compiled update (both branches: the first
+  update's range finder and the online-PCA step) gathers no gradient matrix,
+  its state keeps its sharding over two updates, and its basis and moments
+  follow the same rule as the other bases."""
+  params, grads, state, update = _compiled('online_subspace_descent', axis_type)
+  _assert_no_gradient_matrix_gathered(update.as_text())
+  with jax.set_mesh(_mesh(axis_type)):
+    _, first = update(grads, state, params)  # range finder
+    updates, after = update(grads, first, params)  # online-PCA step
+  for leaf, later in zip(jax.tree.leaves(state), jax.tree.leaves(after)):
+    assert _same_sharding(leaf, later), (leaf.shape, leaf.sharding, later.sharding)
+  low = _low_rank_state(state)
+  for k, spec in BASIS_SPECS.items():
+    assert low.basis[k].basis.shape == BASIS_SHAPES[k]
+    assert _spec(low.basis[k].basis) == spec, k
+  for k, spec in MOMENT_SPECS.items():
+    assert _spec(low.inner_state.mu[k]) == spec, k
+  first_basis = _low_rank_state(first).basis['w'].basis
+  moved_basis = _low_rank_state(after).basis['w'].basis
+  assert float(jnp.max(jnp.abs(moved_basis - first_basis))) > 0  # every step
+  for k in SHAPES:
+    assert _same_sharding(updates[k], params[k]), (k, updates[k].sharding)
+    assert np.isfinite(np.asarray(updates[k])).all()
 
 
 @pytest.mark.parametrize('axis_type', sorted(AXIS_TYPES))

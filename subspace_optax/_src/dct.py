@@ -13,7 +13,6 @@ of a matrix is its ``rank`` int32 column indices.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Optional
 
@@ -24,23 +23,9 @@ import optax
 
 from subspace_optax._src import alias
 from subspace_optax._src import bases as bases_lib
+from subspace_optax._src import index_bases
 from subspace_optax._src import layout as layout_lib
 from subspace_optax._src import sharding
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class ColumnsState:
-  """Selected columns of a fixed ``size x size`` orthonormal matrix.
-
-  Attributes:
-    indices: int32 ``(rank,)`` column indices, ascending.
-    size: the matrix size ``k`` (static pytree metadata, not an array), so
-      ``unproject`` can rebuild the columns without the gradient's shape.
-  """
-
-  indices: jax.Array
-  size: int = dataclasses.field(metadata=dict(static=True))
 
 
 def dct_matrix(size: int) -> np.ndarray:
@@ -96,7 +81,7 @@ def dct(norm_order: float = 1.0) -> bases_lib.BasisMethod:
 
   def init(k, l, rank):
     del l
-    return ColumnsState(jnp.arange(rank, dtype=jnp.int32), k)
+    return index_bases.SelectedColumns(jnp.arange(rank, dtype=jnp.int32), k)
 
   def refresh(g, old, key, align):
     del key, align
@@ -107,7 +92,7 @@ def dct(norm_order: float = 1.0) -> bases_lib.BasisMethod:
     else:
       scores = jnp.sum(jnp.abs(s) ** norm_order, axis=1)
     _, top = jax.lax.top_k(scores, rank)
-    return ColumnsState(jnp.sort(top).astype(jnp.int32), old.size)
+    return index_bases.SelectedColumns(jnp.sort(top).astype(jnp.int32), old.size)
 
   def project(g, state):
     q = dct_columns(state.indices, state.size)

@@ -20,13 +20,16 @@ from subspace_optax._src import bases as bases_lib
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class CoordinateState:
-  """``rank`` coordinates of the projected axis.
+class SelectedColumns:
+  """``rank`` selected columns of a fixed ``size x size`` orthonormal matrix,
+  stored as indices: the identity here (coordinates of the projected axis), the
+  DCT matrix in :mod:`dct`.
 
   Attributes:
-    indices: int32 ``(rank,)`` selected rows of the oriented view, ascending.
+    indices: int32 ``(rank,)`` selected column indices, ascending.
     size: ``k``, the length of the projected axis (static pytree metadata, not
-      an array), so ``unproject`` knows the shape to scatter into.
+      an array), so ``unproject`` knows the shape to rebuild without the
+      gradient.
   """
 
   indices: jax.Array
@@ -51,24 +54,24 @@ def random_columns() -> bases_lib.BasisMethod:
   ``on_refresh='transport'`` carries the moments of coordinates kept in both.
   """
 
-  def init(k: int, l: int, rank: int) -> CoordinateState:
+  def init(k: int, l: int, rank: int) -> SelectedColumns:
     del l
-    return CoordinateState(jnp.arange(rank, dtype=jnp.int32), k)
+    return SelectedColumns(jnp.arange(rank, dtype=jnp.int32), k)
 
-  def refresh(g, old: CoordinateState, key, align) -> CoordinateState:
+  def refresh(g, old: SelectedColumns, key, align) -> SelectedColumns:
     del g, align
     rank = old.indices.shape[-1]
     chosen = jax.random.choice(key, old.size, (rank,), replace=False)
-    return CoordinateState(jnp.sort(chosen).astype(jnp.int32), old.size)
+    return SelectedColumns(jnp.sort(chosen).astype(jnp.int32), old.size)
 
-  def project(g, state: CoordinateState):
+  def project(g, state: SelectedColumns):
     return jnp.take(g, state.indices, axis=0)
 
-  def unproject(c, state: CoordinateState):
+  def unproject(c, state: SelectedColumns):
     return jnp.zeros((state.size,) + c.shape[1:], c.dtype).at[
         state.indices].set(c)
 
-  def transition(old: CoordinateState, new: CoordinateState):
+  def transition(old: SelectedColumns, new: SelectedColumns):
     return (new.indices[:, None] == old.indices[None, :]).astype(jnp.float32)
 
   return bases_lib.BasisMethod(

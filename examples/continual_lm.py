@@ -1,0 +1,481 @@
+"""Continual byte-level language modelling across text domains shipped with Python.
+
+A tiny LLaMA-style model (``examples/lm/model.py``) is trained on one text
+domain after another, with the same initial weights and batches for every
+method, and evaluated after each domain on every domain. The domains are read
+from files installed with CPython (no download); a domain whose files are
+missing is skipped:
+
+* ``python``   the standard library's Python sources (tests excluded),
+* ``english``  the English reference text of ``pydoc_data/topics.py`` (the
+               string values of its ``topics`` dict),
+* ``c``        the C API headers (``sysconfig.get_paths()['include']``),
+* ``dectest``  the decimal arithmetic test cases (``test/decimaltestdata``).
+
+Methods (as in ``examples/continual.py``): ``naive`` (Adam), ``l2``
+(``l2_to_anchor``), ``ewc`` (``ewc`` with the empirical diagonal Fisher) and
+``sculpt`` (Sculpting Subspaces, arXiv 2504.07097: AdamW whose update avoids
+each weight's top singular directions, rank set per block by the importance
+``cos(block input, block output)``).
+
+The matrix is a **loss** matrix ``L[i, j]``: next-byte cross entropy (nats) on
+domain ``j`` after training domain ``i``. Lower is better, so the metrics are
+those of ``subspace_optax.continual`` applied to ``-L``: average loss (last
+row), forgetting ``(1/(T-1)) Σ_{j<T-1} (L[T-1, j] - L[j, j])`` (the increase in
+loss on earlier domains, positive = forgotten) and the mean loss right after
+learning each domain (``diag L``, plasticity).
+
+Each domain's bytes are cut into 16 KiB chunks: every 10th chunk is held out,
+the held-out chunks alternate between validation (to choose hyper-parameters)
+and test (reported).
+
+Usage (from the repository root)::
+
+  python -m examples.continual_lm                   # 4 domains, every method
+  python -m examples.continual_lm --quick           # CI-sized (seconds)
+  python -m examples.continual_lm --json out.json --plot out.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import json
+import pathlib
+import sysconfig
+import time
+import types
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from examples.lm import data as data_lib
+from examples.lm import model as model_lib
+import subspace_optax as so
+from subspace_optax import continual
+
+METHODS = ('naive', 'l2', 'ewc', 'sculpt')
+DOMAINS = ('python', 'english', 'c', 'dectest')
+
+# Chosen on the validation split (seed 0) by ``python -m benchmarks.continual
+# --tasks text --tune``.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    'naive': {'learning_rate': 3e-3},
+    'l2': {'learning_rate': 3e-3, 'strength': 1e-2},
+    'ewc': {'learning_rate': 3e-3, 'strength': 1e3},
+    'sculpt': {'learning_rate': 3e-3, 'min_fraction': 0.1,
+               'max_fraction': 0.5, 'weight_decay': 0.0},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  domains: tuple[str, ...] = DOMAINS
+  max_bytes: int = 300_000  # per domain
+  dim: int = 64
+  layers: int = 2
+  heads: int = 4
+  ffn_dim: int = 172
+  seq_len: int = 64
+  batch_size: int = 16
+  steps_per_task: int = 150
+  eval_batches: int = 4  # of batch_size sequences, per domain and split
+  memory_samples: int = 32  # sequences per domain for Fisher / importance
+  seed: int = 0
+
+
+# ----------------------------------------------------------------------------
+# Domains.
+
+
+def _stdlib() -> pathlib.Path:
+  return pathlib.Path(sysconfig.get_paths()['stdlib'])
+
+
+def _python_files() -> list[pathlib.Path]:
+  root = _stdlib()
+  skipped = ('test', 'tests', 'idle_test', 'pydoc_data')
+  return [f for f in data_lib.stdlib_files()
+          if not set(f.relative_to(root).parts[:-1]) & set(skipped)]
+
+
+def _english_text() -> bytes:
+  """The string values of ``pydoc_data/topics.py`` (English reference text)."""
+  path = _stdlib() / 'pydoc_data' / 'topics.py'
+  if not path.is_file():
+    return b''
+  for node in ast.parse(path.read_text(encoding='utf-8')).body:
+    if (isinstance(node, ast.Assign) and len(node.targets) == 1
+        and getattr(node.targets[0], 'id', None) == 'topics'):
+      topics = ast.literal_eval(node.value)
+      return '\n'.join(topics[k] for k in sorted(topics)).encode('utf-8')
+  return b''
+
+
+def _files(root: pathlib.Path, suffix: str) -> list[pathlib.Path]:
+  if not root.is_dir():
+    return []
+  return sorted((p for p in root.rglob('*' + suffix) if p.is_file()),
+                key=lambda p: p.relative_to(root).as_posix())
+
+
+def domain_bytes(name: str, max_bytes: Optional[int]) -> bytes:
+  """The text of one domain (empty when its files are not installed)."""
+  if name == 'python':
+    return data_lib.read_bytes(_python_files(), max_bytes)
+  if name == 'english':
+    text = _english_text()
+    return text if max_bytes is None else text[:max_bytes]
+  if name == 'c':
+    include = pathlib.Path(sysconfig.get_paths()['include'])
+    return data_lib.read_bytes(_files(include, '.h'), max_bytes)
+  if name == 'dectest':
+    return data_lib.read_bytes(
+        _files(_stdlib() / 'test' / 'decimaltestdata', '.decTest'), max_bytes)
+  raise ValueError(f'Unknown domain {name!r}; choose from {DOMAINS}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class Domains:
+  names: list[str]
+  train: list[np.ndarray]  # uint8 bytes per domain
+  val: list[np.ndarray]
+  test: list[np.ndarray]
+  skipped: list[str]  # requested domains whose files are missing
+
+
+def load_domains(config: Config, *, read: Callable[[str, Optional[int]], bytes]
+                 = domain_bytes) -> Domains:
+  """Every available domain split into train / validation / test bytes.
+
+  Raises:
+    data_lib.CorpusError: fewer than two domains are available.
+  """
+  names, splits, skipped = [], [], []
+  need = config.seq_len + 2
+  for name in config.domains:
+    raw = read(name, config.max_bytes)
+    if len(raw) < 10 * need:
+      skipped.append(name)
+      continue
+    train, held_out = data_lib.split(raw, val_every=10)
+    val, test = data_lib.split(held_out.tobytes(), val_every=2)
+    if min(len(val), len(test)) < need:
+      skipped.append(name)
+      continue
+    names.append(name)
+    splits.append((train, val, test))
+  if len(names) < 2:
+    raise data_lib.CorpusError(
+        f'Continual LM needs at least two text domains; found {names} '
+        f'(missing: {skipped}).')
+  train, val, test = (list(s) for s in zip(*splits))
+  return Domains(names=names, train=train, val=val, test=test, skipped=skipped)
+
+
+# ----------------------------------------------------------------------------
+# Model.
+
+
+def _kernel_tree(params, value_of_block: Callable[[int], Any]):
+  """A params-shaped tree: ``value_of_block(i)`` at the kernels of block i,
+  None elsewhere (embedding, head, norms)."""
+  def pick(path, _):
+    keys = [getattr(k, 'key', getattr(k, 'idx', None)) for k in path]
+    if keys[0] == 'blocks' and keys[-1] == 'kernel':
+      return value_of_block(int(keys[1]))
+    return None
+  return jax.tree_util.tree_map_with_path(pick, params)
+
+
+@functools.lru_cache(maxsize=4)
+def network(config: Config) -> types.SimpleNamespace:
+  """Initial params and the jitted functions shared by every method."""
+  model_config = model_lib.Config(
+      dim=config.dim, layers=config.layers, heads=config.heads,
+      ffn_dim=config.ffn_dim, max_seq_len=config.seq_len)
+  model = model_lib.Llama(model_config, rngs=nnx.Rngs(config.seed))
+  graphdef, state = nnx.split(model)
+
+  def module(p):
+    template = jax.tree.map(lambda v: v, state)
+    nnx.replace_by_pure_dict(template, p)
+    return nnx.merge(graphdef, template)
+
+  def loss(p, inputs, targets):
+    return model_lib.cross_entropy(module(p)(inputs), targets)
+
+  def loss_one(p, example):
+    """One sequence's mean next-byte loss (for the Fisher)."""
+    inputs, targets = example
+    return loss(p, inputs[None], targets[None])
+
+  @jax.jit
+  def block_importance(p, inputs):
+    """``cos(x, block(x))`` per transformer block (Sculpting Subspaces)."""
+    net = module(p)
+    positions = jnp.broadcast_to(
+        jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
+    x, scores = net.embed(inputs), []
+    for block in net.blocks:
+      y = block(x, positions)
+      scores.append(continual.activation_importance(x, y))
+      x = y
+    return jnp.stack(scores)
+
+  @jax.jit
+  def losses(p, batches):
+    """Mean loss per domain of ``(inputs, targets)``, each ``(D, B, b, s)``."""
+    per_batch = jax.vmap(jax.vmap(lambda i, t: loss(p, i, t)))(*batches)
+    return per_batch.mean(axis=1)
+
+  return types.SimpleNamespace(
+      initial=nnx.to_pure_dict(state), loss=loss, loss_one=loss_one,
+      block_importance=block_importance, losses=losses)
+
+
+# ----------------------------------------------------------------------------
+# Methods.
+
+
+@dataclasses.dataclass
+class Method:
+  tx: optax.GradientTransformation
+  boundary: Callable[..., Any]  # (params, opt_state, samples) -> opt_state
+
+
+def make_method(name: str, hyper: dict[str, Any], net) -> Method:
+  lr = hyper['learning_rate']
+
+  def nothing(params, opt_state, samples):
+    del params, samples
+    return opt_state
+
+  if name == 'naive':
+    return Method(optax.adam(lr), nothing)
+  if name == 'l2':
+    def move_anchor(params, opt_state, samples):
+      del samples
+      return optax.tree.set(opt_state, anchor=params)
+    return Method(optax.chain(
+        continual.l2_to_anchor(strength=hyper['strength']), optax.adam(lr)),
+                  move_anchor)
+  if name == 'ewc':
+    def consolidate(params, opt_state, samples):
+      fisher = continual.fisher_diagonal(net.loss_one, params, samples,
+                                         batch_size=8)
+      total = jax.tree.map(jnp.add, optax.tree.get(opt_state, 'fisher'), fisher)
+      return optax.tree.set(opt_state, anchor=params, fisher=total)
+    return Method(optax.chain(
+        continual.ewc(strength=hyper['strength']), optax.adam(lr)), consolidate)
+  if name == 'sculpt':
+    # Protect the transformer blocks' matrices (not the embedding and head).
+    only_blocks = lambda p: _kernel_tree(
+        p, lambda i: so.DimensionNumbers(-2, -1))
+    def sculpt(params, opt_state, samples):
+      scores = np.asarray(net.block_importance(params, samples[0]))
+      memory = continual.sculpt_memory(
+          params, _kernel_tree(params, lambda i: scores[i]),
+          min_fraction=hyper['min_fraction'],
+          max_fraction=hyper['max_fraction'],
+          normalization=hyper.get('normalization', 'max'),
+          dimension_numbers=only_blocks)
+      return continual.set_memory(opt_state, memory)
+    return Method(continual.sculpt(
+        lr, weight_decay=hyper['weight_decay'],
+        max_fraction=hyper['max_fraction'], dimension_numbers=only_blocks),
+                  sculpt)
+  raise ValueError(f'Unknown method {name!r}; choose from {METHODS}.')
+
+
+# ----------------------------------------------------------------------------
+# Training and evaluation.
+
+
+def _stacked_eval(tokens: list[np.ndarray], config: Config):
+  batches = [data_lib.eval_batches(t, batches=config.eval_batches,
+                                   batch_size=config.batch_size,
+                                   seq_len=config.seq_len) for t in tokens]
+  return tuple(jnp.asarray(np.stack([np.stack([b[k] for b in domain])
+                                     for domain in batches])) for k in (0, 1))
+
+
+def loss_summary(matrix, baseline=None) -> dict[str, float]:
+  """Metrics of a loss matrix (``continual.summary`` of ``-L``, in nats)."""
+  matrix = np.asarray(matrix, np.float64)
+  out = {
+      'average_loss': -continual.average_accuracy(-matrix),
+      'forgetting': -continual.backward_transfer(-matrix),
+      'max_forgetting': continual.forgetting(-matrix),
+      'learned_loss': float(np.mean(np.diag(matrix))),
+  }
+  if baseline is not None:  # loss reduction on a domain before training on it
+    out['forward_transfer'] = continual.forward_transfer(-matrix, -baseline)
+  return out
+
+
+def run_method(name: str, hyper: dict[str, Any], domains: Domains,
+               config: Config) -> dict[str, Any]:
+  """Train one method on every domain in turn; its loss matrices."""
+  net = network(config)
+  method = make_method(name, hyper, net)
+  tx, params = method.tx, net.initial
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def train_step(params, opt_state, inputs, targets):
+    value, grads = jax.value_and_grad(net.loss)(params, inputs, targets)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, value
+
+  evaluation = {split: _stacked_eval(getattr(domains, split), config)
+                for split in ('val', 'test')}
+  count = len(domains.names)
+  matrices = {split: continual.accuracy_matrix(count) for split in evaluation}
+  baseline = {s: np.asarray(net.losses(params, b)) for s, b in evaluation.items()}
+  start, final_loss = time.perf_counter(), []
+  for t, tokens in enumerate(domains.train):
+    for step in range(config.steps_per_task):
+      inputs, targets = data_lib.batch_at(
+          tokens, seed=config.seed, step=t * config.steps_per_task + step,
+          batch_size=config.batch_size, seq_len=config.seq_len)
+      params, opt_state, value = train_step(params, opt_state, inputs, targets)
+    final_loss.append(float(value))
+    for split, batches in evaluation.items():
+      matrices[split] = continual.record(
+          matrices[split], t, np.asarray(net.losses(params, batches)))
+    if t + 1 < count:
+      samples = data_lib.batch_at(
+          tokens, seed=config.seed + 1, step=t, batch_size=config.memory_samples,
+          seq_len=config.seq_len)
+      opt_state = method.boundary(params, opt_state, samples)
+  return {
+      'method': name, 'hyper': hyper,
+      'test': matrices['test'].tolist(), 'val': matrices['val'].tolist(),
+      'test_summary': loss_summary(matrices['test'], baseline['test']),
+      'val_summary': loss_summary(matrices['val'], baseline['val']),
+      'final_train_loss': final_loss,
+      'seconds': time.perf_counter() - start,
+  }
+
+
+def run(config: Config, methods: Sequence[str] = METHODS,
+        hyper: Optional[dict[str, dict[str, Any]]] = None) -> dict[str, Any]:
+  domains = load_domains(config)
+  hyper = {**DEFAULTS, **(hyper or {})}
+  return {
+      'config': dataclasses.asdict(config), 'tasks': domains.names,
+      'skipped_domains': domains.skipped,
+      'domain_bytes': {n: [len(domains.train[i]), len(domains.val[i]),
+                           len(domains.test[i])]
+                       for i, n in enumerate(domains.names)},
+      'results': {m: run_method(m, hyper[m], domains, config) for m in methods},
+  }
+
+
+# ----------------------------------------------------------------------------
+# Reporting.
+
+
+def format_report(report: dict[str, Any]) -> str:
+  names = report['tasks']
+  width = max(len(n) for n in names) + 2
+  out = []
+  for name, result in report['results'].items():
+    out.append(f'== {name} {result["hyper"]} ({result["seconds"]:.1f} s), '
+               'test loss (nats/byte)')
+    out.append('after \\ on'.ljust(width) + ''.join(n.rjust(9) for n in names))
+    for i, row in enumerate(result['test']):
+      out.append(names[i].ljust(width) + ''.join(f'{v:9.3f}' for v in row))
+  out.append('')
+  out.append(f'{"method":8s} {"avg loss":>9s} {"forgetting":>11s} '
+             f'{"learned":>8s}')
+  for name, result in report['results'].items():
+    s = result['test_summary']
+    out.append(f'{name:8s} {s["average_loss"]:9.3f} {s["forgetting"]:+11.3f} '
+               f'{s["learned_loss"]:8.3f}')
+  return '\n'.join(out)
+
+
+def plot(report: dict[str, Any], path: str | pathlib.Path) -> None:
+  """One loss-matrix heatmap per method (matplotlib, Agg backend)."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  results, names = report['results'], report['tasks']
+  every = np.concatenate([np.ravel(r['test']) for r in results.values()])
+  low, high = float(np.min(every)), float(np.max(every))
+  fig, axes = plt.subplots(1, len(results), squeeze=False,
+                           figsize=(3.0 * len(results) + 1.2, 3.6),
+                           constrained_layout=True)
+  for ax, (name, result) in zip(axes[0], results.items()):
+    matrix = np.asarray(result['test'])
+    image = ax.imshow(matrix, vmin=low, vmax=high, cmap='viridis_r')
+    for i in range(matrix.shape[0]):
+      for j in range(matrix.shape[1]):
+        ax.text(j, i, f'{matrix[i, j]:.2f}', ha='center', va='center',
+                fontsize=7, color='white' if matrix[i, j] > (low + high) / 2
+                else 'black')
+    s = result['test_summary']
+    ax.set_title(f'{name}\nloss {s["average_loss"]:.3f}  '
+                 f'forgot {s["forgetting"]:+.3f}', fontsize=9)
+    ax.set_xticks(range(len(names)), names, rotation=45, fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_xlabel('evaluated on domain')
+    if ax is axes[0][0]:
+      ax.set_ylabel('after training domain')
+  fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8,
+               label='test loss (nats/byte)')
+  fig.suptitle(f'continual byte-level LM (seed {report["config"]["seed"]}): '
+               'test loss matrix per method', fontsize=10)
+  fig.savefig(path, dpi=120, bbox_inches='tight')
+  plt.close(fig)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--domains', default=','.join(DOMAINS))
+  parser.add_argument('--methods', default=','.join(METHODS))
+  parser.add_argument('--steps', type=int, default=None,
+                      help='training steps per domain (default 150)')
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--quick', action='store_true',
+                      help='CI-sized run: 3 domains, 20 steps, 1 layer')
+  parser.add_argument('--json', default=None, help='write the results here')
+  parser.add_argument('--plot', default=None, help='write the heatmap PNG here')
+  return parser.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+  config = Config(domains=tuple(d for d in args.domains.split(',') if d),
+                  seed=args.seed)
+  if args.quick:
+    config = dataclasses.replace(
+        config, domains=config.domains[:3], max_bytes=60_000, dim=32, layers=1,
+        ffn_dim=64, seq_len=32, batch_size=8, steps_per_task=20,
+        eval_batches=1, memory_samples=8)
+  if args.steps is not None:
+    config = dataclasses.replace(config, steps_per_task=args.steps)
+  return config
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+  args = parse_args(argv)
+  report = run(config_from_args(args),
+               [m for m in args.methods.split(',') if m])
+  print(format_report(report))
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(report, indent=1))
+  if args.plot:
+    plot(report, args.plot)
+  return report
+
+
+if __name__ == '__main__':
+  main()

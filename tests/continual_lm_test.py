@@ -1,0 +1,64 @@
+"""examples/continual_lm.py: text domains shipped with Python, a tiny run."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+pytest.importorskip('matplotlib')
+
+from examples import continual_lm as example  # pylint: disable=wrong-import-position
+from examples.lm import data as data_lib  # pylint: disable=wrong-import-position
+
+
+def test_domains_ship_with_python():
+  python = example.domain_bytes('python', 20_000)
+  english = example.domain_bytes('english', 20_000)
+  assert len(python) == 20_000 and b'def ' in python
+  assert len(english) == 20_000 and b' the ' in english
+  assert b'def ' not in english[:2000]  # prose, not the topics.py source
+  with pytest.raises(ValueError, match='Unknown domain'):
+    example.domain_bytes('klingon', 10)
+
+
+def test_missing_domains_are_skipped_and_two_are_needed():
+  texts = {'a': b'alpha ' * 3000, 'b': b'', 'c': b'gamma! ' * 3000}
+  read = lambda name, max_bytes: texts[name][:max_bytes]
+  config = example.Config(domains=('a', 'b', 'c'), seq_len=16)
+  domains = example.load_domains(config, read=read)
+  assert domains.names == ['a', 'c'] and domains.skipped == ['b']
+  for train, val, test in zip(domains.train, domains.val, domains.test):
+    assert train.dtype == np.uint8 and len(val) > 17 and len(test) > 17
+    assert len(train) > 5 * (len(val) + len(test))
+  with pytest.raises(data_lib.CorpusError, match='at least two'):
+    example.load_domains(dataclasses.replace(config, domains=('a', 'b')),
+                         read=read)
+
+
+def test_loss_summary_reads_a_loss_matrix():
+  loss = np.array([[1.0, 5.0, 5.0], [1.5, 2.0, 4.0], [2.0, 2.2, 3.0]])
+  summary = example.loss_summary(loss, baseline=np.array([5.5, 5.5, 5.5]))
+  np.testing.assert_allclose(summary['average_loss'], (2.0 + 2.2 + 3.0) / 3)
+  np.testing.assert_allclose(summary['forgetting'], ((2 - 1) + (2.2 - 2)) / 2)
+  np.testing.assert_allclose(summary['learned_loss'], 2.0)
+  np.testing.assert_allclose(summary['forward_transfer'],
+                             ((5.5 - 5.0) + (5.5 - 4.0)) / 2)
+
+
+def test_quick_run_learns_and_sculpt_starts_like_naive(tmp_path):
+  out_png = tmp_path / 'lm.png'
+  report = example.main([
+      '--quick', '--domains', 'python,english', '--methods', 'naive,sculpt',
+      '--steps', '15', '--plot', str(out_png)])
+  assert report['tasks'] == ['python', 'english']
+  assert out_png.stat().st_size > 10_000
+  for result in report['results'].values():
+    matrix = np.asarray(result['test'])
+    assert matrix.shape == (2, 2) and np.all(np.isfinite(matrix))
+    assert matrix[0, 0] < np.log(256) - 1.0  # learned bytes (uniform: 5.55)
+  # Same weights and batches, and sculpt's memory is empty in the first
+  # domain: the same first row as naive fine-tuning.
+  np.testing.assert_allclose(report['results']['naive']['test'][0],
+                             report['results']['sculpt']['test'][0], rtol=1e-4)
+  assert set(report['results']['sculpt']['test_summary']) >= {
+      'average_loss', 'forgetting', 'learned_loss'}
