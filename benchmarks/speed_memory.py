@@ -199,6 +199,27 @@ def basis_fingerprint(opt_state) -> jax.Array:
   return jnp.stack(sums)
 
 
+def overdue_refreshes(opt_state) -> int:
+  """Leaves whose scheduled refresh is overdue after the run.
+
+  A refresh whose result is not finite is discarded and stays due (the old
+  basis is kept), so a leaf that stays overdue runs its refresh on every step
+  and never gets a new basis. Counts ``refresh.every`` schedules
+  (``next_refresh``) of every ``SubspaceState`` in ``opt_state``.
+  """
+  overdue = 0
+  holders = [x for x in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, so.SubspaceState))
+             if isinstance(x, so.SubspaceState)]
+  for state in holders:
+    last = int(state.count) - 1  # the count of the last update
+    for schedule in jax.tree.leaves(
+        state.refresh, is_leaf=lambda x: hasattr(x, 'next_refresh')):
+      if hasattr(schedule, 'next_refresh') and int(schedule.next_refresh) <= last:
+        overdue += 1
+  return overdue
+
+
 def gradient_count(refresh_every: int) -> int:
   """How many distinct gradients to cycle: not a divisor of the period, so a
   leaf's consecutive refreshes see different gradients."""
@@ -287,10 +308,11 @@ def optimizer_only(tx, params, gradients, warmup, timed) -> dict[str, Any]:
   params = jax.tree.map(jnp.copy, params)
   opt_state = jax.jit(tx.init)(params)
   step = jax.jit(opt_step, donate_argnums=(0, 1))
-  times, refreshed, _ = _timed_loop(
+  times, refreshed, carry = _timed_loop(
       step, (params, opt_state), lambda i: (gradients[i % len(gradients)],),
       lambda carry: carry[1], warmup, timed)
-  return _summary(times, refreshed)
+  return {**_summary(times, refreshed),
+          'overdue_refresh_leaves': overdue_refreshes(carry[1])}
 
 
 # ----------------------------------------------------------------------------
@@ -414,10 +436,11 @@ def run_method(name: str, method: Method, setup: Setup, corpus, bandwidth,
       params, opt_state, *batch(0)).compile()
   result['compile_seconds'] = time.perf_counter() - start
   result['compiled_memory'] = _compiled_memory(compiled)
-  times, refreshed, _ = _timed_loop(
+  times, refreshed, carry = _timed_loop(
       compiled, (params, opt_state), batch, lambda carry: carry[1],
       setup.warmup_steps, setup.timed_steps)
-  result['train_step'] = _summary(times, refreshed)
+  result['train_step'] = {**_summary(times, refreshed),
+                          'overdue_refresh_leaves': overdue_refreshes(carry[1])}
   result['peak_device_bytes'] = _peak_device_bytes()
 
   # Optimizer alone on three real gradients of the same model.
@@ -579,6 +602,9 @@ def _analytic_cell(row) -> str:
 def _timing_cells(row, key) -> list[str]:
   timing = row[key]
   refresh = (f'{timing["refresh_steps"]}/{timing["timed_steps"]}')
+  if timing.get('overdue_refresh_leaves'):
+    refresh += f' ({timing["overdue_refresh_leaves"]} stuck)'
+
   return [_ms(timing['steady_median_ms']), _ms(timing['refresh_median_ms']),
           refresh, _ms(timing['mean_ms']),
           _times(row.get('vs_adamw', {}).get(key, {}).get('amortised_mean')),
@@ -632,7 +658,10 @@ def markdown(result: dict[str, Any]) -> str:
       '"mean" is over all timed steps (refreshes amortised); its ratios '
       'are to optax.adamw and optax.contrib.galore. State MiB is '
       '`subspace_optax.state_bytes`; "vs analytic" compares it with the '
-      "method's `subspace_optax.<method>_bytes` formula.", '',
+      "method's `subspace_optax.<method>_bytes` formula. \"N stuck\": N "
+      'leaves whose refresh was still overdue at the end: their refresh '
+      'result was not finite, so it was discarded and retried on every step '
+      '(the basis never changed).', '',
       '## Train step (value_and_grad + update + apply_updates)', '']
   rows = []
   for name, row in result['model'].items():

@@ -16,7 +16,9 @@ Methods (as in ``examples/continual.py``): ``naive`` (Adam), ``l2``
 (``l2_to_anchor``), ``ewc`` (``ewc`` with the empirical diagonal Fisher) and
 ``sculpt`` (Sculpting Subspaces, arXiv 2504.07097: AdamW whose update avoids
 each weight's top singular directions, rank set per block by the importance
-``cos(block input, block output)``).
+``cos(block input, block output)``; with ``protect='all'`` the embedding and
+the head are protected too, at ``max_fraction``). GPM is left out: it needs
+every linear layer's inputs, which the model does not expose.
 
 The matrix is a **loss** matrix ``L[i, j]``: next-byte cross entropy (nats) on
 domain ``j`` after training domain ``i``. Lower is better, so the metrics are
@@ -25,7 +27,7 @@ row), forgetting ``(1/(T-1)) Σ_{j<T-1} (L[T-1, j] - L[j, j])`` (the increase in
 loss on earlier domains, positive = forgotten) and the mean loss right after
 learning each domain (``diag L``, plasticity).
 
-Each domain's bytes are cut into 16 KiB chunks: every 10th chunk is held out,
+Each domain's bytes are cut into 4 KiB chunks: every 10th chunk is held out,
 the held-out chunks alternate between validation (to choose hyper-parameters)
 and test (reported).
 
@@ -64,13 +66,13 @@ METHODS = ('naive', 'l2', 'ewc', 'sculpt')
 DOMAINS = ('python', 'english', 'c', 'dectest')
 
 # Chosen on the validation split (seed 0) by ``python -m benchmarks.continual
-# --tasks text --tune``.
+# --tasks text --tune`` (every run: benchmarks/results/continual_tuning_text.json).
 DEFAULTS: dict[str, dict[str, Any]] = {
     'naive': {'learning_rate': 3e-3},
     'l2': {'learning_rate': 3e-3, 'strength': 1e-2},
-    'ewc': {'learning_rate': 3e-3, 'strength': 1e3},
+    'ewc': {'learning_rate': 3e-3, 'strength': 100.0},
     'sculpt': {'learning_rate': 3e-3, 'min_fraction': 0.1,
-               'max_fraction': 0.5, 'weight_decay': 0.0},
+               'max_fraction': 0.5, 'weight_decay': 0.0, 'protect': 'all'},
 }
 
 
@@ -78,6 +80,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 class Config:
   domains: tuple[str, ...] = DOMAINS
   max_bytes: int = 300_000  # per domain
+  split_chunk: int = 4096  # bytes; every 10th chunk is held out
   dim: int = 64
   layers: int = 2
   heads: int = 4
@@ -164,8 +167,10 @@ def load_domains(config: Config, *, read: Callable[[str, Optional[int]], bytes]
     if len(raw) < 10 * need:
       skipped.append(name)
       continue
-    train, held_out = data_lib.split(raw, val_every=10)
-    val, test = data_lib.split(held_out.tobytes(), val_every=2)
+    train, held_out = data_lib.split(raw, val_every=10,
+                                     split_chunk=config.split_chunk)
+    val, test = data_lib.split(held_out.tobytes(), val_every=2,
+                               split_chunk=config.split_chunk)
     if min(len(val), len(test)) < need:
       skipped.append(name)
       continue
@@ -275,9 +280,13 @@ def make_method(name: str, hyper: dict[str, Any], net) -> Method:
     return Method(optax.chain(
         continual.ewc(strength=hyper['strength']), optax.adam(lr)), consolidate)
   if name == 'sculpt':
-    # Protect the transformer blocks' matrices (not the embedding and head).
-    only_blocks = lambda p: _kernel_tree(
-        p, lambda i: so.DimensionNumbers(-2, -1))
+    # 'blocks': the transformer blocks' matrices; 'all': also the embedding
+    # and the head (every 2-D leaf; no importance score, so max_fraction).
+    protect = hyper.get('protect', 'blocks')
+    if protect not in ('blocks', 'all'):
+      raise ValueError(f"`protect` must be 'blocks' or 'all', got {protect!r}.")
+    matrices = None if protect == 'all' else (lambda p: _kernel_tree(
+        p, lambda i: so.DimensionNumbers(-2, -1)))
     def sculpt(params, opt_state, samples):
       scores = np.asarray(net.block_importance(params, samples[0]))
       memory = continual.sculpt_memory(
@@ -285,11 +294,11 @@ def make_method(name: str, hyper: dict[str, Any], net) -> Method:
           min_fraction=hyper['min_fraction'],
           max_fraction=hyper['max_fraction'],
           normalization=hyper.get('normalization', 'max'),
-          dimension_numbers=only_blocks)
+          dimension_numbers=matrices)
       return continual.set_memory(opt_state, memory)
     return Method(continual.sculpt(
         lr, weight_decay=hyper['weight_decay'],
-        max_fraction=hyper['max_fraction'], dimension_numbers=only_blocks),
+        max_fraction=hyper['max_fraction'], dimension_numbers=matrices),
                   sculpt)
   raise ValueError(f'Unknown method {name!r}; choose from {METHODS}.')
 

@@ -58,7 +58,9 @@ TRANSFORMS = {
 }
 # Online Subspace Descent (basis moved every step by online PCA; the first
 # update's range finder sits in the other branch of the same lax.cond). Only
-# its compiled update is checked (HLO and shardings), to keep the file cheap.
+# its compiled update is checked (HLO and shardings), on the unstacked leaves
+# (the stacked one triples its compile time), to keep the file cheap.
+ONLINE_LEAVES = ('b', 'v', 'w')
 ONLINE = {
     'online_subspace_descent': lambda: so.online_subspace_descent(
         1e-2, rank=RANK, dimension_numbers=so.last_two_axes),
@@ -84,10 +86,10 @@ def _shardings(mesh):
   return {k: NamedSharding(mesh, s) for k, s in SPECS.items()}
 
 
-def _tree(mesh, seed):
+def _tree(mesh, seed, leaves=tuple(sorted(SHAPES))):
   keys = dict(zip(sorted(SHAPES), jax.random.split(jax.random.key(seed), 4)))
   return {k: jax.device_put(jax.random.normal(keys[k], SHAPES[k]),
-                            NamedSharding(mesh, SPECS[k])) for k in SHAPES}
+                            NamedSharding(mesh, SPECS[k])) for k in leaves}
 
 
 def _spec(x):
@@ -99,14 +101,15 @@ def _same_sharding(a, b) -> bool:
 
 
 @functools.cache
-def _compiled(name: str, axis_type: str):
+def _compiled(name: str, axis_type: str, leaves=tuple(sorted(SHAPES))):
   """(params, grads, jit-initialised state, compiled update) for one case."""
   mesh = _mesh(axis_type)
   tx = {**TRANSFORMS, **ONLINE}[name]()
   with jax.set_mesh(mesh):
-    params, grads = _tree(mesh, 0), _tree(mesh, 1)
+    params, grads = _tree(mesh, 0, leaves), _tree(mesh, 1, leaves)
     if axis_type == 'auto':
-      shardings = so.state_shardings(tx, params, _shardings(mesh))
+      shardings = {k: s for k, s in _shardings(mesh).items() if k in leaves}
+      shardings = so.state_shardings(tx, params, shardings)
       state = jax.jit(tx.init, out_shardings=shardings)(params)
     else:
       state = jax.jit(tx.init)(params)
@@ -210,7 +213,8 @@ def test_online_basis_gathers_no_gradient_matrix(axis_type):
   update's range finder and the online-PCA step) gathers no gradient matrix,
   its state keeps its sharding over two updates, and its basis and moments
   follow the same rule as the other bases."""
-  params, grads, state, update = _compiled('online_subspace_descent', axis_type)
+  params, grads, state, update = _compiled(
+      'online_subspace_descent', axis_type, ONLINE_LEAVES)
   _assert_no_gradient_matrix_gathered(update.as_text())
   with jax.set_mesh(_mesh(axis_type)):
     _, first = update(grads, state, params)  # range finder
@@ -218,15 +222,15 @@ def test_online_basis_gathers_no_gradient_matrix(axis_type):
   for leaf, later in zip(jax.tree.leaves(state), jax.tree.leaves(after)):
     assert _same_sharding(leaf, later), (leaf.shape, leaf.sharding, later.sharding)
   low = _low_rank_state(state)
-  for k, spec in BASIS_SPECS.items():
+  for k in ('v', 'w'):
     assert low.basis[k].basis.shape == BASIS_SHAPES[k]
-    assert _spec(low.basis[k].basis) == spec, k
-  for k, spec in MOMENT_SPECS.items():
-    assert _spec(low.inner_state.mu[k]) == spec, k
+    assert _spec(low.basis[k].basis) == BASIS_SPECS[k], k
+  for k in ONLINE_LEAVES:
+    assert _spec(low.inner_state.mu[k]) == MOMENT_SPECS[k], k
   first_basis = _low_rank_state(first).basis['w'].basis
   moved_basis = _low_rank_state(after).basis['w'].basis
   assert float(jnp.max(jnp.abs(moved_basis - first_basis))) > 0  # every step
-  for k in SHAPES:
+  for k in ONLINE_LEAVES:
     assert _same_sharding(updates[k], params[k]), (k, updates[k].sharding)
     assert np.isfinite(np.asarray(updates[k])).all()
 
