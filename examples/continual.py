@@ -30,11 +30,12 @@ Continual byte-level language modelling across text domains is in
 
 Digits are split once into train / validation / test (60/20/20, stratified by
 the seed). Hyper-parameters (``DEFAULTS``) were chosen per method on the
-validation split by ``python -m benchmarks.continual --tune``; every number this
-script prints is on the test split. After each task the script records the
-accuracy on every task (the accuracy matrix ``R[i, j]``: after training task
-``i``, on task ``j``) and reports average accuracy, backward transfer
-(forgetting) and forward transfer (Lopez-Paz and Ranzato, GEM, 2017).
+validation split by ``python -m benchmarks.continual --tune --tasks split``
+(or ``permuted``); every number this script prints is on the test split. After
+each task the script records the accuracy on every task (the accuracy matrix
+``R[i, j]``: after training task ``i``, on task ``j``) and reports average
+accuracy, backward transfer (forgetting) and forward transfer (Lopez-Paz and
+Ranzato, GEM, 2017).
 
 Usage::
 
@@ -66,8 +67,8 @@ from subspace_optax import continual
 METHODS = ('naive', 'l2', 'ewc', 'gpm', 'sculpt')
 
 # Chosen per method on the validation split, seed 0, by
-# ``python -m benchmarks.continual --tune [--tasks split]`` (the grids and every
-# run: benchmarks/results/continual_tuning_{permuted,split}.json).
+# ``python -m benchmarks.continual --tune --tasks split|permuted`` (the grids
+# and every run: benchmarks/results/continual_tuning_{permuted,split}.json).
 DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     'permuted': {
         'naive': {'learning_rate': 1e-3},

@@ -143,8 +143,13 @@ def orthonormalize(y: jax.Array, key: jax.Array, passes: int = 3) -> jax.Array:
   orthonormal columns; those extra directions carry no gradient energy.
 
   ``passes=1`` (the shifted pass alone) gives a well-conditioned basis of the
-  same span, enough between power iterations; 3 passes give orthonormality to
-  float32 precision.
+  same span, enough between power iterations. With ``passes > 1`` the shifted
+  pass is followed by a Householder QR of the ``k x p`` result, orthonormal to
+  float32 precision: in float32 the shift is a sizeable fraction of the trace,
+  so after it a sketch of a gradient with a decaying spectrum (``σ_j = 0.9^j``)
+  is still too ill-conditioned for plain Cholesky-QR passes, which then break
+  down. On a mesh that QR gathers the sketch (``k x p``, the size of the basis),
+  never the gradient.
   """
   k, p = y.shape
   y = y.astype(jnp.float32)
@@ -154,14 +159,26 @@ def orthonormalize(y: jax.Array, key: jax.Array, passes: int = 3) -> jax.Array:
       jax.random.normal(key, (k, p), jnp.float32), y)
   eye = jnp.eye(p, dtype=jnp.float32)
   unit_roundoff = jnp.finfo(jnp.float32).eps / 2
-  for step in range(passes):
-    gram = sharding.einsum('kp,kq->pq', y, y, precision=_HIGHEST)
-    if step == 0:
-      gram = gram + 11 * (k * p + p * (p + 1)) * unit_roundoff * jnp.trace(gram) * eye
-    lower = jnp.linalg.cholesky(gram)
-    inverse_upper = jax.scipy.linalg.solve_triangular(lower, eye, lower=True).T
-    y = sharding.einsum('kp,pq->kq', y, inverse_upper, precision=_HIGHEST)
+  gram = sharding.einsum('kp,kq->pq', y, y, precision=_HIGHEST)
+  gram = gram + 11 * (k * p + p * (p + 1)) * unit_roundoff * jnp.trace(gram) * eye
+  y = sharding.einsum('kp,pq->kq', y, inverse_cholesky_factor(gram),
+                      precision=_HIGHEST)
+  if passes > 1:
+    y = sharding.reshard_like(_householder_q(sharding.replicate_matrix(y)), y)
   return y
+
+
+@batching.loop_on_cpu
+def inverse_cholesky_factor(gram: jax.Array) -> jax.Array:
+  """``R⁻¹`` with ``gram = RᵀR`` (Cholesky), so that ``Y R⁻¹`` is orthonormal."""
+  lower = jnp.linalg.cholesky(gram)
+  eye = jnp.eye(gram.shape[-1], dtype=gram.dtype)
+  return jax.scipy.linalg.solve_triangular(lower, eye, lower=True).T
+
+
+@batching.loop_on_cpu
+def _householder_q(y: jax.Array) -> jax.Array:
+  return jnp.linalg.qr(y)[0]
 
 
 def randomized(oversample: int = 8, power_iterations: int = 1) -> BasisMethod:
@@ -198,7 +215,7 @@ def randomized(oversample: int = 8, power_iterations: int = 1) -> BasisMethod:
     sketch = jax.random.normal(keys[0], (l, p), jnp.float32)
     # Only the last orthonormalisation needs full precision (the final basis is
     # Q times an orthogonal matrix); the earlier ones only keep the span stable.
-    last = lambda i: 3 if i == power_iterations else 1
+    last = lambda i: 2 if i == power_iterations else 1
     q = orthonormalize(
         sharding.einsum('kl,lp->kp', g, sketch, precision=_HIGHEST), keys[1],
         last(0))
@@ -209,8 +226,7 @@ def randomized(oversample: int = 8, power_iterations: int = 1) -> BasisMethod:
           sharding.einsum('kl,lp->kp', g, z, precision=_HIGHEST), keys[3 + 2 * i],
           last(i + 1))
     b = sharding.einsum('kp,kl->pl', q, g, precision=_HIGHEST)
-    _, vectors = jnp.linalg.eigh(
-        sharding.einsum('pl,ql->pq', b, b, precision=_HIGHEST))
+    vectors = _eigenvectors(sharding.einsum('pl,ql->pq', b, b, precision=_HIGHEST))
     top = vectors[:, ::-1][:, :rank]  # eigh sorts ascending
     return _finish(
         sharding.einsum('kp,pr->kr', q, top, precision=_HIGHEST), old, align)
@@ -219,6 +235,11 @@ def randomized(oversample: int = 8, power_iterations: int = 1) -> BasisMethod:
       'randomized', dense_init, refresh, dense_project, dense_unproject,
       dense_transition,
   )
+
+
+@batching.loop_on_cpu
+def _eigenvectors(symmetric: jax.Array) -> jax.Array:
+  return jnp.linalg.eigh(symmetric)[1]
 
 
 _BY_NAME: dict[str, Callable[[], BasisMethod]] = {

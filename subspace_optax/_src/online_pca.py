@@ -87,12 +87,10 @@ def _cholesky_qr2(p: jax.Array) -> jax.Array:
   is numerically singular.
   """
   q = p
-  eye = jnp.eye(p.shape[1], dtype=jnp.float32)
   for _ in range(2):
     gram = sharding.einsum('kp,kq->pq', q, q, precision=_HIGHEST)
-    lower = jnp.linalg.cholesky(gram)
-    inverse_upper = jax.scipy.linalg.solve_triangular(lower, eye, lower=True).T
-    q = sharding.einsum('kp,pq->kq', q, inverse_upper, precision=_HIGHEST)
+    q = sharding.einsum('kp,pq->kq', q, bases_lib.inverse_cholesky_factor(gram),
+                        precision=_HIGHEST)
   return jnp.where(jnp.all(jnp.isfinite(q)), q, p)
 
 
