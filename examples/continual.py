@@ -275,8 +275,7 @@ def make_method(name: str, hyper: dict[str, Any], apply_trace, loss_one,
       masks = np.broadcast_to(tasks.class_mask[t], (len(y), 10))
       fisher = continual.fisher_diagonal(loss_one, params, (x, y, masks),
                                          batch_size=100)
-      total = jax.tree.map(jnp.add, optax.tree.get(opt_state, 'fisher'), fisher)
-      return optax.tree.set(opt_state, anchor=params, fisher=total)
+      return continual.consolidate_ewc(opt_state, params, fisher)
     return Method(optax.chain(
         continual.ewc(strength=hyper['strength']), optax.adam(lr)), consolidate)
 

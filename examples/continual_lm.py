@@ -275,8 +275,7 @@ def make_method(name: str, hyper: dict[str, Any], net) -> Method:
     def consolidate(params, opt_state, samples):
       fisher = continual.fisher_diagonal(net.loss_one, params, samples,
                                          batch_size=8)
-      total = jax.tree.map(jnp.add, optax.tree.get(opt_state, 'fisher'), fisher)
-      return optax.tree.set(opt_state, anchor=params, fisher=total)
+      return continual.consolidate_ewc(opt_state, params, fisher)
     return Method(optax.chain(
         continual.ewc(strength=hyper['strength']), optax.adam(lr)), consolidate)
   if name == 'sculpt':

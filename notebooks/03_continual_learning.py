@@ -156,8 +156,7 @@ def nll_one(params, example):
 def ewc_boundary(params, opt_state, task):
   fisher = continual.fisher_diagonal(
       nll_one, params, (task['x_train'][:300], task['y_train'][:300]))
-  total = jax.tree.map(jnp.add, optax.tree.get(opt_state, 'fisher'), fisher)
-  return optax.tree.set(opt_state, anchor=params, fisher=total)
+  return continual.consolidate_ewc(opt_state, params, fisher)
 
 
 def gpm_boundary(params, opt_state, task, threshold=0.97):

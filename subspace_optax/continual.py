@@ -41,6 +41,7 @@ from subspace_optax._src.continual import sculpt
 from subspace_optax._src.continual import sculpt_capacity
 # Baselines and schedules.
 from subspace_optax._src.regularizers import AnchorState
+from subspace_optax._src.regularizers import consolidate_ewc
 from subspace_optax._src.regularizers import ewc
 from subspace_optax._src.regularizers import EwcState
 from subspace_optax._src.regularizers import fisher_diagonal

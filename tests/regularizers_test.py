@@ -79,3 +79,20 @@ def test_rewarm_schedule_restarts_every_task():
                              [0.0, 0.5, 0.0, 0.5, 1.0, 0.0], atol=1e-6)
   with pytest.raises(ValueError, match='warmup'):
     cl.rewarm_schedule(1.0, steps_per_task=[4, 2], warmup_steps=2)
+
+
+def test_consolidate_ewc_accumulates_the_fisher_and_moves_the_anchor():
+  params = _params()
+  first = jax.tree.map(lambda p: jnp.abs(p) + 0.1, params)
+  second = jax.tree.map(lambda p: 2 * jnp.abs(p) + 0.3, params)
+  tx = optax.chain(cl.ewc(strength=1.0), optax.sgd(1.0))
+  state = cl.consolidate_ewc(tx.init(params), params, first)
+  moved = jax.tree.map(lambda p: p + 1.0, params)
+  state = cl.consolidate_ewc(state, moved, second, decay=0.5)
+  for got, want in zip(jax.tree.leaves(optax.tree.get(state, 'fisher')),
+                       jax.tree.leaves(jax.tree.map(
+                           lambda a, b: 0.5 * a + b, first, second))):
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+  for got, want in zip(jax.tree.leaves(optax.tree.get(state, 'anchor')),
+                       jax.tree.leaves(moved)):
+    np.testing.assert_array_equal(got, want)

@@ -98,8 +98,7 @@ def ewc(
   ``(λ/2) Σ_i F_i (θ_i - θ*_i)²`` with ``F`` the diagonal Fisher information at
   the previous solution ``θ*``. For several tasks, accumulate the Fisher
   (``F ← F + F_t``, or ``γF + F_t`` for online EWC, Schwarz et al.,
-  arXiv 1805.06370) and move the anchor:
-  ``optax.tree.set(opt_state, anchor=params, fisher=F)``.
+  arXiv 1805.06370) and move the anchor: :func:`consolidate_ewc`.
 
   Args:
     anchor: ``θ*``; None uses the params given to ``init`` (a copy).
@@ -127,6 +126,26 @@ def ewc(
 
   return optax.with_extra_args_support(
       optax.GradientTransformation(init_fn, update_fn))
+
+
+def consolidate_ewc(opt_state: Any, params: Any, fisher: Any,
+                    decay: float = 1.0) -> Any:
+  """``opt_state`` with the :func:`ewc` state moved to a finished task.
+
+  ``F ← γ F + F_t`` and ``θ* ← θ`` (``γ = decay``; 1 is EWC with one penalty
+  per task summed, ``γ < 1`` online EWC, Schwarz et al., arXiv 1805.06370).
+  ``opt_state`` is any optax state holding one :class:`EwcState`; nothing is
+  rebuilt or re-jitted.
+
+  Args:
+    opt_state: the optimizer state (e.g. of ``optax.chain(ewc(...), ...)``).
+    params: ``θ``, the params at the end of the task.
+    fisher: ``F_t``, e.g. from :func:`fisher_diagonal`.
+    decay: ``γ``.
+  """
+  total = jax.tree.map(lambda old, new: decay * old + new,
+                       optax.tree.get(opt_state, 'fisher'), fisher)
+  return optax.tree.set(opt_state, anchor=params, fisher=total)
 
 
 @functools.lru_cache(maxsize=32)
