@@ -9,9 +9,15 @@ paper's settings; a CPU run does only the 60M block by default)::
   python -m benchmarks.speed_memory                     # default CPU run
   python -m benchmarks.speed_memory --quick             # smoke test
   python -m benchmarks.speed_memory --model llama_60m --batch-size 32 \\
-      --refresh-every 200 --timed-steps 400 --methods all   # on a GPU
+      --refresh-every 200 --timed-steps 400 --methods all \\
+      --torch-reference                                     # on a GPU
   python -m benchmarks.speed_memory --model llama_130m --batch-size 32 \\
       --refresh-every 200 --timed-steps 400 --shape-layers 12 --methods all
+
+``--torch-reference`` adds galore-torch's ``GaLoreAdamW`` and
+``torch.optim.AdamW`` (optimizer only, same shapes, rank and refresh period,
+in their own process, before the JAX methods) and each method's ratio to
+galore-torch.
 
 The default run (10 methods, ``DEFAULT_METHODS``) takes about 10 minutes on 2
 CPU cores and writes ``benchmarks/results/speed_memory_cpu.json`` and a
@@ -60,7 +66,12 @@ import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
-import jax
+# On a GPU, allocate device memory as needed rather than 75 % up front: the
+# allocator's peak is then the method's own, and the galore-torch process of
+# --torch-reference finds the device free.
+os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -330,24 +341,28 @@ class Setup:
   rank: int
   shape_sets: dict[str, tuple[int, int, int]]
   shape_layers: int
+  stacked: bool  # layers stacked in one leaf per weight (nnx.scan/nnx.vmap)
   max_bytes: int
 
 
 def make_setup(args) -> Setup:
   if args.quick:
     config = model_lib.Config(dim=32, layers=2, heads=2, ffn_dim=64,
-                              max_seq_len=32)
+                              max_seq_len=32, scan_layers=args.scan_layers)
     return Setup(config, batch_size=4, seq_len=32, refresh_every=3,
                  warmup_steps=1, timed_steps=6, rank=8,
                  shape_sets=QUICK_SHAPE_SETS, shape_layers=1,
+                 stacked=args.scan_layers,
                  max_bytes=200_000)
-  config = model_lib.config_from_preset(args.model, scan_layers=False)
+  config = model_lib.config_from_preset(args.model,
+                                        scan_layers=args.scan_layers)
   timed = args.timed_steps or 2 * args.refresh_every
   return Setup(config, batch_size=args.batch_size,
                seq_len=args.seq_len or config.max_seq_len,
                refresh_every=args.refresh_every, warmup_steps=args.warmup_steps,
                timed_steps=timed, rank=args.rank or config.dim // 4,
                shape_sets=_shape_sets(args), shape_layers=args.shape_layers,
+               stacked=args.scan_layers,
                max_bytes=args.max_bytes)
 
 
@@ -365,9 +380,14 @@ def _shape_sets(args) -> dict[str, tuple[int, int, int]]:
   return {n: SHAPE_SETS[n] for n in names}
 
 
-def block_shapes(dim: int, ffn_dim: int, layers: int):
+def block_shapes(dim: int, ffn_dim: int, layers: int, stacked: bool = False):
   """Zeros shaped like ``layers`` LLaMA blocks, with paths that
-  ``block_matrices`` projects (``blocks/<i>/.../kernel``)."""
+  ``block_matrices`` projects (``blocks/<i>/.../kernel``, or with ``stacked``
+  ``blocks/.../kernel`` of shape ``(layers, d_in, d_out)``)."""
+  if stacked:
+    return jax.tree.map(
+        lambda x: jnp.zeros((layers,) + x.shape, x.dtype),
+        {'blocks': block_shapes(dim, ffn_dim, 1)['blocks']['0']})
   block = {
       'attention': {n: {'kernel': (dim, dim)} for n in ('wq', 'wk', 'wv', 'wo')},
       'mlp': {'w_gate': {'kernel': (dim, ffn_dim)},
@@ -390,10 +410,11 @@ def shape_gradients(params, count: int, seed: int):
     def one(p):
       if p.ndim < 2:
         return jax.random.normal(next(keys), p.shape)
-      m, n = p.shape
+      *layers, m, n = p.shape
       k = min(m, n)
-      left = jax.random.normal(next(keys), (m, k)) * (0.9 ** jnp.arange(k))
-      return left @ jax.random.normal(next(keys), (k, n)) / math.sqrt(k)
+      left = jax.random.normal(next(keys), (*layers, m, k)) * (
+          0.9 ** jnp.arange(k))
+      return left @ jax.random.normal(next(keys), (*layers, k, n)) / math.sqrt(k)
 
     out.append(jax.tree.map(one, params))
   return out
@@ -461,7 +482,7 @@ def run_shapes(name: str, method: Method, setup: Setup, bandwidth,
                seed: int = 0) -> dict[str, Any]:
   out = {}
   for set_name, (dim, ffn_dim, rank) in setup.shape_sets.items():
-    params = block_shapes(dim, ffn_dim, setup.shape_layers)
+    params = block_shapes(dim, ffn_dim, setup.shape_layers, setup.stacked)
     rank = method.fixed_rank or rank
     tx = method.build(rank, setup.refresh_every, seed)
     state = jax.eval_shape(tx.init, params)
@@ -572,6 +593,67 @@ def _le(value, bound):
 
 
 # ----------------------------------------------------------------------------
+# The PyTorch reference (galore-torch), same shapes, rank and refresh period.
+
+
+def _split_shapes(params) -> dict[str, list[list[int]]]:
+  """Leaf shapes, the projected ones (GaLore's parameter group) first; a
+  stacked ``(layers, m, n)`` leaf is ``layers`` tensors for PyTorch."""
+  projected, other = [], []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    if lm_optimizers.is_block_matrix(path, leaf):
+      projected += [list(leaf.shape[-2:])] * int(np.prod(leaf.shape[:-2]))
+    else:
+      other.append(list(leaf.shape))
+  return {'projected': projected, 'other': other}
+
+
+def torch_reference(setup: Setup, timeout: float,
+                    with_shapes: bool = True) -> dict[str, Any]:
+  """``benchmarks/reference/galore_torch_speed.py`` in its own process, on the
+  model's parameter shapes and (``with_shapes``) on every shape set."""
+  tables = {'model': _split_shapes(
+      quality.init_params(_quality_setup(setup), 0)[1])}
+  ranks = {'model': setup.rank}
+  for set_name, (dim, ffn_dim, rank) in (
+      setup.shape_sets.items() if with_shapes else ()):
+    tables[set_name] = _split_shapes(block_shapes(dim, ffn_dim,
+                                                  setup.shape_layers,
+                                                  setup.stacked))
+    ranks[set_name] = rank
+  config = {'tables': tables, 'rank': ranks,
+            'refresh_every': setup.refresh_every,
+            'warmup': setup.warmup_steps, 'timed': setup.timed_steps, 'seed': 0}
+  try:
+    done = subprocess.run(
+        [sys.executable, '-m', 'benchmarks.reference.galore_torch_speed'],
+        input=json.dumps(config), capture_output=True, text=True, check=False,
+        timeout=timeout, cwd=pathlib.Path(__file__).resolve().parents[1])
+  except subprocess.TimeoutExpired:
+    return {'error': f'timed out after {timeout:.0f} s'}
+  if done.returncode != 0:
+    return {'error': done.stderr[-2000:]}
+  return json.loads(done.stdout)
+
+
+def add_torch_ratios(result: dict[str, Any]) -> None:
+  """``vs_galore_torch``: each JAX row's optimizer-only times over
+  galore-torch's on the same shapes (and ``torch_adamw``'s over it)."""
+  reference = result.get('torch_reference') or {}
+  for table, torch_rows in (reference.get('tables') or {}).items():
+    galore = torch_rows['galore_torch']
+    rows = (result['model'] if table == 'model'
+            else result['shapes'].get(table, {}))
+    for row in list(rows.values()) + [torch_rows['torch_adamw']]:
+      if 'error' in row:
+        continue
+      timing = row.get('optimizer_only', row)
+      row['vs_galore_torch'] = _timing_ratios(
+          {'optimizer_only': timing}, {'optimizer_only': galore},
+          'optimizer_only')
+
+
+# ----------------------------------------------------------------------------
 # Markdown.
 
 
@@ -580,7 +662,9 @@ def _ms(value) -> str:
 
 
 def _times(value) -> str:
-  return '–' if value is None else f'{value:.2f}×'
+  if value is None:
+    return '–'
+  return f'{value:.3f}×' if value < 0.1 else f'{value:.2f}×'
 
 
 def _mib(value) -> str:
@@ -649,7 +733,8 @@ def markdown(result: dict[str, Any]) -> str:
       f'{setup["rank"]} (unless fixed by the method); refresh every '
       f'{setup["refresh_every"]}; {setup["warmup_steps"]} warm-up + '
       f'{setup["timed_steps"]} timed steps; BLAS threads '
-      f'{setup["blas_threads"]}',
+      f'{setup["blas_threads"]}; layers '
+      f'{"stacked" if setup.get("stacked_layers") else "one leaf each"}',
       '',
       'Times are medians in milliseconds. "steady" excludes the steps on '
       'which some basis changed ("refresh steps": such steps / timed steps; '
@@ -672,16 +757,19 @@ def markdown(result: dict[str, Any]) -> str:
     rows.append([name, _rank(name, row)] + _timing_cells(row, 'train_step')
                 + _state_cells(row)
                 + [_ms(row['optimizer_only']['steady_median_ms']
-                       or row['optimizer_only']['median_ms'])])
+                       or row['optimizer_only']['median_ms']),
+                   _mib(row.get('peak_device_bytes'))])
   lines += _table(('method', 'rank') + _TIMING_HEADER
                   + ('state MiB', 'state × adamw', 'vs analytic',
-                     'optimizer-only ms'), rows)
+                     'optimizer-only ms', 'peak device MiB'), rows)
   lines += ['', '## Optimizer only (update + apply_updates), model '
             'gradients', '']
   rows = [[name, _rank(name, row)] + _timing_cells(row, 'optimizer_only')
           for name, row in result['model'].items() if 'error' not in row]
   lines += _table(('method', 'rank') + _TIMING_HEADER, rows)
   for set_name, shape_rows in result['shapes'].items():
+    if not shape_rows:
+      continue
     shape = setup['shape_sets'][set_name]
     lines += ['', f'## Optimizer only, {set_name}: {shape["layers"]} block(s) '
               f'of dim {shape["dim"]}, ffn {shape["ffn_dim"]}, rank '
@@ -694,7 +782,70 @@ def markdown(result: dict[str, Any]) -> str:
                   + _timing_cells(row, 'optimizer_only') + _state_cells(row))
     lines += _table(('method', 'rank') + _TIMING_HEADER
                     + ('state MiB', 'state × adamw', 'vs analytic'), rows)
+  lines += _torch_markdown(result)
+  lines += _goals_markdown(result.get('goals') or {})
   return '\n'.join(lines) + '\n'
+
+
+def _goals_markdown(goals_by_method: dict[str, Any]) -> list[str]:
+  rows = []
+  for name, entry in goals_by_method.items():
+    if not isinstance(entry, dict):
+      continue
+    meets = entry['meets']
+    mark = lambda key: {True: 'yes', False: 'no', None: '–'}[meets[key]]
+    rows.append([
+        name,
+        f'{_times(entry["train_step_amortised_vs_adamw"])} '
+        f'({mark("train_step_le_1.05x_adamw")})',
+        f'{_times(entry["refresh_over_steady_train_step"])} '
+        f'({mark("refresh_le_3x_step")})',
+        f'{_times(entry["optimizer_only_vs_roofline"])} '
+        f'({mark("optimizer_only_le_2x_roofline")})',
+        f'{_times(entry["peak_device_bytes_vs_adamw"])} '
+        f'({mark("peak_memory_below_adamw")})'])
+  if not rows:
+    return []
+  return ['', f'## Goals (evaluated on {goals_by_method["evaluated_on"]})', '',
+          'Train step with refreshes amortised ≤ 1.05× AdamW; largest refresh '
+          'step ≤ 3× the steady step; optimizer-only steady step ≤ 2× the '
+          'roofline `(2 x state bytes + 3 x param bytes) / HBM bandwidth`; '
+          'peak device memory below AdamW\'s.', ''] + _table(
+              ('method', 'train step × adamw', 'refresh × steady step',
+               'optimizer-only × roofline', 'peak memory × adamw'), rows)
+
+
+def _torch_markdown(result: dict[str, Any]) -> list[str]:
+  reference = result.get('torch_reference')
+  if not reference:
+    return []
+  lines = ['', '## Optimizer only against galore-torch (PyTorch, same device)',
+           '']
+  if 'error' in reference:
+    return lines + ['error: ' + reference['error'][-500:]]
+  lines += [f'torch {reference["versions"]["torch"]} on {reference["device"]}; '
+            'galore-torch 1.0 `GaLoreAdamW` (`proj_type="std"`, scale 0.25, '
+            'same rank and refresh period; bitsandbytes: '
+            f'{reference["galore_torch_bitsandbytes"]}); `torch.optim.AdamW` '
+            'default (foreach). "× galore-torch" is mean ms over galore-torch\'s '
+            'mean ms, and the refresh step\'s max over galore-torch\'s.', '']
+  for table, torch_rows in reference['tables'].items():
+    ours = (result['model'] if table == 'model'
+            else result['shapes'].get(table, {}))
+    rows = []
+    for name, row in [(f'{n} (torch)', r) for n, r in torch_rows.items()] + [
+        (n, r) for n, r in ours.items() if 'error' not in r]:
+      timing = row.get('optimizer_only', row)
+      vs = row.get('vs_galore_torch', {})
+      rows.append([name, _ms(timing['steady_median_ms']),
+                   _ms(timing['refresh_max_ms']), _ms(timing['mean_ms']),
+                   _times(vs.get('amortised_mean')),
+                   _times(vs.get('refresh_max')), _mib(row['state_bytes'])])
+    lines += [f'### {table}', '']
+    lines += _table(('method', 'steady median ms', 'refresh max ms', 'mean ms',
+                     'mean × galore-torch', 'refresh max × galore-torch',
+                     'state MiB'), rows) + ['']
+  return lines
 
 
 # ----------------------------------------------------------------------------
@@ -760,6 +911,15 @@ def run(args, argv: Sequence[str]) -> dict[str, Any]:
   corpus = data_lib.load_corpus(None, max_bytes=setup.max_bytes,
                                 seq_len=setup.seq_len)
 
+  reference = None
+  if args.torch_reference and not args.raw:
+    print('[speed_memory] galore-torch', file=sys.stderr, flush=True)
+    reference = torch_reference(setup, args.torch_timeout,
+                                not args.skip_shapes)
+    if args.out:
+      pathlib.Path(args.out).with_suffix('.torch.json').write_text(
+          json.dumps(reference))
+
   model_rows, shape_rows = {}, {s: {} for s in setup.shape_sets}
   isolate = _isolate(args) and not args.raw
   passthrough = [a for a in argv if a not in ('--raw',)]
@@ -767,12 +927,17 @@ def run(args, argv: Sequence[str]) -> dict[str, Any]:
   passthrough = _drop_option(passthrough, '--isolate')
   passthrough = _drop_option(passthrough, '--out')
   for name in names:
-    print(f'[speed_memory] {name}', file=sys.stderr, flush=True)
+    print(f'[speed_memory] {name} at {time.perf_counter() - began_wall:.0f} s',
+          file=sys.stderr, flush=True)
+    if args.out and not args.raw:  # what is done so far, if the run is cut off
+      pathlib.Path(args.out).with_suffix('.partial.json').write_text(
+          json.dumps({'model': model_rows, 'shapes': shape_rows}))
     if isolate:
       one = _one_in_subprocess(name, passthrough)
       model_rows[name] = one['model'].get(name, one['model'])
       for s, rows in one.get('shapes', {}).items():
-        shape_rows.setdefault(s, {})[name] = rows.get(name, rows)
+        if rows:  # empty with --skip-shapes
+          shape_rows.setdefault(s, {})[name] = rows.get(name, rows)
       continue
     model_rows[name] = _safely(run_method, name, table[name], setup, corpus,
                                bandwidth)
@@ -793,7 +958,7 @@ def run(args, argv: Sequence[str]) -> dict[str, Any]:
   on_gpu = jax.default_backend() == 'gpu'
   param_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
       quality.init_params(_quality_setup(setup), 0)[1]))
-  return {
+  result = {
       'benchmark': 'speed_memory',
       'date': args.date or datetime.date.today().isoformat(),
       'machine': args.machine or f'{os.cpu_count()} CPU cores',
@@ -812,6 +977,7 @@ def run(args, argv: Sequence[str]) -> dict[str, Any]:
           'refresh_every': setup.refresh_every,
           'warmup_steps': setup.warmup_steps, 'timed_steps': setup.timed_steps,
           'projected': 'transformer block kernels (attention, MLP)',
+          'stacked_layers': setup.stacked,
           'shape_sets': {k: {'dim': v[0], 'ffn_dim': v[1], 'rank': v[2],
                              'layers': setup.shape_layers}
                          for k, v in setup.shape_sets.items()},
@@ -822,10 +988,13 @@ def run(args, argv: Sequence[str]) -> dict[str, Any]:
       },
       'model': model_rows,
       'shapes': shape_rows,
+      'torch_reference': reference,
       'goals': goals(model_rows, on_gpu),
       'wall_seconds': time.perf_counter() - began_wall,
       'cpu_seconds': time.process_time() - began_cpu,
   }
+  add_torch_ratios(result)
+  return result
 
 
 def _drop_option(argv: list[str], option: str) -> list[str]:
@@ -867,6 +1036,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                  help=f'comma-separated subset of {",".join(SHAPE_SETS)}; '
                  f'default: all on a GPU, {",".join(CPU_SHAPE_SETS)} on a CPU')
   p.add_argument('--skip-shapes', action='store_true')
+  p.add_argument('--scan-layers', action='store_true',
+                 help='stack the layers (one leaf per weight, batched '
+                 'refreshes), in the model and the shape sets; '
+                 'optax.contrib.galore refuses such params')
   p.add_argument('--hbm-bandwidth-gbs', type=float, default=None,
                  help='HBM bandwidth for the roofline; default by device kind '
                  f'({HBM_BANDWIDTH_GBS}), none on CPU')
@@ -881,6 +1054,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument('--quick', action='store_true',
                  help='smoke test: 2-layer dim-32 model, 6 timed steps, '
                  f'methods {",".join(QUICK_METHODS)}')
+  p.add_argument('--torch-reference', action='store_true',
+                 help='also time galore-torch GaLoreAdamW and torch AdamW on '
+                 'the same shapes (needs the reference extra), in a separate '
+                 'process before the JAX methods')
+  p.add_argument('--torch-timeout', type=float, default=900,
+                 help='seconds allowed for the galore-torch process')
   p.add_argument('--raw', action='store_true', help=argparse.SUPPRESS)
   p.add_argument('--out', default=None,
                  help=f'JSON output (the default run writes {DEFAULT_OUT})')

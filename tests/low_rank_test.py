@@ -134,6 +134,48 @@ def test_staggered_refreshes_spread_over_the_period():
   assert all(not np.array_equal(before[k], state.basis[k]) for k in params)
 
 
+def _sub_jaxprs(eqn):
+  for value in eqn.params.values():
+    for item in value if isinstance(value, (list, tuple)) else (value,):
+      if hasattr(item, 'eqns'):  # Jaxpr
+        yield item
+      elif hasattr(getattr(item, 'jaxpr', None), 'eqns'):  # ClosedJaxpr
+        yield item.jaxpr
+
+
+def _outermost(jaxpr, name: str, stop: str = '') -> list:
+  """Equations of primitive ``name`` not nested inside another one (nor in a
+  ``stop`` primitive)."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == name:
+      found.append(eqn)
+    elif eqn.primitive.name != stop:
+      for sub in _sub_jaxprs(eqn):
+        found += _outermost(sub, name, stop)
+  return found
+
+
+def test_a_step_without_a_due_refresh_runs_one_conditional():
+  """All scheduled refreshes sit under one outer ``cond`` (a GPU conditional
+  waits for its predicate on the host, so one per leaf costs a sync each on
+  every step); inside it each leaf keeps its own ``cond``, so a staggered step
+  refreshes only the leaves that are due."""
+  params = {f'w{i}': jnp.ones((16, 8)) for i in range(5)}
+  params['bias'] = jnp.ones((8,))
+  tx = so.galore(1e-3, rank=2, refresh_every=4)
+  state = tx.init(params)
+  jaxpr = jax.make_jaxpr(tx.update)(params, state, params).jaxpr
+  outer = _outermost(jaxpr, 'cond')
+  assert len(outer) == 1
+  inner = _outermost(outer[0].params['branches'][1].jaxpr, 'cond')
+  assert len(inner) == 5
+  # Each leaf's SVD runs only inside its own inner conditional.
+  assert not _outermost(jaxpr, 'svd', stop='cond')
+  assert [len(_outermost(e.params['branches'][1].jaxpr, 'svd'))
+          for e in inner] == [1] * 5
+
+
 def _flip_signs_svd():
   """An SVD basis whose column signs change arbitrarily from refresh to refresh,
   as LAPACK/cuSOLVER signs do when the gradient changes."""

@@ -83,6 +83,21 @@ def _all_finite(x: jax.Array) -> jax.Array:
   return jnp.all(jnp.isfinite(x))
 
 
+def _refresh_leaf(refresh, num_batch_axes: int, align_signs: bool,
+                  view: jax.Array, basis, keys: jax.Array):
+  """``refresh`` of one leaf's matrix view, vmapped over its batch axes.
+
+  A refresh of a non-finite gradient is discarded, but it may still run
+  (every-step bases, vmapped ensembles); LAPACK's SVD never returns on a
+  matrix mixing Inf with finite entries (Reference-LAPACK issue 1409), so it
+  sees the non-finite entries as zeros.
+  """
+  view = jnp.where(jnp.isfinite(view), view, 0.0)
+  return layout_lib.batched(
+      lambda g1, b1, k1: refresh(g1, b1, k1, align_signs), num_batch_axes)(
+          view, basis, keys)
+
+
 def _finite_or_old(fresh, old, finite_input: jax.Array):
   """``(fresh, True)`` if the input and every float of ``fresh`` are finite,
   else ``(old, False)``: a NaN/Inf never becomes a basis."""
@@ -346,46 +361,82 @@ def low_rank(
     count = state.count
     step_key = jax.random.fold_in(jax.random.key(seed), count)
 
-    coefficients, views, refreshed, transitions = [], [], [], []
-    new_basis, new_refresh = [], []
+    # 1. Each projected leaf's matrix view and its refresh: every step for
+    # online bases; otherwise only when due. Scheduled refreshes sit inside
+    # one outer cond (any leaf due?), each leaf's in its own inner cond: a
+    # conditional costs a device-to-host sync of its predicate on GPU, so a
+    # step with no refresh pays one sync, not one per leaf.
+    views, fresh_bases, due_flags = [], [], []
+    scheduled = []  # (leaf index, batch axes, (predicate, view, basis, keys))
     for i, (g, lay, b, r) in enumerate(
         zip(leaves, layouts, basis_leaves, refresh_leaves)):
       if lay is None:
-        coefficients.append(g)
-        for out, value in ((views, None), (refreshed, None), (transitions, None),
-                           (new_basis, b), (new_refresh, r)):
-          out.append(value)
+        views.append(None)
+        fresh_bases.append(b)
+        due_flags.append(None)
         continue
       nb = len(lay.batch_shape)
       view = layout_lib.matrix_view(g, lay).astype(jnp.float32)
       keys = _batched_keys(jax.random.fold_in(step_key, i), lay.batch_shape)
-
-      def do_refresh(view=view, b=b, keys=keys, nb=nb, fn=method.refresh):
-        # A refresh of a non-finite gradient is discarded, but it may still
-        # run (every-step bases, vmapped ensembles); LAPACK's SVD never
-        # returns on a matrix mixing Inf with finite entries (Reference-LAPACK
-        # issue 1409), so it sees the non-finite entries as zeros.
-        view = jnp.where(jnp.isfinite(view), view, 0.0)
-        return layout_lib.batched(
-            lambda g1, b1, k1: fn(g1, b1, k1, align_signs), nb)(view, b, keys)
-
+      views.append(view)
       finite = _all_finite(view)
       if method.every_step:
-        fresh = do_refresh() if method.first_refresh is None else batching.cond(
-            count == 0,
-            lambda v, b, k: do_refresh(v, b, k, fn=method.first_refresh),
-            lambda v, b, k: do_refresh(v, b, k), view, b, keys)
+        refresh_fn = functools.partial(_refresh_leaf, method.refresh, nb,
+                                       align_signs)
+        fresh = refresh_fn(view, b, keys) if method.first_refresh is None else (
+            batching.cond(
+                count == 0,
+                functools.partial(_refresh_leaf, method.first_refresh, nb,
+                                  align_signs),
+                refresh_fn, view, b, keys))
         b_new, due = _finite_or_old(fresh, b, finite)
+        fresh_bases.append(b_new)
+        due_flags.append(due)
       else:
         # A refresh from a non-finite gradient, or one that produced a
         # non-finite basis, is dropped: the old basis stays and it stays due.
-        # batching.cond: under jax.vmap (ensembles) the refresh still runs
-        # only on steps where some member is due, not on every step.
-        b_new, due = batching.cond(
-            policy.due(r, count) & finite,
-            lambda v, b, k: _finite_or_old(
-                do_refresh(v, b, k), b, jnp.asarray(True)),
-            lambda v, b, k: (b, jnp.asarray(False)), view, b, keys)
+        fresh_bases.append(b)
+        due_flags.append(jnp.asarray(False))
+        scheduled.append(
+            (i, nb, (policy.due(r, count) & finite, view, b, keys)))
+    if scheduled:
+      # batching.cond: under jax.vmap (ensembles) the refresh still runs only
+      # on steps where some member is due, not on every step.
+      # The predicates are operands, not closed over (vmap needs that).
+      def refresh_due(operands):
+        out = []
+        for (_, nb, _), (predicate, view, b, keys) in zip(scheduled, operands):
+          out.append(batching.cond(
+              predicate,
+              lambda v, b, k, nb=nb: _finite_or_old(
+                  _refresh_leaf(method.refresh, nb, align_signs, v, b, k), b,
+                  jnp.asarray(True)),
+              lambda v, b, k: (b, jnp.asarray(False)), view, b, keys))
+        return out
+
+      def keep(operands):
+        return [(b, jnp.asarray(False)) for _, _, b, _ in operands]
+
+      operands = [leaf_operands for _, _, leaf_operands in scheduled]
+      any_due = functools.reduce(
+          jnp.logical_or, [jnp.any(predicate) for predicate, *_ in operands])
+      results = batching.cond(any_due, refresh_due, keep, operands)
+      for (i, _, _), (b_new, due) in zip(scheduled, results):
+        fresh_bases[i], due_flags[i] = b_new, due
+
+    # 2. Basis transitions (similarity, moment transport) and coefficients.
+    coefficients, refreshed, transitions = [], [], []
+    new_basis, new_refresh = [], []
+    for g, lay, b, r, view, b_new, due in zip(
+        leaves, layouts, basis_leaves, refresh_leaves, views, fresh_bases,
+        due_flags):
+      if lay is None:
+        coefficients.append(g)
+        for out, value in ((refreshed, None), (transitions, None),
+                           (new_basis, b), (new_refresh, r)):
+          out.append(value)
+        continue
+      nb = len(lay.batch_shape)
       similarity = jnp.ones([], jnp.float32)
       if policy.needs_similarity or on_refresh == 'transport':
         transition = layout_lib.batched(method.transition, nb)(b, b_new)
@@ -397,7 +448,6 @@ def low_rank(
       new_refresh.append(policy.after(r, count, due, similarity))
       new_basis.append(b_new)
       refreshed.append(due)
-      views.append(view)
       coefficients.append(
           layout_lib.batched(method.project, nb)(view, b_new))
 
