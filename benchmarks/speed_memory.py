@@ -60,7 +60,6 @@ import os
 import pathlib
 import platform
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -79,6 +78,7 @@ from flax import nnx
 
 import subspace_optax as so
 from benchmarks import quality
+from benchmarks import step_times
 from examples.lm import data as data_lib
 from examples.lm import model as model_lib
 from examples.lm import optimizers as lm_optimizers
@@ -231,12 +231,6 @@ def overdue_refreshes(opt_state) -> int:
   return overdue
 
 
-def gradient_count(refresh_every: int) -> int:
-  """How many distinct gradients to cycle: not a divisor of the period, so a
-  leaf's consecutive refreshes see different gradients."""
-  return next(n for n in (3, 4, 5, 7, 11) if refresh_every % n)
-
-
 def _timed_loop(step, carry, inputs_at, opt_state_of, warmup, timed):
   """Run ``warmup + timed`` steps; per timed step: (ms, basis changed?)."""
   times, refreshed = [], []
@@ -252,21 +246,6 @@ def _timed_loop(step, carry, inputs_at, opt_state_of, warmup, timed):
       refreshed.append(bool(np.any(current != previous)))
     previous = current
   return times, refreshed, carry
-
-
-def _summary(times, refreshed) -> dict[str, Any]:
-  steady = [t for t, r in zip(times, refreshed) if not r]
-  spikes = [t for t, r in zip(times, refreshed) if r]
-  return {
-      'median_ms': statistics.median(times),
-      'steady_median_ms': statistics.median(steady) if steady else None,
-      'refresh_median_ms': statistics.median(spikes) if spikes else None,
-      'refresh_max_ms': max(spikes) if spikes else None,
-      'max_ms': max(times),
-      'mean_ms': statistics.fmean(times),
-      'timed_steps': len(times),
-      'refresh_steps': len(spikes),
-  }
 
 
 def _compiled_memory(compiled) -> Optional[dict[str, int]]:
@@ -322,7 +301,7 @@ def optimizer_only(tx, params, gradients, warmup, timed) -> dict[str, Any]:
   times, refreshed, carry = _timed_loop(
       step, (params, opt_state), lambda i: (gradients[i % len(gradients)],),
       lambda carry: carry[1], warmup, timed)
-  return {**_summary(times, refreshed),
+  return {**step_times.summary(times, refreshed),
           'overdue_refresh_leaves': overdue_refreshes(carry[1])}
 
 
@@ -460,7 +439,7 @@ def run_method(name: str, method: Method, setup: Setup, corpus, bandwidth,
   times, refreshed, carry = _timed_loop(
       compiled, (params, opt_state), batch, lambda carry: carry[1],
       setup.warmup_steps, setup.timed_steps)
-  result['train_step'] = {**_summary(times, refreshed),
+  result['train_step'] = {**step_times.summary(times, refreshed),
                           'overdue_refresh_leaves': overdue_refreshes(carry[1])}
   result['peak_device_bytes'] = _peak_device_bytes()
 
@@ -468,7 +447,7 @@ def run_method(name: str, method: Method, setup: Setup, corpus, bandwidth,
   _, params = quality.init_params(_quality_setup(setup), seed)
   grad_fn = jax.jit(jax.grad(loss_fn))
   gradients = [grad_fn(params, *batch(1000 + i))
-               for i in range(gradient_count(setup.refresh_every))]
+               for i in range(step_times.gradient_count(setup.refresh_every))]
   result['optimizer_only'] = optimizer_only(
       tx, params, gradients, setup.warmup_steps, setup.timed_steps)
   result['roofline'] = _roofline(
@@ -494,7 +473,7 @@ def run_shapes(name: str, method: Method, setup: Setup, bandwidth,
         None if not analytic else row['state_bytes'] / analytic)
     row['optimizer_only'] = optimizer_only(
         tx, params, shape_gradients(
-            params, gradient_count(setup.refresh_every), seed),
+            params, step_times.gradient_count(setup.refresh_every), seed),
         setup.warmup_steps,
         setup.timed_steps)
     timing = row['optimizer_only']

@@ -13,7 +13,7 @@ imports no JAX. Input, as JSON on stdin::
 paper's settings); ``other`` shapes in a plain group, as the GaLore training
 scripts do. Gradients have the decaying spectrum of
 ``speed_memory.shape_gradients`` (same distribution, not the same values);
-``speed_memory.gradient_count(T)`` of them are cycled so consecutive
+``step_times.gradient_count(T)`` of them are cycled so consecutive
 refreshes see different gradients.
 
 Output, as JSON on stdout: per table, one row per optimizer with the same
@@ -27,11 +27,12 @@ is a multiple of ``T`` (no stagger), which marks its refresh steps.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import time
 import types
 from typing import Any
+
+from benchmarks import step_times
 
 
 def _import_galore_adamw():
@@ -63,11 +64,6 @@ def _import_galore_adamw():
   return GaLoreAdamW, f'stand-in (import failed: {reason})'
 
 
-def gradient_count(refresh_every: int) -> int:
-  """As ``speed_memory.gradient_count`` (kept free of JAX here)."""
-  return next(n for n in (3, 4, 5, 7, 11) if refresh_every % n)
-
-
 def _gradients(torch, shapes, count, seed, device):
   generator = torch.Generator(device='cpu').manual_seed(seed)
   out = []
@@ -86,27 +82,15 @@ def _gradients(torch, shapes, count, seed, device):
   return out
 
 
-def _summary(times, refreshed) -> dict[str, Any]:
-  steady = [t for t, r in zip(times, refreshed) if not r]
-  spikes = [t for t, r in zip(times, refreshed) if r]
-  return {
-      'median_ms': statistics.median(times),
-      'steady_median_ms': statistics.median(steady) if steady else None,
-      'refresh_median_ms': statistics.median(spikes) if spikes else None,
-      'refresh_max_ms': max(spikes) if spikes else None,
-      'max_ms': max(times), 'mean_ms': statistics.fmean(times),
-      'timed_steps': len(times), 'refresh_steps': len(spikes),
-  }
-
-
 def time_optimizer(torch, make, shapes, projected_count, config, device,
                    refreshes: bool):
   """Warm up, then time ``config['timed']`` steps of one optimizer
   (``refreshes``: it recomputes its projectors every ``refresh_every``)."""
   params = [torch.zeros(s, device=device, requires_grad=True) for s in shapes]
   optimizer = make(params[:projected_count], params[projected_count:])
-  gradients = _gradients(torch, shapes, gradient_count(config['refresh_every']),
-                         config['seed'], device)
+  gradients = _gradients(
+      torch, shapes, step_times.gradient_count(config['refresh_every']),
+      config['seed'], device)
   synchronize = (torch.cuda.synchronize if device == 'cuda' else lambda: None)
   if device == 'cuda':
     torch.cuda.reset_peak_memory_stats()
@@ -124,7 +108,8 @@ def time_optimizer(torch, make, shapes, projected_count, config, device,
   state_bytes = sum(
       v.numel() * v.element_size() for s in optimizer.state.values()
       for v in _tensors(s))
-  return {**_summary(times, refreshed), 'state_bytes': int(state_bytes),
+  return {**step_times.summary(times, refreshed),
+          'state_bytes': int(state_bytes),
           'peak_device_bytes': (int(torch.cuda.max_memory_allocated())
                                 if device == 'cuda' else None)}
 

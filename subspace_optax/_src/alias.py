@@ -59,7 +59,10 @@ def galore(
     weight_decay: decoupled weight decay ``λ``.
     weight_decay_mask: optax mask for the weight decay.
     side: see :func:`low_rank`.
-    basis: ``'svd'`` (reference) or ``'randomized'`` (much cheaper refresh).
+    basis: ``'svd'`` (reference) or ``'randomized'`` (much cheaper refresh;
+      on an H100 the slowest refresh step of LLaMA-130M, one weight stacked
+      over 12 layers, took 69 ms with it and 1.1 s with JAX's GPU SVD; see
+      benchmarks/README.md).
     stagger: spread the refreshes of different leaves over the period.
     align_signs: see :func:`low_rank`.
     on_refresh: see :func:`low_rank`.
