@@ -8,18 +8,20 @@ paper's settings; a CPU run does only the 60M block by default)::
 
   python -m benchmarks.speed_memory                     # default CPU run
   python -m benchmarks.speed_memory --quick             # smoke test
-  python -m benchmarks.speed_memory --model llama_60m --batch-size 32 \\
-      --refresh-every 200 --timed-steps 400 --methods all \\
-      --torch-reference                                     # on a GPU
   python -m benchmarks.speed_memory --model llama_130m --batch-size 32 \\
-      --refresh-every 200 --timed-steps 400 --shape-layers 12 --methods all
+      --refresh-every 200 --timed-steps 400 --scan-layers --skip-shapes \\
+      --methods adamw,galore_randomized,galore_svd --torch-reference  # GPU
+  python -m benchmarks.speed_memory --model llama_60m --batch-size 32 \\
+      --refresh-every 200 --timed-steps 400 --scan-layers \\
+      --shape-sets llama_130m_block --shape-layers 12 --methods all \\
+      --torch-reference                                               # GPU
 
 ``--torch-reference`` adds galore-torch's ``GaLoreAdamW`` and
 ``torch.optim.AdamW`` (optimizer only, same shapes, rank and refresh period,
 in their own process, before the JAX methods) and each method's ratio to
 galore-torch.
 
-The default run (10 methods, ``DEFAULT_METHODS``) takes about 10 minutes on 2
+The default run (10 methods, ``DEFAULT_METHODS``) takes 7 to 13 minutes on 2
 CPU cores and writes ``benchmarks/results/speed_memory_cpu.json`` and a
 markdown table next to it (``.md``); any ``--out FILE.json`` also gets its
 ``FILE.md``.
