@@ -589,12 +589,11 @@ def _split_shapes(params) -> dict[str, list[list[int]]]:
   return {'projected': projected, 'other': other}
 
 
-def torch_reference(setup: Setup, timeout: float,
+def torch_reference(setup: Setup, model_params, timeout: float,
                     with_shapes: bool = True) -> dict[str, Any]:
   """``benchmarks/reference/galore_torch_speed.py`` in its own process, on the
   model's parameter shapes and (``with_shapes``) on every shape set."""
-  tables = {'model': _split_shapes(
-      quality.init_params(_quality_setup(setup), 0)[1])}
+  tables = {'model': _split_shapes(model_params)}
   ranks = {'model': setup.rank}
   for set_name, (dim, ffn_dim, rank) in (
       setup.shape_sets.items() if with_shapes else ()):
@@ -617,15 +616,20 @@ def torch_reference(setup: Setup, timeout: float,
   return json.loads(done.stdout)
 
 
+def _jax_rows(result: dict[str, Any], table: str) -> dict[str, Any]:
+  """The JAX rows measured on the shapes of torch table ``table``."""
+  return (result['model'] if table == 'model'
+          else result['shapes'].get(table, {}))
+
+
 def add_torch_ratios(result: dict[str, Any]) -> None:
   """``vs_galore_torch``: each JAX row's optimizer-only times over
   galore-torch's on the same shapes (and ``torch_adamw``'s over it)."""
   reference = result.get('torch_reference') or {}
   for table, torch_rows in (reference.get('tables') or {}).items():
     galore = torch_rows['galore_torch']
-    rows = (result['model'] if table == 'model'
-            else result['shapes'].get(table, {}))
-    for row in list(rows.values()) + [torch_rows['torch_adamw']]:
+    for row in list(_jax_rows(result, table).values()) + [
+        torch_rows['torch_adamw']]:
       if 'error' in row:
         continue
       timing = row.get('optimizer_only', row)
@@ -811,8 +815,7 @@ def _torch_markdown(result: dict[str, Any]) -> list[str]:
             'default (foreach). "× galore-torch" is mean ms over galore-torch\'s '
             'mean ms, and the refresh step\'s max over galore-torch\'s.', '']
   for table, torch_rows in reference['tables'].items():
-    ours = (result['model'] if table == 'model'
-            else result['shapes'].get(table, {}))
+    ours = _jax_rows(result, table)
     rows = []
     for name, row in [(f'{n} (torch)', r) for n, r in torch_rows.items()] + [
         (n, r) for n, r in ours.items() if 'error' not in r]:
@@ -892,10 +895,13 @@ def run(args, argv: Sequence[str]) -> dict[str, Any]:
   corpus = data_lib.load_corpus(None, max_bytes=setup.max_bytes,
                                 seq_len=setup.seq_len)
 
+  # The model's parameters: their count, and their shapes for galore-torch.
+  model_params = None if args.raw else quality.init_params(
+      _quality_setup(setup), 0)[1]
   reference = None
   if args.torch_reference and not args.raw:
     print('[speed_memory] galore-torch', file=sys.stderr, flush=True)
-    reference = torch_reference(setup, args.torch_timeout,
+    reference = torch_reference(setup, model_params, args.torch_timeout,
                                 not args.skip_shapes)
     if args.out:
       pathlib.Path(args.out).with_suffix('.torch.json').write_text(
@@ -937,8 +943,8 @@ def run(args, argv: Sequence[str]) -> dict[str, Any]:
   for rows in shape_rows.values():
     add_ratios(rows)
   on_gpu = jax.default_backend() == 'gpu'
-  param_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
-      quality.init_params(_quality_setup(setup), 0)[1]))
+  param_count = sum(int(np.prod(x.shape))
+                    for x in jax.tree.leaves(model_params))
   result = {
       'benchmark': 'speed_memory',
       'date': args.date or datetime.date.today().isoformat(),

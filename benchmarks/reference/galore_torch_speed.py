@@ -32,6 +32,8 @@ import time
 import types
 from typing import Any
 
+import torch
+
 from benchmarks import step_times
 
 
@@ -64,7 +66,7 @@ def _import_galore_adamw():
   return GaLoreAdamW, f'stand-in (import failed: {reason})'
 
 
-def _gradients(torch, shapes, count, seed, device):
+def _gradients(shapes, count, seed, device):
   generator = torch.Generator(device='cpu').manual_seed(seed)
   out = []
   for _ in range(count):
@@ -82,14 +84,14 @@ def _gradients(torch, shapes, count, seed, device):
   return out
 
 
-def time_optimizer(torch, make, shapes, projected_count, config, device,
+def time_optimizer(make, shapes, projected_count, config, device,
                    refreshes: bool):
   """Warm up, then time ``config['timed']`` steps of one optimizer
   (``refreshes``: it recomputes its projectors every ``refresh_every``)."""
   params = [torch.zeros(s, device=device, requires_grad=True) for s in shapes]
   optimizer = make(params[:projected_count], params[projected_count:])
   gradients = _gradients(
-      torch, shapes, step_times.gradient_count(config['refresh_every']),
+      shapes, step_times.gradient_count(config['refresh_every']),
       config['seed'], device)
   synchronize = (torch.cuda.synchronize if device == 'cuda' else lambda: None)
   if device == 'cuda':
@@ -116,8 +118,6 @@ def time_optimizer(torch, make, shapes, projected_count, config, device,
 
 def _tensors(state):
   """The tensors an optimizer keeps for one parameter (incl. the projector's)."""
-  import torch  # pylint: disable=import-outside-toplevel
-
   for value in state.values():
     if isinstance(value, torch.Tensor):
       yield value
@@ -127,8 +127,6 @@ def _tensors(state):
 
 
 def run(config: dict[str, Any]) -> dict[str, Any]:
-  import torch  # pylint: disable=import-outside-toplevel
-
   galore_adamw, bitsandbytes = _import_galore_adamw()
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   lr = 1e-3
@@ -151,11 +149,10 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
             'proj_type': 'std'}], lr=lr, eps=1e-8)
 
     out['tables'][name] = {
-        'torch_adamw': time_optimizer(torch, adamw, shapes, len(projected),
-                                      config, device, refreshes=False),
+        'torch_adamw': time_optimizer(adamw, shapes, len(projected), config,
+                                      device, refreshes=False),
         'galore_torch': {'rank': rank, **time_optimizer(
-            torch, galore, shapes, len(projected), config, device,
-            refreshes=True)},
+            galore, shapes, len(projected), config, device, refreshes=True)},
     }
   return out
 

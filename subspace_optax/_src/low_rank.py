@@ -395,8 +395,8 @@ def low_rank(
       else:
         # A refresh from a non-finite gradient, or one that produced a
         # non-finite basis, is dropped: the old basis stays and it stays due.
-        fresh_bases.append(b)
-        due_flags.append(jnp.asarray(False))
+        fresh_bases.append(None)  # set after the outer cond below
+        due_flags.append(None)
         scheduled.append(
             (i, nb, (policy.due(r, count) & finite, view, b, keys)))
     if scheduled:
