@@ -269,7 +269,7 @@ def test_mesh_run_shards_params(name, tmp_path):
   model = nnx.eval_shape(lambda: model_lib.Llama(
       model_lib.Config(**{**TINY.__dict__, 'scan_layers': True}),
       rngs=nnx.Rngs(0)))
-  shardings = train.state_shardings(nnx.state(model), mesh)
+  shardings = train.model_shardings(nnx.state(model), mesh)
   wq = shardings['blocks']['attention']['wq']['kernel'].get_value()
   assert wq.spec == jax.sharding.PartitionSpec(None, 'fsdp', None)
   corpus = _write_text(tmp_path / 'corpus.txt', 20_000)
@@ -278,3 +278,38 @@ def test_mesh_run_shards_params(name, tmp_path):
       '--batch-size', '8', '--mesh', 'data=2,fsdp=4', '--checkpoint-every',
       '0', '--out', str(tmp_path / 'out')])
   assert np.isfinite(summary['runs'][0]['final_val_loss'])
+
+
+def test_optimizer_state_takes_the_shardings_the_transform_derives():
+  """The trainer shards the optimizer state as ``subspace_optax.state_shardings``
+  derives it, not by the model's FSDP rule: GaLore's ``(r, n)`` moments are
+  sharded only along an axis their parameter is sharded along."""
+  if jax.device_count() < 8:
+    pytest.skip('needs 8 devices (tests/conftest.py sets XLA_FLAGS)')
+  import subspace_optax as so
+  mesh = train.make_mesh('data=2,fsdp=4')
+  tx = optimizers.make_optimizer('galore', learning_rate_schedule=1e-3, rank=4)
+  config = model_lib.Config(**{**TINY.__dict__, 'scan_layers': True})
+
+  def create():
+    model = model_lib.Llama(config, rngs=nnx.Rngs(0))
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  model, optimizer = nnx.eval_shape(create)
+  shardings = train.state_shardings(tx, model, optimizer, mesh)
+  params = nnx.state(model, nnx.Param)
+  derived = so.state_shardings(tx, params, train.model_shardings(params, mesh))
+
+  def specs(tree):
+    return {train.path_names(path): sharding.spec for path, sharding
+            in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+  want = specs(derived)
+  assert specs(shardings['optimizer']['opt_state']) == want
+  # The model's FSDP rule would shard some low-rank moment differently.
+  shapes = {train.path_names(path): x.shape for path, x in
+            jax.tree_util.tree_flatten_with_path(nnx.state(optimizer))[0]}
+  assert any(spec != train.fsdp_spec(shapes[('opt_state',) + path], 4)
+             for path, spec in want.items())
+  assert shardings['optimizer']['step'].get_value().spec == (
+      jax.sharding.PartitionSpec())

@@ -69,7 +69,8 @@ def register(name: str, *, learning_rate: float, low_rank: bool,
 # Which leaves are block matrices.
 
 
-def _key_names(path) -> list[Any]:
+def key_names(path) -> list[Any]:
+  """A key path as plain names (dict keys, attribute names, positions)."""
   return [getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', None)))
           for k in path]
 
@@ -80,7 +81,7 @@ def is_block_matrix(path, leaf) -> bool:
   Selected by name, not by rank: with ``scan_layers`` the RMSNorm scales are
   ``(layers, dim)`` and must not be mistaken for matrices.
   """
-  names = _key_names(path)
+  names = key_names(path)
   return 'blocks' in names and 'kernel' in names and jnp.ndim(leaf) >= 2
 
 

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import subspace_optax as so
 from examples.lm import checkpoint
 from examples.lm import data as data_lib
 from examples.lm import model as model_lib
@@ -162,12 +163,47 @@ def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> jax.sharding.PartitionSpec:
   return jax.sharding.PartitionSpec(*spec)
 
 
-def state_shardings(state, mesh):
-  """FSDP shardings for every array of a model/optimizer state."""
+def model_shardings(state, mesh):
+  """FSDP shardings for every array of a model state."""
   fsdp = dict(mesh.shape).get('fsdp', 1)
   return jax.tree.map(
       lambda x: jax.sharding.NamedSharding(mesh, fsdp_spec(x.shape, fsdp)),
       state)
+
+
+def path_names(path) -> tuple[Any, ...]:
+  """A key path as plain names, the same for an ``nnx.State`` (NamedTuple
+  fields and tuple positions become dict keys, each leaf sits in a Variable's
+  ``value``) and for the raw optax state it mirrors."""
+  names = tuple(optimizers.key_names(path))
+  return names[:-1] if names[-1:] == ('value',) else names
+
+
+def state_shardings(tx, model, optimizer, mesh):
+  """Shardings of ``{'model': ..., 'optimizer': ...}``.
+
+  The model's arrays are FSDP-sharded (:func:`model_shardings`). The optimizer
+  state takes the shardings ``tx`` itself derives from those of the
+  parameters (``subspace_optax.state_shardings``): moments of a projected
+  matrix are sharded like the axis they keep, bases like their parent axis,
+  counters replicated, so the step never re-lays out its own state.
+  """
+  model_state = model_shardings(nnx.state(model), mesh)
+  params = nnx.state(model, nnx.Param)
+  derived = so.state_shardings(
+      tx, params, model_shardings(params, mesh))
+  by_path = {path_names(path): sharding for path, sharding
+             in jax.tree_util.tree_flatten_with_path(derived)[0]}
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def optimizer_sharding(path, leaf):
+    del leaf
+    names = path_names(path)  # ('opt_state', ...) or ('step',)
+    return by_path[names[1:]] if names[0] == 'opt_state' else replicated
+
+  optimizer_state = jax.tree_util.tree_map_with_path(
+      optimizer_sharding, nnx.state(optimizer))
+  return {'model': model_state, 'optimizer': optimizer_state}
 
 
 def batch_sharding(mesh, batch_size: int):
@@ -303,7 +339,7 @@ def train_one(run: Run, args, corpus, mesh, out: pathlib.Path) -> dict[str, Any]
   abstract = nnx.eval_shape(lambda: create(run, args.seed))
   shardings = None
   if mesh is not None:
-    shardings = state_shardings(_pair_state(*abstract), mesh)
+    shardings = state_shardings(run.tx, *abstract, mesh)
     data_sharding = batch_sharding(mesh, batch_size)
     put = lambda b: tuple(jax.device_put(x, data_sharding) for x in b)
   else:
