@@ -105,6 +105,27 @@ def _adamw(learning_rate, rank, refresh_every, seed):
                      weight_decay=0.0)
 
 
+def _block_matrix_mask(params):
+  return jax.tree_util.tree_map_with_path(lm_optimizers.is_block_matrix, params)
+
+
+def _auon(newton_schulz_steps):
+  """AuON on the block matrices at its own rate; AdamW at AdamW's elsewhere."""
+
+  def build(learning_rate, rank, refresh_every, seed):
+    del rank, refresh_every, seed
+    adam_rate = lambda step: learning_rate(step) / AUON_LR_RATIO
+    return so.auon(learning_rate, newton_schulz_steps=newton_schulz_steps,
+                   matrix_mask=_block_matrix_mask,
+                   adam_learning_rate=adam_rate)
+
+  return build
+
+
+# AuON's runs use lr 0.02 (arXiv 2509.24320), against AdamW's 3e-3 here.
+AUON_LR_RATIO = 0.02 / 3e-3
+
+
 def _optax_galore(learning_rate, rank, refresh_every, seed):
   del seed
   return lm_optimizers.REGISTRY['optax_galore'].build(
@@ -176,6 +197,59 @@ METHODS: dict[str, Method] = {
         10.0, 'match_budget',
         'subspace_optax.i3s: singular vectors sampled by sigma, scale 0.25 '
         '(arXiv 2502.05790)', 'i3s'),
+    'galore_momentum_reset': Method(
+        lambda lr, r, t, s: so.galore(
+            lr, rank=r, refresh_every=t, scale=0.25, on_refresh='reset',
+            seed=s, **_blocks()),
+        10.0, 'quarter',
+        'subspace_optax.galore with the moments zeroed at every refresh '
+        '(momentum reset, arXiv 2505.22922)', 'galore'),
+    'frugal_random': Method(
+        lambda lr, r, t, s: so.frugal(
+            lr, rank=r, refresh_every=t, basis='random', seed=s, **_blocks()),
+        1.0, 'match_budget',
+        'subspace_optax.frugal, random orthonormal subspace '
+        '(arXiv 2411.07837)', 'frugal'),
+    'frugal_columns': Method(
+        lambda lr, r, t, s: so.frugal(
+            lr, rank=r, refresh_every=t, basis='columns', seed=s,
+            **_blocks()),
+        1.0, 'match_budget',
+        'subspace_optax.frugal, random columns (indices only, no Q) '
+        '(arXiv 2411.07837)', 'frugal'),
+    'frugal_blocks': Method(
+        lambda lr, r, t, s: so.frugal(
+            lr, rank=r, refresh_every=t, basis='blocks', seed=s, **_blocks()),
+        1.0, 0.25,
+        'subspace_optax.frugal, blockwise (BAdam-like): a quarter of the '
+        'matrices active per period (density 0.25, the paper\'s default); '
+        'moments stay full size (static shapes) (arXiv 2411.07837)',
+        'frugal'),
+    'online_subspace_descent_lion': Method(
+        lambda lr, r, t, s: so.online_subspace_descent(
+            lr, rank=r, inner='lion', seed=s, **_blocks()),
+        10.0 / 3, 'match_budget',
+        'subspace_optax.online_subspace_descent, Lion inner; lr 3x below the '
+        'Adam-inner row (Lion paper, arXiv 2302.06675: 3-10x below AdamW)',
+        'online_subspace_descent'),
+    'adamp': Method(
+        lambda lr, r, t, s: so.adamp(lr), 1.0, None,
+        'subspace_optax.adamp: radial component removed on scale-invariant '
+        'weights (arXiv 2006.08217), full rank', 'adamp'),
+    'sgdp': Method(
+        lambda lr, r, t, s: so.sgdp(lr, momentum=0.9, nesterov=True),
+        100.0, None,
+        'subspace_optax.sgdp, Nesterov momentum 0.9; lr 100x AdamW\'s (SGD\'s '
+        '0.1 against Adam\'s 1e-3, the usual ImageNet pair; arXiv 2006.08217), '
+        'full rank', 'sgdp'),
+    'auon': Method(
+        _auon(0), AUON_LR_RATIO, None,
+        'subspace_optax.auon on the block matrices (lr 0.02 as in its runs), '
+        'AdamW elsewhere (arXiv 2509.24320)', 'auon'),
+    'auon_hybrid': Method(
+        _auon(1), AUON_LR_RATIO, None,
+        'subspace_optax.auon with one Newton-Schulz step first (the hybrid)',
+        'auon'),
     'dct_adamw': Method(
         lambda lr, r, t, s: so.dct_adamw(
             lr, rank=r, refresh_every=t, seed=s, **_blocks()),
@@ -270,7 +344,7 @@ def resolve_ranks(names: Sequence[str], setup: Setup,
   ranks = {}
   for name in names:
     rule = METHODS[name].rank
-    if rule is None or isinstance(rule, int):
+    if rule is None or isinstance(rule, (int, float)):
       ranks[name] = rule
     elif rule == 'quarter':
       ranks[name] = quarter
