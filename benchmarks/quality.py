@@ -573,7 +573,7 @@ def markdown(result: dict[str, Any]) -> str:
   for r in result['rows']:
     fmt = lambda v, f: '-' if v is None else format(v, f)
     lines.append(
-        f"| {r['method']} | {fmt(r['rank'], 'd')} | {r['learning_rate']:.3g} "
+        f"| {r['method']} | {fmt(r['rank'], 'g')} | {r['learning_rate']:.3g} "
         f"| {r['lr_ratio_to_adamw']:g} | {fmt(r['val_loss'], '.4f')} "
         f"| {fmt(r['val_loss_ratio_to_adamw'], '.4f')} "
         f"| {r['opt_state_bytes']:,} | {r['state_ratio_to_adamw']:.3f} "
@@ -652,10 +652,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   out, table = args.out, args.markdown
   if is_default_run(args):
     out, table = out or DEFAULT_OUT, table or DEFAULT_MARKDOWN
-  for path, content in ((out, text + '\n'), (table, markdown(result))):
-    if path:
+  for path, render in ((out, lambda: text + '\n'),
+                       (table, lambda: markdown(result))):
+    if path:  # the JSON first: a rendering error never loses a run
       pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-      pathlib.Path(path).write_text(content)
+      pathlib.Path(path).write_text(render())
   return result
 
 

@@ -62,3 +62,24 @@ def test_budget_rank_is_the_largest_rank_within_the_budget():
   assert quality.budget_rank(build, params, budget, 24) == (8, bytes_of(8))
   assert quality.budget_rank(build, params, bytes_of(8), 24) == (8, bytes_of(8))
   assert quality.budget_rank(build, params, 10**9, 24) == (24, bytes_of(24))
+
+
+def test_every_row_resolves_its_rank_and_takes_a_finite_step():
+  """Each row's recipe builds, gets its rank rule and makes one finite update
+  on the quick model (what the table needs before any training)."""
+  setup = quality.make_setup(quality.parse_args(['--quick']))
+  _, params = quality.init_params(setup, 0)
+  names = quality.available_methods()
+  assert len(names) == len(quality.METHODS)
+  ranks, budget = quality.resolve_ranks(names, setup, params)
+  schedule = lambda step: 1e-3
+  grads = jax.tree.map(lambda p: 1e-2 * jax.numpy.ones_like(p), params)
+  for name in names:
+    method = quality.METHODS[name]
+    tx = method.build(schedule, ranks[name], setup.refresh_every, 0)
+    state = tx.init(params)
+    if method.rank == 'match_budget':
+      assert quality.state_bytes_of(tx, params) <= budget, name
+    updates, _ = jax.jit(tx.update)(grads, state, params)
+    assert all(bool(jax.numpy.isfinite(u).all())
+               for u in jax.tree.leaves(updates)), name

@@ -190,8 +190,7 @@ def state_shardings(tx, model, optimizer, mesh):
   """
   model_state = model_shardings(nnx.state(model), mesh)
   params = nnx.state(model, nnx.Param)
-  derived = so.state_shardings(
-      tx, params, model_shardings(params, mesh))
+  derived = so.state_shardings(tx, params, model_shardings(params, mesh))
   by_path = {path_names(path): sharding for path, sharding
              in jax.tree_util.tree_flatten_with_path(derived)[0]}
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
