@@ -105,6 +105,11 @@ def _adamw(learning_rate, rank, refresh_every, seed):
                      weight_decay=0.0)
 
 
+def _frugal(basis):
+  return lambda lr, r, t, s: so.frugal(
+      lr, rank=r, refresh_every=t, basis=basis, seed=s, **_blocks())
+
+
 def _block_matrix_mask(params):
   return jax.tree_util.tree_map_with_path(lm_optimizers.is_block_matrix, params)
 
@@ -148,9 +153,7 @@ METHODS: dict[str, Method] = {
         'optax.contrib.galore, scale 0.25, same rank as galore; Adam on the '
         'other leaves (optax.partition)'),
     'frugal': Method(
-        lambda lr, r, t, s: so.frugal(
-            lr, rank=r, refresh_every=t, seed=s, **_blocks()),
-        1.0, 'match_budget',
+        _frugal('svd'), 1.0, 'match_budget',
         'subspace_optax.frugal: Adam on an SVD subspace (reference side, '
         'moments reset at refresh) + signSGD on the residual, scale 1 '
         '(arXiv 2411.07837)', 'frugal'),
@@ -205,22 +208,15 @@ METHODS: dict[str, Method] = {
         'subspace_optax.galore with the moments zeroed at every refresh '
         '(momentum reset, arXiv 2505.22922)', 'galore'),
     'frugal_random': Method(
-        lambda lr, r, t, s: so.frugal(
-            lr, rank=r, refresh_every=t, basis='random', seed=s, **_blocks()),
-        1.0, 'match_budget',
+        _frugal('random'), 1.0, 'match_budget',
         'subspace_optax.frugal, random orthonormal subspace '
         '(arXiv 2411.07837)', 'frugal'),
     'frugal_columns': Method(
-        lambda lr, r, t, s: so.frugal(
-            lr, rank=r, refresh_every=t, basis='columns', seed=s,
-            **_blocks()),
-        1.0, 'match_budget',
+        _frugal('columns'), 1.0, 'match_budget',
         'subspace_optax.frugal, random columns (indices only, no Q) '
         '(arXiv 2411.07837)', 'frugal'),
     'frugal_blocks': Method(
-        lambda lr, r, t, s: so.frugal(
-            lr, rank=r, refresh_every=t, basis='blocks', seed=s, **_blocks()),
-        1.0, 0.25,
+        _frugal('blocks'), 1.0, 0.25,
         'subspace_optax.frugal, blockwise (BAdam-like): a quarter of the '
         'matrices active per period (density 0.25, the paper\'s default); '
         'moments stay full size (static shapes) (arXiv 2411.07837)',
