@@ -1089,6 +1089,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     pathlib.Path(out).write_text(text + '\n')
     if not args.raw:
       pathlib.Path(out).with_suffix('.md').write_text(markdown(result))
+    # The progress files of run() (kept if the run is cut off) are in `out` now.
+    for progress in ('.partial.json', '.torch.json'):
+      pathlib.Path(out).with_suffix(progress).unlink(missing_ok=True)
   return result
 
 

@@ -27,6 +27,8 @@ def quick(tmp_path_factory):
 def test_quick_run_writes_json_and_markdown(quick):
   result, out = quick
   assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+  assert not out.with_suffix('.partial.json').exists()
+  assert not out.with_suffix('.torch.json').exists()
   assert result['setup']['stacked_layers'] is True
   galore = result['model']['galore_randomized']
   assert 'error' not in galore, galore.get('error')
