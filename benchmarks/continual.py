@@ -6,8 +6,14 @@ every method:
 * ``split``    (default sequence) 5 split-digit tasks, ``examples/continual.py``
   (a flax NNX MLP on scikit-learn's bundled digits, task-incremental);
 * ``permuted`` 5 permuted-digit tasks, same example (domain-incremental);
+* ``rotated``  5 rotated-digit tasks (0, 20, ..., 80 degrees), same example
+  (domain-incremental);
 * ``text``     byte-level LM across 4 text domains shipped with Python,
-  ``examples/continual_lm.py`` (a tiny LLaMA; loss, not accuracy; no GPM).
+  ``examples/continual_lm.py`` (a tiny LLaMA; loss, not accuracy; no GPM);
+* ``text_pretrained`` the same model pre-trained on the first domain
+  (``PRETRAIN_STEPS`` steps), then fine-tuned on the other three: the
+  Sculpting Subspaces paper's setting (continual fine-tuning of a pre-trained
+  model).
 
 On the digit sequences it checks the issue's bar (on the mean over seeds):
 
@@ -20,7 +26,7 @@ The bar is met on split digits and not on permuted digits (see
 ``PERMUTED_NOTE``); both are reported. Every number is on the test split;
 hyper-parameters come from the examples' ``DEFAULTS``, chosen per method on
 the validation split by ``--tune`` (a small grid; the criterion is validation
-average accuracy, or average loss for ``text``)::
+average accuracy, or average loss for the text sequences)::
 
   python -m benchmarks.continual --seeds 0,1,2       # writes results/continual_cpu.*
   python -m benchmarks.continual --tasks permuted --tune   # validation grid
@@ -50,8 +56,9 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / 'benchmarks' / 'results'
-SEQUENCES = ('split', 'permuted', 'text')
+SEQUENCES = ('split', 'permuted', 'rotated', 'text', 'text_pretrained')
 DEFAULT_SEQUENCE = 'split'
+PRETRAIN_STEPS = 1500  # text_pretrained: steps on the first domain
 
 PERMUTED_NOTE = (
     'sculpt misses the bar on permuted digits. It protects each weight\'s top '
@@ -70,31 +77,33 @@ PERMUTED_NOTE = (
     'comes close (results/continual_permuted_investigation.json).')
 
 
+def _is_text(sequence: str) -> bool:
+  return sequence.startswith('text')
+
+
 def _example(sequence: str = 'split'):
-  name = 'examples.continual_lm' if sequence == 'text' else 'examples.continual'
+  name = 'examples.continual_lm' if _is_text(sequence) else 'examples.continual'
   if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
   return importlib.import_module(name)
 
 
 def _config(example, sequence: str, quick: bool):
-  if sequence == 'text':
-    config = example.Config()
+  if _is_text(sequence):
+    pretrained = sequence == 'text_pretrained'
+    config = example.Config(pretrain_steps=PRETRAIN_STEPS if pretrained else 0)
     if quick:
       config = dataclasses.replace(
           config, domains=config.domains[:3], max_bytes=60_000, dim=32,
           layers=1, ffn_dim=64, seq_len=32, batch_size=8, steps_per_task=20,
-          eval_batches=1, memory_samples=8)
+          eval_batches=1, memory_samples=8,
+          pretrain_steps=40 if pretrained else 0)
     return config
   config = example.Config(tasks=sequence)
   if quick:
     config = dataclasses.replace(config, num_tasks=3, width=32, depth=1,
                                  steps_per_task=100, memory_samples=100)
   return config
-
-
-def _defaults(example, sequence: str) -> dict[str, dict[str, Any]]:
-  return example.DEFAULTS if sequence == 'text' else example.DEFAULTS[sequence]
 
 
 # ----------------------------------------------------------------------------
@@ -118,7 +127,7 @@ GRID_EXTRA = {
             'threshold': [0.9, 0.95, 0.97, 0.99]},
 }
 
-# The LM runs cost more: a smaller grid.
+# The LM runs cost more: smaller grids.
 GRID_TEXT = {
     'naive': {'learning_rate': [1e-3, 3e-3]},
     'l2': {'learning_rate': [3e-3], 'strength': [1e-2, 1e-1, 1.0]},
@@ -128,10 +137,24 @@ GRID_TEXT = {
                'protect': ['blocks', 'all']},
 }
 
+# Fine-tuning a pre-trained model: lower rates in the grid too.
+GRID_TEXT_PRETRAINED = {
+    'naive': {'learning_rate': [3e-4, 1e-3, 3e-3]},
+    'l2': {'learning_rate': [3e-4, 1e-3], 'strength': [1e-2, 1e-1, 1.0]},
+    'ewc': {'learning_rate': [3e-4, 1e-3], 'strength': [100.0, 1e3, 1e4]},
+    'sculpt': {'learning_rate': [3e-4, 1e-3], 'max_fraction': [0.5, 0.8],
+               'min_fraction': [0.1], 'weight_decay': [0.0],
+               'protect': ['all']},
+}
+
 
 def _grid(method: str, sequence: str):
-  grids = ((GRID_TEXT[method],) if sequence == 'text'
-           else (GRID[method], GRID_EXTRA.get(method)))
+  if sequence == 'text_pretrained':
+    grids = (GRID_TEXT_PRETRAINED[method],)
+  elif sequence == 'text':
+    grids = (GRID_TEXT[method],)
+  else:
+    grids = (GRID[method], GRID_EXTRA.get(method))
   for grid in grids:
     if grid is None:
       continue
@@ -142,7 +165,7 @@ def _grid(method: str, sequence: str):
 
 def _score(sequence: str, val_summary: dict[str, float]) -> float:
   """Higher is better: validation average accuracy, or minus average loss."""
-  if sequence == 'text':
+  if _is_text(sequence):
     return -val_summary['average_loss']
   return val_summary['average_accuracy']
 
@@ -153,7 +176,7 @@ def tune(example, sequence, config, methods, previous=None) -> dict[str, Any]:
   Grid points already in ``previous`` (runs of an earlier call with the same
   config) are reused, not rerun.
   """
-  tasks = (example.load_domains(config) if sequence == 'text'
+  tasks = (example.load_domains(config) if _is_text(sequence)
            else example.load_tasks(config))
   runs, best = {}, {}
   for method in methods:
@@ -172,7 +195,7 @@ def tune(example, sequence, config, methods, previous=None) -> dict[str, Any]:
             flush=True)
     best[method] = max(runs[method],
                        key=lambda r: _score(sequence, r['val']))['hyper']
-  criterion = ('validation average loss' if sequence == 'text'
+  criterion = ('validation average loss' if _is_text(sequence)
                else 'validation average accuracy')
   return {'criterion': criterion, 'runs': runs, 'best': best}
 
@@ -264,7 +287,7 @@ def run_sequence(sequence: str, seeds: Sequence[int], methods, quick: bool
                                         for m in methods},
          'summary': _statistics(per_seed, np.mean),
          'std': _statistics(per_seed, np.std), 'per_seed': per_seed}
-  if sequence != 'text':
+  if not _is_text(sequence):
     if set(methods) >= {'naive', 'sculpt'}:
       out['bar'] = check_bar(out['summary'])
       baselines = [m for m in methods if m != 'sculpt']
@@ -280,6 +303,11 @@ def run_sequence(sequence: str, seeds: Sequence[int], methods, quick: bool
     if sequence == 'permuted':
       out['note'] = PERMUTED_NOTE
   else:
+    if set(methods) >= {'naive', 'sculpt'}:  # lower loss is better
+      baselines = [m for m in methods if m != 'sculpt']
+      best = np.min([per_seed[m]['average_loss'] for m in baselines], 0)
+      out['sculpt_minus_best_baseline_loss_per_seed'] = (
+          np.asarray(per_seed['sculpt']['average_loss']) - best).tolist()
     out['skipped_domains'] = reports[0]['skipped_domains']
     out['domain_bytes'] = reports[0]['domain_bytes']
   out['reports'] = reports
@@ -308,11 +336,19 @@ def markdown(out: dict[str, Any]) -> str:
            'per method on the validation split (seed 0).', '']
   titles = {'split': 'Split digits (5 tasks, task-incremental)',
             'permuted': 'Permuted digits (5 tasks, domain-incremental)',
-            'text': 'Byte-level LM across text domains'}
+            'rotated': 'Rotated digits (5 tasks, domain-incremental)',
+            'text': 'Byte-level LM across text domains',
+            'text_pretrained': 'Byte-level LM: a pre-trained model fine-tuned '
+                               'on text domains'}
   for sequence, result in out['sequences'].items():
     default = ' — default sequence' if sequence == out['default_sequence'] else ''
     lines += [f'## {titles[sequence]}{default}', '']
-    if sequence == 'text':
+    if _is_text(sequence):
+      if result['config']['pretrain_steps']:
+        lines += [f'Pre-trained on `{result["tasks"][0]}` for '
+                  f'{result["config"]["pretrain_steps"]} steps (AdamW, shared '
+                  'by every method; row 0 is that model), then fine-tuned on '
+                  'the other domains.', '']
       lines += [f'Domains in order: {", ".join(result["tasks"])}. Loss = '
                 'next-byte cross entropy (nats/byte), lower is better; '
                 'forgetting = mean increase of an earlier domain\'s loss from '
@@ -329,6 +365,11 @@ def markdown(out: dict[str, Any]) -> str:
             f'{s["learned_loss"]:.3f} | {_seeds(p["average_loss"], 1, False)} | '
             f'{_seeds(p["forgetting"], 1, True)} |')
       lines.append('')
+      if 'sculpt_minus_best_baseline_loss_per_seed' in result:
+        margins = _seeds(result['sculpt_minus_best_baseline_loss_per_seed'],
+                         1, True)
+        lines += [f'sculpt\'s average loss minus the best baseline\'s per seed '
+                  f'(negative: sculpt is better): {margins}.', '']
       continue
     lines += ['| method | ACC (%) | BWT (pp) | ACC per seed | BWT per seed |',
               '|---|---|---|---|---|']
@@ -382,7 +423,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   start = time.perf_counter()
   if args.tune:
     if len(sequences) != 1:
-      parser.error('--tune takes one sequence (--tasks split|permuted|text).')
+      parser.error(f'--tune takes one sequence (--tasks one of {SEQUENCES}).')
     sequence = sequences[0]
     example = _example(sequence)
     config = _config(example, sequence, args.quick)

@@ -24,6 +24,9 @@ Task sequences (``--tasks``):
   random permutation of the 64 pixels; one shared 10-way head. Harder for
   sculpt, whose memory is the weights' own singular directions (see
   ``benchmarks/README.md``, Continual).
+* ``rotated`` (domain-incremental): task t is the digits rotated by
+  ``t * rotation_degrees`` (bilinear, ``scipy.ndimage.rotate``); one shared
+  10-way head.
 
 Continual byte-level language modelling across text domains is in
 ``examples/continual_lm.py``.
@@ -31,7 +34,7 @@ Continual byte-level language modelling across text domains is in
 Digits are split once into train / validation / test (60/20/20, stratified by
 the seed). Hyper-parameters (``DEFAULTS``) were chosen per method on the
 validation split by ``python -m benchmarks.continual --tune --tasks split``
-(or ``permuted``); every number this script prints is on the test split. After
+(``permuted``, ``rotated``); every number this script prints is on the test split. After
 each task the script records the accuracy on every task (the accuracy matrix
 ``R[i, j]``: after training task ``i``, on task ``j``) and reports average
 accuracy, backward transfer (forgetting) and forward transfer (Lopez-Paz and
@@ -67,8 +70,8 @@ from subspace_optax import continual
 METHODS = ('naive', 'l2', 'ewc', 'gpm', 'sculpt')
 
 # Chosen per method on the validation split, seed 0, by
-# ``python -m benchmarks.continual --tune --tasks split|permuted`` (the grids
-# and every run: benchmarks/results/continual_tuning_{permuted,split}.json).
+# ``python -m benchmarks.continual --tune --tasks split|permuted|rotated`` (the
+# grids and every run: benchmarks/results/continual_tuning_<tasks>.json).
 DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     'permuted': {
         'naive': {'learning_rate': 1e-3},
@@ -93,8 +96,9 @@ DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  tasks: str = 'split'
+  tasks: str = 'split'  # 'split', 'permuted' or 'rotated'
   num_tasks: int = 5
+  rotation_degrees: float = 20.0  # 'rotated': the angle between tasks
   width: int = 128
   depth: int = 2  # square hidden layers (their importance sets sculpt's rank)
   steps_per_task: int = 300
@@ -145,6 +149,15 @@ def _pad(arrays: list[np.ndarray]):
   return out, valid
 
 
+def rotate(x: np.ndarray, degrees: float) -> np.ndarray:
+  """Rotate flattened 8x8 images (``(N, 64)`` in [0, 1]) about their centre."""
+  from scipy import ndimage  # pylint: disable=import-outside-toplevel
+  images = x.reshape(-1, 8, 8)
+  turned = ndimage.rotate(images, degrees, axes=(1, 2), reshape=False,
+                          order=1, mode='constant')
+  return np.clip(turned, 0.0, 1.0).reshape(x.shape).astype(np.float32)
+
+
 def load_tasks(config: Config) -> Tasks:
   """The task sequence from scikit-learn's bundled digits (no download)."""
   from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
@@ -170,6 +183,11 @@ def load_tasks(config: Config) -> Tasks:
       masks.append(mask)
       per_task.append([(sx[np.isin(sy, classes)], sy[np.isin(sy, classes)])
                        for sx, sy in splits])
+    elif config.tasks == 'rotated':
+      angle = t * config.rotation_degrees
+      names.append(f'rotated {angle:g}')
+      masks.append(np.ones(10, bool))
+      per_task.append([(rotate(sx, angle), sy) for sx, sy in splits])
     else:
       raise ValueError(f'Unknown task sequence {config.tasks!r}.')
   columns = {}
@@ -488,7 +506,7 @@ def plot(report: dict[str, Any], path: str | pathlib.Path) -> None:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--tasks', choices=('split', 'permuted'),
+  parser.add_argument('--tasks', choices=('split', 'permuted', 'rotated'),
                       default='split')
   parser.add_argument('--num-tasks', type=int, default=5)
   parser.add_argument('--methods', default=','.join(METHODS))

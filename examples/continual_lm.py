@@ -27,6 +27,14 @@ row), forgetting ``(1/(T-1)) Σ_{j<T-1} (L[T-1, j] - L[j, j])`` (the increase in
 loss on earlier domains, positive = forgotten) and the mean loss right after
 learning each domain (``diag L``, plasticity).
 
+With ``--pretrain-steps N`` (the setting of the Sculpting Subspaces paper:
+continual fine-tuning of a *pre-trained* model) the first domain is a
+pre-training corpus instead: the model is trained on it for ``N`` steps with
+AdamW (warm-up and cosine decay, :func:`pretrain`), shared by every method,
+and the sequence then fine-tunes the remaining domains. Row 0 of the matrix is
+the pre-trained model, and the first task boundary (memories, Fisher, anchor)
+is taken on it.
+
 Each domain's bytes are cut into 4 KiB chunks: every 10th chunk is held out,
 the held-out chunks alternate between validation (to choose hyper-parameters)
 and test (reported).
@@ -36,6 +44,7 @@ Usage (from the repository root)::
   python -m examples.continual_lm                   # 4 domains, every method
   python -m examples.continual_lm --quick           # CI-sized (seconds)
   python -m examples.continual_lm --json out.json --plot out.png
+  python -m examples.continual_lm --pretrain-steps 1500   # fine-tune a pre-trained model
 """
 
 from __future__ import annotations
@@ -76,6 +85,17 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# Pre-training on the first domain (``Config.pretrain_steps > 0``); fixed,
+# not tuned: AdamW, linear warm-up then cosine decay.
+PRETRAIN = {'peak_learning_rate': 3e-3, 'end_learning_rate': 3e-4,
+            'warmup_steps': 100, 'weight_decay': 0.1}
+
+# Fine-tuning the pre-trained model: chosen on the validation split (seed 0)
+# by ``python -m benchmarks.continual --tasks text_pretrained --tune``
+# (benchmarks/results/continual_tuning_text_pretrained.json).
+PRETRAINED_DEFAULTS: dict[str, dict[str, Any]] = {}
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
   domains: tuple[str, ...] = DOMAINS
@@ -90,6 +110,7 @@ class Config:
   steps_per_task: int = 150
   eval_batches: int = 4  # of batch_size sequences, per domain and split
   memory_samples: int = 32  # sequences per domain for Fisher / importance
+  pretrain_steps: int = 0  # > 0: the first domain pre-trains the model
   seed: int = 0
 
 
@@ -328,12 +349,46 @@ def loss_summary(matrix, baseline=None) -> dict[str, float]:
   return out
 
 
+@functools.lru_cache(maxsize=2)
+def _pretrained(config: Config, tokens: bytes):
+  net = network(config)
+  tx = optax.adamw(optax.warmup_cosine_decay_schedule(
+      0.0, PRETRAIN['peak_learning_rate'], PRETRAIN['warmup_steps'],
+      config.pretrain_steps, PRETRAIN['end_learning_rate']),
+                   weight_decay=PRETRAIN['weight_decay'])
+
+  @jax.jit
+  def step(params, opt_state, inputs, targets):
+    grads = jax.grad(net.loss)(params, inputs, targets)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  params, corpus = net.initial, np.frombuffer(tokens, np.uint8)
+  opt_state = tx.init(params)
+  for k in range(config.pretrain_steps):
+    inputs, targets = data_lib.batch_at(
+        corpus, seed=config.seed + 2, step=k, batch_size=config.batch_size,
+        seq_len=config.seq_len)
+    params, opt_state = step(params, opt_state, inputs, targets)
+  return params
+
+
+def pretrain(config: Config, domains: Domains):
+  """The initial params of every method: ``network(config).initial``, or,
+  with ``config.pretrain_steps > 0``, those weights trained on the first
+  domain for that many steps with AdamW (``PRETRAIN``; its own batch stream).
+  Cached, so a run of several methods pre-trains once."""
+  if config.pretrain_steps <= 0:
+    return network(config).initial
+  return _pretrained(config, domains.train[0].tobytes())
+
+
 def run_method(name: str, hyper: dict[str, Any], domains: Domains,
                config: Config) -> dict[str, Any]:
   """Train one method on every domain in turn; its loss matrices."""
   net = network(config)
   method = make_method(name, hyper, net)
-  tx, params = method.tx, net.initial
+  tx, params = method.tx, pretrain(config, domains)
   opt_state = tx.init(params)
 
   @jax.jit
@@ -349,12 +404,14 @@ def run_method(name: str, hyper: dict[str, Any], domains: Domains,
   baseline = {s: np.asarray(net.losses(params, b)) for s, b in evaluation.items()}
   start, final_loss = time.perf_counter(), []
   for t, tokens in enumerate(domains.train):
-    for step in range(config.steps_per_task):
+    # With pre-training, the first domain is already learned.
+    steps = 0 if t == 0 and config.pretrain_steps > 0 else config.steps_per_task
+    for step in range(steps):
       inputs, targets = data_lib.batch_at(
           tokens, seed=config.seed, step=t * config.steps_per_task + step,
           batch_size=config.batch_size, seq_len=config.seq_len)
       params, opt_state, value = train_step(params, opt_state, inputs, targets)
-    final_loss.append(float(value))
+    final_loss.append(float(value) if steps else None)
     for split, batches in evaluation.items():
       matrices[split] = continual.record(
           matrices[split], t, np.asarray(net.losses(params, batches)))
@@ -373,10 +430,15 @@ def run_method(name: str, hyper: dict[str, Any], domains: Domains,
   }
 
 
+def defaults(config: Config) -> dict[str, dict[str, Any]]:
+  """Each method's validation-chosen hyper-parameters for this setting."""
+  return PRETRAINED_DEFAULTS if config.pretrain_steps > 0 else DEFAULTS
+
+
 def run(config: Config, methods: Sequence[str] = METHODS,
         hyper: Optional[dict[str, dict[str, Any]]] = None) -> dict[str, Any]:
   domains = load_domains(config)
-  hyper = {**DEFAULTS, **(hyper or {})}
+  hyper = {**defaults(config), **(hyper or {})}
   return {
       'config': dataclasses.asdict(config), 'tasks': domains.names,
       'skipped_domains': domains.skipped,
@@ -452,6 +514,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument('--methods', default=','.join(METHODS))
   parser.add_argument('--steps', type=int, default=None,
                       help='training steps per domain (default 150)')
+  parser.add_argument('--pretrain-steps', type=int, default=0,
+                      help='pre-train on the first domain for this many '
+                      'steps, then fine-tune the others (default 0: none)')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--quick', action='store_true',
                       help='CI-sized run: 3 domains, 20 steps, 1 layer')
@@ -462,7 +527,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace) -> Config:
   config = Config(domains=tuple(d for d in args.domains.split(',') if d),
-                  seed=args.seed)
+                  seed=args.seed, pretrain_steps=args.pretrain_steps)
   if args.quick:
     config = dataclasses.replace(
         config, domains=config.domains[:3], max_bytes=60_000, dim=32, layers=1,

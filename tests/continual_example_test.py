@@ -24,6 +24,21 @@ def test_tasks_are_padded_to_one_shape():
   assert not np.allclose(permuted.train_x[0], permuted.train_x[1])
 
 
+def test_rotated_tasks_turn_the_same_digits():
+  x = np.random.default_rng(0).random((3, 64)).astype(np.float32)
+  np.testing.assert_array_equal(example.rotate(x, 0), x)
+  np.testing.assert_array_equal(  # a quarter turn, counter-clockwise
+      example.rotate(x, 90).reshape(3, 8, 8),
+      np.rot90(x.reshape(3, 8, 8), 1, axes=(1, 2)))
+  tasks = example.load_tasks(example.Config(tasks='rotated', num_tasks=3,
+                                            rotation_degrees=30.0))
+  assert tasks.names == ['rotated 0', 'rotated 30', 'rotated 60']
+  assert tasks.class_mask.all()
+  np.testing.assert_array_equal(tasks.train_y[0], tasks.train_y[2])
+  np.testing.assert_array_equal(tasks.train_x[2],
+                                example.rotate(tasks.train_x[0], 60))
+
+
 def test_quick_run_writes_the_matrix_json_and_plot(tmp_path):
   out_json, out_png = tmp_path / 'continual.json', tmp_path / 'continual.png'
   report = example.main(['--quick', '--methods', 'naive,ewc,gpm,sculpt',

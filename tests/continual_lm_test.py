@@ -62,3 +62,23 @@ def test_quick_run_learns_and_sculpt_starts_like_naive(tmp_path):
                              report['results']['sculpt']['test'][0], rtol=1e-4)
   assert set(report['results']['sculpt']['test_summary']) >= {
       'average_loss', 'forgetting', 'learned_loss'}
+
+
+def test_pretraining_learns_the_first_domain_before_the_sequence():
+  quick = ['--quick', '--domains', 'python,english', '--methods', 'naive,ewc',
+           '--steps', '10']
+  scratch = example.main(quick)
+  report = example.main(quick + ['--pretrain-steps', '30'])
+  naive, ewc = (report['results'][m] for m in ('naive', 'ewc'))
+  # The first domain takes no fine-tuning steps: row 0 is the shared
+  # pre-trained model, the same for every method.
+  assert naive['final_train_loss'][0] is None
+  np.testing.assert_array_equal(naive['test'][0], ewc['test'][0])
+  # 30 pre-training steps fit the first domain better than 10 plain ones.
+  assert naive['test'][0][0] < scratch['results']['naive']['test'][0][0]
+  # The sequence then fine-tunes the second domain.
+  assert naive['test'][1][1] < naive['test'][0][1]
+  config = example.config_from_args(example.parse_args(
+      quick + ['--pretrain-steps', '30']))
+  assert config.pretrain_steps == 30
+  assert example.defaults(config) is example.PRETRAINED_DEFAULTS
