@@ -83,6 +83,14 @@ DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         # Optional sculpt keys: 'normalization' ('max' | 'minmax', see
         # sculpt_memory) and 'mode' ('two_sided' | 'block').
     },
+    'rotated': {
+        'naive': {'learning_rate': 1e-3},
+        'l2': {'learning_rate': 3e-3, 'strength': 1e-3},
+        'ewc': {'learning_rate': 3e-3, 'strength': 1000.0},
+        'gpm': {'learning_rate': 3e-3, 'threshold': 0.97},
+        'sculpt': {'learning_rate': 3e-3, 'min_fraction': 0.1,
+                   'max_fraction': 0.5, 'weight_decay': 0.0},
+    },
     'split': {
         'naive': {'learning_rate': 1e-3},
         'l2': {'learning_rate': 1e-3, 'strength': 0.1},

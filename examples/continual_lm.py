@@ -93,7 +93,13 @@ PRETRAIN = {'peak_learning_rate': 3e-3, 'end_learning_rate': 3e-4,
 # Fine-tuning the pre-trained model: chosen on the validation split (seed 0)
 # by ``python -m benchmarks.continual --tasks text_pretrained --tune``
 # (benchmarks/results/continual_tuning_text_pretrained.json).
-PRETRAINED_DEFAULTS: dict[str, dict[str, Any]] = {}
+PRETRAINED_DEFAULTS: dict[str, dict[str, Any]] = {
+    'naive': {'learning_rate': 3e-4},
+    'l2': {'learning_rate': 3e-4, 'strength': 0.1},
+    'ewc': {'learning_rate': 1e-3, 'strength': 1000.0},
+    'sculpt': {'learning_rate': 3e-4, 'min_fraction': 0.1,
+               'max_fraction': 0.5, 'weight_decay': 0.0, 'protect': 'all'},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,9 +358,11 @@ def loss_summary(matrix, baseline=None) -> dict[str, float]:
 @functools.lru_cache(maxsize=2)
 def _pretrained(config: Config, tokens: bytes):
   net = network(config)
+  # Warm-up: PRETRAIN's, at most a tenth of a short run.
+  warmup = min(PRETRAIN['warmup_steps'], max(1, config.pretrain_steps // 10))
   tx = optax.adamw(optax.warmup_cosine_decay_schedule(
-      0.0, PRETRAIN['peak_learning_rate'], PRETRAIN['warmup_steps'],
-      config.pretrain_steps, PRETRAIN['end_learning_rate']),
+      0.0, PRETRAIN['peak_learning_rate'], warmup, config.pretrain_steps,
+      PRETRAIN['end_learning_rate']),
                    weight_decay=PRETRAIN['weight_decay'])
 
   @jax.jit
