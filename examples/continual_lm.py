@@ -510,7 +510,10 @@ def plot(report: dict[str, Any], path: str | pathlib.Path) -> None:
       ax.set_ylabel('after training domain')
   fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8,
                label='test loss (nats/byte)')
-  fig.suptitle(f'continual byte-level LM (seed {report["config"]["seed"]}): '
+  config = report['config']
+  pretrained = (f', pre-trained {config["pretrain_steps"]} steps on {names[0]}'
+                if config.get('pretrain_steps') else '')
+  fig.suptitle(f'continual byte-level LM (seed {config["seed"]}{pretrained}): '
                'test loss matrix per method', fontsize=10)
   fig.savefig(path, dpi=120, bbox_inches='tight')
   plt.close(fig)
