@@ -273,6 +273,13 @@ def _statistics(per_seed, reduce) -> dict[str, dict[str, float]]:
           for m, metrics in per_seed.items()}
 
 
+def _sculpt_margins(per_seed, metric: str, best) -> list[float]:
+  """Per seed, sculpt's ``metric`` minus the ``best`` (``np.max`` or
+  ``np.min``) of the other methods'."""
+  others = [v[metric] for m, v in per_seed.items() if m != 'sculpt']
+  return (np.asarray(per_seed['sculpt'][metric]) - best(others, 0)).tolist()
+
+
 def run_sequence(sequence: str, seeds: Sequence[int], methods, quick: bool
                  ) -> dict[str, Any]:
   """Every method on one sequence for every seed; JSON-ready."""
@@ -288,14 +295,12 @@ def run_sequence(sequence: str, seeds: Sequence[int], methods, quick: bool
                                         for m in methods},
          'summary': _statistics(per_seed, np.mean),
          'std': _statistics(per_seed, np.std), 'per_seed': per_seed}
+  compared = set(methods) >= {'naive', 'sculpt'}
   if not _is_text(sequence):
-    if set(methods) >= {'naive', 'sculpt'}:
+    if compared:
       out['bar'] = check_bar(out['summary'])
-      baselines = [m for m in methods if m != 'sculpt']
-      sculpt_acc = np.asarray(per_seed['sculpt']['average_accuracy'])
-      best = np.max([per_seed[m]['average_accuracy'] for m in baselines], 0)
-      out['sculpt_minus_best_baseline_accuracy_per_seed'] = (
-          sculpt_acc - best).tolist()
+      out['sculpt_minus_best_baseline_accuracy_per_seed'] = _sculpt_margins(
+          per_seed, 'average_accuracy', np.max)
     first = dataclasses.replace(config, seed=seeds[0])
     sizes = example.load_tasks(first).test_valid.sum(axis=1)
     # ACC is a mean over tasks: one test example of task j moves it 1/(T n_j).
@@ -304,11 +309,9 @@ def run_sequence(sequence: str, seeds: Sequence[int], methods, quick: bool
     if sequence == 'permuted':
       out['note'] = PERMUTED_NOTE
   else:
-    if set(methods) >= {'naive', 'sculpt'}:  # lower loss is better
-      baselines = [m for m in methods if m != 'sculpt']
-      best = np.min([per_seed[m]['average_loss'] for m in baselines], 0)
-      out['sculpt_minus_best_baseline_loss_per_seed'] = (
-          np.asarray(per_seed['sculpt']['average_loss']) - best).tolist()
+    if compared:  # lower loss is better
+      out['sculpt_minus_best_baseline_loss_per_seed'] = _sculpt_margins(
+          per_seed, 'average_loss', np.min)
     out['skipped_domains'] = reports[0]['skipped_domains']
     out['domain_bytes'] = reports[0]['domain_bytes']
   out['reports'] = reports

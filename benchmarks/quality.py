@@ -114,6 +114,10 @@ def _block_matrix_mask(params):
   return jax.tree_util.tree_map_with_path(lm_optimizers.is_block_matrix, params)
 
 
+# AuON's runs use lr 0.02 (arXiv 2509.24320), against AdamW's 3e-3 here.
+AUON_LR_RATIO = 0.02 / 3e-3
+
+
 def _auon(newton_schulz_steps):
   """AuON on the block matrices at its own rate; AdamW at AdamW's elsewhere."""
 
@@ -125,10 +129,6 @@ def _auon(newton_schulz_steps):
                    adam_learning_rate=adam_rate)
 
   return build
-
-
-# AuON's runs use lr 0.02 (arXiv 2509.24320), against AdamW's 3e-3 here.
-AUON_LR_RATIO = 0.02 / 3e-3
 
 
 def _optax_galore(learning_rate, rank, refresh_every, seed):
