@@ -26,6 +26,7 @@ import optax
 from subspace_optax._src import bases as bases_lib
 from subspace_optax._src import batching
 from subspace_optax._src import layout as layout_lib
+from subspace_optax._src import moments as moments_lib
 from subspace_optax._src import refresh as refresh_lib
 from subspace_optax._src import sharding
 
@@ -172,30 +173,6 @@ def _check_state_fits(updates, layouts, basis_leaves, basis_shapes) -> None:
           f'{name}: the gradient of shape {jnp.shape(g)} (rank {lay.rank}) '
           f'needs a basis of shape {expected}, but the state holds {actual}. '
           f'{fix}')
-
-
-def _map_moments(inner_state, treedef, shapes, fn):
-  """Apply ``fn(is_second_moment, flat_leaves) -> flat_leaves`` to every
-  subtree of ``inner_state`` shaped like the coefficients tree.
-
-  Second moments are recognised by the optax field name ``nu``.
-  """
-
-  def matches(x) -> bool:
-    try:
-      if jax.tree.structure(x) != treedef:
-        return False
-    except Exception:  # pylint: disable=broad-except
-      return False
-    return [jnp.shape(v) for v in treedef.flatten_up_to(x)] == shapes
-
-  def visit(path, sub):
-    if not matches(sub):
-      return sub
-    second = any(getattr(k, 'name', None) == 'nu' for k in path)
-    return treedef.unflatten(fn(second, treedef.flatten_up_to(sub)))
-
-  return jax.tree_util.tree_map_with_path(visit, inner_state, is_leaf=matches)
 
 
 def low_rank(
@@ -471,7 +448,7 @@ def low_rank(
           out.append(jnp.where(did, moved, m))
         return out
 
-      inner_state = _map_moments(inner_state, treedef, shapes, move)
+      inner_state = moments_lib.map_moments(inner_state, treedef, shapes, move)
 
     coefficient_tree = treedef.unflatten(coefficients)
     low, inner_state = inner.update(

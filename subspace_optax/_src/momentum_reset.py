@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-FIRST_MOMENTS = ('mu', 'trace', 'momentum')
-SECOND_MOMENTS = ('nu',)
+from subspace_optax._src.moments import FIRST_MOMENTS
+from subspace_optax._src.moments import SECOND_MOMENTS
 
 
 class ResetMomentsState(NamedTuple):
