@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, NamedTuple, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -307,3 +307,19 @@ def leaf_layouts(params, dimension_numbers, side: str, rank: int | float):
           f'or a callable params -> such a tree. Got a mismatch: {error}'
       ) from error
     raise
+
+
+def is_layout_leaf(x) -> bool:
+  """Leaf predicate for trees of :class:`MatrixLayout` (None: not projected)."""
+  return x is None or isinstance(x, MatrixLayout)
+
+
+def flat_layouts(params, dimension_numbers, side: str,
+                 rank: int | float) -> list[Optional[MatrixLayout]]:
+  """:func:`leaf_layouts` as a flat list, in the order of ``jax.tree.leaves``.
+
+  The one way to ask "which leaves of this tree are matrices, and how".
+  """
+  return jax.tree.leaves(
+      leaf_layouts(params, dimension_numbers, side, rank),
+      is_leaf=is_layout_leaf)

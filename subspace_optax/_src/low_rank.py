@@ -59,15 +59,6 @@ def unbox(tree):
   )
 
 
-def _is_layout_leaf(x) -> bool:
-  return x is None or isinstance(x, layout_lib.MatrixLayout)
-
-
-def _flat_layouts(tree, dimension_numbers, side, rank):
-  layouts = layout_lib.leaf_layouts(tree, dimension_numbers, side, rank)
-  return jax.tree.leaves(layouts, is_leaf=_is_layout_leaf)
-
-
 def _batched_keys(key: jax.Array, batch_shape: tuple[int, ...]) -> jax.Array:
   size = 1
   for d in batch_shape:
@@ -263,7 +254,7 @@ def low_rank(
       None if residual is None else optax.with_extra_args_support(residual))
 
   def layouts_for(tree):
-    return _flat_layouts(tree, dimension_numbers, side, rank)
+    return layout_lib.flat_layouts(tree, dimension_numbers, side, rank)
 
   @functools.lru_cache(maxsize=None)
   def basis_shapes(k: int, l: int, r: int) -> list[tuple[int, ...]]:
