@@ -293,6 +293,3 @@ def apollo_bytes(
     per_matrix += 4 if limiter else 0
     total += lay.num_matrices * per_matrix + 2 * 4
   return total
-
-
-bases_lib.register('seeded_gaussian', seeded_gaussian)

@@ -17,6 +17,7 @@ and ``unproject(C) = QC``.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -242,24 +243,38 @@ def _eigenvectors(symmetric: jax.Array) -> jax.Array:
   return jnp.linalg.eigh(symmetric)[1]
 
 
-_BY_NAME: dict[str, Callable[[], BasisMethod]] = {
-    'svd': svd,
-    'randomized': randomized,
+# Every built-in basis method by name: the module of ``subspace_optax._src``
+# that defines its factory, a function of the same name whose arguments all
+# have defaults. Imported on use (those modules import this one).
+BUILT_IN: dict[str, str] = {
+    'svd': 'bases',
+    'randomized': 'bases',
+    'online_pca': 'online_pca',
+    'random_orthonormal': 'random_bases',
+    'gaussian': 'random_bases',
+    'random_columns': 'index_bases',
+    'blocks': 'index_bases',
+    'dct': 'dct',
+    'importance_sampled': 'importance',
+    'seeded_gaussian': 'apollo',
 }
 
 
-def register(name: str, factory: Callable[[], BasisMethod]) -> None:
-  """Make ``basis=name`` resolve to ``factory()`` in every transform."""
-  _BY_NAME[name] = factory
-
-
 def resolve(basis: str | BasisMethod) -> BasisMethod:
-  """A basis method from its name or itself."""
+  """A basis method from its name (default arguments) or itself.
+
+  Names are those of :data:`BUILT_IN`; for other arguments, or a method of
+  your own, pass the :class:`BasisMethod` itself (e.g.
+  ``basis=subspace_optax.bases.randomized(oversample=16)``).
+  """
   if isinstance(basis, BasisMethod):
     return basis
-  if isinstance(basis, str) and basis in _BY_NAME:
-    return _BY_NAME[basis]()
+  if isinstance(basis, str) and basis in BUILT_IN:
+    module = importlib.import_module(
+        f'subspace_optax._src.{BUILT_IN[basis]}')
+    return getattr(module, basis)()
   raise ValueError(
-      f'Unknown basis {basis!r}; use one of {sorted(_BY_NAME)} or a '
+      f'Unknown basis {basis!r}; use one of {", ".join(sorted(BUILT_IN))} '
+      '(subspace_optax.bases.<name>() for other arguments) or a '
       'subspace_optax.bases.BasisMethod.'
   )

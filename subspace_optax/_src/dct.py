@@ -191,6 +191,3 @@ def dct_adamw_bytes(
     total += lay.num_matrices * (2 * 4 * lay.rank * lay.other_dim + 4 * lay.rank)
     total += 2 * 4
   return total
-
-
-bases_lib.register('dct', dct)

@@ -107,6 +107,3 @@ def i3s(
       align_signs=align_signs, on_refresh=on_refresh,
       dimension_numbers=dimension_numbers, seed=seed,
   )
-
-
-bases_lib.register('importance_sampled', importance_sampled)

@@ -135,7 +135,3 @@ def blocks(density: float = 0.25) -> bases_lib.BasisMethod:
     return c * state.active.astype(c.dtype)
 
   return bases_lib.BasisMethod('blocks', init, refresh, project, unproject)
-
-
-bases_lib.register('random_columns', random_columns)
-bases_lib.register('blocks', blocks)

@@ -130,7 +130,3 @@ def golore(
       align_signs=False, on_refresh=on_refresh,
       dimension_numbers=dimension_numbers, seed=seed,
   )
-
-
-bases_lib.register('random_orthonormal', random_orthonormal)
-bases_lib.register('gaussian', gaussian)
