@@ -174,8 +174,11 @@ def make_layout(
   columns = math.prod(shape[a] for a in output)
   if side == 'compact':
     project_rows = rows >= columns
-  elif side == 'reference':  # GaLore 'std': the basis lives on the smaller side.
-    project_rows = rows < columns
+  elif side == 'reference':
+    # galore-torch's proj_type='std' on the PyTorch weight (out, in) = our
+    # (in, out) transposed: the basis lies on the smaller side, and on a
+    # square matrix on the input side (our rows).
+    project_rows = rows <= columns
   elif side == 'left':
     project_rows = True
   elif side == 'right':
@@ -230,6 +233,11 @@ def path_name(path) -> str:
   return jax.tree_util.keystr(path) or '<root>'
 
 
+def _shape(x) -> tuple[int, ...]:
+  """Shape of an array, a ``jax.ShapeDtypeStruct`` or a Python scalar."""
+  return tuple(x.shape) if hasattr(x, 'shape') else np.shape(x)
+
+
 def _is_numbers_leaf(x) -> bool:
   return x is None or isinstance(x, DimensionNumbers)
 
@@ -253,14 +261,14 @@ def last_two_axes(params) -> Any:
   """
   _check_not_a_step_count(params, 'last_two_axes')
   return jax.tree.map(
-      lambda p: DimensionNumbers(-2, -1) if jnp.ndim(p) >= 2 else None, params
+      lambda p: DimensionNumbers(-2, -1) if len(_shape(p)) >= 2 else None, params
   )
 
 
 def default_dimension_numbers(params) -> Any:
   """Every 2-D leaf is a matrix; leaves of any other rank are not projected."""
   return jax.tree.map(
-      lambda p: DimensionNumbers(0, 1) if jnp.ndim(p) == 2 else None, params
+      lambda p: DimensionNumbers(0, 1) if len(_shape(p)) == 2 else None, params
   )
 
 
@@ -270,7 +278,7 @@ def leaf_layouts(params, dimension_numbers, side: str, rank: int | float):
     numbers = default_dimension_numbers(params)
   elif isinstance(dimension_numbers, DimensionNumbers):
     numbers = jax.tree.map(
-        lambda p: dimension_numbers if jnp.ndim(p) >= 2 else None, params
+        lambda p: dimension_numbers if len(_shape(p)) >= 2 else None, params
     )
   elif callable(dimension_numbers):
     numbers = dimension_numbers(params)
@@ -292,10 +300,11 @@ def leaf_layouts(params, dimension_numbers, side: str, rank: int | float):
       )
 
   jax.tree_util.tree_map_with_path(check_leaf, numbers, is_leaf=_is_numbers_leaf)
+  # A zero-size leaf has nothing to project: it is left out (None).
   try:
     return jax.tree_util.tree_map_with_path(
-        lambda path, n, p: None if n is None else make_layout(
-            path_name(path), tuple(jnp.shape(p)), n, side, rank),
+        lambda path, n, p: None if n is None or 0 in _shape(p) else make_layout(
+            path_name(path), _shape(p), n, side, rank),
         numbers, params, is_leaf=_is_numbers_leaf,
     )
   except ValueError as error:

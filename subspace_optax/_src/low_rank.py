@@ -16,6 +16,7 @@ norms, embeddings keep Adam, as in GaLore's second parameter group) and hold
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -60,10 +61,7 @@ def unbox(tree):
 
 
 def _batched_keys(key: jax.Array, batch_shape: tuple[int, ...]) -> jax.Array:
-  size = 1
-  for d in batch_shape:
-    size *= d
-  keys = jax.random.split(key, size)
+  keys = jax.random.split(key, math.prod(batch_shape))
   return keys.reshape(batch_shape) if batch_shape else keys[0]
 
 
@@ -102,7 +100,7 @@ def _finite_or_old(fresh, old, finite_input: jax.Array):
 
 def _abstract(tree):
   return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+      lambda x: jax.ShapeDtypeStruct(_shape(x), jnp.result_type(x))
       if hasattr(x, 'dtype') else x, tree)
 
 
@@ -137,33 +135,273 @@ def _check_params_free(tx, role: str, updates, state, **extra_args) -> None:
       f'optax.scale_by_learning_rate(learning_rate)). ({error})') from error
 
 
-def _check_state_fits(updates, layouts, basis_leaves, basis_shapes) -> None:
-  """Each gradient leaf must fit the basis the state holds for it."""
+def _shape(x) -> tuple[int, ...]:
+  """Shape of an array, a ``jax.ShapeDtypeStruct`` or a Python scalar."""
+  return tuple(x.shape) if hasattr(x, 'shape') else np.shape(x)
+
+
+def _passes_through(x) -> bool:
+  """Zero-size leaves skip the pipeline: the update is returned as it is."""
+  return math.prod(_shape(x)) == 0
+
+
+def _owner(path, gradient_paths):
+  """The gradient leaf path that ``path`` (in the inner state) ends with."""
+  path = tuple(path)
+  matches = [p for p in gradient_paths
+             if 0 < len(p) <= len(path) and path[len(path) - len(p):] == p]
+  return max(matches, key=len, default=None)
+
+
+def _check_state_fits(updates, layouts, basis_leaves, basis_shapes,
+                      inner_state, expected_inner_state) -> None:
+  """Each gradient leaf must fit the basis and inner state held for it.
+
+  The basis fixes the projected dimension ``k``; the other dimension ``l``
+  lives only in the inner state (coefficients are ``rank x l``), so the inner
+  state is compared with ``expected_inner_state`` (abstract, from the
+  gradients' shapes).
+  """
   fix = ('The state was initialised for other params, rank or '
          'dimension_numbers; call init again with params shaped like the '
          'gradients, or restore a checkpoint saved with this configuration.')
-  for (path, g), lay, b in zip(
-      jax.tree_util.tree_flatten_with_path(updates)[0], layouts, basis_leaves):
+  gradients = jax.tree_util.tree_flatten_with_path(updates)[0]
+  for (path, g), lay, b in zip(gradients, layouts, basis_leaves):
     has_basis = not isinstance(b, optax.MaskedNode)
     name = layout_lib.path_name(path)
     if lay is None and has_basis:
       raise ValueError(
-          f'{name}: the gradient of shape {jnp.shape(g)} is not projected, but '
+          f'{name}: the gradient of shape {_shape(g)} is not projected, but '
           f'the state holds a basis for it. {fix}')
     if lay is None:
       continue
     if not has_basis:
       raise ValueError(
-          f'{name}: the gradient of shape {jnp.shape(g)} is projected, but the '
+          f'{name}: the gradient of shape {_shape(g)} is projected, but the '
           f'state holds no basis for it. {fix}')
     expected = [lay.batch_shape + s for s in basis_shapes(
         lay.projected_dim, lay.other_dim, lay.rank)]
-    actual = [jnp.shape(a) for a in jax.tree.leaves(b)]
+    actual = [_shape(a) for a in jax.tree.leaves(b)]
     if expected != actual:
       raise ValueError(
-          f'{name}: the gradient of shape {jnp.shape(g)} (rank {lay.rank}) '
+          f'{name}: the gradient of shape {_shape(g)} (rank {lay.rank}) '
           f'needs a basis of shape {expected}, but the state holds {actual}. '
           f'{fix}')
+  expected = jax.tree_util.tree_flatten_with_path(expected_inner_state)[0]
+  actual = jax.tree.leaves(inner_state)
+  if len(expected) != len(actual):
+    return  # Another structure: left for the inner optimizer to report.
+  shapes = {tuple(path): _shape(g) for path, g in gradients}
+  for (path, e), a in zip(expected, actual):
+    if _shape(e) != _shape(a):
+      owner = _owner(path, shapes)
+      leaf = ('' if owner is None else
+              f'{layout_lib.path_name(owner)}: the gradient of shape '
+              f'{shapes[owner]} needs ')
+      raise ValueError(
+          f'{leaf}inner optimizer state {layout_lib.path_name(path)} of shape '
+          f'{_shape(e)}, but the state holds {_shape(a)}. {fix}')
+
+
+def _check_real(leaves, layouts) -> None:
+  """Projected leaves must be real: bases and moments are real matrices."""
+  for p, lay in zip(leaves, layouts):
+    if lay is not None and jnp.issubdtype(p.dtype, jnp.complexfloating):
+      raise ValueError(
+          f'{lay.path}: low_rank cannot project the complex leaf of shape '
+          f'{lay.shape} and dtype {p.dtype}; its bases and moments are real. '
+          'Exclude the leaf from projection (None at its place in '
+          '`dimension_numbers`; the inner optimizer then runs on it at full '
+          'size), or keep its real and imaginary parts as two real params.')
+
+
+def _scatter(flat: list, leaves: list, values) -> list:
+  """A copy of ``flat`` with ``values`` at the positions of ``leaves``."""
+  flat = list(flat)
+  for leaf, value in zip(leaves, values):
+    flat[leaf.index] = value
+  return flat
+
+
+def _compress(flat: list, keep: list[bool]) -> list:
+  return [x for x, k in zip(flat, keep) if k]
+
+
+def _unzip(pairs: list[tuple], size: int) -> tuple[list, ...]:
+  """``[(a, b), ...] -> ([a, ...], [b, ...])``, also for an empty list."""
+  return tuple([pair[j] for pair in pairs] for j in range(size))
+
+
+def _unproject(method: bases_lib.BasisMethod, scale, leaves: list,
+               bases: list, subspace_updates: list) -> list[jax.Array]:
+  """Stage 4: ``α Q N`` per projected leaf, in its oriented view.
+
+  With ``scale=0`` the unprojection is skipped (zeros).
+  """
+  if _is_zero(scale):
+    return [jnp.zeros_like(leaf.view) for leaf in leaves]
+  return [scale * layout_lib.batched(method.unproject, leaf.num_batch_axes)(
+      subspace_updates[leaf.index], basis) for leaf, basis in zip(leaves, bases)]
+
+
+class _Leaf(NamedTuple):
+  """One projected leaf of the gradient, as the stages of an update see it."""
+
+  index: int  # position in the flat gradient tree
+  layout: layout_lib.MatrixLayout
+  view: jax.Array  # the gradient's oriented (*batch, k, l) view, float32
+  basis: Any  # the basis state before this step
+  refresh: Any  # the refresh policy's state before this step
+  keys: jax.Array  # one PRNG key per matrix, of shape batch_shape
+
+  @property
+  def num_batch_axes(self) -> int:
+    return len(self.layout.batch_shape)
+
+
+def _refresh_every_step(method: bases_lib.BasisMethod, align_signs: bool,
+                        leaf: _Leaf, count: jax.Array):
+  """``(basis, refreshed)`` of an online basis, which moves on every step.
+
+  At update 0 ``method.first_refresh`` (if any) gives the initial basis,
+  chosen by one conditional on the step count.
+  """
+  finite = _all_finite(leaf.view)
+  refresh = functools.partial(
+      _refresh_leaf, method.refresh, leaf.num_batch_axes, align_signs)
+  if method.first_refresh is None:
+    fresh = refresh(leaf.view, leaf.basis, leaf.keys)
+  else:
+    first = functools.partial(
+        _refresh_leaf, method.first_refresh, leaf.num_batch_axes, align_signs)
+    fresh = batching.cond(
+        count == 0, first, refresh, leaf.view, leaf.basis, leaf.keys)
+  return _finite_or_old(fresh, leaf.basis, finite)
+
+
+def _refresh_bases(method: bases_lib.BasisMethod,
+                   policy: refresh_lib.RefreshPolicy, align_signs: bool,
+                   leaves: list[_Leaf], count: jax.Array) -> list[tuple]:
+  """Stage 1: each leaf's basis for this step, and whether it was refreshed.
+
+  Online bases (``method.every_step``) move on every step. The others refresh
+  when their policy says so; all those refreshes sit inside one outer
+  conditional (is any leaf due?), each leaf's inside its own: a conditional
+  costs a device-to-host sync of its predicate on GPU, so a step without a
+  refresh pays one sync, not one per leaf. A refresh from a non-finite
+  gradient, or one that gives a non-finite basis, is dropped: the old basis
+  stays and the leaf stays due.
+
+  Returns:
+    A list over ``leaves`` of ``(basis, refreshed)``.
+  """
+  if method.every_step:
+    return [_refresh_every_step(method, align_signs, leaf, count)
+            for leaf in leaves]
+  if not leaves:
+    return []
+  # The predicates are operands, not closed over (vmap needs that).
+  operands = [(policy.due(leaf.refresh, count) & _all_finite(leaf.view),
+               leaf.view, leaf.basis, leaf.keys) for leaf in leaves]
+  batch_axes = [leaf.num_batch_axes for leaf in leaves]
+
+  def refresh_due(operands):
+    return [batching.cond(
+        predicate,
+        lambda v, b, k, nb=nb: _finite_or_old(
+            _refresh_leaf(method.refresh, nb, align_signs, v, b, k), b,
+            jnp.asarray(True)),
+        lambda v, b, k: (b, jnp.asarray(False)), view, basis, keys)
+            for nb, (predicate, view, basis, keys) in zip(batch_axes, operands)]
+
+  def keep(operands):
+    return [(basis, jnp.asarray(False)) for _, _, basis, _ in operands]
+
+  any_due = functools.reduce(
+      jnp.logical_or, [jnp.any(predicate) for predicate, *_ in operands])
+  # batching.cond: under jax.vmap (ensembles) the refreshes still run only on
+  # steps where some member is due, not on every step.
+  return batching.cond(any_due, refresh_due, keep, operands)
+
+
+def _transitions(method: bases_lib.BasisMethod, leaves: list[_Leaf],
+                 bases: list[Any], needed: bool) -> list[tuple]:
+  """Stage 2: how far each leaf's basis moved.
+
+  ``R = transition(old, new)`` (``rank x rank``; ``C_new ~= R C_old``) and the
+  similarity ``mean ‖R‖_F² / rank`` in [0, 1] that lazy refresh policies
+  use. Computed only when ``needed`` (otherwise ``(None, 1)``).
+
+  Returns:
+    A list over ``leaves`` of ``(R or None, similarity)``.
+  """
+  out = []
+  for leaf, basis in zip(leaves, bases):
+    if not needed:
+      out.append((None, jnp.ones([], jnp.float32)))
+      continue
+    transition = layout_lib.batched(method.transition, leaf.num_batch_axes)(
+        leaf.basis, basis)
+    similarity = jnp.mean(
+        jnp.sum(transition * transition, axis=(-2, -1)) / leaf.layout.rank)
+    out.append((transition, similarity))
+  return out
+
+
+def _move_moments(inner_state, on_refresh: str, treedef, coefficients: list,
+                  moves: list):
+  """Stage 3: the inner moments of refreshed leaves, into the new basis.
+
+  ``on_refresh='reset'`` zeroes them; ``'transport'`` maps first moments
+  ``m <- R m`` and second moments ``v <- (R∘R) v``. ``moves`` holds, per leaf
+  of ``treedef``, ``(refreshed, R)`` or None (not projected: unchanged).
+  """
+  if on_refresh == 'keep' or all(move is None for move in moves):
+    return inner_state
+
+  def move(second, moment_leaves):
+    out = []
+    for m, how in zip(moment_leaves, moves):
+      if how is None:
+        out.append(m)
+        continue
+      refreshed, transition = how
+      if on_refresh == 'reset':
+        moved = jnp.zeros_like(m)
+      else:
+        carry = transition * transition if second else transition
+        moved = sharding.einsum('...rs,...sl->...rl', carry.astype(m.dtype), m)
+      out.append(jnp.where(refreshed, moved, m))
+    return out
+
+  return moments_lib.map_moments(
+      inner_state, treedef, [_shape(c) for c in coefficients], move)
+
+
+def _residual_updates(residual_tx, residual_state, treedef,
+                      method: bases_lib.BasisMethod, leaves: list, bases: list,
+                      coefficients: list, subspace_updates: list):
+  """Stage 5: ``residual_tx`` on ``G - QQᵀG`` of every projected leaf.
+
+  The residual transform sees trees of the gradient's structure that hold
+  ``MaskedNode()`` at the leaves that are not projected, with the extra args
+  ``coefficients`` (``C``), ``subspace_updates`` (``N``) and ``gradients``
+  (the oriented ``G``).
+
+  Returns:
+    The residual's output per leaf of ``leaves``, and its new state.
+  """
+  tree = lambda values: treedef.unflatten(_scatter(
+      [optax.MaskedNode()] * treedef.num_leaves, leaves, values))
+  views = [leaf.view for leaf in leaves]
+  outside = [
+      view - layout_lib.batched(method.unproject, leaf.num_batch_axes)(c, b)
+      for leaf, view, c, b in zip(leaves, views, coefficients, bases)]
+  out, residual_state = residual_tx.update(
+      tree(outside), residual_state, None, coefficients=tree(coefficients),
+      subspace_updates=tree(subspace_updates), gradients=tree(views))
+  out = treedef.flatten_up_to(out)
+  return [out[leaf.index] for leaf in leaves], residual_state
 
 
 def low_rank(
@@ -246,7 +484,7 @@ def low_rank(
         '(or "transport").')
   if isinstance(seed, bool) or not (
       isinstance(seed, (int, np.integer)) or (
-          hasattr(seed, 'dtype') and jnp.ndim(seed) == 0
+          hasattr(seed, 'dtype') and seed.ndim == 0
           and jnp.issubdtype(seed.dtype, jnp.integer))):
     raise TypeError(f'`seed` must be an int, got {seed!r}.')
   inner = optax.with_extra_args_support(inner)
@@ -261,17 +499,29 @@ def low_rank(
     return [a.shape for a in jax.tree.leaves(
         jax.eval_shape(lambda: method.init(k, l, r)))]
 
+  def expected_inner_state(flat, treedef, layouts):
+    """The inner state's shapes for gradients ``flat`` (abstract), or None."""
+    placeholders = [
+        optax.MaskedNode() if _passes_through(g) else jax.ShapeDtypeStruct(
+            _shape(g) if lay is None else lay.coefficient_shape, jnp.float32)
+        for g, lay in zip(flat, layouts)]
+    try:
+      return jax.eval_shape(inner.init, treedef.unflatten(placeholders))
+    except Exception:  # pylint: disable=broad-except
+      return None  # Left for the inner optimizer's own update to report.
+
   def init_fn(params):
     params = unbox(params)
     leaves, treedef = jax.tree.flatten(params)
     layouts = layouts_for(params)
+    _check_real(leaves, layouts)
     projected = [i for i, lay in enumerate(layouts) if lay is not None]
     basis_leaves, refresh_leaves, placeholders, residual_leaves = [], [], [], []
     for i, (p, lay) in enumerate(zip(leaves, layouts)):
       if lay is None:
         basis_leaves.append(optax.MaskedNode())
         refresh_leaves.append(optax.MaskedNode())
-        placeholders.append(p)
+        placeholders.append(optax.MaskedNode() if _passes_through(p) else p)
         residual_leaves.append(optax.MaskedNode())
         continue
       # The state is sharded by rule from the param (see sharding.py).
@@ -315,7 +565,7 @@ def low_rank(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params  # The inner optimizer never sees params (shapes differ).
-    leaves, treedef = jax.tree.flatten(updates)
+    flat, treedef = jax.tree.flatten(updates)
     layouts = layouts_for(updates)
     try:
       basis_leaves = treedef.flatten_up_to(state.basis)
@@ -325,166 +575,65 @@ def low_rank(
           'The updates do not have the structure of the params the state was '
           'initialised with; call init again with params shaped like the '
           f'gradients. ({error})') from error
-    _check_state_fits(updates, layouts, basis_leaves, basis_shapes)
+    _check_state_fits(updates, layouts, basis_leaves, basis_shapes,
+                      state.inner_state,
+                      expected_inner_state(flat, treedef, layouts))
     count = state.count
     step_key = jax.random.fold_in(jax.random.key(seed), count)
+    leaves = [
+        _Leaf(i, lay, layout_lib.matrix_view(g, lay).astype(jnp.float32), b, r,
+              _batched_keys(jax.random.fold_in(step_key, i), lay.batch_shape))
+        for i, (g, lay, b, r) in enumerate(
+            zip(flat, layouts, basis_leaves, refresh_leaves))
+        if lay is not None]
 
-    # 1. Each projected leaf's matrix view and its refresh: every step for
-    # online bases; otherwise only when due. Scheduled refreshes sit inside
-    # one outer cond (any leaf due?), each leaf's in its own inner cond: a
-    # conditional costs a device-to-host sync of its predicate on GPU, so a
-    # step with no refresh pays one sync, not one per leaf.
-    views, fresh_bases, due_flags = [], [], []
-    scheduled = []  # (leaf index, batch axes, (predicate, view, basis, keys))
-    for i, (g, lay, b, r) in enumerate(
-        zip(leaves, layouts, basis_leaves, refresh_leaves)):
-      if lay is None:
-        views.append(None)
-        fresh_bases.append(b)
-        due_flags.append(None)
-        continue
-      nb = len(lay.batch_shape)
-      view = layout_lib.matrix_view(g, lay).astype(jnp.float32)
-      keys = _batched_keys(jax.random.fold_in(step_key, i), lay.batch_shape)
-      views.append(view)
-      finite = _all_finite(view)
-      if method.every_step:
-        refresh_fn = functools.partial(_refresh_leaf, method.refresh, nb,
-                                       align_signs)
-        fresh = refresh_fn(view, b, keys) if method.first_refresh is None else (
-            batching.cond(
-                count == 0,
-                functools.partial(_refresh_leaf, method.first_refresh, nb,
-                                  align_signs),
-                refresh_fn, view, b, keys))
-        b_new, due = _finite_or_old(fresh, b, finite)
-        fresh_bases.append(b_new)
-        due_flags.append(due)
-      else:
-        # A refresh from a non-finite gradient, or one that produced a
-        # non-finite basis, is dropped: the old basis stays and it stays due.
-        fresh_bases.append(None)  # set after the outer cond below
-        due_flags.append(None)
-        scheduled.append(
-            (i, nb, (policy.due(r, count) & finite, view, b, keys)))
-    if scheduled:
-      # batching.cond: under jax.vmap (ensembles) the refresh still runs only
-      # on steps where some member is due, not on every step.
-      # The predicates are operands, not closed over (vmap needs that).
-      def refresh_due(operands):
-        out = []
-        for (_, nb, _), (predicate, view, b, keys) in zip(scheduled, operands):
-          out.append(batching.cond(
-              predicate,
-              lambda v, b, k, nb=nb: _finite_or_old(
-                  _refresh_leaf(method.refresh, nb, align_signs, v, b, k), b,
-                  jnp.asarray(True)),
-              lambda v, b, k: (b, jnp.asarray(False)), view, b, keys))
-        return out
+    # 1-2. New bases, how far they moved, and the refresh policies' states.
+    bases, refreshed = _unzip(
+        _refresh_bases(method, policy, align_signs, leaves, count), 2)
+    transitions, similarities = _unzip(_transitions(
+        method, leaves, bases,
+        policy.needs_similarity or on_refresh == 'transport'), 2)
+    refresh_states = [
+        policy.after(leaf.refresh, count, did, similarity)
+        for leaf, did, similarity in zip(leaves, refreshed, similarities)]
 
-      def keep(operands):
-        return [(b, jnp.asarray(False)) for _, _, b, _ in operands]
+    # 3. Coefficients C = QᵀG (full gradients for the leaves not projected,
+    # nothing for zero-size ones); moments follow refreshed bases.
+    coefficients = [
+        layout_lib.batched(method.project, leaf.num_batch_axes)(leaf.view, b)
+        for leaf, b in zip(leaves, bases)]
+    kept = [not _passes_through(g) for g in flat]
+    inner_flat = _scatter(
+        [g if keep else optax.MaskedNode() for g, keep in zip(flat, kept)],
+        leaves, coefficients)
+    inner_tree = treedef.unflatten(inner_flat)
+    inner_state = _move_moments(
+        state.inner_state, on_refresh, jax.tree.structure(inner_tree),
+        _compress(inner_flat, kept),
+        _compress(_scatter([None] * len(flat), leaves,
+                           zip(refreshed, transitions)), kept))
 
-      operands = [leaf_operands for _, _, leaf_operands in scheduled]
-      any_due = functools.reduce(
-          jnp.logical_or, [jnp.any(predicate) for predicate, *_ in operands])
-      results = batching.cond(any_due, refresh_due, keep, operands)
-      for (i, _, _), (b_new, due) in zip(scheduled, results):
-        fresh_bases[i], due_flags[i] = b_new, due
-
-    # 2. Basis transitions (similarity, moment transport) and coefficients.
-    coefficients, refreshed, transitions = [], [], []
-    new_basis, new_refresh = [], []
-    for g, lay, b, r, view, b_new, due in zip(
-        leaves, layouts, basis_leaves, refresh_leaves, views, fresh_bases,
-        due_flags):
-      if lay is None:
-        coefficients.append(g)
-        for out, value in ((refreshed, None), (transitions, None),
-                           (new_basis, b), (new_refresh, r)):
-          out.append(value)
-        continue
-      nb = len(lay.batch_shape)
-      similarity = jnp.ones([], jnp.float32)
-      if policy.needs_similarity or on_refresh == 'transport':
-        transition = layout_lib.batched(method.transition, nb)(b, b_new)
-        similarity = jnp.mean(
-            jnp.sum(transition * transition, axis=(-2, -1)) / lay.rank)
-        transitions.append(transition)
-      else:
-        transitions.append(None)
-      new_refresh.append(policy.after(r, count, due, similarity))
-      new_basis.append(b_new)
-      refreshed.append(due)
-      coefficients.append(
-          layout_lib.batched(method.project, nb)(view, b_new))
-
-    inner_state = state.inner_state
-    if on_refresh != 'keep' and any(lay is not None for lay in layouts):
-      shapes = [jnp.shape(c) for c in coefficients]
-
-      def move(second, moment_leaves):
-        out = []
-        for m, lay, did, transition in zip(
-            moment_leaves, layouts, refreshed, transitions):
-          if lay is None:
-            out.append(m)
-            continue
-          if on_refresh == 'reset':
-            moved = jnp.zeros_like(m)
-          else:
-            carry = transition * transition if second else transition
-            moved = sharding.einsum(
-                '...rs,...sl->...rl', carry.astype(m.dtype), m)
-          out.append(jnp.where(did, moved, m))
-        return out
-
-      inner_state = moments_lib.map_moments(inner_state, treedef, shapes, move)
-
-    coefficient_tree = treedef.unflatten(coefficients)
-    low, inner_state = inner.update(
-        coefficient_tree, inner_state, None, **extra_args)
-    low_leaves = treedef.flatten_up_to(low)
-
-    outputs, residual_leaves, projected_c, projected_n, projected_g = (
-        [], [], [], [], [])
-    for g, lay, n, c, b, view in zip(
-        leaves, layouts, low_leaves, coefficients, new_basis, views):
-      if lay is None:
-        outputs.append(n.astype(g.dtype))
-        for out in (residual_leaves, projected_c, projected_n, projected_g):
-          out.append(optax.MaskedNode())
-        continue
-      nb = len(lay.batch_shape)
-      unproject = layout_lib.batched(method.unproject, nb)
-      outputs.append(
-          jnp.zeros_like(view) if _is_zero(scale) else scale * unproject(n, b))
-      if residual_tx is not None:
-        residual_leaves.append(view - unproject(c, b))
-        projected_c.append(c)
-        projected_n.append(n)
-        projected_g.append(view)
-
+    # 4. The inner optimizer N = inner(C), then U = α Q N (+ the residual).
+    subspace, inner_state = inner.update(
+        inner_tree, inner_state, None, **extra_args)
+    subspace = treedef.flatten_up_to(subspace)
+    outputs = _unproject(method, scale, leaves, bases, subspace)
     residual_state = state.residual_state
     if residual_tx is not None:
-      residual_out, residual_state = residual_tx.update(
-          treedef.unflatten(residual_leaves), residual_state, None,
-          coefficients=treedef.unflatten(projected_c),
-          subspace_updates=treedef.unflatten(projected_n),
-          gradients=treedef.unflatten(projected_g))
-      residual_out = treedef.flatten_up_to(residual_out)
-      outputs = [
-          o if lay is None else o + extra
-          for o, lay, extra in zip(outputs, layouts, residual_out)
-      ]
-    outputs = [
-        o if lay is None else layout_lib.leaf_from_matrix(o, lay).astype(g.dtype)
-        for o, lay, g in zip(outputs, layouts, leaves)
-    ]
+      residuals, residual_state = _residual_updates(
+          residual_tx, residual_state, treedef, method, leaves, bases,
+          coefficients, [subspace[leaf.index] for leaf in leaves])
+      outputs = [o + r for o, r in zip(outputs, residuals)]
+    outputs = _scatter(
+        [n.astype(g.dtype) if keep else g
+         for g, n, keep in zip(flat, subspace, kept)], leaves,
+        [layout_lib.leaf_from_matrix(o, leaf.layout).astype(flat[leaf.index].dtype)
+         for leaf, o in zip(leaves, outputs)])
     return treedef.unflatten(outputs), SubspaceState(
         count=optax.safe_increment(count),
-        basis=treedef.unflatten(new_basis),
-        refresh=treedef.unflatten(new_refresh),
+        basis=treedef.unflatten(_scatter(basis_leaves, leaves, bases)),
+        refresh=treedef.unflatten(
+            _scatter(refresh_leaves, leaves, refresh_states)),
         inner_state=inner_state,
         residual_state=residual_state,
     )
