@@ -13,11 +13,11 @@ import optax
 
 from subspace_optax._src import bases as bases_lib
 from subspace_optax._src import bias_correction
-from subspace_optax._src import fira
 from subspace_optax._src import layout as layout_lib
 from subspace_optax._src import low_rank as low_rank_lib
 from subspace_optax._src import norm_growth
 from subspace_optax._src import refresh as refresh_lib
+from subspace_optax._src import residual as residual_lib
 from subspace_optax._src import sharding
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -99,9 +99,9 @@ def scale_gradient_by_subspace(
   channel of the non-projected axis (``'channel'``) or per matrix
   (``'tensor'``). State-free.
   """
-  if granularity not in fira.GRANULARITIES:
+  if granularity not in residual_lib.GRANULARITIES:
     raise ValueError(
-        f'`granularity` must be one of {fira.GRANULARITIES}, got '
+        f'`granularity` must be one of {residual_lib.GRANULARITIES}, got '
         f'{granularity!r}.')
 
   def init_fn(params):
@@ -110,10 +110,10 @@ def scale_gradient_by_subspace(
 
   def update_fn(updates, state, params=None, **extra_args):
     del updates, params
-    fira._needs(extra_args, ('coefficients', 'subspace_updates', 'gradients'),
+    residual_lib.check_extra_args(extra_args, ('coefficients', 'subspace_updates', 'gradients'),
                 'scale_gradient_by_subspace')
     out = jax.tree.map(
-        lambda g, c, n: g * fira.subspace_norm_ratio(c, n, granularity),
+        lambda g, c, n: g * residual_lib.subspace_norm_ratio(c, n, granularity),
         extra_args['gradients'], extra_args['coefficients'],
         extra_args['subspace_updates'])
     return out, state

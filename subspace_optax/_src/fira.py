@@ -6,7 +6,6 @@ import math
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -14,110 +13,13 @@ from subspace_optax._src import bases as bases_lib
 from subspace_optax._src import bias_correction
 from subspace_optax._src import layout as layout_lib
 from subspace_optax._src import low_rank as low_rank_lib
-from subspace_optax._src import norm_growth
 from subspace_optax._src import refresh as refresh_lib
+from subspace_optax._src import residual as residual_lib
 
-GRANULARITIES = ('channel', 'tensor')
-_MATRIX_AXES = (-2, -1)
-
-
-def subspace_norm_ratio(
-    coefficients: jax.Array, subspace_update: jax.Array,
-    granularity: str = 'channel',
-) -> jax.Array:
-  """How much the inner optimizer scales each channel: ``‖N_j‖ / (‖C_j‖ + 1e-8)``.
-
-  ``coefficients`` ``C`` and ``subspace_update`` ``N`` have the oriented shape
-  ``(*batch, rank, l)``; norms are taken over the rank axis, one factor per
-  channel ``j`` of the non-projected axis (``'channel'``, shape
-  ``(*batch, 1, l)``), or over the whole matrix (``'tensor'``, shape
-  ``(*batch, 1, 1)``). Fira's ``φ`` and APOLLO's ``s``.
-  """
-  if granularity not in GRANULARITIES:
-    raise ValueError(
-        f'`granularity` must be one of {GRANULARITIES}, got {granularity!r}.')
-  axes = (-2,) if granularity == 'channel' else _MATRIX_AXES
-  norm = lambda x: jnp.sqrt(jnp.sum(
-      jnp.square(x.astype(jnp.float32)), axis=axes, keepdims=True))
-  return norm(subspace_update) / (norm(coefficients) + 1e-8)
-
-
-def _needs(extra_args: dict, names: tuple[str, ...], who: str) -> None:
-  missing = [n for n in names if n not in extra_args]
-  if missing:
-    raise ValueError(
-        f'{who} is a residual path of subspace_optax.low_rank(residual=...) and '
-        f'needs the extra args {missing}; use it there.')
-
-
-def scale_residual_by_subspace(
-    reference_residual: bool = False, subspace_scale: float = 1.0,
-) -> optax.GradientTransformationExtraArgs:
-  """Fira's norm-based scaling of the residual, ``S = φ ⊙ (G - QQᵀG)``.
-
-  A residual path for :func:`~subspace_optax.low_rank` (state-free). ``φ`` is
-  :func:`subspace_norm_ratio` with channel granularity. With
-  ``reference_residual=True`` the residual is the reference code's
-  ``G - α QQᵀG`` (its back-projection already carries ``α``), i.e.
-  ``S_ref - S_paper = (1-α) φ ⊙ QQᵀG``.
-  """
-
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
-
-  def update_fn(updates, state, params=None, **extra_args):
-    del params
-    names = ('coefficients', 'subspace_updates') + (
-        ('gradients',) if reference_residual else ())
-    _needs(extra_args, names, 'scale_residual_by_subspace')
-    residual = updates
-    if reference_residual:
-      residual = jax.tree.map(
-          lambda r, g: r + (1 - subspace_scale) * (g - r),
-          updates, extra_args['gradients'])
-    out = jax.tree.map(
-        lambda r, c, n: r * subspace_norm_ratio(c, n, 'channel'),
-        residual, extra_args['coefficients'], extra_args['subspace_updates'])
-    return out, state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def fira_residual(
-    limiter: Optional[float] = 1.01,
-    reference_residual: bool = False,
-    subspace_scale: float = 1.0,
-) -> optax.GradientTransformationExtraArgs:
-  """Fira's residual path: norm-based scaling, then the norm-growth limiter.
-
-  Chen et al., `Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank
-  Constraint? <https://arxiv.org/abs/2410.01623>`_, §3.2–3.3. For
-  ``low_rank(inner, residual=fira_residual(...))``, per matrix with
-  ``C = QᵀG`` and ``N = inner(C)``:
-
-  .. math::
-    φ_j = \\frac{‖N_{:,j}‖}{‖C_{:,j}‖ + 10^{-8}},\\qquad
-    S = φ ⊙ (G - QQᵀG),\\qquad S \\leftarrow limit(S),
-
-  one factor per channel ``j`` of the non-projected axis (use
-  ``side='reference'`` so the channels are those of the larger dimension, as
-  Fira). The limiter (:func:`~subspace_optax.clip_norm_growth`) acts per matrix
-  (each layer of a stack separately).
-
-  Args:
-    limiter: ``γ`` of the norm-growth limiter, or None for no limiter.
-    reference_residual: False follows the paper (``G - QQᵀG``); True reproduces
-      the reference code (``G - α QQᵀG``, which leaks ``1-α`` of the in-subspace
-      gradient into the residual: 75 % at ``α = 0.25``).
-    subspace_scale: ``α``, the pipeline's ``scale``; used only with
-      ``reference_residual=True``.
-  """
-  scaling = scale_residual_by_subspace(reference_residual, subspace_scale)
-  if limiter is None:
-    return scaling
-  return optax.chain(
-      scaling, norm_growth.clip_norm_growth(limiter, axes=_MATRIX_AXES))
+# Fira's residual stages; the public namespace imports them from here.
+fira_residual = residual_lib.fira_residual
+scale_residual_by_subspace = residual_lib.scale_residual_by_subspace
+subspace_norm_ratio = residual_lib.subspace_norm_ratio
 
 
 def fira(

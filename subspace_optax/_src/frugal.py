@@ -16,9 +16,9 @@ from subspace_optax._src import layout as layout_lib
 from subspace_optax._src import low_rank as low_rank_lib
 from subspace_optax._src import random_bases
 from subspace_optax._src import refresh as refresh_lib
+from subspace_optax._src import residual as residual_lib
 
 BASES = ('svd', 'random', 'columns', 'blocks')
-RESIDUALS = ('sign', 'sgd', None)
 
 
 class ScaleByResettableAdamState(NamedTuple):
@@ -84,20 +84,6 @@ def _basis_method(basis, rank) -> bases_lib.BasisMethod:
   if basis == 'blocks':
     return index_bases.blocks(rank)
   return bases_lib.resolve(basis)
-
-
-def _residual(residual, scale: float) -> Optional[optax.GradientTransformation]:
-  if residual is None:
-    return None
-  if residual == 'sign':
-    return optax.chain(optax.scale_by_sign(), optax.scale(scale))
-  if residual == 'sgd':
-    return optax.scale(scale)
-  if isinstance(residual, optax.GradientTransformation):
-    return optax.chain(residual, optax.scale(scale))
-  raise ValueError(
-      f'`residual` must be one of {RESIDUALS} or an optax transform, got '
-      f'{residual!r}.')
 
 
 def frugal(
@@ -194,7 +180,8 @@ def frugal(
           scale_by_resettable_adam(b1, b2, eps), rank=pipeline_rank,
           refresh=refresh_lib.every(refresh_every, stagger), basis=method,
           side=pipeline_side, on_refresh=on_refresh, align_signs=align_signs,
-          residual=_residual(residual, scale * residual_scale), scale=scale,
+          residual=residual_lib.frugal_residual(
+              residual, scale * residual_scale), scale=scale,
           dimension_numbers=dimension_numbers, seed=seed),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),

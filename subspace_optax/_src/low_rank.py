@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -259,6 +259,30 @@ class _Leaf(NamedTuple):
     return len(self.layout.batch_shape)
 
 
+def _state_leaves(treedef, state: SubspaceState) -> tuple[list, list]:
+  """The flat basis and refresh states, with a named error on a mismatch."""
+  try:
+    return (treedef.flatten_up_to(state.basis),
+            treedef.flatten_up_to(state.refresh))
+  except (ValueError, TypeError) as error:
+    raise ValueError(
+        'The updates do not have the structure of the params the state was '
+        'initialised with; call init again with params shaped like the '
+        f'gradients. ({error})') from error
+
+
+def _projected_leaves(flat: list, layouts: list, basis_leaves: list,
+                      refresh_leaves: list, step_key: jax.Array) -> list[_Leaf]:
+  """A :class:`_Leaf` per projected gradient leaf; the keys of leaf ``i``
+  come from ``fold_in(step_key, i)``."""
+  return [
+      _Leaf(i, lay, layout_lib.matrix_view(g, lay).astype(jnp.float32), b, r,
+            _batched_keys(jax.random.fold_in(step_key, i), lay.batch_shape))
+      for i, (g, lay, b, r) in enumerate(
+          zip(flat, layouts, basis_leaves, refresh_leaves))
+      if lay is not None]
+
+
 def _refresh_every_step(method: bases_lib.BasisMethod, align_signs: bool,
                         leaf: _Leaf, count: jax.Array):
   """``(basis, refreshed)`` of an online basis, which moves on every step.
@@ -348,16 +372,21 @@ def _transitions(method: bases_lib.BasisMethod, leaves: list[_Leaf],
   return out
 
 
-def _move_moments(inner_state, on_refresh: str, treedef, coefficients: list,
+def _move_moments(inner_state, on_refresh: str, treedef, inner_tree,
                   moves: list):
   """Stage 3: the inner moments of refreshed leaves, into the new basis.
 
   ``on_refresh='reset'`` zeroes them; ``'transport'`` maps first moments
   ``m <- R m`` and second moments ``v <- (R∘R) v``. ``moves`` holds, per leaf
-  of ``treedef``, ``(refreshed, R)`` or None (not projected: unchanged).
+  of ``treedef``, ``(refreshed, R)`` or None (not projected: unchanged);
+  ``inner_tree`` is the inner optimizer's input (``MaskedNode()`` at
+  zero-size leaves, which have no moments).
   """
   if on_refresh == 'keep' or all(move is None for move in moves):
     return inner_state
+  inputs = treedef.flatten_up_to(inner_tree)
+  kept = [not isinstance(x, optax.MaskedNode) for x in inputs]
+  moves = _compress(moves, kept)
 
   def move(second, moment_leaves):
     out = []
@@ -375,7 +404,20 @@ def _move_moments(inner_state, on_refresh: str, treedef, coefficients: list,
     return out
 
   return moments_lib.map_moments(
-      inner_state, treedef, [_shape(c) for c in coefficients], move)
+      inner_state, jax.tree.structure(inner_tree),
+      [_shape(x) for x in _compress(inputs, kept)], move)
+
+
+def _leaf_updates(flat: list, subspace_updates: list, leaves: list,
+                  outputs: list) -> list:
+  """The flat output: each projected leaf's oriented ``outputs`` back in its
+  shape and dtype, the inner optimizer's output for the leaves not projected,
+  and zero-size leaves as they came."""
+  return _scatter(
+      [g if _passes_through(g) else n.astype(g.dtype)
+       for g, n in zip(flat, subspace_updates)], leaves,
+      [layout_lib.leaf_from_matrix(o, leaf.layout).astype(
+          flat[leaf.index].dtype) for leaf, o in zip(leaves, outputs)])
 
 
 def _residual_updates(residual_tx, residual_state, treedef,
@@ -567,25 +609,14 @@ def low_rank(
     del params  # The inner optimizer never sees params (shapes differ).
     flat, treedef = jax.tree.flatten(updates)
     layouts = layouts_for(updates)
-    try:
-      basis_leaves = treedef.flatten_up_to(state.basis)
-      refresh_leaves = treedef.flatten_up_to(state.refresh)
-    except (ValueError, TypeError) as error:
-      raise ValueError(
-          'The updates do not have the structure of the params the state was '
-          'initialised with; call init again with params shaped like the '
-          f'gradients. ({error})') from error
+    basis_leaves, refresh_leaves = _state_leaves(treedef, state)
     _check_state_fits(updates, layouts, basis_leaves, basis_shapes,
                       state.inner_state,
                       expected_inner_state(flat, treedef, layouts))
     count = state.count
-    step_key = jax.random.fold_in(jax.random.key(seed), count)
-    leaves = [
-        _Leaf(i, lay, layout_lib.matrix_view(g, lay).astype(jnp.float32), b, r,
-              _batched_keys(jax.random.fold_in(step_key, i), lay.batch_shape))
-        for i, (g, lay, b, r) in enumerate(
-            zip(flat, layouts, basis_leaves, refresh_leaves))
-        if lay is not None]
+    leaves = _projected_leaves(
+        flat, layouts, basis_leaves, refresh_leaves,
+        jax.random.fold_in(jax.random.key(seed), count))
 
     # 1-2. New bases, how far they moved, and the refresh policies' states.
     bases, refreshed = _unzip(
@@ -597,23 +628,19 @@ def low_rank(
         policy.after(leaf.refresh, count, did, similarity)
         for leaf, did, similarity in zip(leaves, refreshed, similarities)]
 
-    # 3. Coefficients C = QᵀG (full gradients for the leaves not projected,
-    # nothing for zero-size ones); moments follow refreshed bases.
+    # 3. Coefficients C = QᵀG (the full gradient of leaves not projected,
+    # nothing for zero-size ones); the moments follow refreshed bases.
     coefficients = [
         layout_lib.batched(method.project, leaf.num_batch_axes)(leaf.view, b)
         for leaf, b in zip(leaves, bases)]
-    kept = [not _passes_through(g) for g in flat]
-    inner_flat = _scatter(
-        [g if keep else optax.MaskedNode() for g, keep in zip(flat, kept)],
-        leaves, coefficients)
-    inner_tree = treedef.unflatten(inner_flat)
+    inner_tree = treedef.unflatten(_scatter(
+        [optax.MaskedNode() if _passes_through(g) else g for g in flat],
+        leaves, coefficients))
     inner_state = _move_moments(
-        state.inner_state, on_refresh, jax.tree.structure(inner_tree),
-        _compress(inner_flat, kept),
-        _compress(_scatter([None] * len(flat), leaves,
-                           zip(refreshed, transitions)), kept))
+        state.inner_state, on_refresh, treedef, inner_tree,
+        _scatter([None] * len(flat), leaves, zip(refreshed, transitions)))
 
-    # 4. The inner optimizer N = inner(C), then U = α Q N (+ the residual).
+    # 4-5. The inner optimizer N = inner(C), then U = α Q N (+ the residual).
     subspace, inner_state = inner.update(
         inner_tree, inner_state, None, **extra_args)
     subspace = treedef.flatten_up_to(subspace)
@@ -624,18 +651,14 @@ def low_rank(
           residual_tx, residual_state, treedef, method, leaves, bases,
           coefficients, [subspace[leaf.index] for leaf in leaves])
       outputs = [o + r for o, r in zip(outputs, residuals)]
-    outputs = _scatter(
-        [n.astype(g.dtype) if keep else g
-         for g, n, keep in zip(flat, subspace, kept)], leaves,
-        [layout_lib.leaf_from_matrix(o, leaf.layout).astype(flat[leaf.index].dtype)
-         for leaf, o in zip(leaves, outputs)])
-    return treedef.unflatten(outputs), SubspaceState(
-        count=optax.safe_increment(count),
-        basis=treedef.unflatten(_scatter(basis_leaves, leaves, bases)),
-        refresh=treedef.unflatten(
-            _scatter(refresh_leaves, leaves, refresh_states)),
-        inner_state=inner_state,
-        residual_state=residual_state,
-    )
+    return treedef.unflatten(_leaf_updates(flat, subspace, leaves, outputs)), (
+        SubspaceState(
+            count=optax.safe_increment(count),
+            basis=treedef.unflatten(_scatter(basis_leaves, leaves, bases)),
+            refresh=treedef.unflatten(
+                _scatter(refresh_leaves, leaves, refresh_states)),
+            inner_state=inner_state,
+            residual_state=residual_state,
+        ))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
