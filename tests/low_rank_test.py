@@ -1,5 +1,7 @@
 """Tests of the low_rank combinator: the pipeline's defining properties."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ import pytest
 
 import subspace_optax as so
 from subspace_optax._src import bases as bases_lib
+from subspace_optax._src import layout as layout_lib
 
 
 def _params():
@@ -53,7 +56,6 @@ def test_update_lies_in_span_of_basis(basis, side):
   tx = so.low_rank(optax.scale_by_adam(), rank=3, refresh=2, basis=basis,
                    side=side, dimension_numbers=so.last_two_axes)
   outs, state = _run(tx, params, 3)
-  from subspace_optax._src import layout as layout_lib
   layouts = layout_lib.leaf_layouts(params, so.last_two_axes, side, 3)
   for name in ('w', 'v', 'stack'):
     lay = layouts[name]
@@ -285,3 +287,99 @@ def test_galore_chain_is_a_drop_in_optax_optimizer():
   for _ in range(100):
     params, state = step(params, state)
   assert float(loss(params)) < 1e-2 * start
+
+
+# ------------------------------------------------- leaves the pipeline skips
+
+
+def _with_empty_leaves():
+  return {'w': jnp.ones((6, 4)), 'none': None, 'empty_rows': jnp.ones((0, 5)),
+          'empty_columns': jnp.ones((3, 0)),
+          'empty_stack': jnp.ones((0, 4, 5)), 'b': jnp.ones((4,))}
+
+
+@pytest.mark.parametrize('basis', ['svd', 'randomized'])
+@pytest.mark.parametrize('on_refresh', ['keep', 'reset', 'transport'])
+def test_none_and_zero_size_leaves_pass_through(basis, on_refresh):
+  params = _with_empty_leaves()
+  tx = so.low_rank(optax.scale_by_adam(), rank=2, refresh=1, basis=basis,
+                   on_refresh=on_refresh, dimension_numbers=so.last_two_axes)
+  state = tx.init(params)
+  empty = ('empty_rows', 'empty_columns', 'empty_stack')
+  assert state.basis['w'].shape == (6, 2)  # a None leaf shifts nothing
+  for name in empty:
+    assert state.basis[name] == optax.MaskedNode()
+    assert state.inner_state.mu[name] == optax.MaskedNode()
+  w_grads = [jax.random.normal(jax.random.key(t), (6, 4)) for t in range(2)]
+  update = jax.jit(tx.update)
+  for w in w_grads:
+    u, state = update(dict(params, w=w), state)
+  assert u['none'] is None
+  for name in empty:
+    assert u[name].shape == params[name].shape
+    assert u[name].dtype == params[name].dtype
+  # The projected leaf is updated as if the skipped leaves were not there.
+  if basis == 'svd':
+    alone = {'w': params['w'], 'b': params['b']}
+    tx_alone = so.low_rank(optax.scale_by_adam(), rank=2, refresh=1,
+                           basis=basis, on_refresh=on_refresh)
+    state_alone = tx_alone.init(alone)
+    for w in w_grads:
+      expected, state_alone = tx_alone.update(dict(alone, w=w), state_alone)
+    np.testing.assert_allclose(u['w'], expected['w'], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state.inner_state.mu['w'],
+                               state_alone.inner_state.mu['w'], rtol=1e-5,
+                               atol=1e-7)
+
+
+def test_complex_projected_leaf_is_a_named_error_at_init():
+  params = {'layer': {'w': jnp.ones((6, 4), jnp.complex64)}}
+  tx = so.low_rank(optax.scale_by_adam(), rank=2)
+  with pytest.raises(ValueError, match=r"\['layer'\]\['w'\].*complex64.*"
+                     'dimension_numbers'):
+    tx.init(params)
+  # Excluded from projection, the inner optimizer runs on it at full size.
+  tx = so.low_rank(optax.scale_by_adam(), rank=2,
+                   dimension_numbers={'layer': {'w': None}})
+  u, _ = tx.update(params, tx.init(params))
+  assert u['layer']['w'].shape == (6, 4)
+
+
+def test_other_dimension_change_is_a_named_error():
+  """The basis fixes k (6 rows); l lives only in the inner state (rank x l)."""
+  tx = so.low_rank(optax.scale_by_adam(), rank=2)
+  state = tx.init({'w': jnp.ones((6, 4))})
+  with pytest.raises(ValueError, match=r"\['w'\].*\(6, 5\).*inner optimizer"):
+    tx.update({'w': jnp.ones((6, 5))}, state)
+  with pytest.raises(ValueError, match=r"\['w'\].*needs a basis"):
+    tx.update({'w': jnp.ones((7, 4))}, state)
+
+
+def test_no_deprecation_warning_on_abstract_params():
+  params = {'w': jax.ShapeDtypeStruct((6, 4), jnp.float32),
+            'stack': jax.ShapeDtypeStruct((2, 5, 3), jnp.float32),
+            'b': jax.ShapeDtypeStruct((4,), jnp.float32)}
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', DeprecationWarning)
+    for side in layout_lib.SIDES:
+      tx = so.low_rank(optax.scale_by_adam(), rank=2, side=side,
+                       residual=optax.scale_by_sign(),
+                       dimension_numbers=so.last_two_axes)
+      state = jax.eval_shape(tx.init, params)
+      jax.eval_shape(tx.update, params, state)
+
+
+def test_every_built_in_basis_name_resolves_and_errors_list_them():
+  for name in bases_lib.BUILT_IN:
+    method = bases_lib.resolve(name)
+    assert method.name == name
+    blocks = name == 'blocks'  # its coefficients are the whole matrix
+    tx = so.low_rank(optax.scale_by_adam(), rank=1.0 if blocks else 2,
+                     side='reference' if blocks else 'compact', basis=name)
+    params = {'w': jnp.ones((8, 6))}
+    u, _ = tx.update(_gradients(0, params), tx.init(params))
+    assert bool(jnp.all(jnp.isfinite(u['w'])))
+  with pytest.raises(ValueError) as error:
+    so.low_rank(optax.scale_by_adam(), rank=2, basis='nope')
+  for name in bases_lib.BUILT_IN:
+    assert name in str(error.value)

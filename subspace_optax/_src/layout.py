@@ -327,8 +327,9 @@ def flat_layouts(params, dimension_numbers, side: str,
                  rank: int | float) -> list[Optional[MatrixLayout]]:
   """:func:`leaf_layouts` as a flat list, in the order of ``jax.tree.leaves``.
 
-  The one way to ask "which leaves of this tree are matrices, and how".
+  The one way to ask "which leaves of this tree are matrices, and how". The
+  list is flattened up to the structure of ``params``, so ``None`` subtrees of
+  ``params`` (which have no leaves) do not shift it.
   """
-  return jax.tree.leaves(
-      leaf_layouts(params, dimension_numbers, side, rank),
-      is_leaf=is_layout_leaf)
+  return jax.tree.structure(params).flatten_up_to(
+      leaf_layouts(params, dimension_numbers, side, rank))
