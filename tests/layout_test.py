@@ -57,10 +57,11 @@ def test_reference_side_puts_the_basis_where_galore_torch_does(
     reason='the reference extra (torch, galore-torch) is not installed')
 def test_square_kernel_projection_matches_galore_torch_projector():
   import torch  # pylint: disable=g-import-not-at-top
-  from galore_torch import galore_projector  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from galore_torch import galore_projector
 
   gradient = _gradient(SQUARE, seed=3)
-  # PyTorch's Linear weight is (out, in): the gradient of our kernel, transposed.
+  # PyTorch's Linear weight is (out, in): our kernel's gradient, transposed.
   torch_gradient = torch.tensor(np.asarray(gradient).T.copy())
   projector = galore_projector.GaLoreProjector(
       rank=2, update_proj_gap=200, scale=1.0, proj_type='std')

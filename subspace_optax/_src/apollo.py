@@ -110,7 +110,8 @@ def scale_gradient_by_subspace(
 
   def update_fn(updates, state, params=None, **extra_args):
     del updates, params
-    residual_lib.check_extra_args(extra_args, ('coefficients', 'subspace_updates', 'gradients'),
+    residual_lib.check_extra_args(
+        extra_args, ('coefficients', 'subspace_updates', 'gradients'),
                 'scale_gradient_by_subspace')
     out = jax.tree.map(
         lambda g, c, n: g * residual_lib.subspace_norm_ratio(c, n, granularity),

@@ -261,7 +261,8 @@ def last_two_axes(params) -> Any:
   """
   _check_not_a_step_count(params, 'last_two_axes')
   return jax.tree.map(
-      lambda p: DimensionNumbers(-2, -1) if len(_shape(p)) >= 2 else None, params
+      lambda p: DimensionNumbers(-2, -1) if len(_shape(p)) >= 2 else None,
+      params
   )
 
 
@@ -273,7 +274,11 @@ def default_dimension_numbers(params) -> Any:
 
 
 def leaf_layouts(params, dimension_numbers, side: str, rank: int | float):
-  """Pytree (structure of ``params``) of :class:`MatrixLayout` or ``None``."""
+  """Pytree (structure of ``params``) of :class:`MatrixLayout` or ``None``.
+
+  ``None`` marks a leaf that is not projected: excluded by
+  ``dimension_numbers``, or of size zero (nothing to project).
+  """
   if dimension_numbers is None:
     numbers = default_dimension_numbers(params)
   elif isinstance(dimension_numbers, DimensionNumbers):

@@ -2,7 +2,7 @@
 
 One combinator owns the basis of every projected leaf, so the inner optimizer's
 state has the low-rank shape (``optax.chain`` cannot thread shapes between
-stages; see shared/ecosystem.md §1.4). Per matrix ``G`` with basis ``Q``:
+its stages). Per matrix ``G`` with basis ``Q``:
 
 .. math::
   C = QᵀG, \\qquad N = inner(C), \\qquad U = α\\, Q N
@@ -10,7 +10,13 @@ stages; see shared/ecosystem.md §1.4). Per matrix ``G`` with basis ``Q``:
 
 Leaves that are not projected get the inner optimizer at full size (biases,
 norms, embeddings keep Adam, as in GaLore's second parameter group) and hold
-``optax.MaskedNode()`` in the basis state.
+``optax.MaskedNode()`` in the basis state. Zero-size leaves skip the pipeline:
+their update is returned as it came and all their state is ``MaskedNode()``.
+
+An update runs in stages over a :class:`_Leaf` record per projected leaf:
+refresh (:func:`_refresh_bases`), transitions (:func:`_transitions`),
+moments (:func:`_move_moments`), the inner optimizer, unprojection
+(:func:`_unproject`) and the residual path (:func:`_residual_updates`).
 """
 
 from __future__ import annotations
@@ -240,8 +246,10 @@ def _unproject(method: bases_lib.BasisMethod, scale, leaves: list,
   """
   if _is_zero(scale):
     return [jnp.zeros_like(leaf.view) for leaf in leaves]
-  return [scale * layout_lib.batched(method.unproject, leaf.num_batch_axes)(
-      subspace_updates[leaf.index], basis) for leaf, basis in zip(leaves, bases)]
+  return [
+      scale * layout_lib.batched(method.unproject, leaf.num_batch_axes)(
+          subspace_updates[leaf.index], basis)
+      for leaf, basis in zip(leaves, bases)]
 
 
 class _Leaf(NamedTuple):
@@ -481,8 +489,10 @@ def low_rank(
     basis: ``'randomized'`` (default; no SVD), ``'svd'`` (exact, GaLore), or a
       :class:`~subspace_optax.bases.BasisMethod`.
     side: ``'compact'`` projects the larger dimension (smallest moments, like
-      ``optax.contrib.galore``); ``'reference'`` the smaller one (GaLore's
-      ``proj_type='std'``); ``'left'``/``'right'`` force rows/columns.
+      ``optax.contrib.galore``); ``'reference'`` the smaller one, and on a
+      square matrix the input side (galore-torch's ``proj_type='std'`` on the
+      PyTorch ``(out, in)`` weight); ``'left'``/``'right'`` force
+      rows/columns.
     on_refresh: what happens to the inner moments of a refreshed leaf:
       ``'keep'`` (GaLore), ``'reset'`` (zeroed; momentum reset), or
       ``'transport'`` (first moments ``m <- R m``, second moments

@@ -32,20 +32,21 @@ FRUGAL_RESIDUALS = ('sign', 'sgd', None)
 _MATRIX_AXES = (-2, -1)
 
 
-def check_extra_args(extra_args: dict, names: tuple[str, ...], who: str) -> None:
+def check_extra_args(extra_args: dict, names: tuple[str, ...],
+                     who: str) -> None:
   """A named error if ``who`` is used outside ``low_rank(residual=...)``."""
   missing = [n for n in names if n not in extra_args]
   if missing:
     raise ValueError(
-        f'{who} is a residual path of subspace_optax.low_rank(residual=...) and '
-        f'needs the extra args {missing}; use it there.')
+        f'{who} is a residual path of subspace_optax.low_rank(residual=...) '
+        f'and needs the extra args {missing}; use it there.')
 
 
 def subspace_norm_ratio(
     coefficients: jax.Array, subspace_update: jax.Array,
     granularity: str = 'channel',
 ) -> jax.Array:
-  """How much the inner optimizer scales each channel: ``‖N_j‖ / (‖C_j‖ + 1e-8)``.
+  """How much the inner optimizer scales each channel, ``‖N_j‖/(‖C_j‖+1e-8)``.
 
   ``coefficients`` ``C`` and ``subspace_update`` ``N`` have the oriented shape
   ``(*batch, rank, l)``; norms are taken over the rank axis, one factor per
