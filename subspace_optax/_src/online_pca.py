@@ -277,9 +277,8 @@ def scale_by_lion_momentum(
 
   def update_fn(updates, state, params=None):
     del params
-    direction = jax.tree.map(
-        lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
-    mu = jax.tree.map(lambda m, g: b2 * m + (1 - b2) * g, state.mu, updates)
+    direction = adam.update_first_moment(updates, state.mu, b1)
+    mu = adam.update_first_moment(updates, state.mu, b2)
     return direction, optax.ScaleByLionState(optax.safe_increment(state.count), mu)
 
   return optax.GradientTransformation(init_fn, update_fn)

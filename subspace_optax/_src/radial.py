@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from subspace_optax._src import adam
+
 
 def _rows(x: jax.Array, channel_axis: Optional[int]) -> jax.Array:
   """Channel view ``(C, -1)`` with ``channel_axis`` first; layer view ``(1, -1)``."""
@@ -144,23 +146,23 @@ def scale_by_torch_nesterov_adam(
 
   def init_fn(params):
     return optax.ScaleByAdamState(
-        count=jnp.zeros([], jnp.int32), mu=optax.tree.zeros_like(params),
-        nu=optax.tree.zeros_like(params))
+        count=jnp.zeros([], jnp.int32), mu=adam.init_moment(params),
+        nu=adam.init_moment(params))
 
   def update_fn(updates, state, params=None):
     del params
     count = optax.safe_increment(state.count)
-    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
-    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, updates)
-    t = count.astype(jnp.float32)
-    correction1, correction2 = 1 - b1**t, 1 - b2**t
+    mu, nu = adam.update_moments(updates, state.mu, state.nu, b1, b2)
+    correction1 = adam.one_minus_power(b1, count)
+    correction2 = adam.one_minus_power(b2, count)
+
+    directions = adam.update_first_moment(updates, mu, b1) if nesterov else mu
 
     def step(m, v, g):
-      direction = b1 * m + (1 - b1) * g if nesterov else m
-      return (direction / correction1 / (jnp.sqrt(v / correction2) + eps)).astype(
+      return (m / correction1 / (jnp.sqrt(v / correction2) + eps)).astype(
           jnp.result_type(g))
 
-    return (jax.tree.map(step, mu, nu, updates),
+    return (jax.tree.map(step, directions, nu, updates),
             optax.ScaleByAdamState(count, mu, nu))
 
   return optax.GradientTransformation(init_fn, update_fn)
