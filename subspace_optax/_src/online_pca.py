@@ -125,7 +125,8 @@ def _initial_basis(kind: str, g: jax.Array, old: jax.Array, key: jax.Array):
     q = bases_lib.orthonormalize(sharding.reshard_like(
         jax.random.normal(draw, old.shape, jnp.float32), old), noise)
   else:
-    u, _ = bases_lib.singular_vectors(g.astype(jnp.float32))
+    u, _ = bases_lib.singular_vectors(
+        sharding.replicate_matrix(g.astype(jnp.float32)))
     q = u[:, :rank]
   return sharding.reshard_like(q.astype(jnp.float32), old)
 
