@@ -18,16 +18,18 @@ in ``[0.1, 1]``:
 .. math::
   \\mathrm{value} = ±10^{-E}\\,\\Big(0.1 + 0.9\\,\\frac{j + 1/2}{2^f}\\Big),
 
-so the codes keep about two significant digits over 7 (signed) or 8
-(unsigned) decades. The largest value is set to exactly 1, so the entry that
+so the codes cover 7 (signed) or 8 (unsigned) decades below the block's
+maximum, with relative steps of ``0.9 / (0.1 · 2^f)``: ``2^f`` codes in the
+top decade, half as many in each lower one. The largest value is set to exactly 1, so the entry that
 sets a block's scale round-trips exactly, and 0 is a code (a zero moment stays
 exactly zero). First moments (``mu``, ``trace``, ``momentum`` of the moments
 table) use the signed map; second moments (``nu``) are non-negative and span
 many decades, so they use the unsigned map with its 8th decade. A linear
 absmax map would round every ``v < a / 510`` of a block to 0, and Adam would
 then divide by ``sqrt(0) + ε``: a step ``1/ε`` times too large; the dynamic
-map keeps ``v`` down to ``5.5·10⁻⁸ a`` to within 4.5 % (and larger values
-more finely).
+map keeps every ``v`` above ``3·10⁻⁸ a`` non-zero, to within 3.5 % of ``v`` in
+the top decade and ``4.5 / 2^{7-E}`` in decade ``E`` (bitsandbytes' 8-bit
+Adam stores ``v`` the same way).
 
 Rounding is to the nearest code (deterministic: a resumed run is bit-exact).
 Blocks are ``b = gcd(block_size, n)`` entries of the last axis (``n``), so no
