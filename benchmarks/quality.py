@@ -187,7 +187,7 @@ METHODS: dict[str, Method] = {
             lr, rank=r, refresh_every=t, scale=0.25, seed=s, **_blocks()),
         15.0, 'match_budget',
         'subspace_optax.q_galore: INT4 basis, lazy per-layer refresh, '
-        'float32 moments, scale 0.25 (arXiv 2407.08296)', 'q_galore'),
+        '8-bit moments, scale 0.25 (arXiv 2407.08296)', 'q_galore'),
     'golore': Method(
         lambda lr, r, t, s: so.golore(
             lr, rank=r, refresh_every=t, scale=0.25, seed=s, **_blocks()),
@@ -200,6 +200,16 @@ METHODS: dict[str, Method] = {
         10.0, 'match_budget',
         'subspace_optax.i3s: singular vectors sampled by sigma, scale 0.25 '
         '(arXiv 2502.05790)', 'i3s'),
+    'galore_8bit_moments': Method(
+        lambda lr, r, t, s: optax.chain(
+            so.low_rank(so.quantize_moments(so.scale_by_torch_adam()),
+                        rank=r, refresh=t, basis='svd', scale=0.25, seed=s,
+                        **_blocks()),
+            optax.scale_by_learning_rate(lr)),
+        10.0, 'quarter',
+        'galore (same pipeline) with its Adam moments in 8 bits '
+        '(subspace_optax.quantize_moments, arXiv 2110.02861)',
+        'quantize_moments'),
     'galore_momentum_reset': Method(
         lambda lr, r, t, s: so.galore(
             lr, rank=r, refresh_every=t, scale=0.25, on_refresh='reset',

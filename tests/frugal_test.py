@@ -129,8 +129,8 @@ def test_resettable_adam_is_adam_and_restarts_on_zeroed_moments():
     grads = _gradients(t, params)
     u, state = ours_update(grads, state)
     v, adam_state = adam_update(grads, adam_state)
-    for name in params:
-      np.testing.assert_allclose(u[name], v[name], rtol=1e-6)
+    for name in params:  # optax's float32 1 - β₂ᵗ is 1.3e-5 off at t = 1
+      np.testing.assert_allclose(u[name], v[name], rtol=2e-5)
   # Zero one leaf's moments (what low_rank's on_refresh='reset' does): that
   # leaf restarts like a fresh Adam, the other one carries on.
   zeroed = state._replace(
@@ -139,7 +139,7 @@ def test_resettable_adam_is_adam_and_restarts_on_zeroed_moments():
   grads = _gradients(7, params)
   u, zeroed = ours_update(grads, zeroed)
   fresh, _ = adam_update(grads, adam.init(params))
-  np.testing.assert_allclose(u['a'], fresh['a'], rtol=1e-6)
+  np.testing.assert_allclose(u['a'], fresh['a'], rtol=2e-5)
   assert int(zeroed.count['a']) == 1 and int(zeroed.count['b']) == 4
 
 

@@ -1,4 +1,20 @@
-"""Adam with the PyTorch/HF ``eps`` placement, for parity with the references."""
+"""One Adam core: the moment updates and bias corrections every variant shares.
+
+The Adam-like transforms of the library (:func:`scale_by_torch_adam`,
+:func:`~subspace_optax.scale_by_adam_moments`,
+:func:`~subspace_optax.scale_by_resettable_adam`,
+:func:`~subspace_optax.scale_by_torch_nesterov_adam`,
+:func:`~subspace_optax.scale_by_lion_momentum`) differ only in where ``ε`` sits
+and how the bias correction is counted. They share :func:`init_moment`,
+:func:`update_moments` (built on ``optax.tree``) and :func:`one_minus_power`:
+
+.. math::
+  m_t = β_1 m_{t-1} + (1-β_1) g_t,\\qquad v_t = β_2 v_{t-1} + (1-β_2) g_t^2.
+
+Moments are updated in float32 whatever the gradient's dtype, and start as
+``optax.tree.zeros_like`` of the parameters, so they keep each leaf's sharding
+(the same sharding before and after an update: one compilation).
+"""
 
 from __future__ import annotations
 
@@ -9,16 +25,63 @@ import jax.numpy as jnp
 import optax
 
 
-def bias_correction(count: jax.Array, b1: float, b2: float) -> jax.Array:
-  """Adam's step-size factor ``sqrt(1 - β₂ᵗ) / (1 - β₁ᵗ)`` at update ``count``.
+def init_moment(params: optax.Params) -> optax.Updates:
+  """A float32 zero moment like ``params`` (same shapes and shardings)."""
+  return optax.tree.zeros_like(params, dtype=jnp.float32)
 
-  ``1 - βᵗ`` is computed as ``-expm1(t log1p(-(1 - β)))`` with ``1 - β`` taken
-  in Python double precision: ``float32(0.999)`` is off by 1.3e-8, which would
-  put a 1e-5 relative error into ``1 - β₂`` at ``t = 1``.
+
+def _float32(updates: optax.Updates) -> optax.Updates:
+  return jax.tree.map(lambda g: g.astype(jnp.float32), updates)
+
+
+def _keep_dtype(new: optax.Updates, old: optax.Updates) -> optax.Updates:
+  return jax.tree.map(lambda n, o: n.astype(o.dtype), new, old)
+
+
+def update_first_moment(
+    updates: optax.Updates, moment: optax.Updates, decay: float
+) -> optax.Updates:
+  """``m ← decay·m + (1-decay)·g``, computed in float32, stored in ``m``'s dtype."""
+  return _keep_dtype(
+      optax.tree.update_moment(_float32(updates), moment, decay, 1), moment)
+
+
+def update_second_moment(
+    updates: optax.Updates, moment: optax.Updates, decay: float
+) -> optax.Updates:
+  """``v ← decay·v + (1-decay)·|g|²``, computed in float32, in ``v``'s dtype."""
+  return _keep_dtype(optax.tree.update_moment_per_elem_norm(
+      _float32(updates), moment, decay, 2), moment)
+
+
+def update_moments(
+    updates: optax.Updates, mu: optax.Updates, nu: optax.Updates,
+    b1: float, b2: float,
+) -> tuple[optax.Updates, optax.Updates]:
+  """Adam's moments ``(m, v)`` after the gradient ``updates``."""
+  return (update_first_moment(updates, mu, b1),
+          update_second_moment(updates, nu, b2))
+
+
+def one_minus_power(decay: float, count: jax.Array) -> jax.Array:
+  """``1 - decayᵗ`` (float32) for ``t = count``, accurate for ``decay`` near 1.
+
+  Computed as ``-expm1(t log1p(-(1 - decay)))`` with ``1 - decay`` taken in
+  Python double precision: ``float32(0.999)`` is off by 1.3e-8, which would
+  put a 1e-5 relative error into ``1 - β₂`` at ``t = 1`` (``optax``'s
+  ``1 - decay**count`` in float32 has that error).
   """
   t = count.astype(jnp.float32)
-  one_minus = lambda b: -jnp.expm1(t * jnp.log1p(-(1.0 - b)))
-  return jnp.sqrt(one_minus(b2)) / one_minus(b1)
+  return -jnp.expm1(t * jnp.log1p(-(1.0 - decay)))
+
+
+def bias_correction(count: jax.Array, b1: float, b2: float) -> jax.Array:
+  """Adam's step-size factor ``sqrt(1 - β₂ᵗ) / (1 - β₁ᵗ)`` at update ``count``."""
+  return jnp.sqrt(one_minus_power(b2, count)) / one_minus_power(b1, count)
+
+
+def _like(u: jax.Array, g: jax.Array) -> jax.Array:
+  return u.astype(jnp.result_type(g))
 
 
 class ScaleByTorchAdamState(NamedTuple):
@@ -45,20 +108,16 @@ def scale_by_torch_adam(
   """
 
   def init_fn(params):
-    # zeros_like keeps each leaf's sharding (and accepts ShapeDtypeStructs).
-    zeros = lambda p: optax.tree.zeros_like(p, dtype=jnp.float32)
     return ScaleByTorchAdamState(
-        jnp.zeros([], jnp.int32), jax.tree.map(zeros, params),
-        jax.tree.map(zeros, params))
+        jnp.zeros([], jnp.int32), init_moment(params), init_moment(params))
 
   def update_fn(updates, state, params=None):
     del params
     count = optax.safe_increment(state.count)
-    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
-    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, updates)
+    mu, nu = update_moments(updates, state.mu, state.nu, b1, b2)
     step = bias_correction(count, b1, b2)
     out = jax.tree.map(
-        lambda m, v, g: (step * m / (jnp.sqrt(v) + eps)).astype(jnp.result_type(g)),
+        lambda m, v, g: _like(step * m / (jnp.sqrt(v) + eps), g),
         mu, nu, updates)
     return out, ScaleByTorchAdamState(count, mu, nu)
 

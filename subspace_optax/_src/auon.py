@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from subspace_optax._src import adam
+
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -112,11 +114,8 @@ def scale_by_auon(
 
   def update_fn(updates, state, params=None):
     del params
-    mu = jax.tree.map(
-        lambda m, g: (beta * m + (1 - beta) * g).astype(m.dtype), state.mu,
-        updates)
-    looked = jax.tree.map(
-        lambda m, g: beta * m + (1 - beta) * g, mu, updates) if nesterov else mu
+    mu = adam.update_first_moment(updates, state.mu, beta)
+    looked = adam.update_first_moment(updates, mu, beta) if nesterov else mu
     out = jax.tree.map(
         lambda d, g: direction(d).astype(jnp.result_type(g)), looked, updates)
     return out, ScaleByAuonState(mu)

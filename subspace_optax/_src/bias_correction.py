@@ -48,14 +48,12 @@ def scale_by_adam_moments(
   """
 
   def init_fn(params):
-    zeros = lambda p: jnp.zeros(jnp.shape(p), jnp.float32)
     return ScaleByAdamMomentsState(
-        jax.tree.map(zeros, params), jax.tree.map(zeros, params))
+        adam.init_moment(params), adam.init_moment(params))
 
   def update_fn(updates, state, params=None):
     del params
-    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
-    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, updates)
+    mu, nu = adam.update_moments(updates, state.mu, state.nu, b1, b2)
     out = jax.tree.map(
         lambda m, v, g: (m / (jnp.sqrt(v) + eps)).astype(jnp.result_type(g)),
         mu, nu, updates)

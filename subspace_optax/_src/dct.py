@@ -91,7 +91,8 @@ def dct(norm_order: float = 1.0) -> bases_lib.BasisMethod:
       scores = jnp.sum(jnp.abs(s), axis=1)
     else:
       scores = jnp.sum(jnp.abs(s) ** norm_order, axis=1)
-    _, top = jax.lax.top_k(scores, rank)
+    # top_k needs the whole score vector on every device (a 1 x k gather).
+    _, top = jax.lax.top_k(sharding.replicate_matrix(scores[None])[0], rank)
     return index_bases.SelectedColumns(jnp.sort(top).astype(jnp.int32), old.size)
 
   def project(g, state):

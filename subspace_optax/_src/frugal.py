@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from subspace_optax._src import adam
 from subspace_optax._src import bases as bases_lib
 from subspace_optax._src import index_bases
 from subspace_optax._src import layout as layout_lib
@@ -48,30 +49,27 @@ def scale_by_resettable_adam(
   """
 
   def init_fn(params):
-    zeros = lambda p: jnp.zeros(jnp.shape(p), jnp.float32)
     return ScaleByResettableAdamState(
         jax.tree.map(lambda p: jnp.zeros([], jnp.int32), params),
-        jax.tree.map(zeros, params), jax.tree.map(zeros, params))
+        adam.init_moment(params), adam.init_moment(params))
 
-  def leaf(g, count, m, v):
+  def restarted_count(count, m, v):
     fresh = jnp.logical_not(jnp.any(m != 0) | jnp.any(v != 0))
-    count = optax.safe_increment(jnp.where(fresh, 0, count))
-    m = b1 * m + (1 - b1) * g
-    v = b2 * v + (1 - b2) * g * g
-    t = count.astype(jnp.float32)
-    m_hat = m / (1 - b1**t)
-    v_hat = v / (1 - b2**t)
-    u = m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
-    return u.astype(jnp.result_type(g)), count, m, v
+    return optax.safe_increment(jnp.where(fresh, 0, count))
 
   def update_fn(updates, state, params=None):
     del params
-    leaves, treedef = jax.tree.flatten(updates)
-    out = [leaf(g, c, m, v) for g, c, m, v in zip(
-        leaves, treedef.flatten_up_to(state.count),
-        treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu))]
-    pick = lambda i: treedef.unflatten([o[i] for o in out])
-    return pick(0), ScaleByResettableAdamState(pick(1), pick(2), pick(3))
+    count = jax.tree.map(restarted_count, state.count, state.mu, state.nu)
+    mu, nu = adam.update_moments(updates, state.mu, state.nu, b1, b2)
+
+    def leaf(g, t, m, v):
+      m_hat = m / adam.one_minus_power(b1, t)
+      v_hat = v / adam.one_minus_power(b2, t)
+      return (m_hat / (jnp.sqrt(v_hat + eps_root) + eps)).astype(
+          jnp.result_type(g))
+
+    out = jax.tree.map(leaf, updates, count, mu, nu)
+    return out, ScaleByResettableAdamState(count, mu, nu)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

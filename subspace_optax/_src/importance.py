@@ -50,7 +50,7 @@ def importance_sampled(algorithm: Optional[Any] = None) -> bases_lib.BasisMethod
 
   def refresh(g, old, key, align):
     g = g.astype(jnp.float32)
-    u, s = bases_lib.singular_vectors(g, algorithm)
+    u, s = bases_lib.singular_vectors(sharding.replicate_matrix(g), algorithm)
     rank = old.shape[1]
     chosen = gumbel_top_k(jnp.log(s), rank, key)
     q = jnp.take(u, chosen, axis=1)

@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from subspace_optax._src.moments import FIRST_MOMENTS
-from subspace_optax._src.moments import SECOND_MOMENTS
+from subspace_optax._src import moments as moments_lib
 
 
 class ResetMomentsState(NamedTuple):
@@ -17,42 +16,39 @@ class ResetMomentsState(NamedTuple):
   inner_state: optax.OptState
 
 
-def _field_names(node) -> tuple[str, ...]:
-  return getattr(node, '_fields', ()) if isinstance(node, tuple) else ()
-
-
 def reset_moments(
     state: Any,
-    fields: Sequence[str] = FIRST_MOMENTS,
+    fields: Sequence[str] = moments_lib.FIRST_MOMENTS,
     reset_count: bool = False,
     where: Any = True,
 ) -> Any:
   """Zero the moment fields of every optax state NamedTuple inside ``state``.
 
   A NamedTuple with a field named in ``fields`` (optax's ``mu``/``nu`` of
-  Adam and Lion, ``trace`` of ``optax.trace``) gets those fields zeroed, and
-  with ``reset_count`` its ``count`` too (bias correction restarts). Other
+  Adam and Lion, ``trace`` of ``optax.trace``; the table is
+  ``subspace_optax._src.moments``) gets those fields zeroed, and with
+  ``reset_count`` its ``count`` too (bias correction restarts). Other
   leaves, including counts of other states (the subspace pipeline's step count),
   are untouched. ``where`` (a boolean scalar) makes the reset conditional
-  without leaving ``jit``.
+  without leaving ``jit``. Encoded moments (8-bit codes and scales) are
+  zeroed as stored: every stored array zero stands for a zero moment.
   """
   fields = tuple(fields)
+  zero = lambda x: jnp.where(where, jnp.zeros_like(x), x)
+  names = fields + (('count',) if reset_count else ())
+
+  def reset(name, subtree):
+    return jax.tree.map(zero, subtree)
 
   def holds_moments(node) -> bool:
-    return any(f in fields for f in _field_names(node))
+    return any(f in fields for f in moments_lib.field_names(node))
 
-  def reset(node):
+  def visit(node):
     if not holds_moments(node):
       return node
-    changes = {}
-    for name in _field_names(node):
-      if name in fields or (reset_count and name == 'count'):
-        changes[name] = jax.tree.map(
-            lambda x: jnp.where(where, jnp.zeros_like(x), x),
-            getattr(node, name))
-    return node._replace(**changes)
+    return moments_lib.map_moment_fields(node, reset, names)
 
-  return jax.tree.map(reset, state, is_leaf=holds_moments)
+  return jax.tree.map(visit, state, is_leaf=holds_moments)
 
 
 def reset_moments_every(
@@ -89,7 +85,8 @@ def reset_moments_every(
   """
   if isinstance(period, bool) or not isinstance(period, int) or period <= 0:
     raise ValueError(f'`period` must be a positive Python int, got {period!r}.')
-  fields = FIRST_MOMENTS + (SECOND_MOMENTS if second_moment else ())
+  fields = moments_lib.FIRST_MOMENTS + (
+      moments_lib.SECOND_MOMENTS if second_moment else ())
   reset_count = second_moment if reset_count is None else reset_count
   inner = optax.with_extra_args_support(inner)
 

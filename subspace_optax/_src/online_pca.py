@@ -125,7 +125,8 @@ def _initial_basis(kind: str, g: jax.Array, old: jax.Array, key: jax.Array):
     q = bases_lib.orthonormalize(sharding.reshard_like(
         jax.random.normal(draw, old.shape, jnp.float32), old), noise)
   else:
-    u, _ = bases_lib.singular_vectors(g.astype(jnp.float32))
+    u, _ = bases_lib.singular_vectors(
+        sharding.replicate_matrix(g.astype(jnp.float32)))
     q = u[:, :rank]
   return sharding.reshard_like(q.astype(jnp.float32), old)
 
@@ -277,9 +278,8 @@ def scale_by_lion_momentum(
 
   def update_fn(updates, state, params=None):
     del params
-    direction = jax.tree.map(
-        lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
-    mu = jax.tree.map(lambda m, g: b2 * m + (1 - b2) * g, state.mu, updates)
+    direction = adam.update_first_moment(updates, state.mu, b1)
+    mu = adam.update_first_moment(updates, state.mu, b2)
     return direction, optax.ScaleByLionState(optax.safe_increment(state.count), mu)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -15,6 +15,7 @@ from subspace_optax._src import layout as layout_lib
 from subspace_optax._src import lazy_refresh
 from subspace_optax._src import low_rank as low_rank_lib
 from subspace_optax._src import quantize
+from subspace_optax._src import quantized_moments
 
 
 def q_galore(
@@ -40,6 +41,7 @@ def q_galore(
     on_refresh: str = 'keep',
     dimension_numbers: Any = None,
     seed: int = 0,
+    eight_bit_moments: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """Q-GaLore: GaLore with an INT4 basis refreshed lazily per layer.
 
@@ -55,10 +57,13 @@ def q_galore(
     (:func:`~subspace_optax.refresh.lazy`; sign-invariant similarity instead of
     the reference's signed first-vector cosine).
 
+  * Adam's moments in 8 bits, block-wise (:func:`~subspace_optax.quantize_moments`,
+    the reference's ``QGaLoreAdamW8bit`` uses bitsandbytes' 8-bit Adam);
+    ``eight_bit_moments=False`` keeps them float32.
+
   Q-GaLore's INT8 weights with stochastic rounding are a parameter-storage
   concern, outside the optimizer: see :func:`~subspace_optax.stochastic_round`
-  and :func:`~subspace_optax.quantize`. Its 8-bit Adam moments are not included
-  (pass your own inner optimizer to :func:`~subspace_optax.low_rank`).
+  and :func:`~subspace_optax.quantize`.
 
   Args:
     learning_rate: a float or an optax schedule.
@@ -78,10 +83,13 @@ def q_galore(
     stagger: spread the first refreshes of different leaves over the period.
     align_signs, on_refresh, dimension_numbers, seed: see
       :func:`~subspace_optax.low_rank`.
+    eight_bit_moments: store Adam's moments in 8 bits (reference) or float32.
   """
   inner = (
       adam.scale_by_torch_adam(b1, b2, eps) if eps_before_bias_correction
       else optax.scale_by_adam(b1, b2, eps))
+  if eight_bit_moments:
+    inner = quantized_moments.quantize_moments(inner)
   return optax.chain(
       low_rank_lib.low_rank(
           inner, rank=rank,
@@ -107,26 +115,33 @@ def q_galore_bytes(
     window: int = 5,
     side: str = 'compact',
     dimension_numbers: Any = None,
+    eight_bit_moments: bool = True,
 ) -> int:
-  """Analytic state size of :func:`q_galore` (float32 moments).
+  """Analytic state size of :func:`q_galore`.
 
   Per projected matrix (``k x r`` basis, ``r x l`` coefficients): basis codes
   ``k r`` bytes (8 bits) or ``k ceil(r/2)`` (4 bits), a float32 scale and a
-  uint8 zero point per group (``5 ceil(k/g) r`` bytes), two moments
-  ``2 · 4 r l``. Per projected leaf the lazy schedule: four int32 and
-  ``window`` float32. Other leaves keep full Adam moments ``2 · 4 |p|``. Plus
-  the pipeline's and Adam's step counts.
+  uint8 zero point per group (``5 ceil(k/g) r`` bytes), two moments of
+  ``r x l``. Per projected leaf the lazy schedule: four int32 and ``window``
+  float32. Other leaves keep full Adam moments of their shape. Plus the
+  pipeline's and Adam's step counts. A moment of ``s`` entries takes ``4 s``
+  bytes in float32; with ``eight_bit_moments``, a moment leaf (the stack of
+  all matrices of a leaf) of at least 4096 entries takes ``s + 4 s / b``
+  (:func:`~subspace_optax._src.quantized_moments.moment_bytes`).
   """
   layouts = layout_lib.leaf_layouts(params, dimension_numbers, side, rank)
+  moment = (quantized_moments.moment_bytes if eight_bit_moments
+            else lambda shape: 4 * math.prod(shape))
   total = 2 * 4
   for p, lay in zip(jax.tree.leaves(params),
                     jax.tree.leaves(layouts, is_leaf=_is_layout)):
     if lay is None:
-      total += 2 * 4 * math.prod(np.shape(p))
+      total += 2 * moment(np.shape(p))
       continue
     k, r = lay.projected_dim, lay.rank
     codes = k * r if bits == 8 else k * (-(-r // 2))
     groups = -(-k // group_size) * r
-    per_matrix = codes + 5 * groups + 2 * 4 * r * lay.other_dim
-    total += lay.num_matrices * per_matrix + 4 * 4 + 4 * window
+    moments = 2 * moment(lay.coefficient_shape)
+    total += lay.num_matrices * (codes + 5 * groups) + moments
+    total += 4 * 4 + 4 * window
   return total

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from subspace_optax._src import bases as bases_lib
+from subspace_optax._src import sharding
 
 BITS = (4, 8)
 
@@ -92,7 +93,8 @@ def quantize(
     raise ValueError(f'`group_size` must be positive, got {group_size}.')
   k, c = x.shape
   x = x.astype(jnp.float32)
-  grouped = _groups(x, group_size)
+  # Group ranges from the whole matrix (a gather of the basis when sharded).
+  grouped = _groups(sharding.replicate_matrix(x), group_size)
   # The range contains 0 (see the module docstring).
   top = jnp.maximum(jnp.max(grouped, axis=1), 0.0)
   bottom = jnp.minimum(jnp.min(grouped, axis=1), 0.0)

@@ -19,39 +19,37 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from subspace_optax._src import adam
 
-def _rows(x: jax.Array, channel_axis: Optional[int]) -> jax.Array:
-  """Channel view ``(C, -1)`` with ``channel_axis`` first; layer view ``(1, -1)``."""
+
+def _view_axes(x: jax.Array, channel_axis: Optional[int]) -> tuple[int, ...]:
+  """Axes one view's norms run over: all but ``channel_axis``, or all (layer)."""
   if channel_axis is None:
-    return x.reshape(1, -1)
-  return jnp.moveaxis(x, channel_axis, 0).reshape(x.shape[channel_axis], -1)
-
-
-def _unrows(rows: jax.Array, like: jax.Array, channel_axis: Optional[int]):
-  if channel_axis is None:
-    return rows.reshape(like.shape)
-  moved = jnp.moveaxis(like, channel_axis, 0).shape
-  return jnp.moveaxis(rows.reshape(moved), 0, channel_axis)
+    return tuple(range(x.ndim))
+  return tuple(a for a in range(x.ndim) if a != channel_axis % x.ndim)
 
 
 def _radial_projection(step, grad, weight, delta, eps, channel_axis):
-  """``(projected step, projected?)`` for one leaf of rank >= 2 (AdamP's rule)."""
+  """``(projected step, projected?)`` for one leaf of rank >= 2 (AdamP's rule).
+
+  Reductions over the view's axes (no reshape), so sharded leaves keep their
+  sharding.
+  """
   step32 = step.astype(jnp.float32)
   grad32 = grad.astype(jnp.float32)
-  weight32 = weight.astype(jnp.float32)
+  w = weight.astype(jnp.float32)
   results = []
   for axis in (channel_axis, None):  # channel view first, then the layer view
-    w = _rows(weight32, axis)
-    g = _rows(grad32, axis)
-    w_norm = jnp.sqrt(jnp.sum(w * w, axis=1))
-    g_norm = jnp.sqrt(jnp.sum(g * g, axis=1))
-    cosine = jnp.abs(jnp.sum(w * g, axis=1)) / (
+    axes = _view_axes(w, axis)
+    dot = lambda a, b: jnp.sum(a * b, axis=axes, keepdims=True)  # pylint: disable=cell-var-from-loop
+    w_norm = jnp.sqrt(dot(w, w))
+    g_norm = jnp.sqrt(dot(grad32, grad32))
+    cosine = jnp.abs(dot(w, grad32)) / (
         jnp.maximum(w_norm, eps) * jnp.maximum(g_norm, eps))
-    invariant = jnp.max(cosine) < delta / math.sqrt(w.shape[1])
-    unit = w / (w_norm[:, None] + eps)
-    s = _rows(step32, axis)
-    projected = s - unit * jnp.sum(unit * s, axis=1, keepdims=True)
-    results.append((invariant, _unrows(projected, step32, axis)))
+    fan_in = math.prod(w.shape[a] for a in axes)
+    invariant = jnp.max(cosine) < delta / math.sqrt(fan_in)
+    unit = w / (w_norm + eps)
+    results.append((invariant, step32 - unit * dot(unit, step32)))
   (by_channel, channel_step), (by_layer, layer_step) = results
   out = jnp.where(by_channel, channel_step,
                   jnp.where(by_layer, layer_step, step32))
@@ -144,23 +142,23 @@ def scale_by_torch_nesterov_adam(
 
   def init_fn(params):
     return optax.ScaleByAdamState(
-        count=jnp.zeros([], jnp.int32), mu=optax.tree.zeros_like(params),
-        nu=optax.tree.zeros_like(params))
+        count=jnp.zeros([], jnp.int32), mu=adam.init_moment(params),
+        nu=adam.init_moment(params))
 
   def update_fn(updates, state, params=None):
     del params
     count = optax.safe_increment(state.count)
-    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
-    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, updates)
-    t = count.astype(jnp.float32)
-    correction1, correction2 = 1 - b1**t, 1 - b2**t
+    mu, nu = adam.update_moments(updates, state.mu, state.nu, b1, b2)
+    correction1 = adam.one_minus_power(b1, count)
+    correction2 = adam.one_minus_power(b2, count)
+
+    directions = adam.update_first_moment(updates, mu, b1) if nesterov else mu
 
     def step(m, v, g):
-      direction = b1 * m + (1 - b1) * g if nesterov else m
-      return (direction / correction1 / (jnp.sqrt(v / correction2) + eps)).astype(
+      return (m / correction1 / (jnp.sqrt(v / correction2) + eps)).astype(
           jnp.result_type(g))
 
-    return (jax.tree.map(step, mu, nu, updates),
+    return (jax.tree.map(step, directions, nu, updates),
             optax.ScaleByAdamState(count, mu, nu))
 
   return optax.GradientTransformation(init_fn, update_fn)
