@@ -153,6 +153,7 @@ def orthogonal_to(
     if memory is not None and capacity is None:
       protected_lib.check_memory(memory, params, dimension_numbers)
       protected_lib.check_mode(memory, params, mode, dimension_numbers)
+      protected_lib.check_finite_orthonormal(memory)
       return OrthogonalState(memory=jax.tree.map(jnp.asarray, memory))
     state_memory = protected_lib.empty_memory(
         params, mode=mode, capacity=1.0 if capacity is None else capacity,
