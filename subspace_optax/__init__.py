@@ -78,3 +78,5 @@ from subspace_optax._src.sharding import state_shardings
 from subspace_optax._src.checkpoint import check_compatible
 
 __version__ = '0.1.0'
+# --- added by reliability ---
+from subspace_optax._src.master_weights import master_weights
