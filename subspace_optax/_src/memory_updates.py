@@ -152,6 +152,10 @@ def add_directions(
   norm (already protected), and otherwise normalised and written into the next
   free column; the count grows. Shapes never change.
 
+  ``new`` holding NaN/Inf is refused with a ``ValueError`` naming the leaf
+  (Gram–Schmidt would silently drop such columns); checked on concrete values
+  only.
+
   Args:
     memory: a memory (pytree of :class:`ProtectedSubspace`), e.g.
       ``get_memory(opt_state)`` or :func:`empty_memory`.
