@@ -336,7 +336,7 @@ def test_refresh_period_must_fit_the_int32_step_counter(period):
     (dict(threshold=float('nan')), ValueError, ('`threshold`=nan',)),
     (dict(threshold='0.4'), TypeError, ('`threshold`', 'float')),
     (dict(growth=0.5), ValueError, ('`growth`=0.5', 'outside [1,')),
-    (dict(growth=float('inf')), ValueError, ('`growth`=inf',)),
+    (dict(growth=float('nan')), ValueError, ('`growth`=nan', '[1, inf]')),
     (dict(growth=None), TypeError, ('`growth`', 'NoneType')),
     (dict(window=0), ValueError, ('`window`=0', 'similarities averaged')),
     (dict(window=2.5), ValueError, ('`window`=2.5',)),
@@ -350,5 +350,6 @@ def test_lazy_refresh_arguments_are_validated(arguments, error, fragments):
 
 def test_lazy_refresh_accepts_the_interval_ends():
   so.refresh.lazy(4, threshold=0.0, growth=1.0, window=1)
+  so.refresh.lazy(4, growth=float('inf'))  # stops refreshing once settled
   so.refresh.lazy(np.int32(4), threshold=1, growth=np.float32(2.0),
                   window=np.int64(3))

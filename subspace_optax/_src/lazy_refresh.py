@@ -71,8 +71,9 @@ def lazy(
   _check_number('threshold', threshold, 0.0, 1.0,
                 'the mean squared cosine between successive bases, in [0, 1] '
                 '(1: identical subspaces)')
-  _check_number('growth', growth, 1.0, _MAX_PERIOD,
-                'the factor that stretches a settled period')
+  _check_number('growth', growth, 1.0, float('inf'),
+                'the factor that stretches a settled period (inf: stop '
+                'refreshing once settled)')
   if isinstance(window, np.integer):
     window = int(window)
   if isinstance(window, bool) or not isinstance(window, int) or not (
