@@ -80,3 +80,5 @@ from subspace_optax._src.checkpoint import check_compatible
 __version__ = '0.1.0'
 # --- added by adam ---
 from subspace_optax._src.quantized_moments import quantize_moments
+# --- added by reliability ---
+from subspace_optax._src.master_weights import master_weights

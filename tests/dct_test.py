@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import subspace_optax as so
 from subspace_optax._src import dct as dct_lib
@@ -103,3 +104,21 @@ def test_dct_adamw_runs_on_stacked_layers():
   np.testing.assert_array_equal(state[0].basis['stack'].indices,
                                 [[3, 4], [8, 15]])
   assert np.all(np.isfinite(u['stack']))
+
+
+@pytest.mark.parametrize('scale', [1.0, 1e20, 1e30])
+def test_dct_adamw_stays_finite_for_huge_finite_gradients(scale):
+  """Adam's second moment overflows to Inf above ~1e19 (g² in float32); the
+  transport by a partial permutation must not turn 0 · Inf into NaN (it did,
+  and optax.apply_if_finite, which checks the gradients, could not see it)."""
+  params = {'w': jnp.zeros((16, 12))}
+  tx = so.dct_adamw(1e-3, rank=4, refresh_every=2)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for step in range(6):  # three refreshes, each moving the selection
+    grads = {'w': scale * jax.random.normal(jax.random.key(step), (16, 12))}
+    out, state = update(grads, state, params)
+    assert np.all(np.isfinite(out['w'])), step
+  nu = np.asarray(optax.tree.get(state, 'nu')['w'])
+  assert not np.any(np.isnan(nu))
+  assert np.any(np.isinf(nu)) == (scale > 1e19)  # overflowed, but never NaN

@@ -314,3 +314,42 @@ def test_an_ensemble_member_with_an_inf_gradient_keeps_its_basis():
   np.testing.assert_array_equal(new.basis['w'][1], state.basis['w'][1])
   assert not np.array_equal(new.basis['w'][0], state.basis['w'][0])
   assert np.all(np.isfinite(new.basis['w']))
+
+
+# ------------------------------------------- refresh periods and lazy refresh
+
+
+@pytest.mark.parametrize('period', [2 ** 31, 2 ** 40])
+def test_refresh_period_must_fit_the_int32_step_counter(period):
+  with _raises(ValueError, f'`refresh_every`={period}', 'int32 step counter',
+               'below 2**31'):
+    so.galore(1e-3, refresh_every=period)
+  with _raises(ValueError, f'`period`={period}', 'below 2**31'):
+    so.refresh.every(period)
+  so.refresh.every(2 ** 31 - 1)  # the largest period accepted
+
+
+@pytest.mark.parametrize('arguments, error, fragments', [
+    (dict(threshold=1.5), ValueError, ('`threshold`=1.5', 'outside [0, 1]',
+                                       'mean squared cosine')),
+    (dict(threshold=-0.2), ValueError, ('`threshold`=-0.2', '[0, 1]')),
+    (dict(threshold=float('nan')), ValueError, ('`threshold`=nan',)),
+    (dict(threshold='0.4'), TypeError, ('`threshold`', 'float')),
+    (dict(growth=0.5), ValueError, ('`growth`=0.5', 'outside [1,')),
+    (dict(growth=float('nan')), ValueError, ('`growth`=nan', '[1, inf]')),
+    (dict(growth=None), TypeError, ('`growth`', 'NoneType')),
+    (dict(window=0), ValueError, ('`window`=0', 'similarities averaged')),
+    (dict(window=2.5), ValueError, ('`window`=2.5',)),
+    (dict(window=2 ** 31), ValueError, ('`window`=2147483648',)),
+    (dict(period=2 ** 31), ValueError, ('`period`', 'below 2**31')),
+])
+def test_lazy_refresh_arguments_are_validated(arguments, error, fragments):
+  with _raises(error, *fragments):
+    so.refresh.lazy(**{'period': 4, **arguments})
+
+
+def test_lazy_refresh_accepts_the_interval_ends():
+  so.refresh.lazy(4, threshold=0.0, growth=1.0, window=1)
+  so.refresh.lazy(4, growth=float('inf'))  # stops refreshing once settled
+  so.refresh.lazy(np.int32(4), threshold=1, growth=np.float32(2.0),
+                  window=np.int64(3))

@@ -143,3 +143,99 @@ def test_activation_importance():
   np.testing.assert_allclose(cl.activation_importance(x, -x), -1.0, rtol=1e-5)
   with pytest.raises(ValueError, match='same shape'):
     cl.activation_importance(x, jnp.ones((16, 5)))
+
+
+# --------------------------------------------------- non-finite input, None
+
+
+def _with_inf_at_origin(x, value=jnp.inf):
+  # A 12 x 8 matrix with Inf at [0, 0] makes LAPACK's gesdd loop forever.
+  return x.at[(0,) * x.ndim].set(value)
+
+
+_BUILDERS = {
+    'sculpt': ('weights', lambda bad: cl.sculpt_memory(
+        {'w': _with_inf_at_origin(_params()['w'], bad), 'v': _params()['w']})),
+    'gpm': ('activations', lambda bad: cl.gpm_memory(
+        {'w': _with_inf_at_origin(jnp.ones((5, 12)), bad), 'v': None},
+        params={'w': jnp.zeros((12, 8)), 'v': jnp.zeros((12, 8))})),
+    'gradient': ('gradients', lambda bad: cl.gradient_memory(
+        {'w': _with_inf_at_origin(jnp.ones((3, 12, 8)), bad),
+         'v': jnp.ones((3, 12, 8))})),
+}
+
+
+@pytest.mark.parametrize('bad', [jnp.inf, -jnp.inf, jnp.nan])
+@pytest.mark.parametrize('builder', sorted(_BUILDERS))
+def test_builders_refuse_non_finite_input_naming_the_leaf(builder, bad):
+  what, build = _BUILDERS[builder]
+  counts = '1 NaN and 0 Inf' if np.isnan(bad) else '0 NaN and 1 Inf'
+  with pytest.raises(ValueError, match=(
+      rf"\['w'\]: the {what} hold {counts} entries.*protect nothing")):
+    build(bad)
+
+
+@pytest.mark.parametrize('builder', sorted(_BUILDERS))
+def test_builders_under_jit_return_a_nan_memory_that_set_memory_refuses(
+    builder):
+  """Under jit a builder cannot raise: the bad leaf's memory is NaN (never a
+  memory that silently protects nothing); set_memory then names the leaf."""
+  _, build = _BUILDERS[builder]
+  memory = jax.jit(build)(jnp.inf)
+  assert np.all(np.isnan(memory['w'].left))
+  if not isinstance(memory['v'], optax.MaskedNode) and builder != 'gpm':
+    assert np.all(np.isfinite(memory['v'].left))
+  tx = cl.orthogonal_to(capacity=1.0)
+  state = tx.init({'w': jnp.zeros((12, 8)), 'v': jnp.zeros((12, 8))})
+  with pytest.raises(ValueError, match=r"\['w'\]: the left basis.*non-finite"):
+    cl.set_memory(state, memory)
+
+
+_NEVER_HANGS = '''
+import jax, jax.numpy as jnp, numpy as np
+from subspace_optax import continual as cl
+weights = {'w': jax.random.normal(jax.random.key(0), (12, 8)).at[0, 0].set(
+    jnp.inf)}
+try:
+  cl.sculpt_memory(weights)
+  raise SystemExit('no error')
+except ValueError:
+  pass
+assert np.isnan(jax.jit(cl.sculpt_memory)(weights)['w'].left).all()
+activations = {'w': jnp.ones((12, 12)).at[0, 0].set(jnp.inf)}
+memory = jax.jit(lambda a: cl.gpm_memory(
+    a, params={'w': jnp.zeros((12, 8))}))(activations)
+assert np.isnan(memory['w'].left).all()
+print('done')
+'''
+
+
+def test_builders_never_hang_on_inf(tmp_path):
+  """LAPACK's SVD never returns on this matrix (Inf at [0, 0] of a 12 x 8);
+  the builders must not hand it over, eagerly or under jit. A subprocess with
+  a timeout makes a regression fail instead of hanging the suite."""
+  import os
+  import pathlib
+  import subprocess
+  import sys
+  script = tmp_path / 'never_hangs.py'
+  script.write_text(_NEVER_HANGS)
+  root = pathlib.Path(__file__).resolve().parents[1]
+  env = {**os.environ, 'PYTHONPATH': str(root), 'JAX_PLATFORMS': 'cpu'}
+  try:
+    result = subprocess.run([sys.executable, str(script)], env=env,
+                            capture_output=True, text=True, timeout=240)
+  except subprocess.TimeoutExpired:
+    pytest.fail('a memory builder hung on a matrix holding Inf')
+  assert result.returncode == 0 and 'done' in result.stdout, result.stderr
+
+
+def test_none_params_leaves_are_left_alone():
+  params = {'w': _params()['w'], 'b': None}
+  memory = cl.sculpt_memory(params, max_fraction=0.5)
+  assert memory['b'] is None and int(memory['w'].left_count) == 4
+  grown = cl.gpm_memory({'w': jnp.eye(12)[:2], 'b': None}, 0.99,
+                        params=params)
+  assert grown['b'] is None and int(grown['w'].left_count) == 2
+  grads = cl.gradient_memory({'w': jnp.ones((2, 12, 8)), 'b': None}, 0.99)
+  assert grads['b'] is None and int(grads['w'].left_count) == 1

@@ -289,3 +289,89 @@ def test_works_inside_nnx_optimizer():
   change = np.asarray(model.kernel[...] - before)
   assert np.abs(change[:2]).max() < 1e-7  # protected input rows unchanged
   assert np.abs(change[2:]).max() > 1e-3
+
+
+# ------------------------------------- memories that are not orthonormal / NaN
+
+
+def _edit_left(memory, name, edit):
+  mem = memory[name]
+  return {**memory, name: mem._replace(left=edit(mem.left))}
+
+
+_NOT_ORTHONORMAL = {
+    # |QᵀQ - I| measured on the first filled column: 2² - 1.
+    'scaled': (lambda q: q.at[:, 0].multiply(2.0), '3'),
+    # Column 1 repeats column 0: QᵀQ[0, 1] = 1.
+    'duplicated': (lambda q: q.at[:, 1].set(q[:, 0]), '1'),
+    # Count 3 but a fourth (unused) column is not zero.
+    'beyond_count': (lambda q: q.at[:, 3].set(jnp.eye(12)[0]), '1'),
+}
+
+
+@pytest.mark.parametrize('kind', sorted(_NOT_ORTHONORMAL))
+def test_memory_that_is_not_orthonormal_is_refused(kind):
+  params = _params()
+  edit, deviation = _NOT_ORTHONORMAL[kind]
+  bad = _edit_left(_memory(params), 'w', edit)
+  numbers = so.last_two_axes
+  message = (rf"\['w'\]: the left basis of the memory is not orthonormal: "
+             rf"max \|QᵀQ - I\| = {deviation}.*tolerance 0.0001"
+             r".*add_directions\(continual.clear\(memory\), memory\)")
+  tx = cl.orthogonal_to(capacity=4, dimension_numbers=numbers)
+  state = tx.init(params)
+  with pytest.raises(ValueError, match=message):
+    cl.set_memory(state, bad)
+  with pytest.raises(ValueError, match=message):
+    cl.orthogonal_to(bad, dimension_numbers=numbers).init(params)
+  # Such a memory leaks: the projection misses part of the protected span.
+  delta = _gradients(3, params)['w']
+  u = np.asarray(_memory(params)['w'].left)
+  leaked = cl.project_out(delta, bad['w'], 'left')
+  assert np.linalg.norm(u.T @ np.asarray(leaked)) > 0.1 * np.linalg.norm(
+      np.asarray(delta))
+  # The documented fix re-orthonormalises (and drops the duplicate).
+  fixed = cl.add_directions(cl.clear(bad), bad)
+  out, _ = tx.update(_gradients(3, params), cl.set_memory(state, fixed),
+                     params)
+  assert _leaks(out, fixed)['left'] < 1e-6
+
+
+def test_memory_holding_nan_is_refused_everywhere():
+  params = _params()
+  bad = _edit_left(_memory(params), 'stack', lambda q: q.at[1, 0, 0].set(
+      jnp.nan))
+  numbers = so.last_two_axes
+  message = r"\['stack'\]: the left basis of the .* 1 non-finite"
+  state = cl.orthogonal_to(capacity=4, dimension_numbers=numbers).init(params)
+  with pytest.raises(ValueError, match=message):
+    cl.set_memory(state, bad)
+  with pytest.raises(ValueError, match=message):
+    cl.orthogonal_to(bad, dimension_numbers=numbers).init(params)
+  # Memories re-orthonormalised into another capacity: Gram–Schmidt would
+  # silently drop the NaN columns.
+  new_directions = r"\['stack'\]: the left basis of the new directions"
+  with pytest.raises(ValueError, match=new_directions):
+    cl.add_directions(cl.clear(bad), bad)
+  with pytest.raises(ValueError, match=new_directions):
+    cl.set_memory(cl.orthogonal_to(
+        capacity=5, dimension_numbers=numbers).init(params), bad)
+  with pytest.raises(ValueError, match=new_directions):
+    cl.orthogonal_to(bad, capacity=5, dimension_numbers=numbers).init(params)
+
+
+def test_none_params_leaves_pass_through():
+  params = {'w': _params()['w'], 'b': None}
+  grads = {'w': _gradients(0, {'w': params['w']})['w'], 'b': None}
+  memory = cl.empty_memory(params, capacity=3)
+  assert memory['b'] is None
+  for tx in (cl.orthogonal_to(), cl.sculpt(1e-2), cl.gpm(1e-2)):
+    state = tx.init(params)
+    out, _ = tx.update(grads, state, params)
+    assert out['b'] is None and out['w'].shape == (12, 8)
+  memory = cl.sculpt_memory(params, max_fraction=0.5)
+  state = cl.set_memory(cl.sculpt(1e-2).init(params), memory)
+  out, _ = cl.sculpt(1e-2).update(grads, state, params)
+  u = np.asarray(memory['w'].left)
+  assert np.linalg.norm(u.T @ np.asarray(out['w'])) < 1e-6 * np.linalg.norm(
+      np.asarray(out['w']))

@@ -6,10 +6,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from subspace_optax._src import refresh as refresh_lib
 
-_MAX_PERIOD = 1 << 30
+_MAX_PERIOD = 1 << 30  # a stretched period stops growing here
+_MAX_WINDOW = 1 << 16
 
 
 class LazyState(NamedTuple):
@@ -18,6 +20,18 @@ class LazyState(NamedTuple):
   offset: jax.Array  # int32 scalar: this leaf's stagger offset
   refreshes: jax.Array  # int32 scalar: refreshes done so far
   similarities: jax.Array  # float32 (window,): the latest similarities, oldest first
+
+
+def _check_number(name: str, value, low: float, high: float,
+                  meaning: str) -> None:
+  """A static real number in [low, high], or a named error."""
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+    raise TypeError(
+        f'`{name}` must be a Python float ({meaning}), got '
+        f'{type(value).__name__}.')
+  if not low <= value <= high:
+    raise ValueError(
+        f'`{name}`={value} is outside [{low:g}, {high:g}]; it is {meaning}.')
 
 
 def lazy(
@@ -54,9 +68,19 @@ def lazy(
       :func:`~subspace_optax.refresh.every`.
   """
   refresh_lib.check_period(period, 'period')
-  refresh_lib.check_period(window, 'window')
-  if isinstance(growth, (int, float)) and not growth >= 1.0:
-    raise ValueError(f'`growth` must be >= 1, got {growth}.')
+  _check_number('threshold', threshold, 0.0, 1.0,
+                'the mean squared cosine between successive bases, in [0, 1] '
+                '(1: identical subspaces)')
+  _check_number('growth', growth, 1.0, float('inf'),
+                'the factor that stretches a settled period (inf: stop '
+                'refreshing once settled)')
+  if isinstance(window, np.integer):
+    window = int(window)
+  if isinstance(window, bool) or not isinstance(window, int) or not (
+      0 < window <= _MAX_WINDOW):
+    raise ValueError(
+        f'`window`={window!r} must be an int in [1, {_MAX_WINDOW}]: the number '
+        'of latest similarities averaged (its state holds one float each).')
 
   def init(leaf_index: int, num_leaves: int) -> LazyState:
     offset = (leaf_index * period) // max(num_leaves, 1) if stagger else 0
@@ -80,7 +104,8 @@ def lazy(
         jnp.mean(similarities) >= threshold)
     grown = jnp.minimum(
         jnp.floor(state.period.astype(jnp.float32) * growth), _MAX_PERIOD)
-    period_now = jnp.where(grow, grown.astype(jnp.int32), state.period)
+    grown = jnp.maximum(grown.astype(jnp.int32), state.period)  # never shrinks
+    period_now = jnp.where(grow, grown, state.period)
     following = jnp.where(
         count == 0, period_now - state.offset, count + period_now)
     following = jnp.where(following <= count, count + period_now, following)

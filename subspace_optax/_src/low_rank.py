@@ -104,6 +104,22 @@ def _finite_or_old(fresh, old, finite_input: jax.Array):
   return jax.tree.map(lambda n, o: jnp.where(ok, n, o), fresh, old), ok
 
 
+def _transport(carry: jax.Array, moment: jax.Array) -> jax.Array:
+  """``carry @ moment`` (``...rs,...sl``) where ``0 · ∞`` counts as 0.
+
+  A second moment overflows to Inf for gradients above ~1e19 (``g²`` in
+  float32); a plain matmul with a transition holding exact zeros (a partial
+  permutation: DCT, random columns) would turn that one Inf into NaN in every
+  slot. Infinite entries go only where the transition carries them.
+  """
+  infinite = jnp.isinf(moment)
+  finite_part = sharding.einsum(
+      '...rs,...sl->...rl', carry, jnp.where(infinite, 0, moment))
+  pull = sharding.einsum(
+      '...rs,...sl->...rl', carry, jnp.where(infinite, jnp.sign(moment), 0))
+  return finite_part + jnp.where(pull == 0, 0, pull * jnp.inf)
+
+
 def _abstract(tree):
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(_shape(x), jnp.result_type(x))
@@ -407,7 +423,7 @@ def _move_moments(inner_state, on_refresh: str, treedef, inner_tree,
         moved = jnp.zeros_like(m)
       else:
         carry = transition * transition if second else transition
-        moved = sharding.einsum('...rs,...sl->...rl', carry.astype(m.dtype), m)
+        moved = _transport(carry.astype(m.dtype), m)
       out.append(jnp.where(refreshed, moved, m))
     return out
 

@@ -13,7 +13,14 @@ memory with :func:`~subspace_optax.continual.add_directions`.
 * :func:`gradient_memory` — the span of each matrix's gradients up to an energy
   threshold (a per-matrix, low-memory variant of OGD, arXiv 1910.07104).
 
-All decompositions run in float32.
+All decompositions run in float32. Non-finite input (a NaN or Inf weight,
+activation or gradient) is refused with a ``ValueError`` naming the leaf,
+before any decomposition runs (LAPACK's SVD can hang on a matrix mixing Inf with
+finite entries). Under ``jax.jit``, where a builder cannot raise, the
+non-finite entries are replaced by zeros before the decomposition (so it never
+hangs) and that leaf's memory comes out filled with NaN, which
+:func:`set_memory` and :func:`orthogonal_to` refuse as soon as they see
+concrete values, instead of a memory that silently protects nothing.
 """
 
 from __future__ import annotations
@@ -45,6 +52,43 @@ def _prefix_leaves(tree, treedef, what):
     raise ValueError(
         f'`{what}` must be a scalar or a pytree with the structure of the '
         f'params (None at leaves without one). ({error})') from error
+
+
+def _check_finite(x, path: str, what: str, fix: str) -> None:
+  """Raise when a concrete ``x`` has NaN or Inf entries (no-op when traced)."""
+  try:
+    nan, inf = int(jnp.sum(jnp.isnan(x))), int(jnp.sum(jnp.isinf(x)))
+  except protected_lib.TRACED_ERRORS:
+    return  # under jit: the memory of this leaf comes out NaN (see above)
+  if nan or inf:
+    raise ValueError(
+        f'{path}: the {what} hold {nan} NaN and {inf} Inf entries (of '
+        f'{jnp.size(x)}); a memory built from them would protect nothing (or '
+        f'make every later update NaN). {fix}')
+
+
+def _zero_non_finite(x):
+  """``(x with NaN/Inf replaced by 0, whether x was finite)``.
+
+  The decompositions only ever see the zeroed matrix, so they cannot hang.
+  """
+  finite = jnp.isfinite(x)
+  return jnp.where(finite, x, 0.0), jnp.all(finite)
+
+
+def _poison(basis, finite):
+  """``basis``, or NaN everywhere when its input was not finite."""
+  return jnp.where(finite, basis, jnp.nan)
+
+
+def _is_memory_node(x) -> bool:
+  """A memory's leaf; a None params leaf is an empty subtree, as in params."""
+  return isinstance(x, (ProtectedSubspace, optax.MaskedNode))
+
+
+def _paths(tree, is_leaf=None) -> list:
+  return [layout_lib.path_name(p) for p, _ in
+          jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]]
 
 
 # ----------------------------------------------------------------------------
@@ -120,12 +164,13 @@ def _top_singular(leaf, fraction, lay, capacity):
   """Top ``k = floor(fraction d)`` singular vectors, zero-padded to capacity."""
   d = min(lay.rows, lay.columns)
   view = layout_lib.matrix_view(leaf, lay).astype(jnp.float32)
+  view, finite = _zero_non_finite(view)
   u, _, vh = jnp.linalg.svd(view, full_matrices=False)
   keep = jnp.clip(jnp.floor(fraction * d + 1e-6), 0, capacity).astype(jnp.int32)
   mask = jnp.arange(capacity) < keep[..., None]  # (*batch, capacity)
   left = u[..., :capacity] * mask[..., None, :]
   right = jnp.swapaxes(vh[..., :capacity, :], -1, -2) * mask[..., None, :]
-  return left, right, keep
+  return _poison(left, finite), _poison(right, finite), keep
 
 
 def sculpt_memory(
@@ -184,10 +229,13 @@ def sculpt_memory(
   fractions = retained_fractions(
       importance, treedef, layouts, min_fraction, max_fraction, normalization)
   out = []
-  for p, lay, fraction in zip(leaves, layouts, fractions):
+  for path, p, lay, fraction in zip(
+      _paths(params), leaves, layouts, fractions):
     if lay is None:
       out.append(optax.MaskedNode())
       continue
+    _check_finite(p, path, 'weights', 'Restore finite weights (e.g. the '
+                  'last finite checkpoint) before building the memory.')
     capacity = max(1, math.floor(
         max_fraction * min(lay.rows, lay.columns) + 1e-6))
     left, right, keep = _top_singular(jnp.asarray(p), fraction, lay, capacity)
@@ -211,7 +259,7 @@ def _energy_directions(rows, basis, threshold):
   ``(‖R‖² - ‖R̂‖² + Σ_{i<=j} σ̂_i²) / ‖R‖² >= threshold``; none when the memory
   already captures that energy. Returns ``(candidates (k, r), count)``.
   """
-  matrix = rows.astype(jnp.float32).T  # (k, N)
+  matrix, _ = _zero_non_finite(rows.astype(jnp.float32).T)  # (k, N)
   total = jnp.sum(matrix * matrix)
   if basis is not None:
     matrix = matrix - jnp.matmul(
@@ -244,14 +292,14 @@ def _grow_from_rows(memory, rows_per_leaf, threshold, tolerance, on_overflow):
   ``{'left': (*batch, N, m), 'right': (*batch, N, n)}``.
   """
   memory_leaves, treedef = jax.tree.flatten(
-      memory, is_leaf=protected_lib.is_memory_leaf)
+      memory, is_leaf=_is_memory_node)
   thresholds = _prefix_leaves(threshold, treedef, 'threshold')
-  paths = [layout_lib.path_name(p) for p, _ in
-           jax.tree_util.tree_flatten_with_path(
-               memory, is_leaf=protected_lib.is_memory_leaf)[0]]
-  new = []
+  paths = _paths(memory, _is_memory_node)
+  new, finite = [], []
   for path, mem, rows_by_side, thr in zip(
       paths, memory_leaves, rows_per_leaf, thresholds):
+    finite.append({side: jnp.all(jnp.isfinite(rows))
+                   for side, rows in (rows_by_side or {}).items()})
     empty = ProtectedSubspace(*([optax.MaskedNode()] * 4))
     if not isinstance(mem, ProtectedSubspace) or rows_by_side is None:
       new.append(empty if isinstance(mem, ProtectedSubspace) else mem)
@@ -267,9 +315,14 @@ def _grow_from_rows(memory, rows_per_leaf, threshold, tolerance, on_overflow):
           rows, basis.astype(jnp.float32), jnp.float32(thr), basis.ndim - 2)
       fields[side], fields[side + '_count'] = candidates, count
     new.append(ProtectedSubspace(**fields))
-  new = treedef.unflatten(new)
-  return memory_updates.add_directions(
-      memory, new, tolerance=tolerance, on_overflow=on_overflow)
+  grown = treedef.flatten_up_to(memory_updates.add_directions(
+      memory, treedef.unflatten(new), tolerance=tolerance,
+      on_overflow=on_overflow))
+  # Under jit a non-finite input cannot raise: its memory becomes NaN.
+  return treedef.unflatten([
+      mem._replace(**{side: _poison(getattr(mem, side), flag)
+                      for side, flag in flags.items()}) if flags else mem
+      for mem, flags in zip(grown, finite)])
 
 
 def _fresh_memory(memory, params, mode, capacity, dimension_numbers):
@@ -328,10 +381,8 @@ def gpm_memory(
   """
   memory = _fresh_memory(memory, params, 'left', capacity, dimension_numbers)
   memory_leaves, treedef = jax.tree.flatten(
-      memory, is_leaf=protected_lib.is_memory_leaf)
-  paths = [layout_lib.path_name(p) for p, _ in
-           jax.tree_util.tree_flatten_with_path(
-               memory, is_leaf=protected_lib.is_memory_leaf)[0]]
+      memory, is_leaf=_is_memory_node)
+  paths = _paths(memory, _is_memory_node)
   rows_per_leaf = []
   for path, mem, x in zip(paths, memory_leaves,
                           _prefix_leaves(activations, treedef, 'activations')):
@@ -347,6 +398,8 @@ def gpm_memory(
       raise ValueError(
           f'{path}: activations of shape {x.shape} do not fit; expected '
           f'{batch} + (samples, {rows}) (the layer inputs).')
+    _check_finite(x, path, 'activations', 'Drop the samples whose '
+                  'activations are not finite.')
     rows_per_leaf.append({'left': x})
   return _grow_from_rows(memory, rows_per_leaf, threshold, tolerance,
                          on_overflow)
@@ -395,10 +448,13 @@ def gradient_memory(
   layouts = protected_lib.matrix_layouts(shapes, dimension_numbers)
   memory_leaves = protected_lib.check_memory(memory, shapes, dimension_numbers)
   rows_per_leaf = []
-  for g, lay, mem in zip(leaves, layouts, memory_leaves):
+  for path, g, lay, mem in zip(
+      _paths(gradients), leaves, layouts, memory_leaves):
     if lay is None:
       rows_per_leaf.append(None)
       continue
+    _check_finite(g, path, 'gradients', 'Drop the gradients that are '
+                  'not finite.')
     views = jax.vmap(lambda x, lay=lay: layout_lib.matrix_view(x, lay))(
         jnp.asarray(g, jnp.float32))
     batch = lay.batch_shape

@@ -152,6 +152,10 @@ def add_directions(
   norm (already protected), and otherwise normalised and written into the next
   free column; the count grows. Shapes never change.
 
+  ``new`` holding NaN/Inf is refused with a ``ValueError`` naming the leaf
+  (Gram–Schmidt would silently drop such columns); checked on concrete values
+  only.
+
   Args:
     memory: a memory (pytree of :class:`ProtectedSubspace`), e.g.
       ``get_memory(opt_state)`` or :func:`empty_memory`.
@@ -181,6 +185,8 @@ def add_directions(
   except (ValueError, TypeError) as error:
     raise ValueError(
         f'`new` does not have the structure of `memory`. ({error})') from error
+  protected_lib.check_finite_orthonormal(
+      treedef.unflatten(new_leaves), orthonormal=False, what='new directions')
   paths = [layout_lib.path_name(p) for p, _ in
            jax.tree_util.tree_flatten_with_path(memory, is_leaf=is_leaf)[0]]
   out = []
@@ -257,8 +263,12 @@ def set_memory(opt_state, memory, *, tolerance: float = 1e-4,
   cleared memory). To grow instead, pass
   ``add_directions(get_memory(opt_state), new)``.
 
-  Raises a ``ValueError`` naming the leaf path when a leaf does not fit. Flax
-  ``nnx.Optimizer`` states are supported (Variables keep their metadata).
+  Raises a ``ValueError`` naming the leaf path when a leaf does not fit, holds
+  NaN/Inf, or (stored as is) is not orthonormal: ``|QᵀQ - I| > 1e-4`` on the
+  filled columns, or a column beyond the count is not zero (re-orthonormalise
+  with ``add_directions(clear(memory), memory)``). These checks need concrete
+  values; under ``jax.jit`` they are skipped. Flax ``nnx.Optimizer`` states
+  are supported (Variables keep their metadata).
   """
   states = _find_states(opt_state)
   if len(states) != 1:
@@ -298,6 +308,7 @@ def set_memory(opt_state, memory, *, tolerance: float = 1e-4,
           layout_lib.path_name(path), side)
       same = same and tuple(jnp.shape(a)) == tuple(jnp.shape(b))
   if same:
+    protected_lib.check_finite_orthonormal(memory)
     fitted = jax.tree.map(
         lambda old, new: jnp.asarray(new, old.dtype), current, memory)
   else:

@@ -115,9 +115,25 @@ def orthogonal_to(
   Put it **last** in the chain (after the inner optimizer, weight decay and the
   learning rate): the invariant ``UᵀΔ = 0`` / ``ΔV = 0`` then holds on what is
   applied to the params, whatever comes before, up to float32 rounding (the
-  projection runs in float32 at HIGHEST matmul precision; a bfloat16 update is
-  rounded after it).
-  Leaves that are not matrices pass through unchanged.
+  projection runs in float32 at HIGHEST matmul precision).
+  Leaves that are not matrices (and ``None`` leaves) pass through unchanged.
+
+  **bfloat16 params.** The update is orthogonal in float32, but adding it to
+  bfloat16 weights rounds the result, and the rounding error lies in every
+  direction: on a 32 x 16 matrix at learning rate 1e-2, about 20 % of the
+  weight change after 100 steps is in the protected subspace (float32 params:
+  2e-6). Chain :func:`subspace_optax.master_weights` after this stage to keep
+  float32 master weights whose change stays orthogonal (the bfloat16 params
+  are their rounding): ``optax.chain(sculpt(...), master_weights())``.
+
+  The memory must hold orthonormal columns: a memory stored as given (here
+  without ``capacity``, or by :func:`set_memory` with the state's shapes) is
+  checked for NaN/Inf and for ``|QᵀQ - I| <= 1e-4`` (float32) on its filled
+  columns, unused columns zero, and refused with a ``ValueError`` naming the
+  leaf otherwise (a column scaled by 2, or one duplicated, left 45-80 % of a
+  12 x 8 update in the protected subspace).
+  ``add_directions(clear(memory), memory)`` re-orthonormalises one. The checks
+  need concrete values: under ``jax.jit`` they are skipped.
 
   Args:
     memory: initial memory (a pytree of :class:`ProtectedSubspace`, e.g. from
@@ -153,6 +169,7 @@ def orthogonal_to(
     if memory is not None and capacity is None:
       protected_lib.check_memory(memory, params, dimension_numbers)
       protected_lib.check_mode(memory, params, mode, dimension_numbers)
+      protected_lib.check_finite_orthonormal(memory)
       return OrthogonalState(memory=jax.tree.map(jnp.asarray, memory))
     state_memory = protected_lib.empty_memory(
         params, mode=mode, capacity=1.0 if capacity is None else capacity,

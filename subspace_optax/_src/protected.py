@@ -22,6 +22,8 @@ from subspace_optax._src import layout as layout_lib
 from subspace_optax._src import low_rank as low_rank_lib
 
 MODES = ('two_sided', 'left', 'right', 'block')
+# Largest |QᵀQ - I| (float32) accepted for a memory that is stored as given.
+ORTHONORMALITY_TOLERANCE = 1e-4
 Capacity = Union[int, float, tuple, Any]
 
 
@@ -57,10 +59,6 @@ def is_memory_leaf(x) -> bool:
   return isinstance(x, (ProtectedSubspace, optax.MaskedNode)) or x is None
 
 
-def _is_layout_leaf(x) -> bool:
-  return x is None or isinstance(x, layout_lib.MatrixLayout)
-
-
 def matrix_layouts(params, dimension_numbers=None) -> list:
   """Flat list (params leaf order) of row-oriented layouts or ``None``.
 
@@ -69,7 +67,9 @@ def matrix_layouts(params, dimension_numbers=None) -> list:
   columns whatever the shape.
   """
   layouts = layout_lib.leaf_layouts(params, dimension_numbers, 'left', 1)
-  return jax.tree.leaves(layouts, is_leaf=_is_layout_leaf)
+  # Flattened up to the params' structure, so a None params leaf (an empty
+  # subtree, no leaf) gets no entry.
+  return jax.tree.structure(params).flatten_up_to(layouts)
 
 
 def mode_sides(mode: str) -> tuple[bool, bool]:
@@ -234,3 +234,62 @@ def protected_fraction(memory) -> dict:
       out[f'{layout_lib.path_name(path)}.{side}'] = float(
           np.mean(count) / basis.shape[-2])
   return out
+
+
+# Raised when a value that a check needs on the host is traced (under jit,
+# even operations on concrete arrays are staged).
+TRACED_ERRORS = (jax.errors.ConcretizationTypeError,
+                 jax.errors.TracerIntegerConversionError,
+                 jax.errors.TracerArrayConversionError)
+
+
+def _basis_errors(basis, count, orthonormal: bool) -> tuple[int, float]:
+  """Host ``(non-finite entries, max |QᵀQ - diag(filled)|)`` of one basis."""
+  basis = jnp.asarray(basis, jnp.float32)
+  bad = int(jnp.sum(~jnp.isfinite(basis)))
+  if bad or not orthonormal or basis.size == 0:
+    return bad, 0.0
+  gram = jnp.einsum('...kc,...kd->...cd', basis, basis,
+                    precision=jax.lax.Precision.HIGHEST)
+  filled = jnp.arange(basis.shape[-1]) < jnp.asarray(count)[..., None]
+  target = jnp.eye(basis.shape[-1]) * filled[..., None, :]
+  return bad, float(jnp.max(jnp.abs(gram - target)))
+
+
+def check_finite_orthonormal(memory, *, orthonormal: bool = True,
+                             what: str = 'memory') -> None:
+  """Raise unless every basis of ``memory`` is finite (and orthonormal).
+
+  Orthonormal means ``QᵀQ = diag(1, ..., 1, 0, ..., 0)``: the first ``count``
+  columns orthonormal, the others zero (every column is used by the
+  projection), within :data:`ORTHONORMALITY_TOLERANCE` in float32. A basis
+  that is not orthonormal lets part of the update into the protected subspace
+  (scaled columns over- or under-subtract, duplicated ones subtract twice).
+  Checked on concrete values only; skipped under tracing (``jax.jit``).
+  """
+  flat = jax.tree_util.tree_flatten_with_path(memory, is_leaf=is_memory_leaf)[0]
+  for path, mem in flat:
+    if not isinstance(mem, ProtectedSubspace):
+      continue
+    for side in ('left', 'right'):
+      basis, count = getattr(mem, side), getattr(mem, side + '_count')
+      if is_masked(basis):
+        continue
+      try:
+        bad, deviation = _basis_errors(basis, count, orthonormal)
+      except TRACED_ERRORS:
+        continue
+      where = f'{layout_lib.path_name(path)}: the {side} basis of the {what}'
+      if bad:
+        raise ValueError(
+            f'{where} holds {bad} non-finite (NaN/Inf) entries; it would make '
+            'every later update NaN. Build it from finite weights, activations '
+            'or gradients (the memory builders refuse non-finite input).')
+      if not deviation <= ORTHONORMALITY_TOLERANCE:
+        raise ValueError(
+            f'{where} is not orthonormal: max |QᵀQ - I| = {deviation:.3g} '
+            f'(tolerance {ORTHONORMALITY_TOLERANCE:g}; the first `count` '
+            'columns must be orthonormal and the others zero), so part of '
+            'each update would reach the protected subspace. Re-orthonormalise '
+            'it with continual.add_directions(continual.clear(memory), '
+            'memory), which also drops duplicated directions.')

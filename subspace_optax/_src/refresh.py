@@ -33,6 +33,10 @@ class RefreshPolicy(NamedTuple):
   needs_similarity: bool = False
 
 
+# Periods are compared with the int32 update count.
+MAX_PERIOD = 1 << 31
+
+
 class EveryState(NamedTuple):
   next_refresh: jax.Array  # int32 scalar: update count of the next refresh
   offset: jax.Array  # int32 scalar: this leaf's stagger offset
@@ -51,6 +55,11 @@ def check_period(period: Any, name: str) -> None:
     raise ValueError(
         f'`{name}`={period} is not positive; give the number of updates '
         'between basis refreshes (1 refreshes every step).')
+  if period >= MAX_PERIOD:
+    raise ValueError(
+        f'`{name}`={period} does not fit the int32 step counter; give a '
+        f'period below 2**31 = {MAX_PERIOD} (a period longer than the '
+        'training run refreshes only at the first update).')
 
 
 def every(period: int, stagger: bool = True) -> RefreshPolicy:
