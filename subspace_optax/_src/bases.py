@@ -274,7 +274,7 @@ def resolve(basis: str | BasisMethod) -> BasisMethod:
         f'subspace_optax._src.{BUILT_IN[basis]}')
     return getattr(module, basis)()
   raise ValueError(
-      f'Unknown basis {basis!r}; use one of {", ".join(sorted(BUILT_IN))} '
+      f'Unknown basis {basis!r}: `basis` must be one of {sorted(BUILT_IN)} '
       '(subspace_optax.bases.<name>() for other arguments) or a '
       'subspace_optax.bases.BasisMethod.'
   )
