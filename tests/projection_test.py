@@ -114,3 +114,29 @@ def test_update_descends_and_recovers_g_at_full_rank():
   tx = so.low_rank(optax.identity(), rank=1.0, basis='svd')
   out, _ = _step(tx, g)
   np.testing.assert_allclose(out, np.asarray(g), atol=1e-5)
+
+
+def test_random_bases_differ_per_leaf_step_and_seed_and_repeat_per_seed():
+  """Keys are ``fold_in(fold_in(key(seed), count), leaf)``: two leaves of one
+  shape, two refreshes and two seeds all get different bases; a seed repeats."""
+
+  def bases_of(seed):
+    tx = so.low_rank(optax.identity(), rank=RANK, refresh=1, seed=seed,
+                     basis='random_orthonormal')
+    params = {'a': jnp.zeros(SHAPE), 'b': jnp.zeros(SHAPE)}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    out = []
+    for t in range(2):
+      _, state = update({'a': _gradient(t), 'b': _gradient(t)}, state)
+      out.append({k: np.asarray(v) for k, v in state.basis.items()})
+    return out
+
+  first, again, other = bases_of(0), bases_of(0), bases_of(1)
+  distinct = [first[0]['a'], first[0]['b'], first[1]['a'], other[0]['a']]
+  for i, x in enumerate(distinct):
+    for y in distinct[i + 1:]:
+      assert np.abs(x - y).max() > 0.1
+  for t in range(2):
+    for name in 'ab':
+      np.testing.assert_array_equal(first[t][name], again[t][name])
