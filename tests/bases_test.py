@@ -17,7 +17,7 @@ DRAWS = 2000
 
 
 def _gradient(seed=0, shape=(K, L)):
-  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+  return spectra.normal(shape, seed)
 
 
 @functools.lru_cache(maxsize=None)
@@ -26,7 +26,8 @@ def _draws(method, k=K, rank=RANK, count=DRAWS, align=False):
   init = method.init(k, L, rank)
   g = _gradient(0, (k, L))
   keys = jax.random.split(jax.random.key(0), count)
-  return jax.jit(jax.vmap(lambda key: method.refresh(g, init, key, align)))(keys)
+  refresh = jax.vmap(lambda key: method.refresh(g, init, key, align))
+  return jax.jit(refresh)(keys)
 
 
 RANDOM_ORTHONORMAL = bases.resolve('random_orthonormal')
@@ -93,7 +94,8 @@ def test_random_orthonormal_is_orthonormal_and_ignores_the_gradient():
 
 
 def _isotropy_z(projectors, expected):
-  """Largest deviation of ``mean(QQᵀ)`` from ``expected``, in standard errors."""
+  """Largest deviation of ``mean(QQᵀ)`` from ``expected``, in standard
+  errors."""
   mean = projectors.mean(axis=0)
   error = projectors.std(axis=0) / np.sqrt(len(projectors))
   return np.max(np.abs(mean - expected) / np.maximum(error, 1e-3))
@@ -164,5 +166,5 @@ def test_blocks_activate_whole_matrices_with_the_given_density(density):
   g = _gradient()
   for on in (0.0, 1.0):
     state = bases.BlockState(jnp.float32(on))
-    np.testing.assert_array_equal(method.project(g, state), on * np.asarray(g))
-    np.testing.assert_array_equal(method.unproject(g, state), on * np.asarray(g))
+    for apply in (method.project, method.unproject):
+      np.testing.assert_array_equal(apply(g, state), on * np.asarray(g))

@@ -122,7 +122,8 @@ def test_non_finite_gradient_never_enters_basis_or_memory(name, poison):
   new_subspaces = registry.subspace_states(state)
   assert len(old_subspaces) == len(new_subspaces)
   for old, new in zip(old_subspaces, new_subspaces):
-    assert not _equal(old.basis, new.basis), 'the skipped refresh was not retried'
+    assert not _equal(old.basis, new.basis), (
+        'the skipped refresh was not retried')
   assert traces[0] == 1
 
 

@@ -15,7 +15,8 @@ def _memory():
   left = spectra.orthonormal(M, C, 0)
   right = spectra.orthonormal(N, C, 1)
   memory = {'w': so.ProtectedSubspace(
-      left=jnp.asarray(left, jnp.float32), right=jnp.asarray(right, jnp.float32),
+      left=jnp.asarray(left, jnp.float32),
+      right=jnp.asarray(right, jnp.float32),
       left_count=jnp.int32(C), right_count=jnp.int32(C))}
   return memory, left, right
 

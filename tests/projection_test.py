@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+import spectra
 import subspace_optax as so
 
 RANK = 2
@@ -14,7 +15,7 @@ SHAPE = (9, 5)  # rows > columns
 
 
 def _gradient(seed=0, shape=SHAPE):
-  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+  return spectra.normal(shape, seed)
 
 
 def _step(tx, g, steps=1):

@@ -11,7 +11,7 @@ from subspace_optax import bases
 
 
 def _matrix(shape=(21, 5), seed=0):
-  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+  return spectra.normal(shape, seed)
 
 
 def _group_ranges(x, group_size):
@@ -33,7 +33,7 @@ def test_round_trip_error_is_at_most_half_a_step(bits, group_size, columns):
   q = so.quantize(x, bits, group_size)
   levels = 2**bits - 1
   groups = -(-21 // group_size)
-  assert q.scale.shape == (groups, columns) and q.zero.shape == (groups, columns)
+  assert q.scale.shape == q.zero.shape == (groups, columns)
   assert q.codes.dtype == jnp.uint8
   assert q.codes.shape == (21, columns if bits == 8 else -(-columns // 2))
   step = _group_ranges(x, group_size) / levels
@@ -61,7 +61,8 @@ def test_int4_codes_pack_two_per_byte_and_round_trip_exactly():
   assert packed.shape == (8, 3)
   np.testing.assert_array_equal(packed[:, :2] & 15, codes[:, 0:4:2])
   np.testing.assert_array_equal(packed[:, :2] >> 4, codes[:, 1:4:2])
-  np.testing.assert_array_equal(packed[:, 2], codes[:, 4])  # odd column, low nibble
+  # The odd last column sits alone in a low nibble.
+  np.testing.assert_array_equal(packed[:, 2], codes[:, 4])
   np.testing.assert_allclose(so.dequantize(q, 4, 8), x, atol=1e-6)
 
 

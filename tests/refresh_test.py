@@ -21,7 +21,8 @@ def _params():
 
 def _gradients(step):
   keys = jax.random.split(jax.random.key(step), len(NAMES))
-  return {name: jax.random.normal(key, (8, 6)) for name, key in zip(NAMES, keys)}
+  return {name: jax.random.normal(key, (8, 6))
+          for name, key in zip(NAMES, keys)}
 
 
 def _refresh_steps(tx, steps, gradients=_gradients):
@@ -101,7 +102,7 @@ def test_lazy_refresh_keeps_its_period_while_bases_move():
 
 
 def test_lazy_similarity_is_the_mean_squared_principal_cosine():
-  """Recorded similarity = ‖Q_newᵀ Q_old‖_F² / r, computed here from the bases."""
+  """The recorded similarity is ‖Q_newᵀ Q_old‖_F² / r of the two bases."""
   policy = so.refresh.lazy(1, threshold=2.0, window=3, stagger=False)
   tx = _low_rank(policy, basis='svd')
   state = tx.init(_params())

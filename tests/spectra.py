@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import jax.numpy as jnp
 import numpy as np
+
+
+def normal(shape, seed: int) -> jnp.ndarray:
+  """A reproducible float32 standard normal array (a generic gradient)."""
+  rng = np.random.default_rng(seed)
+  return jnp.asarray(rng.normal(size=shape), jnp.float32)
 
 
 def orthonormal(rows: int, columns: int, seed: int) -> np.ndarray:
@@ -20,7 +27,7 @@ def orthonormal(rows: int, columns: int, seed: int) -> np.ndarray:
 def known_spectrum(
     k: int, l: int, sigma: Sequence[float], seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """``(G, U, σ)`` with ``G = U diag(σ) Vᵀ`` (float32 ``G``), ``σ`` descending."""
+  """``(G, U, σ)``: ``G = U diag(σ) Vᵀ`` (float64), ``σ`` descending."""
   sigma = np.asarray(sigma, np.float64)
   u = orthonormal(k, len(sigma), seed)
   v = orthonormal(l, len(sigma), seed + 1)

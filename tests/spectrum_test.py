@@ -199,28 +199,31 @@ def test_dct_matrix_is_the_orthonormal_dct_ii(size):
 
 
 @pytest.mark.parametrize('norm_order', [1.0, 2.0])
+def _aligned_with(columns, seed=0):
+  """A gradient whose energy lies in the given DCT columns (row norms ~20)
+  plus a weak rest."""
+  rng = np.random.default_rng(seed)
+  d = _numpy_dct(K)
+  g = d[:, columns] @ rng.normal(size=(len(columns), L)) * 5
+  return jnp.asarray(g + 0.01 * rng.normal(size=(K, L)), jnp.float32)
+
+
+@pytest.mark.parametrize('norm_order', [1.0, 2.0])
 def test_dct_selects_the_columns_of_largest_alignment(norm_order):
   """Chosen columns = the r columns with the largest ``‖(DᵀG)_{j,:}‖_p``."""
-  rng = np.random.default_rng(0)
-  d = _numpy_dct(K)
-  wanted = np.array([2, 11, 19])
-  # Energy in three known columns (ℓ1 and ℓ2 row norms ~20), a weak rest.
-  g = d[:, wanted] @ rng.normal(size=(RANK, L)) * 5 + 0.01 * rng.normal(
-      size=(K, L))
-  g = jnp.asarray(g, jnp.float32)
   method = bases.dct(norm_order)
-  state = _refresh(method, g)
-  np.testing.assert_array_equal(state.indices, wanted)
+  np.testing.assert_array_equal(
+      _refresh(method, _aligned_with([19, 2, 11])).indices, [2, 11, 19])
   # Against a numpy ranking of a generic gradient too.
-  g2 = jnp.asarray(rng.normal(size=(K, L)), jnp.float32)
-  scores = np.sum(np.abs(d.T @ np.asarray(g2, np.float64)) ** norm_order, axis=1)
-  np.testing.assert_array_equal(_refresh(method, g2).indices,
+  g = spectra.normal((K, L), 3)
+  scores = np.sum(
+      np.abs(_numpy_dct(K).T @ np.asarray(g, np.float64))**norm_order, axis=1)
+  np.testing.assert_array_equal(_refresh(method, g).indices,
                                 np.sort(np.argsort(-scores)[:RANK]))
 
 
 def test_dct_projects_and_unprojects_with_the_chosen_columns():
-  rng = np.random.default_rng(1)
-  g = jnp.asarray(rng.normal(size=(K, L)), jnp.float32)
+  g = spectra.normal((K, L), 1)
   method = bases.dct()
   state = _refresh(method, g)
   q = _numpy_dct(K)[:, np.asarray(state.indices)]
@@ -228,8 +231,19 @@ def test_dct_projects_and_unprojects_with_the_chosen_columns():
   np.testing.assert_allclose(c, q.T @ np.asarray(g), atol=1e-5)
   np.testing.assert_allclose(method.unproject(c, state),
                              q @ q.T @ np.asarray(g), atol=1e-5)
-  # The partial permutation R = Q_newᵀ Q_old.
-  other = method.refresh(-g[::-1], state, jax.random.key(0), False)
-  q_other = _numpy_dct(K)[:, np.asarray(other.indices)]
-  np.testing.assert_allclose(method.transition(state, other), q_other.T @ q,
-                             atol=1e-6)
+
+
+def test_dct_transition_is_the_partial_permutation():
+  """``R = Q_newᵀ Q_old``: column 11 moves from slot 1 to slot 0, 19 from 2
+  to 1, column 2 leaves and 20 enters."""
+  method = bases.dct()
+  old = _refresh(method, _aligned_with([2, 11, 19]))
+  new = _refresh(method, _aligned_with([11, 19, 20], seed=1))
+  np.testing.assert_array_equal(new.indices, [11, 19, 20])
+  want = np.zeros((RANK, RANK))
+  want[0, 1] = want[1, 2] = 1.0
+  np.testing.assert_array_equal(method.transition(old, new), want)
+  d = _numpy_dct(K)
+  np.testing.assert_allclose(
+      d[:, np.asarray(new.indices)].T @ d[:, np.asarray(old.indices)], want,
+      atol=1e-12)

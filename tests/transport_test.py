@@ -5,15 +5,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
+import spectra
 import subspace_optax as so
 
 B1, B2, RANK = 0.9, 0.99, 3
 
 
 def _gradient(step, shape=(10, 6)):
-  return jnp.asarray(np.random.default_rng(step).normal(size=shape), jnp.float32)
+  return spectra.normal(shape, step)
 
 
 def _run(on_refresh, names=('w',), refresh=2, steps=3, basis='svd'):
