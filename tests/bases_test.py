@@ -150,6 +150,8 @@ def test_random_columns_select_exactly_those_coordinates():
 
 def test_random_columns_are_uniform_over_coordinates():
   indices = np.asarray(_draws(RANDOM_COLUMNS).indices)
+  # Every draw is a subset: ascending, no repeats.
+  assert np.all(np.diff(indices, axis=1) > 0)
   counts = np.bincount(indices.reshape(-1), minlength=K)
   expected = DRAWS * RANK / K
   chi2 = np.sum((counts - expected) ** 2 / expected)
