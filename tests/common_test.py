@@ -7,7 +7,9 @@ those two programs; the parameters mix float32 and bfloat16 leaves, so the
 dtype contract is checked for both in one compilation.
 """
 
+import importlib.util
 import inspect
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +60,17 @@ def test_registry_covers_every_public_method():
       f'public factories {sorted(missing)} are not in tests/registry.py; add a '
       'small configuration (or list them in NOT_METHODS if they are not '
       'optimizer methods)')
+
+
+def test_registry_fails_loudly_when_an_export_is_missing(monkeypatch):
+  """A missing export is an ImportError naming it, not a dropped entry."""
+  monkeypatch.delattr(so, 'i3s')
+  spec = importlib.util.spec_from_file_location(
+      'registry_without_i3s', registry.__file__)
+  module = importlib.util.module_from_spec(spec)
+  monkeypatch.setitem(sys.modules, spec.name, module)  # for its dataclass
+  with pytest.raises(ImportError, match="'i3s'"):
+    spec.loader.exec_module(module)
 
 
 @pytest.mark.parametrize('name', NAMES)
