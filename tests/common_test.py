@@ -7,7 +7,9 @@ those two programs; the parameters mix float32 and bfloat16 leaves, so the
 dtype contract is checked for both in one compilation.
 """
 
+import importlib.util
 import inspect
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +62,17 @@ def test_registry_covers_every_public_method():
       'optimizer methods)')
 
 
+def test_registry_fails_loudly_when_an_export_is_missing(monkeypatch):
+  """A missing export is an ImportError naming it, not a dropped entry."""
+  monkeypatch.delattr(so, 'i3s')
+  spec = importlib.util.spec_from_file_location(
+      'registry_without_i3s', registry.__file__)
+  module = importlib.util.module_from_spec(spec)
+  monkeypatch.setitem(sys.modules, spec.name, module)  # for its dataclass
+  with pytest.raises(ImportError, match="'i3s'"):
+    spec.loader.exec_module(module)
+
+
 @pytest.mark.parametrize('name', NAMES)
 def test_jit_step_contract(name):
   """No retrace, extra args, update dtype = param dtype, stable state."""
@@ -89,25 +102,41 @@ def test_init_from_shape_dtype_structs(name):
   assert so.state_bytes(abstract) == so.state_bytes(concrete)
 
 
-@pytest.mark.parametrize('name', NAMES)
+def test_methods_without_a_basis_are_the_listed_ones():
+  """The NaN test below runs on every method with a basis or memory."""
+  without = set()
+  for name in NAMES:
+    tx, _, _, params = registry.compiled(name)
+    if not jax.tree.leaves(registry.basis_and_memory(
+        jax.eval_shape(tx.init, params))):
+      without.add(name)
+  assert without == registry.WITHOUT_BASIS
+
+
+@pytest.mark.parametrize(
+    'name', sorted(set(NAMES) - registry.WITHOUT_BASIS))
 @pytest.mark.parametrize('poison', [np.nan, np.inf])
 def test_non_finite_gradient_never_enters_basis_or_memory(name, poison):
   """A due refresh is skipped on a NaN/Inf gradient and retried next step."""
   tx, step, traces, params = registry.compiled(name)
-  state = tx.init(params)
-  before = registry.basis_and_memory(state)
+  initial = tx.init(params)
+  before = registry.basis_and_memory(initial)
+  assert jax.tree.leaves(before), f'{name} holds no basis or memory'
   # Update 0: every leaf's refresh is due; the gradient is poisoned.
-  _, state = step(_poisoned(registry.gradients(params, 0), poison), state,
-                  params, **EXTRA)
-  after = registry.basis_and_memory(state)
+  _, poisoned = step(_poisoned(registry.gradients(params, 0), poison), initial,
+                     params, **EXTRA)
+  after = registry.basis_and_memory(poisoned)
   assert _equal(after, before), 'a non-finite gradient changed a basis/memory'
   assert _all_finite(after)
   # Next update, finite: the refresh runs now.
-  _, state = step(registry.gradients(params, 1), state, params, **EXTRA)
+  _, state = step(registry.gradients(params, 1), poisoned, params, **EXTRA)
   assert _all_finite(registry.basis_and_memory(state))
-  for old, new in zip(registry.subspace_states(before),
-                      registry.subspace_states(state)):
-    assert not _equal(old.basis, new.basis), 'the skipped refresh was not retried'
+  old_subspaces = registry.subspace_states(poisoned)
+  new_subspaces = registry.subspace_states(state)
+  assert len(old_subspaces) == len(new_subspaces)
+  for old, new in zip(old_subspaces, new_subspaces):
+    assert not _equal(old.basis, new.basis), (
+        'the skipped refresh was not retried')
   assert traces[0] == 1
 
 
