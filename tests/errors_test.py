@@ -334,7 +334,7 @@ def test_refresh_period_must_fit_the_int32_step_counter(period):
                                        'mean squared cosine')),
     (dict(threshold=-0.2), ValueError, ('`threshold`=-0.2', '[0, 1]')),
     (dict(threshold=float('nan')), ValueError, ('`threshold`=nan',)),
-    (dict(threshold='0.4'), TypeError, ('`threshold`', 'float')),
+    (dict(threshold='0.4'), TypeError, ('`threshold`', 'real number')),
     (dict(growth=0.5), ValueError, ('`growth`=0.5', 'outside [1,')),
     (dict(growth=float('nan')), ValueError, ('`growth`=nan', '[1, inf]')),
     (dict(growth=None), TypeError, ('`growth`', 'NoneType')),

@@ -103,7 +103,7 @@ def test_lazy_refresh_keeps_its_period_while_bases_move():
 
 def test_lazy_similarity_is_the_mean_squared_principal_cosine():
   """The recorded similarity is ‖Q_newᵀ Q_old‖_F² / r of the two bases."""
-  policy = so.refresh.lazy(1, threshold=2.0, window=3, stagger=False)
+  policy = so.refresh.lazy(1, threshold=1.0, window=3, stagger=False)
   tx = _low_rank(policy, basis='svd')
   state = tx.init(_params())
   update = jax.jit(tx.update)

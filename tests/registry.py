@@ -255,6 +255,9 @@ NOT_METHODS = frozenset({
     'scale_by_aspect_ratio', 'scale_by_torch_nesterov_adam', 'clip_norm_growth',
     'apollo_scaling', 'scale_gradient_by_subspace', 'fira_residual',
     'scale_residual_by_subspace',
+    # Wrappers around any optimizer, tested in their own files (q_galore
+    # above keeps its moments through quantize_moments by default).
+    'quantize_moments', 'master_weights',
 })
 
 

@@ -24,10 +24,18 @@ class LazyState(NamedTuple):
 
 def _check_number(name: str, value, low: float, high: float,
                   meaning: str) -> None:
-  """A static real number in [low, high], or a named error."""
+  """A real number in [low, high], or a named error.
+
+  A traced scalar (``optax.inject_hyperparams`` under jit) is checked when the
+  value is known; a concrete one is checked as the number it holds.
+  """
+  if isinstance(value, jax.core.Tracer) and jnp.ndim(value) == 0:
+    return
+  if isinstance(value, jax.Array) and jnp.ndim(value) == 0:
+    value = value.item()
   if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
     raise TypeError(
-        f'`{name}` must be a Python float ({meaning}), got '
+        f'`{name}` must be a real number ({meaning}), got '
         f'{type(value).__name__}.')
   if not low <= value <= high:
     raise ValueError(
