@@ -7,7 +7,6 @@ those two programs; the parameters mix float32 and bfloat16 leaves, so the
 dtype contract is checked for both in one compilation.
 """
 
-import inspect
 
 import jax
 import jax.numpy as jnp
@@ -47,13 +46,7 @@ def _poisoned(grads, value):
 
 def test_registry_covers_every_public_method():
   registered = {e.factory.__name__ for e in registry.REGISTRY.values()}
-  public = {
-      name for name in dir(so) if not name.startswith('_')
-      and callable(getattr(so, name)) and not inspect.isclass(getattr(so, name))
-      and not inspect.ismodule(getattr(so, name))
-  }
-  missing = {name for name in public - registered - registry.NOT_METHODS
-             if not registry.is_memory_formula(name)}
+  missing = registry.public_callables() - registered - registry.NOT_METHODS
   assert not missing, (
       f'public factories {sorted(missing)} are not in tests/registry.py; add a '
       'small configuration (or list them in NOT_METHODS if they are not '

@@ -27,6 +27,7 @@ from subspace_optax._src import bases as bases_lib
 from subspace_optax._src import batching
 from subspace_optax._src import layout as layout_lib
 from subspace_optax._src import moments as moments_lib
+from subspace_optax._src import presets
 from subspace_optax._src import refresh as refresh_lib
 from subspace_optax._src import sharding
 
@@ -166,6 +167,7 @@ def _check_state_fits(updates, layouts, basis_leaves, basis_shapes) -> None:
           f'{fix}')
 
 
+@presets.declare_static_args('rank', 'refresh', 'dimension_numbers')
 def low_rank(
     inner: optax.GradientTransformation,
     *,

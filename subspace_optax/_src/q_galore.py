@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
-import jax
-import numpy as np
 import optax
 
 from subspace_optax._src import adam
 from subspace_optax._src import bases as bases_lib
-from subspace_optax._src import layout as layout_lib
+from subspace_optax._src import deprecation
 from subspace_optax._src import lazy_refresh
 from subspace_optax._src import low_rank as low_rank_lib
+from subspace_optax._src import presets
 from subspace_optax._src import quantize
+from subspace_optax._src import refresh as refresh_lib
 
 
+@deprecation.renamed_arguments(
+    refresh_every='refresh', weight_decay_mask='mask')
+@presets.declare_static_args('rank', 'refresh', 'bits', 'group_size', 'window',
+                             'mask', 'dimension_numbers')
 def q_galore(
     learning_rate: optax.ScalarOrSchedule,
     rank: int | float = 128,
-    refresh_every: int = 200,
+    *,
+    refresh: int | refresh_lib.RefreshPolicy = 200,
+    stagger: bool = True,
+    basis: str | bases_lib.BasisMethod = 'svd',
+    side: str = 'compact',
+    on_refresh: str = 'keep',
+    align_signs: bool = True,
     scale: float = 0.25,
     bits: int = 4,
     group_size: int = 256,
@@ -32,12 +41,7 @@ def q_galore(
     eps: float = 1e-6,
     eps_before_bias_correction: bool = True,
     weight_decay: float = 0.0,
-    weight_decay_mask: Optional[Any] = None,
-    side: str = 'compact',
-    basis: str | bases_lib.BasisMethod = 'svd',
-    stagger: bool = True,
-    align_signs: bool = True,
-    on_refresh: str = 'keep',
+    mask: Optional[Any] = None,
     dimension_numbers: Any = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
@@ -63,7 +67,14 @@ def q_galore(
   Args:
     learning_rate: a float or an optax schedule.
     rank: subspace rank (int, clamped per matrix) or a fraction of ``min(m, n)``.
-    refresh_every: initial updates between refreshes (``update_proj_gap``).
+    refresh: initial updates between refreshes ``T`` (``update_proj_gap``) of
+      the lazy policy, or any :mod:`subspace_optax.refresh` policy (which then
+      replaces the lazy one: ``threshold``, ``window``, ``growth`` and
+      ``stagger`` are not used).
+    stagger: spread the first refreshes of different leaves over the period.
+    basis: the wrapped dense basis method (``'svd'``, reference).
+    side: ``'compact'`` or ``'reference'`` (the reference's ``'std'``).
+    on_refresh, align_signs: see :func:`~subspace_optax.low_rank`.
     scale: ``α``, multiplies the unprojected update.
     bits: 4 (reference) or 8.
     group_size: rows of a basis column per quantization group.
@@ -72,61 +83,37 @@ def q_galore(
     b1, b2, eps, eps_before_bias_correction: Adam, as
       :func:`~subspace_optax.galore`.
     weight_decay: decoupled weight decay ``λ``.
-    weight_decay_mask: optax mask for the weight decay.
-    side: ``'compact'`` or ``'reference'`` (the reference's ``'std'``).
-    basis: the wrapped dense basis method (``'svd'``, reference).
-    stagger: spread the first refreshes of different leaves over the period.
-    align_signs, on_refresh, dimension_numbers, seed: see
-      :func:`~subspace_optax.low_rank`.
+    mask: optax mask for the weight decay.
+    dimension_numbers, seed: see :func:`~subspace_optax.low_rank`.
+
+  State size: :func:`subspace_optax.memory.q_galore_bytes`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> tx = so.q_galore(learning_rate=1e-3, rank=2, group_size=4)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+    >>> so.state_bytes(state) == so.memory.q_galore_bytes(
+    ...     params, rank=2, group_size=4)
+    True
   """
+  if isinstance(refresh, refresh_lib.RefreshPolicy):
+    policy = presets.refresh_policy(refresh, stagger)
+  else:
+    refresh_lib.check_period(refresh, 'refresh')
+    policy = lazy_refresh.lazy(refresh, threshold, window, growth, stagger)
   inner = (
       adam.scale_by_torch_adam(b1, b2, eps) if eps_before_bias_correction
       else optax.scale_by_adam(b1, b2, eps))
   return optax.chain(
       low_rank_lib.low_rank(
           inner, rank=rank,
-          refresh=lazy_refresh.lazy(
-              refresh_every, threshold, window, growth, stagger),
+          refresh=policy,
           basis=quantize.quantized(basis, bits, group_size), side=side,
           on_refresh=on_refresh, align_signs=align_signs, scale=scale,
           dimension_numbers=dimension_numbers, seed=seed),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )
-
-
-def _is_layout(x) -> bool:
-  return x is None or isinstance(x, layout_lib.MatrixLayout)
-
-
-def q_galore_bytes(
-    params: Any,
-    rank: int | float = 128,
-    bits: int = 4,
-    group_size: int = 256,
-    window: int = 5,
-    side: str = 'compact',
-    dimension_numbers: Any = None,
-) -> int:
-  """Analytic state size of :func:`q_galore` (float32 moments).
-
-  Per projected matrix (``k x r`` basis, ``r x l`` coefficients): basis codes
-  ``k r`` bytes (8 bits) or ``k ceil(r/2)`` (4 bits), a float32 scale and a
-  uint8 zero point per group (``5 ceil(k/g) r`` bytes), two moments
-  ``2 · 4 r l``. Per projected leaf the lazy schedule: four int32 and
-  ``window`` float32. Other leaves keep full Adam moments ``2 · 4 |p|``. Plus
-  the pipeline's and Adam's step counts.
-  """
-  layouts = layout_lib.leaf_layouts(params, dimension_numbers, side, rank)
-  total = 2 * 4
-  for p, lay in zip(jax.tree.leaves(params),
-                    jax.tree.leaves(layouts, is_leaf=_is_layout)):
-    if lay is None:
-      total += 2 * 4 * math.prod(np.shape(p))
-      continue
-    k, r = lay.projected_dim, lay.rank
-    codes = k * r if bits == 8 else k * (-(-r // 2))
-    groups = -(-k // group_size) * r
-    per_matrix = codes + 5 * groups + 2 * 4 * r * lay.other_dim
-    total += lay.num_matrices * per_matrix + 4 * 4 + 4 * window
-  return total
