@@ -260,6 +260,6 @@ def resolve(basis: str | BasisMethod) -> BasisMethod:
   if isinstance(basis, str) and basis in _BY_NAME:
     return _BY_NAME[basis]()
   raise ValueError(
-      f'Unknown basis {basis!r}; use one of {sorted(_BY_NAME)} or a '
-      'subspace_optax.bases.BasisMethod.'
+      f'Unknown basis {basis!r}: `basis` must be one of {sorted(_BY_NAME)} '
+      'or a subspace_optax.bases.BasisMethod.'
   )

@@ -364,6 +364,11 @@ def online_subspace_descent(
   """
   if inner not in INNER_OPTIMIZERS:
     raise ValueError(f'`inner` must be one of {INNER_OPTIMIZERS}, got {inner!r}.')
+  if not isinstance(basis_optimizer, optax.GradientTransformation) and (
+      basis_optimizer not in BASIS_OPTIMIZERS):
+    raise ValueError(
+        f'`basis_optimizer` must be one of {BASIS_OPTIMIZERS} or an optax '
+        f'GradientTransformation, got {basis_optimizer!r}.')
   if sign_after_unproject and inner != 'lion':
     raise ValueError('`sign_after_unproject` applies to inner="lion" only.')
   if inner == 'adam':

@@ -104,7 +104,7 @@ def refresh_policy(refresh: Any, stagger: bool) -> refresh_lib.RefreshPolicy:
   if isinstance(refresh, refresh_lib.RefreshPolicy):
     if not stagger:
       raise ValueError(
-          '`stagger=False` only applies to an int `refresh`; a policy carries '
+          '`stagger`=False only applies to an int `refresh`; a policy carries '
           'its own, e.g. refresh=subspace_optax.refresh.every(T, '
           'stagger=False).')
     return refresh

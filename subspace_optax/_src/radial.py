@@ -226,10 +226,10 @@ def sgdp(
     *,
     momentum: float = 0.0,
     nesterov: bool = False,
+    eps: float = 1e-8,
     weight_decay: float = 0.0,
     delta: float = 0.1,
     wd_ratio: float = 0.1,
-    eps: float = 1e-8,
     channel_axis: int = -1,
 ) -> optax.GradientTransformationExtraArgs:
   """SGDP: momentum SGD with the radial projection of :func:`project_radial`.
@@ -248,7 +248,7 @@ def sgdp(
     learning_rate: a float or an optax schedule.
     momentum: ``μ`` (0: plain SGD, no state).
     nesterov: Nesterov momentum.
-    weight_decay, delta, wd_ratio, eps, channel_axis: see
+    eps, weight_decay, delta, wd_ratio, channel_axis: see
       :func:`project_radial`.
 
   Examples:
