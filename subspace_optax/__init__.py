@@ -61,7 +61,7 @@ from subspace_optax._src.memory import state_bytes
 from subspace_optax._src.presets import static_args
 from subspace_optax._src.sharding import state_shardings
 
-__version__ = '0.2.0.dev0'
+__version__ = '0.1.0'
 
 __all__ = (
     # Submodules.

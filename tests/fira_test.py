@@ -139,8 +139,8 @@ def test_fira_state_bytes_equal_analytic_size():
   assert so.state_bytes(state) == expected
   # GaLore's state plus one limiter scalar per matrix (3) and Adam's count
   # moved to the bias correction.
-  assert expected == so.galore_bytes(
-      params, 4, 'reference', so.last_two_axes) + 3 * 4
+  assert expected == so.memory.galore_bytes(
+      params, 4, side='reference', dimension_numbers=so.last_two_axes) + 3 * 4
   limiter = state[0].residual_state[1]
   assert jax.tree.map(jnp.shape, limiter.norm) == {
       'w': (), 'stack': (2,), 'b': optax.MaskedNode()}

@@ -102,8 +102,10 @@ def test_state_bytes_equal_analytic_size():
     assert so.state_bytes(state) == expected
     assert so.state_bytes(jax.eval_shape(tx.init, params)) == expected
   # The compact side holds strictly smaller moments than the reference side.
-  assert so.galore_bytes(params, 4, 'compact', so.last_two_axes) < so.galore_bytes(
-      params, 4, 'reference', so.last_two_axes)
+  assert so.memory.galore_bytes(
+      params, 4, side='compact', dimension_numbers=so.last_two_axes) < (
+          so.memory.galore_bytes(params, 4, side='reference',
+                                 dimension_numbers=so.last_two_axes))
 
 
 def test_staggered_refreshes_spread_over_the_period():

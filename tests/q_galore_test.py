@@ -68,8 +68,8 @@ def test_state_bytes_shrink_with_bits():
                      dimension_numbers=dims)
     state = jax.eval_shape(tx.init, params)
     sizes[bits] = so.state_bytes(state)
-    assert sizes[bits] == so.q_galore_bytes(
-        params, 4, bits, 32, dimension_numbers=dims)
+    assert sizes[bits] == so.memory.q_galore_bytes(
+        params, 4, bits=bits, group_size=32, dimension_numbers=dims)
     codes = [b.codes for b in jax.tree.leaves(
         state[0].basis, is_leaf=lambda x: isinstance(x, so.QuantizedMatrix))]
     assert all(c.dtype == jnp.uint8 for c in codes)
