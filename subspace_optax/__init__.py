@@ -1,4 +1,4 @@
-"""subspace_optax: composable optax transforms for low-rank training and continual learning.
+"""Composable optax transforms for low-rank training and continual learning.
 
 Top level: the pipeline (:func:`low_rank`), the named methods built on it, their
 stages, and tools on states. Submodules: :mod:`~subspace_optax.bases` (how a

@@ -247,7 +247,8 @@ def test_static_args_of_a_foreign_factory_is_an_error():
 
 @pytest.mark.parametrize('name', registry.NAMES)
 def test_array_static_arguments_are_all_named_at_once(name):
-  """What inject_hyperparams without static_args passes: one error, all names."""
+  """inject_hyperparams without static_args passes arrays: one error names
+  every static argument."""
   entry = registry.REGISTRY[name]
   static = so.static_args(entry.factory)
   defaults = {p.name: p.default

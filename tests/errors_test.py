@@ -60,8 +60,9 @@ def test_rank_above_matrix_size_is_clamped():
   state = jax.eval_shape(_low_rank(rank=100).init, PARAMS)
   assert state.basis['w'].shape == (8, 6)  # k = 8 rows, rank min(8, 6)
   assert state.basis['stack'].shape == (2, 9, 5)  # per layer: k = 9, rank 5
-  assert so.memory.galore_bytes(PARAMS, 100, dimension_numbers=so.last_two_axes) == (
-      so.memory.galore_bytes(PARAMS, 1.0, dimension_numbers=so.last_two_axes))
+  galore_bytes = so.memory.galore_bytes
+  assert galore_bytes(PARAMS, 100, dimension_numbers=so.last_two_axes) == (
+      galore_bytes(PARAMS, 1.0, dimension_numbers=so.last_two_axes))
 
 
 def test_numpy_ints_are_accepted_as_rank_and_period():
@@ -104,7 +105,8 @@ def test_non_int_refresh_period_says_static(period):
 def test_inject_hyperparams_without_static_args_names_them_all():
   tx = optax.inject_hyperparams(so.galore)(1e-3, rank=2, refresh=3)
   # One error names every static argument, not one per attempt.
-  with _raises(TypeError, '`rank`, `refresh`', 'subspace_optax.static_args(subspace_optax.galore)',
+  with _raises(TypeError, '`rank`, `refresh`',
+               'subspace_optax.static_args(subspace_optax.galore)',
                "('rank', 'refresh', 'mask', 'dimension_numbers')"):
     tx.init(PARAMS)
   # With them it works, and the seed may stay dynamic.

@@ -130,8 +130,8 @@ def _memory(params):
       fields[side + '_count'] = jnp.ones_like(getattr(mem, side + '_count'))
     return so.continual.ProtectedSubspace(**fields)
 
-  return jax.tree.map(fill, memory,
-                      is_leaf=lambda x: isinstance(x, so.continual.ProtectedSubspace))
+  return jax.tree.map(fill, memory, is_leaf=lambda x: isinstance(
+      x, so.continual.ProtectedSubspace))
 
 
 _LR = 1e-2

@@ -146,8 +146,8 @@ def dct_adamw(
   reference) and moments moved between selections by the partial permutation
   (``on_refresh='transport'``; the reference's ``rotate_subspace=True``).
   Memory: GaLore's moments plus ``rank`` int32 indices instead of a dense basis
-  (:func:`subspace_optax.memory.dct_adamw_bytes`). The optional error-feedback buffer of the
-  reference (an ``m x n`` state) is not included.
+  (:func:`subspace_optax.memory.dct_adamw_bytes`). The optional error-feedback
+  buffer of the reference (an ``m x n`` state) is not included.
 
   Args:
     learning_rate: a float or an optax schedule.

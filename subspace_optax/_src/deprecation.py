@@ -15,7 +15,7 @@ Function = TypeVar('Function', bound=Callable[..., Any])
 
 
 def renamed_arguments(**renames: str) -> Callable[[Function], Function]:
-  """Decorator: keyword ``old=value`` is passed on as ``new=value``, with a warning.
+  """Decorator: keyword ``old=value`` is passed on as ``new=value``, warning.
 
   Example: ``@renamed_arguments(refresh_every='refresh')``. Giving both the old
   and the new name is a ``TypeError`` (which value was meant is unknown).

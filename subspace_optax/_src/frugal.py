@@ -149,14 +149,14 @@ def frugal(
 
   Reference behaviour (philip-zmushko/FRUGAL) by default: ``on_refresh='reset'``
   zeroes the moments of a refreshed leaf *and* restarts its bias correction
-  (:func:`subspace_optax.transforms.scale_by_resettable_adam`); Adam's ``ε`` is added after the bias
-  correction; the basis sits on the smaller side (``side='reference'``), so a
-  float ``rank = ρ`` keeps Adam state for the fraction ``ρ`` of each matrix.
-  The paper's Algorithm 1 instead carries the state into the new basis:
-  ``on_refresh='transport'`` (svd, random and columns bases). Refreshes are
-  staggered across leaves (``stagger=False``: all leaves together, as the
-  reference). Weight decay is decoupled and applied to the pre-step weight, as
-  in the reference.
+  (:func:`subspace_optax.transforms.scale_by_resettable_adam`); Adam's ``ε`` is
+  added after the bias correction; the basis sits on the smaller side
+  (``side='reference'``), so a float ``rank = ρ`` keeps Adam state for the
+  fraction ``ρ`` of each matrix. The paper's Algorithm 1 instead carries the
+  state into the new basis: ``on_refresh='transport'`` (svd, random and columns
+  bases). Refreshes are staggered across leaves (``stagger=False``: all leaves
+  together, as the reference). Weight decay is decoupled and applied to the
+  pre-step weight, as in the reference.
 
   Args:
     learning_rate: a float or an optax schedule.

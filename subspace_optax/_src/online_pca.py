@@ -335,7 +335,8 @@ def online_subspace_descent(
     side: see :func:`subspace_optax.low_rank`.
     scale: ``α``, multiplies the unprojected update.
     inner: ``'adam'`` or ``'lion'``.
-    sign_after_unproject: Lion only: take the sign after unprojection (reference).
+    sign_after_unproject: Lion only: take the sign after unprojection
+      (reference).
     basis_learning_rate: learning rate of ``P``'s optimizer (float or schedule).
     basis_optimizer: ``'adam'`` (AdamW), ``'sgd'``, or an optax transform.
     orthogonality_weight: ``λ`` (paper 0.1, reference 0).
@@ -355,7 +356,8 @@ def online_subspace_descent(
     >>> import jax.numpy as jnp
     >>> import subspace_optax as so
     >>> params = {'w': jnp.ones((8, 6))}
-    >>> tx = so.online_subspace_descent(learning_rate=1e-3, rank=2, inner='lion')
+    >>> tx = so.online_subspace_descent(
+    ...     learning_rate=1e-3, rank=2, inner='lion')
     >>> state = tx.init(params)
     >>> updates, state = tx.update(params, state, params)
     >>> so.state_bytes(state) == so.memory.online_subspace_descent_bytes(

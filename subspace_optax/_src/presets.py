@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from typing import Any, Callable, TypeVar
 
 import jax
@@ -31,7 +32,8 @@ def declare_static_args(*names: str) -> Callable[[Function], Function]:
     signature = inspect.signature(factory)
     unknown = set(names) - set(signature.parameters)
     if unknown:
-      raise ValueError(f'{factory.__name__} has no parameters {sorted(unknown)}')
+      raise ValueError(
+          f'{factory.__name__} has no parameters {sorted(unknown)}')
 
     @functools.wraps(factory)
     def wrapper(*args, **kwargs):
@@ -39,10 +41,11 @@ def declare_static_args(*names: str) -> Callable[[Function], Function]:
       arrays = [n for n in names if isinstance(arguments.get(n), jax.Array)]
       if arrays:
         raise TypeError(
-            f'{factory.__name__}(): {_quoted(arrays)} must be Python values '
-            '(they set shapes or are callables), got arrays: with '
-            'optax.inject_hyperparams pass static_args=subspace_optax.'
-            f'static_args(subspace_optax.{_public_name(factory)}), i.e. '
+            f'{factory.__name__}(): got an array for {_quoted(arrays)}; its '
+            'static arguments set shapes or are callables, so they must be '
+            'Python values: with optax.inject_hyperparams pass '
+            'static_args=subspace_optax.'
+            f'static_args({_public_name(factory)}), i.e. '
             f'static_args={names!r}.')
       return factory(*args, **kwargs)
 
@@ -57,14 +60,16 @@ def _quoted(names) -> str:
 
 
 def _public_name(factory) -> str:
-  module = factory.__module__
-  if module.endswith('continual') or module.endswith('memories'):
-    return f'continual.{factory.__name__}'
+  """``subspace_optax.galore``, ``subspace_optax.continual.sculpt``, ..."""
+  for module_name in ('subspace_optax', 'subspace_optax.continual'):
+    module = sys.modules.get(module_name)
+    if factory.__name__ in getattr(module, '__all__', ()):
+      return f'{module_name}.{factory.__name__}'
   return factory.__name__
 
 
 def static_args(factory: Callable[..., Any]) -> tuple[str, ...]:
-  """The arguments of ``factory`` that ``optax.inject_hyperparams`` must keep static.
+  """The arguments of ``factory`` that ``inject_hyperparams`` must keep static.
 
   They fix array shapes (``rank``, ``refresh``, ``bits``...) or are callables
   that ``inject_hyperparams`` would otherwise call as schedules (``mask``,

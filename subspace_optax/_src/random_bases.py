@@ -124,7 +124,8 @@ def golore(
   the early phase and GoLore for the final one (switch optimizers between
   phases, e.g. with ``optax.contrib`` schedules or two runs). Column signs are
   not aligned with the previous basis (``align_signs=False``), so successive
-  bases stay independent. State: GaLore's (:func:`subspace_optax.memory.galore_bytes`).
+  bases stay independent. State: GaLore's
+  (:func:`subspace_optax.memory.galore_bytes`).
 
   Args: as :func:`subspace_optax.galore`.
 
