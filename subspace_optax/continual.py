@@ -17,16 +17,14 @@ See :func:`orthogonal_to` for the projection modes and where each method's
 formula comes from.
 """
 
+from subspace_optax._src import deprecation as _deprecation
 # Orthogonal updates and their memory.
 from subspace_optax._src.memory_updates import add_directions
 from subspace_optax._src.memory_updates import get_memory
 from subspace_optax._src.memory_updates import set_memory
 from subspace_optax._src.orthogonal import orthogonal_to
 from subspace_optax._src.orthogonal import project_out
-from subspace_optax._src.protected import check_memory
-from subspace_optax._src.protected import clear
 from subspace_optax._src.protected import empty_memory
-from subspace_optax._src.protected import MODES
 from subspace_optax._src.protected import OrthogonalState
 from subspace_optax._src.protected import protected_fraction
 from subspace_optax._src.protected import ProtectedSubspace
@@ -55,3 +53,43 @@ from subspace_optax._src.metrics import forgetting
 from subspace_optax._src.metrics import forward_transfer
 from subspace_optax._src.metrics import record
 from subspace_optax._src.metrics import summary
+
+__all__ = (
+    'accuracy_matrix',
+    'activation_importance',
+    'add_directions',
+    'AnchorState',
+    'average_accuracy',
+    'backward_transfer',
+    'consolidate_ewc',
+    'empty_memory',
+    'ewc',
+    'EwcState',
+    'fisher_diagonal',
+    'forgetting',
+    'forward_transfer',
+    'get_memory',
+    'gpm',
+    'gpm_memory',
+    'gradient_memory',
+    'l2_to_anchor',
+    'orthogonal_to',
+    'OrthogonalState',
+    'project_out',
+    'protected_fraction',
+    'ProtectedSubspace',
+    'record',
+    'rewarm_schedule',
+    'sculpt',
+    'sculpt_capacity',
+    'sculpt_memory',
+    'set_memory',
+    'summary',
+)
+
+# Internals that left the public namespace in 0.2.0 (removed in the next one).
+__getattr__ = _deprecation.moved_attributes('subspace_optax.continual', {
+    'check_memory': 'subspace_optax._src.protected',
+    'clear': 'subspace_optax._src.protected',
+    'MODES': 'subspace_optax._src.protected',
+})

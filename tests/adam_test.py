@@ -77,32 +77,32 @@ def test_eps_placements_differ_by_more_than_the_tolerance():
 
 def test_torch_adam_matches_reference_with_eps_inside():
   grads = _gradients()
-  _assert_close(_run(so.scale_by_torch_adam(B1, B2, EPS), grads),
+  _assert_close(_run(so.transforms.scale_by_torch_adam(B1, B2, EPS), grads),
                 _torch_reference(grads))
 
 
 def test_split_adam_is_torch_adam():
   """scale_by_adam_moments then scale_by_bias_correction (Fira, APOLLO)."""
   grads = _gradients()
-  tx = optax.chain(so.scale_by_adam_moments(B1, B2, EPS),
-                   so.scale_by_bias_correction(B1, B2))
+  tx = optax.chain(so.transforms.scale_by_adam_moments(B1, B2, EPS),
+                   so.transforms.scale_by_bias_correction(B1, B2))
   _assert_close(_run(tx, grads), _torch_reference(grads))
   # Without the second half: the uncorrected ratio m / (sqrt(v) + ε).
   ratios = [m / (np.sqrt(v) + EPS) for m, v in _moments(grads)]
-  _assert_close(_run(so.scale_by_adam_moments(B1, B2, EPS), grads), ratios)
+  _assert_close(_run(so.transforms.scale_by_adam_moments(B1, B2, EPS), grads), ratios)
 
 
 @pytest.mark.parametrize('nesterov', [False, True])
 def test_adamp_adam_matches_reference(nesterov):
   grads = _gradients()
   _assert_close(
-      _run(so.scale_by_torch_nesterov_adam(B1, B2, EPS, nesterov), grads),
+      _run(so.transforms.scale_by_torch_nesterov_adam(B1, B2, EPS, nesterov), grads),
       _optax_reference(grads, nesterov))
 
 
 def test_resettable_adam_matches_reference():
   grads = _gradients()
-  _assert_close(_run(so.scale_by_resettable_adam(B1, B2, EPS), grads),
+  _assert_close(_run(so.transforms.scale_by_resettable_adam(B1, B2, EPS), grads),
                 _optax_reference(grads))
 
 
@@ -112,7 +112,7 @@ def test_lion_momentum_matches_reference():
   for g in grads:
     expected.append(B1 * m + (1 - B1) * g)
     m = B2 * m + (1 - B2) * g
-  _assert_close(_run(so.scale_by_lion_momentum(B1, B2), grads), expected)
+  _assert_close(_run(so.transforms.scale_by_lion_momentum(B1, B2), grads), expected)
 
 
 @pytest.mark.parametrize('t', [1, 2, 100, 10_000])
@@ -137,7 +137,7 @@ def test_step_100_from_given_moments():
   g = rng.standard_normal((2, 4))
   state = adam.ScaleByTorchAdamState(
       jnp.int32(99), jnp.asarray(m, jnp.float32), jnp.asarray(v, jnp.float32))
-  u, new = so.scale_by_torch_adam(B1, B2, EPS).update(
+  u, new = so.transforms.scale_by_torch_adam(B1, B2, EPS).update(
       jnp.asarray(g, jnp.float32), state)
   m = B1 * m + (1 - B1) * g
   v = B2 * v + (1 - B2) * g * g
@@ -160,6 +160,6 @@ def test_moments_keep_their_dtype_and_start_as_zeros_like():
   params = {'w': jnp.ones((2, 3), jnp.bfloat16)}
   zero = adam.init_moment(params)
   assert zero['w'].dtype == jnp.float32 and not jnp.any(zero['w'])
-  lion = so.scale_by_lion_momentum()
+  lion = so.transforms.scale_by_lion_momentum()
   _, state = lion.update(params, lion.init(params))
   assert state.mu['w'].dtype == jnp.bfloat16  # as optax.scale_by_lion

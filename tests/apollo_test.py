@@ -74,7 +74,7 @@ def test_apollo_mini_scales_the_whole_matrix_by_sqrt_128():
 
 def test_limiter_bounds_growth_of_the_scaled_gradient():
   params = {'w': jnp.ones((20, 8))}
-  tx = so.apollo(1.0, rank=2, refresh_every=100)
+  tx = so.apollo(1.0, rank=2, refresh=100)
   state = tx.init(params)
   update = jax.jit(tx.update)
   direction = _normal(2, (20, 8))
@@ -94,12 +94,12 @@ def test_state_is_low_rank_moments_plus_scalars():
   for rank, tx in ((4, so.apollo(1e-3, rank=4, dimension_numbers=dims)),
                    (1, so.apollo_mini(1e-3, dimension_numbers=dims))):
     state = tx.init(params)
-    expected = so.apollo_bytes(params, rank, dimension_numbers=dims)
+    expected = so.memory.apollo_bytes(params, rank, dimension_numbers=dims)
     assert so.state_bytes(state) == expected
     assert so.state_bytes(state[0].basis) == 3 * 4  # one seed per matrix
     moments = 2 * 4 * rank * (40 + 2 * 14) + 2 * 4 * 16
     # + pipeline and bias-correction counts, refresh schedules, limiters.
     assert expected == moments + 2 * 4 + 2 * 2 * 4 + 3 * 4 + 3 * 4
   dense = so.apollo(1e-3, rank=4, basis='gaussian', dimension_numbers=dims)
-  assert so.state_bytes(dense.init(params)) == so.apollo_bytes(
+  assert so.state_bytes(dense.init(params)) == so.memory.apollo_bytes(
       params, 4, basis='gaussian', dimension_numbers=dims)

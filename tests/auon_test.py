@@ -102,4 +102,4 @@ def test_auon_alias_scales_by_aspect_ratio_and_routes_vectors_to_adamw():
   np.testing.assert_allclose(norm(u['tall']), 0.1 / _numpy_brake(x, 1.0),
                              rtol=1e-5)
   np.testing.assert_allclose(np.abs(u['b']), 0.1, rtol=1e-4)  # Adam's 1st step
-  assert so.state_bytes(state) == so.auon_bytes(params)
+  assert so.state_bytes(state) == so.memory.auon_bytes(params)

@@ -89,13 +89,13 @@ def test_dct_adamw_state_bytes_match_the_analytic_size():
   basis_leaves = jax.tree.leaves(state[0].basis)
   assert {leaf.dtype for leaf in basis_leaves} == {jnp.dtype(jnp.int32)}
   assert {leaf.shape for leaf in basis_leaves} == {(4,), (2, 4)}
-  assert so.state_bytes(state) == so.dct_adamw_bytes(
+  assert so.state_bytes(state) == so.memory.dct_adamw_bytes(
       params, 4, dimension_numbers=so.last_two_axes)
 
 
 def test_dct_adamw_runs_on_stacked_layers():
   params = {'stack': jnp.zeros((2, 16, 6))}
-  tx = so.dct_adamw(1e-2, rank=2, refresh_every=1,
+  tx = so.dct_adamw(1e-2, rank=2, refresh=1,
                     dimension_numbers=so.last_two_axes)
   state = tx.init(params)
   grads = {'stack': jnp.stack([_planted_gradient([3, 4]),
@@ -112,7 +112,7 @@ def test_dct_adamw_stays_finite_for_huge_finite_gradients(scale):
   transport by a partial permutation must not turn 0 · Inf into NaN (it did,
   and optax.apply_if_finite, which checks the gradients, could not see it)."""
   params = {'w': jnp.zeros((16, 12))}
-  tx = so.dct_adamw(1e-3, rank=4, refresh_every=2)
+  tx = so.dct_adamw(1e-3, rank=4, refresh=2)
   state = tx.init(params)
   update = jax.jit(tx.update)
   for step in range(6):  # three refreshes, each moving the selection

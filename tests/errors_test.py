@@ -60,12 +60,13 @@ def test_rank_above_matrix_size_is_clamped():
   state = jax.eval_shape(_low_rank(rank=100).init, PARAMS)
   assert state.basis['w'].shape == (8, 6)  # k = 8 rows, rank min(8, 6)
   assert state.basis['stack'].shape == (2, 9, 5)  # per layer: k = 9, rank 5
-  assert so.galore_bytes(PARAMS, 100, dimension_numbers=so.last_two_axes) == (
-      so.galore_bytes(PARAMS, 1.0, dimension_numbers=so.last_two_axes))
+  galore_bytes = so.memory.galore_bytes
+  assert galore_bytes(PARAMS, 100, dimension_numbers=so.last_two_axes) == (
+      galore_bytes(PARAMS, 1.0, dimension_numbers=so.last_two_axes))
 
 
 def test_numpy_ints_are_accepted_as_rank_and_period():
-  tx = so.galore(1e-3, rank=np.int64(2), refresh_every=np.int32(3))
+  tx = so.galore(1e-3, rank=np.int64(2), refresh=np.int32(3))
   assert jax.eval_shape(tx.init, PARAMS)[0].basis['w'].shape == (8, 2)
 
 
@@ -85,38 +86,41 @@ def test_traced_rank_says_static_args():
 
 @pytest.mark.parametrize('period', [0, -1])
 def test_non_positive_refresh_period(period):
-  with _raises(ValueError, '`refresh_every`', 'not positive',
+  with _raises(ValueError, '`refresh`', 'not positive',
                'number of updates between basis refreshes'):
-    so.galore(1e-3, refresh_every=period)
+    so.galore(1e-3, refresh=period)
   with _raises(ValueError, '`period`', 'not positive'):
     _low_rank(refresh=period)
 
 
 @pytest.mark.parametrize('period', [2.5, '3'])
 def test_non_int_refresh_period_says_static(period):
-  with _raises(TypeError, '`refresh_every`', 'static_args'):
-    so.galore(1e-3, refresh_every=period)
+  with _raises(TypeError, '`refresh`', 'static_args'):
+    so.galore(1e-3, refresh=period)
   with _raises(TypeError, '`refresh`', 'subspace_optax.refresh policy',
                'static_args'):
     _low_rank(refresh=period)
 
 
-def test_inject_hyperparams_without_static_args_names_them():
-  tx = optax.inject_hyperparams(so.galore)(1e-3, rank=2, refresh_every=3)
-  with _raises(TypeError, 'static_args'):
+def test_inject_hyperparams_without_static_args_names_them_all():
+  tx = optax.inject_hyperparams(so.galore)(1e-3, rank=2, refresh=3)
+  # One error names every static argument, not one per attempt.
+  with _raises(TypeError, '`rank`, `refresh`',
+               'subspace_optax.static_args(subspace_optax.galore)',
+               "('rank', 'refresh', 'mask', 'dimension_numbers')"):
     tx.init(PARAMS)
   # With them it works, and the seed may stay dynamic.
   tx = optax.inject_hyperparams(
-      so.galore, static_args=('rank', 'refresh_every'))(
-          1e-3, rank=2, refresh_every=3, seed=5)
+      so.galore, static_args=so.static_args(so.galore))(
+          1e-3, rank=2, refresh=3, seed=5)
   state = tx.init(PARAMS)
   jax.eval_shape(tx.update, PARAMS, state, PARAMS)
 
 
 def test_callable_dimension_numbers_under_inject_hyperparams():
   """inject_hyperparams would call it with the step count (as a schedule)."""
-  tx = optax.inject_hyperparams(so.galore, static_args=('rank', 'refresh_every'))(
-      1e-3, rank=2, refresh_every=3, dimension_numbers=so.last_two_axes)
+  tx = optax.inject_hyperparams(so.galore, static_args=('rank', 'refresh'))(
+      1e-3, rank=2, refresh=3, dimension_numbers=so.last_two_axes)
   with _raises(TypeError, 'last_two_axes', 'step count',
                "static_args=('dimension_numbers'"):
     tx.init(PARAMS)
@@ -247,15 +251,14 @@ def test_state_of_another_rank_names_the_leaf():
 # -------------------------------------------------- protected subspaces
 
 
-@pytest.mark.skipif(not hasattr(so, 'orthogonal_to'), reason='not landed')
 def test_protected_memory_that_does_not_fit_names_the_leaf():
   other = dict(PARAMS, w=jnp.ones((7, 6)))
   memory = so.continual.empty_memory(other, dimension_numbers=so.last_two_axes)
-  tx = so.orthogonal_to(memory, dimension_numbers=so.last_two_axes)
+  tx = so.continual.orthogonal_to(memory, dimension_numbers=so.last_two_axes)
   with _raises(ValueError, "['w']", 'does not fit this leaf', '(8,)'):
     tx.init(PARAMS)
   with _raises(ValueError, 'structure of the params', 'empty_memory'):
-    so.orthogonal_to({'w': memory['w']}).init(PARAMS)
+    so.continual.orthogonal_to({'w': memory['w']}).init(PARAMS)
 
 
 # ----------------------------------------- documented safe behaviours
@@ -321,9 +324,9 @@ def test_an_ensemble_member_with_an_inf_gradient_keeps_its_basis():
 
 @pytest.mark.parametrize('period', [2 ** 31, 2 ** 40])
 def test_refresh_period_must_fit_the_int32_step_counter(period):
-  with _raises(ValueError, f'`refresh_every`={period}', 'int32 step counter',
+  with _raises(ValueError, f'`refresh`={period}', 'int32 step counter',
                'below 2**31'):
-    so.galore(1e-3, refresh_every=period)
+    so.galore(1e-3, refresh=period)
   with _raises(ValueError, f'`period`={period}', 'below 2**31'):
     so.refresh.every(period)
   so.refresh.every(2 ** 31 - 1)  # the largest period accepted

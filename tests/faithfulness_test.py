@@ -39,7 +39,7 @@ def _updates(run):
   return run['updates']
 
 
-T = CONFIG.refresh_every
+T = CONFIG.refresh
 FIRST_PERIOD = range(T)
 AFTER_REFRESH = range(T, CONFIG.steps)
 ALL_STEPS = range(CONFIG.steps)

@@ -120,8 +120,8 @@ def test_fira_first_step_end_to_end():
 
 def test_split_adam_equals_torch_adam():
   params = {'w': jnp.ones((3, 4))}
-  split = optax.chain(so.scale_by_adam_moments(), so.scale_by_bias_correction())
-  torch_adam = so.scale_by_torch_adam()
+  split = optax.chain(so.transforms.scale_by_adam_moments(), so.transforms.scale_by_bias_correction())
+  torch_adam = so.transforms.scale_by_torch_adam()
   a, b = split.init(params), torch_adam.init(params)
   for t in range(3):
     grads = {'w': _normal(10 + t, (3, 4))}
@@ -135,12 +135,12 @@ def test_fira_state_bytes_equal_analytic_size():
             'b': jnp.ones((16,))}
   tx = so.fira(1e-3, rank=4, dimension_numbers=so.last_two_axes)
   state = tx.init(params)
-  expected = so.fira_bytes(params, 4, dimension_numbers=so.last_two_axes)
+  expected = so.memory.fira_bytes(params, 4, dimension_numbers=so.last_two_axes)
   assert so.state_bytes(state) == expected
   # GaLore's state plus one limiter scalar per matrix (3) and Adam's count
   # moved to the bias correction.
-  assert expected == so.galore_bytes(
-      params, 4, 'reference', so.last_two_axes) + 3 * 4
+  assert expected == so.memory.galore_bytes(
+      params, 4, side='reference', dimension_numbers=so.last_two_axes) + 3 * 4
   limiter = state[0].residual_state[1]
   assert jax.tree.map(jnp.shape, limiter.norm) == {
       'w': (), 'stack': (2,), 'b': optax.MaskedNode()}

@@ -81,7 +81,7 @@ def test_state_bytes_equal_analytic_size(basis):
   rank = 0.5 if basis == 'blocks' else 0.25
   state = so.frugal(1e-3, rank=rank, basis=basis,
                     dimension_numbers=DIMS).init(params)
-  assert so.state_bytes(state) == so.frugal_bytes(
+  assert so.state_bytes(state) == so.memory.frugal_bytes(
       params, rank, basis=basis, dimension_numbers=DIMS)
   inner = state[0].inner_state
   if basis == 'blocks':  # all-or-nothing: full-size moments (documented)
@@ -108,7 +108,7 @@ def test_columns_transition_is_partial_permutation():
 def test_blocks_extremes_are_sign_sgd_and_adam(density):
   params = {'w': jnp.ones((6, 9))}
   # One refresh (at update 0): later ones would reset the moments (FRUGAL).
-  tx = so.frugal(0.1, rank=density, basis='blocks', refresh_every=100)
+  tx = so.frugal(0.1, rank=density, basis='blocks', refresh=100)
   reference = (optax.chain(optax.scale_by_sign(), optax.scale(-0.1))
                if density == 0.0 else optax.adam(0.1))
   state, reference_state = tx.init(params), reference.init(params)
@@ -122,7 +122,7 @@ def test_blocks_extremes_are_sign_sgd_and_adam(density):
 
 def test_resettable_adam_is_adam_and_restarts_on_zeroed_moments():
   params = {'a': jnp.ones((3, 2)), 'b': jnp.ones((4,))}
-  ours, adam = so.scale_by_resettable_adam(), optax.scale_by_adam()
+  ours, adam = so.transforms.scale_by_resettable_adam(), optax.scale_by_adam()
   state, adam_state = ours.init(params), adam.init(params)
   ours_update, adam_update = jax.jit(ours.update), jax.jit(adam.update)
   for t in range(3):
@@ -147,7 +147,7 @@ def test_columns_basis_is_indices_and_reset_restarts_bias_correction():
   """State: int32 indices only, no dense basis in the jaxpr; right after a
   reset the Adam part steps by η per coordinate, as at the first step."""
   params = {'w': jnp.ones((40, 16))}  # reference side: k = 16, rank 4
-  tx = so.frugal(0.1, rank=0.25, basis='columns', refresh_every=2,
+  tx = so.frugal(0.1, rank=0.25, basis='columns', refresh=2,
                  stagger=False)
   state = tx.init(params)
   assert [(x.shape, x.dtype) for x in jax.tree.leaves(state[0].basis)] == [

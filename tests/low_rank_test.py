@@ -99,13 +99,15 @@ def test_state_bytes_equal_analytic_size():
   for side in ('compact', 'reference'):
     tx = so.galore(1e-3, rank=4, side=side, dimension_numbers=so.last_two_axes)
     state = tx.init(params)
-    expected = so.galore_bytes(params, 4, side=side,
+    expected = so.memory.galore_bytes(params, 4, side=side,
                                dimension_numbers=so.last_two_axes)
     assert so.state_bytes(state) == expected
     assert so.state_bytes(jax.eval_shape(tx.init, params)) == expected
   # The compact side holds strictly smaller moments than the reference side.
-  assert so.galore_bytes(params, 4, 'compact', so.last_two_axes) < so.galore_bytes(
-      params, 4, 'reference', so.last_two_axes)
+  assert so.memory.galore_bytes(
+      params, 4, side='compact', dimension_numbers=so.last_two_axes) < (
+          so.memory.galore_bytes(params, 4, side='reference',
+                                 dimension_numbers=so.last_two_axes))
 
 
 def test_staggered_refreshes_spread_over_the_period():
@@ -165,7 +167,7 @@ def test_a_step_without_a_due_refresh_runs_one_conditional():
   refreshes only the leaves that are due."""
   params = {f'w{i}': jnp.ones((16, 8)) for i in range(5)}
   params['bias'] = jnp.ones((8,))
-  tx = so.galore(1e-3, rank=2, refresh_every=4)
+  tx = so.galore(1e-3, rank=2, refresh=4)
   state = tx.init(params)
   jaxpr = jax.make_jaxpr(tx.update)(params, state, params).jaxpr
   outer = _outermost(jaxpr, 'cond')
@@ -273,7 +275,7 @@ def test_composes_with_masked_and_partition():
 def test_galore_chain_is_a_drop_in_optax_optimizer():
   params = {'w': jnp.zeros((16, 8))}
   target = jax.random.normal(jax.random.key(3), (16, 8))
-  tx = so.galore(0.1, rank=8, refresh_every=10, scale=1.0)
+  tx = so.galore(0.1, rank=8, refresh=10, scale=1.0)
   state = tx.init(params)
   loss = lambda p: jnp.sum((p['w'] - target) ** 2)
 

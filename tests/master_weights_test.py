@@ -44,7 +44,7 @@ def _train(dtype, tx):
 
 
 def test_bfloat16_rounding_leaks_and_master_weights_keep_the_guarantee():
-  sculpt = so.sculpt(LEARNING_RATE, max_fraction=0.5)
+  sculpt = so.continual.sculpt(LEARNING_RATE, max_fraction=0.5)
   start, params, _, memory = _train(jnp.float32, sculpt)
   assert _protected_fraction(params['w'] - start['w'], memory) < 1e-5
   # bfloat16 params: the masked update is orthogonal, its rounding is not.

@@ -215,7 +215,7 @@ def test_state_bytes_match_the_analytic_size(inner, basis_optimizer, lagged):
       1e-3, rank=4, inner=inner, basis_optimizer=basis_optimizer,
       lagged=lagged, dimension_numbers=so.last_two_axes)
   state = jax.eval_shape(tx.init, params)
-  assert so.state_bytes(state) == so.online_subspace_descent_bytes(
+  assert so.state_bytes(state) == so.memory.online_subspace_descent_bytes(
       params, 4, inner=inner, basis_optimizer=basis_optimizer, lagged=lagged,
       dimension_numbers=so.last_two_axes)
 

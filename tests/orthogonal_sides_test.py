@@ -14,7 +14,7 @@ M, N, C = 7, 5, 2
 def _memory():
   left = spectra.orthonormal(M, C, 0)
   right = spectra.orthonormal(N, C, 1)
-  memory = {'w': so.ProtectedSubspace(
+  memory = {'w': so.continual.ProtectedSubspace(
       left=jnp.asarray(left, jnp.float32),
       right=jnp.asarray(right, jnp.float32),
       left_count=jnp.int32(C), right_count=jnp.int32(C))}
@@ -24,7 +24,7 @@ def _memory():
 def _masked(mode):
   memory, left, right = _memory()
   delta = np.random.default_rng(2).normal(size=(M, N))
-  tx = so.orthogonal_to(memory, mode=mode)
+  tx = so.continual.orthogonal_to(memory, mode=mode)
   params = {'w': jnp.zeros((M, N))}
   out, _ = tx.update({'w': jnp.asarray(delta, jnp.float32)}, tx.init(params),
                      params)

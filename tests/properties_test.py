@@ -154,35 +154,35 @@ def _formulas():
   """(name, make optimizer, analytic bytes) for every method with a formula."""
   out = [('galore', lambda r, s, d: so.galore(1e-3, rank=r, side=s,
                                               dimension_numbers=d),
-          lambda p, r, s, d: so.galore_bytes(p, r, side=s, dimension_numbers=d))]
+          lambda p, r, s, d: so.memory.galore_bytes(p, r, side=s, dimension_numbers=d))]
   optional = {
       'dct_adamw': (lambda r, s, d: so.dct_adamw(1e-3, rank=r, side=s,
                                                  dimension_numbers=d),
-                    lambda p, r, s, d: so.dct_adamw_bytes(
+                    lambda p, r, s, d: so.memory.dct_adamw_bytes(
                         p, r, side=s, dimension_numbers=d)),
       'fira': (lambda r, s, d: so.fira(1e-3, rank=r, side=s, dimension_numbers=d),
-               lambda p, r, s, d: so.fira_bytes(p, r, side=s,
+               lambda p, r, s, d: so.memory.fira_bytes(p, r, side=s,
                                                 dimension_numbers=d)),
       'frugal': (lambda r, s, d: so.frugal(1e-3, rank=r, side=s,
                                            dimension_numbers=d),
-                 lambda p, r, s, d: so.frugal_bytes(p, r, side=s,
+                 lambda p, r, s, d: so.memory.frugal_bytes(p, r, side=s,
                                                     dimension_numbers=d)),
       'apollo': (lambda r, s, d: so.apollo(1e-3, rank=r, side=s,
                                            dimension_numbers=d),
-                 lambda p, r, s, d: so.apollo_bytes(p, r, side=s,
+                 lambda p, r, s, d: so.memory.apollo_bytes(p, r, side=s,
                                                     dimension_numbers=d)),
       'q_galore': (lambda r, s, d: so.q_galore(1e-3, rank=r, side=s,
                                                dimension_numbers=d),
-                   lambda p, r, s, d: so.q_galore_bytes(p, r, side=s,
+                   lambda p, r, s, d: so.memory.q_galore_bytes(p, r, side=s,
                                                         dimension_numbers=d)),
       'online_subspace_descent': (
           lambda r, s, d: so.online_subspace_descent(
               1e-3, rank=r, side=s, dimension_numbers=d),
-          lambda p, r, s, d: so.online_subspace_descent_bytes(
+          lambda p, r, s, d: so.memory.online_subspace_descent_bytes(
               p, r, side=s, dimension_numbers=d)),
       'adamp': (lambda r, s, d: so.adamp(1e-3),
-                lambda p, r, s, d: so.adamp_bytes(p)),
-      'auon': (lambda r, s, d: so.auon(1e-3), lambda p, r, s, d: so.auon_bytes(p)),
+                lambda p, r, s, d: so.memory.adamp_bytes(p)),
+      'auon': (lambda r, s, d: so.auon(1e-3), lambda p, r, s, d: so.memory.auon_bytes(p)),
   }
   for name, (make, formula) in optional.items():
     if hasattr(so, name) and hasattr(so, f'{name}_bytes'):
@@ -244,7 +244,7 @@ def test_masked_updates_are_orthogonal_to_protected_subspaces(
     fields[side] = jnp.asarray(basis)
     fields[side + '_count'] = jnp.full(batch, count, jnp.int32)
   memory = {'w': type(mem)(**fields)}
-  tx = so.orthogonal_to(memory, mode=mode, dimension_numbers=so.last_two_axes)
+  tx = so.continual.orthogonal_to(memory, mode=mode, dimension_numbers=so.last_two_axes)
   g = {'w': jnp.asarray(rng.standard_normal(shape), dtype)}
   updates, _ = tx.update(g, tx.init(params))
   assert updates['w'].dtype == dtype

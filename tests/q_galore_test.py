@@ -68,8 +68,8 @@ def test_state_bytes_shrink_with_bits():
                      dimension_numbers=dims)
     state = jax.eval_shape(tx.init, params)
     sizes[bits] = so.state_bytes(state)
-    assert sizes[bits] == so.q_galore_bytes(
-        params, 4, bits, 32, dimension_numbers=dims)
+    assert sizes[bits] == so.memory.q_galore_bytes(
+        params, 4, bits=bits, group_size=32, dimension_numbers=dims)
     codes = [b.codes for b in jax.tree.leaves(
         state[0].basis, is_leaf=lambda x: isinstance(x, so.QuantizedMatrix))]
     assert all(c.dtype == jnp.uint8 for c in codes)
@@ -79,7 +79,7 @@ def test_state_bytes_shrink_with_bits():
       codes8 = sum(np.prod(c.shape) for c in codes)
   assert codes4 * 2 == codes8  # int4 codes take half the bytes of int8
   assert sizes[8] - sizes[4] == codes8 - codes4
-  galore = so.galore_bytes(params, 4, dimension_numbers=dims)
+  galore = so.memory.galore_bytes(params, 4, dimension_numbers=dims)
   assert sizes[4] < galore
 
 

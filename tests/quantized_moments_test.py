@@ -131,20 +131,20 @@ def test_8_bit_moments_shrink_galore_and_q_galore_states():
   params = _transformer_params()
   adamw = so.state_bytes(jax.eval_shape(optax.adamw(1e-3).init, params))
   size = lambda tx: so.state_bytes(jax.eval_shape(tx.init, params)) / adamw
-  galore32 = size(_galore(so.scale_by_torch_adam(), 0.25))
-  galore8 = size(_galore(so.quantize_moments(so.scale_by_torch_adam()), 0.25))
+  galore32 = size(_galore(so.transforms.scale_by_torch_adam(), 0.25))
+  galore8 = size(_galore(so.quantize_moments(so.transforms.scale_by_torch_adam()), 0.25))
   q_galore8 = size(so.q_galore(1e-3, rank=0.25))
   q_galore32 = size(so.q_galore(1e-3, rank=0.25, eight_bit_moments=False))
   assert galore8 < 0.16 and galore32 - galore8 > 0.07
   assert q_galore8 <= 0.05 and q_galore32 > 2.5 * q_galore8
-  assert so.q_galore_bytes(params, rank=0.25) == q_galore8 * adamw
+  assert so.memory.q_galore_bytes(params, rank=0.25) == q_galore8 * adamw
 
 
 def test_update_close_to_float32_adam_and_traced_once():
   rng = np.random.default_rng(0)
   params = {'w': jnp.zeros((8, 256))}
-  tx8 = so.quantize_moments(so.scale_by_torch_adam(), min_size=0)
-  tx32 = so.scale_by_torch_adam()
+  tx8 = so.quantize_moments(so.transforms.scale_by_torch_adam(), min_size=0)
+  tx32 = so.transforms.scale_by_torch_adam()
   traces = [0]
 
   def update8(g, s):
@@ -198,7 +198,7 @@ def test_inside_low_rank_with_reset_and_transport():
 
 
 def test_resume_through_orbax_is_bit_exact(tmp_path):
-  tx = so.low_rank(so.quantize_moments(so.scale_by_torch_adam(), min_size=0),
+  tx = so.low_rank(so.quantize_moments(so.transforms.scale_by_torch_adam(), min_size=0),
                    rank=4, refresh=2, basis='svd')
   params = {'w': jnp.ones((32, 64)), 'b': jnp.ones((64,))}
   rng = np.random.default_rng(0)

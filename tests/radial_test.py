@@ -118,7 +118,7 @@ def test_sgdp_matches_the_reference_rule():
 def test_projected_step_has_no_radial_component():
   w = np.random.RandomState(4).randn(7, 12)
   grads = _gradients(w, 'channel', steps=1)
-  tx = so.project_radial(so.scale_by_torch_nesterov_adam())
+  tx = so.project_radial(so.transforms.scale_by_torch_nesterov_adam())
   params = jnp.asarray(w.T, jnp.float32)  # flax layout (in, out)
   step, _ = jax.jit(tx.update)(jnp.asarray(grads[0].T, jnp.float32),
                                tx.init(params), params)
@@ -141,4 +141,4 @@ def test_vectors_pass_through_and_params_are_required():
 def test_adamp_state_bytes_match_the_analytic_size():
   params = {'w': jnp.zeros((6, 4)), 'b': jnp.zeros((4,))}
   state = jax.eval_shape(so.adamp(1e-3).init, params)
-  assert so.state_bytes(state) == so.adamp_bytes(params)
+  assert so.state_bytes(state) == so.memory.adamp_bytes(params)

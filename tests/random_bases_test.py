@@ -17,7 +17,7 @@ def _params():
 @functools.lru_cache(maxsize=None)
 def _golore(seed):  # one compilation per seed
   """GoLore refreshing every step, and its compiled update."""
-  tx = so.golore(1e-2, rank=3, refresh_every=1, stagger=False, seed=seed)
+  tx = so.golore(1e-2, rank=3, refresh=1, stagger=False, seed=seed)
   return tx, jax.jit(tx.update)
 
 
@@ -78,7 +78,7 @@ def test_golore_state_bytes_match_galore_bytes():
   params = {'w': jnp.zeros((20, 12)), 'v': jnp.zeros((6, 14)),
             'b': jnp.zeros((12,))}
   state = jax.eval_shape(so.golore(1e-3, rank=4).init, params)
-  assert so.state_bytes(state) == so.galore_bytes(params, 4)
+  assert so.state_bytes(state) == so.memory.galore_bytes(params, 4)
 
 
 @pytest.mark.parametrize('name', ['random_orthonormal', 'gaussian'])

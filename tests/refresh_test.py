@@ -120,9 +120,9 @@ def test_lazy_similarity_is_the_mean_squared_principal_cosine():
 @pytest.mark.parametrize('threshold, stretched', [(0.3, True), (0.99, False)])
 def test_q_galore_stops_refreshing_stable_layers(threshold, stretched):
   """The preset's lazy refresh: constant gradients stretch the period."""
-  # The period argument is being renamed refresh_every -> refresh.
+  # The period argument is being renamed refresh -> refresh.
   period = ('refresh' if 'refresh' in inspect.signature(so.q_galore).parameters
-            else 'refresh_every')
+            else 'refresh')
   tx = so.q_galore(1e-2, rank=2, window=2, threshold=threshold, stagger=False,
                    **{period: 2})
   params = _params()

@@ -1,20 +1,23 @@
 """Every public method configuration, small enough for tests.
 
 The common, resume and error tests iterate over :data:`REGISTRY`. Each entry
-names a public factory of ``subspace_optax``, the keyword arguments of a tiny
-configuration (rank 2, refresh every 3 updates, so a few steps cross a refresh),
-and the arguments ``optax.inject_hyperparams`` must treat as static (shape-
-determining ints and non-schedule callables).
+names a public factory of ``subspace_optax`` (top level or
+``subspace_optax.continual``) and the keyword arguments of a tiny configuration
+(rank 2, refresh every 3 updates, so a few steps cross a refresh). The
+arguments ``optax.inject_hyperparams`` must treat as static come from
+``subspace_optax.static_args``.
 
-When a method lands in ``subspace_optax/__init__.py``, add it here: the test
-``test_registry_covers_every_public_method`` in ``common_test.py`` fails until
-it is registered (or listed in :data:`NOT_METHODS`).
+When a method lands in ``subspace_optax/__init__.py`` (or ``continual``), add
+it here: the test ``test_registry_covers_every_public_method`` in
+``common_test.py`` fails until it is registered (or listed in
+:data:`NOT_METHODS`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Any, Callable, Optional
 
 import jax
@@ -35,12 +38,15 @@ class Entry:
   name: str
   factory: Callable[..., optax.GradientTransformation]
   kwargs: dict[str, Any]
-  # Arguments inject_hyperparams must leave alone (shapes, callables).
-  static_args: tuple[str, ...] = ()
   # Builds the kwargs that depend on the params (e.g. a protected memory).
   params_kwargs: Optional[Callable[[Any], dict[str, Any]]] = None
   # Why inject_hyperparams cannot wrap it (None: it can).
   no_inject: Optional[str] = None
+
+  @property
+  def static_args(self) -> tuple[str, ...]:
+    """Arguments inject_hyperparams must leave alone (shapes, callables)."""
+    return so.static_args(self.factory)
 
   def make(self, params=None, **overrides) -> optax.GradientTransformation:
     return self.factory(**self.arguments(params, **overrides))
@@ -113,7 +119,7 @@ def _memory(params):
       params, mode='two_sided', capacity=2, dimension_numbers=so.last_two_axes)
 
   def fill(mem):
-    if not isinstance(mem, so.ProtectedSubspace):
+    if not isinstance(mem, so.continual.ProtectedSubspace):
       return mem
     fields = {}
     for side in ('left', 'right'):
@@ -122,147 +128,116 @@ def _memory(params):
       direction[..., 0] = 1.0 / np.sqrt(basis.shape[-2])
       fields[side] = jnp.asarray(direction)
       fields[side + '_count'] = jnp.ones_like(getattr(mem, side + '_count'))
-    return so.ProtectedSubspace(**fields)
+    return so.continual.ProtectedSubspace(**fields)
 
-  return jax.tree.map(fill, memory,
-                      is_leaf=lambda x: isinstance(x, so.ProtectedSubspace))
+  return jax.tree.map(fill, memory, is_leaf=lambda x: isinstance(
+      x, so.continual.ProtectedSubspace))
 
 
 _LR = 1e-2
-_ALIAS_STATIC = ('rank', 'refresh_every', 'dimension_numbers')
-_LOW_RANK_STATIC = ('rank', 'refresh', 'dimension_numbers')
-_SMALL = dict(rank=RANK, refresh_every=REFRESH, dimension_numbers=so.last_two_axes)
-_SVD = dict(basis='svd')
+_SMALL = dict(rank=RANK, refresh=REFRESH, dimension_numbers=so.last_two_axes)
 
 
 def _entries() -> list[Entry]:
-  low = dict(rank=RANK, refresh=REFRESH, dimension_numbers=so.last_two_axes)
-  entries = [
+  small = dict(learning_rate=_LR, **_SMALL)
+  continual = so.continual
+  return [
       # The pipeline with different inners, bases, refresh handling, residual.
       Entry('low_rank_adam', so.low_rank,
-            dict(inner=optax.scale_by_adam(), basis='randomized', **low),
-            _LOW_RANK_STATIC),
+            dict(inner=optax.scale_by_adam(), basis='randomized', **_SMALL)),
       Entry('low_rank_lion_svd_transport', so.low_rank,
             dict(inner=optax.scale_by_lion(), basis='svd',
-                 on_refresh='transport', **low), _LOW_RANK_STATIC),
+                 on_refresh='transport', **_SMALL)),
       Entry('low_rank_momentum_reset_reference', so.low_rank,
             dict(inner=optax.trace(0.9), basis='svd', on_refresh='reset',
-                 side='reference', **low), _LOW_RANK_STATIC),
+                 side='reference', **_SMALL)),
       Entry('low_rank_sign_residual', so.low_rank,
-            dict(inner=so.scale_by_torch_adam(), residual=optax.scale_by_sign(),
-                 basis='svd', **low), _LOW_RANK_STATIC),
+            dict(inner=so.transforms.scale_by_torch_adam(),
+                 residual=optax.scale_by_sign(), basis='svd', **_SMALL)),
       # Named methods.
-      Entry('galore', so.galore, dict(learning_rate=_LR, **_SMALL),
-            _ALIAS_STATIC),
+      Entry('galore', so.galore, small),
       Entry('galore_reference_reset', so.galore,
-            dict(learning_rate=_LR, side='reference', on_refresh='reset',
-                 eps_before_bias_correction=False, weight_decay=0.1, **_SMALL),
-            _ALIAS_STATIC),
+            dict(side='reference', on_refresh='reset',
+                 eps_before_bias_correction=False, weight_decay=0.1, **small)),
+      Entry('dct_adamw', so.dct_adamw, small),
+      Entry('i3s', so.i3s, small),
+      Entry('golore', so.golore, small),
+      Entry('online_subspace_descent', so.online_subspace_descent,
+            dict(learning_rate=_LR, rank=RANK, initial='svd',
+                 dimension_numbers=so.last_two_axes)),
+      Entry('online_subspace_descent_lagged_lion', so.online_subspace_descent,
+            dict(learning_rate=_LR, rank=RANK, inner='lion', lagged=True,
+                 initial='svd', dimension_numbers=so.last_two_axes)),
+      Entry('apollo', so.apollo, small),
+      Entry('apollo_mini', so.apollo_mini,
+            dict(learning_rate=_LR, refresh=REFRESH,
+                 dimension_numbers=so.last_two_axes)),
+      Entry('fira', so.fira, small),
+      Entry('frugal', so.frugal, small),
+      Entry('q_galore', so.q_galore, dict(group_size=4, window=2, **small)),
+      Entry('auon', so.auon, dict(learning_rate=_LR)),
+      Entry('adamp', so.adamp, dict(learning_rate=_LR, weight_decay=0.1)),
+      Entry('sgdp', so.sgdp, dict(learning_rate=_LR, momentum=0.9)),
+      Entry('reset_moments_every', so.reset_moments_every,
+            dict(inner=optax.adam(_LR), period=REFRESH)),
+      Entry('project_radial', so.project_radial,
+            dict(inner=optax.scale_by_adam(), weight_decay=0.1)),
+      # Continual learning.
+      Entry('orthogonal_to', continual.orthogonal_to,
+            dict(dimension_numbers=so.last_two_axes),
+            params_kwargs=lambda p: dict(memory=_memory(p))),
+      Entry('gpm', continual.gpm, dict(learning_rate=_LR, momentum=0.9)),
+      Entry('sculpt', continual.sculpt, dict(learning_rate=_LR)),
+      Entry('ewc', continual.ewc, dict(strength=0.5),
+            params_kwargs=lambda p: dict(
+                anchor=jax.tree.map(jnp.zeros_like, p),
+                fisher=jax.tree.map(jnp.ones_like, p))),
+      Entry('l2_to_anchor', continual.l2_to_anchor, dict(strength=0.5),
+            params_kwargs=lambda p: dict(
+                anchor=jax.tree.map(jnp.zeros_like, p))),
   ]
-  # (export the entry needs, entry): every export must exist.
-  exported = [
-      ('dct_adamw', lambda: Entry('dct_adamw', so.dct_adamw,
-                                  dict(learning_rate=_LR, **_SMALL), _ALIAS_STATIC)),
-      ('i3s', lambda: Entry('i3s', so.i3s, dict(learning_rate=_LR, **_SMALL),
-                            _ALIAS_STATIC)),
-      ('golore', lambda: Entry('golore', so.golore,
-                               dict(learning_rate=_LR, **_SMALL), _ALIAS_STATIC)),
-      ('online_subspace_descent', lambda: Entry(
-          'online_subspace_descent', so.online_subspace_descent,
-          dict(learning_rate=_LR, rank=RANK, initial='svd',
-               dimension_numbers=so.last_two_axes),
-          ('rank', 'dimension_numbers'))),
-      ('online_subspace_descent', lambda: Entry(
-          'online_subspace_descent_lagged_lion', so.online_subspace_descent,
-          dict(learning_rate=_LR, rank=RANK, inner='lion', lagged=True,
-               initial='svd', dimension_numbers=so.last_two_axes),
-          ('rank', 'dimension_numbers'))),
-      ('apollo', lambda: Entry('apollo', so.apollo,
-                               dict(learning_rate=_LR, **_SMALL), _ALIAS_STATIC)),
-      ('apollo_mini', lambda: Entry(
-          'apollo_mini', so.apollo_mini,
-          dict(learning_rate=_LR, refresh_every=REFRESH,
-               dimension_numbers=so.last_two_axes),
-          ('refresh_every', 'dimension_numbers'))),
-      ('fira', lambda: Entry('fira', so.fira, dict(learning_rate=_LR, **_SMALL),
-                             _ALIAS_STATIC)),
-      ('frugal', lambda: Entry('frugal', so.frugal,
-                               dict(learning_rate=_LR, **_SMALL), _ALIAS_STATIC)),
-      ('q_galore', lambda: Entry(
-          'q_galore', so.q_galore,
-          dict(learning_rate=_LR, group_size=4, window=2, **_SMALL),
-          _ALIAS_STATIC + ('bits', 'group_size', 'window'))),
-      ('auon', lambda: Entry('auon', so.auon, dict(learning_rate=_LR),
-                             ('newton_schulz_steps', 'matrix_mask'))),
-      ('adamp', lambda: Entry('adamp', so.adamp,
-                              dict(learning_rate=_LR, weight_decay=0.1),
-                              ('channel_axis',))),
-      ('sgdp', lambda: Entry('sgdp', so.sgdp,
-                             dict(learning_rate=_LR, momentum=0.9),
-                             ('channel_axis',))),
-      ('orthogonal_to', lambda: Entry(
-          'orthogonal_to', so.orthogonal_to,
-          dict(dimension_numbers=so.last_two_axes),
-          ('dimension_numbers', 'capacity'), params_kwargs=lambda p: dict(
-              memory=_memory(p)))),
-      ('gpm', lambda: Entry(
-          'gpm', so.gpm, dict(learning_rate=_LR, momentum=0.9),
-          ('capacity', 'dimension_numbers', 'momentum'))),
-      ('sculpt', lambda: Entry(
-          'sculpt', so.sculpt, dict(learning_rate=_LR),
-          # weight_decay selects a chain stage in Python (not schedulable).
-          ('max_fraction', 'dimension_numbers', 'weight_decay_mask',
-           'weight_decay'))),
-      ('reset_moments_every', lambda: Entry(
-          'reset_moments_every', so.reset_moments_every,
-          dict(inner=optax.adam(_LR), period=REFRESH), ('period',))),
-      ('project_radial', lambda: Entry(
-          'project_radial', so.project_radial,
-          dict(inner=optax.scale_by_adam(), weight_decay=0.1),
-          ('channel_axis',))),
-      ('ewc', lambda: Entry('ewc', so.ewc, dict(strength=0.5), (),
-                            params_kwargs=lambda p: dict(
-                                anchor=jax.tree.map(jnp.zeros_like, p),
-                                fisher=jax.tree.map(jnp.ones_like, p)))),
-      ('l2_to_anchor', lambda: Entry(
-          'l2_to_anchor', so.l2_to_anchor, dict(strength=0.5), (),
-          params_kwargs=lambda p: dict(anchor=jax.tree.map(jnp.zeros_like, p)))),
-  ]
-  missing = sorted({name for name, _ in exported if not hasattr(so, name)})
-  if missing:
-    raise ImportError(
-        f'subspace_optax does not export {missing}, which tests/registry.py '
-        'registers: restore the export, or remove its entry deliberately.')
-  return entries + [build() for _, build in exported]
 
 
 REGISTRY: dict[str, Entry] = {e.name: e for e in _entries()}
 NAMES = sorted(REGISTRY)
 
-# Public callables of subspace_optax that are not optimizer methods: memory
-# formulas (``*_bytes``), functions on arrays or states, schedules, and the
-# stages the registered methods are built from (tested through them; residual
-# stages need the pipeline's extra args).
+# Public callables of subspace_optax (top level and ``continual``) that are not
+# optimizer methods: functions on arrays, states, memories and metrics,
+# schedules, and the stages the registered methods are built from (tested
+# through them; residual stages need the pipeline's extra args).
 NOT_METHODS = frozenset({
-    # Layout and memory.
-    'last_two_axes', 'state_bytes', 'check_compatible', 'state_shardings', 'state_shardings',
+    # Layout, memory and tools on states.
+    'last_two_axes', 'state_bytes', 'check_compatible', 'state_shardings',
+    'static_args',
     # Functions on arrays, states and schedules.
     'dequantize', 'quantize', 'stochastic_round', 'refactorize',
-    'reset_moments', 'rewarm_schedule', 'subspace_norm_ratio',
-    # Inner optimizers and residual stages of the registered methods.
-    'scale_by_torch_adam', 'scale_by_adam_moments', 'scale_by_bias_correction',
-    'scale_by_resettable_adam', 'scale_by_lion_momentum', 'scale_by_auon',
-    'scale_by_aspect_ratio', 'scale_by_torch_nesterov_adam', 'clip_norm_growth',
+    'reset_moments', 'subspace_norm_ratio',
+    # Stages of the registered methods.
+    'scale_by_auon', 'scale_by_aspect_ratio', 'clip_norm_growth',
     'apollo_scaling', 'scale_gradient_by_subspace', 'fira_residual',
     'scale_residual_by_subspace',
     # Wrappers around any optimizer, tested in their own files (q_galore
     # above keeps its moments through quantize_moments by default).
     'quantize_moments', 'master_weights',
+    # continual: memories, schedules and metrics.
+    'activation_importance', 'add_directions', 'consolidate_ewc',
+    'empty_memory', 'fisher_diagonal', 'get_memory', 'gpm_memory',
+    'gradient_memory', 'project_out', 'protected_fraction', 'rewarm_schedule',
+    'sculpt_capacity', 'sculpt_memory', 'set_memory', 'accuracy_matrix',
+    'average_accuracy', 'backward_transfer', 'forgetting', 'forward_transfer',
+    'record', 'summary',
 })
 
 
-def is_memory_formula(name: str) -> bool:
-  return name.endswith('_bytes')
+def public_callables() -> set[str]:
+  """Every public non-class callable of subspace_optax and its continual."""
+  names = set()
+  for module in (so, so.continual):
+    for name in module.__all__:
+      value = getattr(module, name)
+      if callable(value) and not inspect.isclass(value):
+        names.add(name)
+  return names
 
 
 def subspace_states(state) -> list:
@@ -274,7 +249,8 @@ def subspace_states(state) -> list:
 
 def protected_states(state) -> list:
   """Every ``OrthogonalState`` (protected memory) inside an optimizer state."""
-  is_memory = lambda x: isinstance(x, so.OrthogonalState)
+  kind = so.continual.OrthogonalState
+  is_memory = lambda x: isinstance(x, kind)
   return [s for s in jax.tree.leaves(state, is_leaf=is_memory) if is_memory(s)]
 
 

@@ -116,7 +116,7 @@ def _layout(tx):
 
 
 def test_golden_state_structure_of_galore_and_low_rank():
-  galore = so.galore(1e-3, rank=2, refresh_every=3,
+  galore = so.galore(1e-3, rank=2, refresh=3,
                      dimension_numbers=so.last_two_axes)
   assert _layout(galore) == GALORE_STATE
   low_rank = so.low_rank(optax.scale_by_adam(), rank=2, refresh=3,
@@ -126,7 +126,7 @@ def test_golden_state_structure_of_galore_and_low_rank():
 
 
 def _galore(rank):
-  return so.galore(1e-3, rank=rank, refresh_every=3,
+  return so.galore(1e-3, rank=rank, refresh=3,
                    dimension_numbers=so.last_two_axes)
 
 

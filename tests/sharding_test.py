@@ -54,7 +54,7 @@ TRANSFORMS = {
         optax.scale_by_adam(), rank=RANK, refresh=2, basis='svd',
         dimension_numbers=so.last_two_axes),
     'galore_randomized': lambda: so.galore(
-        1e-2, rank=RANK, refresh_every=2, basis='randomized',
+        1e-2, rank=RANK, refresh=2, basis='randomized',
         weight_decay=0.1, dimension_numbers=so.last_two_axes),
 }
 # Online Subspace Descent (basis moved every step by online PCA; the first

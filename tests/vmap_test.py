@@ -60,7 +60,7 @@ def _ensemble(seed, shape=(24, 16)):
 
 
 def _tx(basis='svd'):
-  return so.galore(1e-2, rank=4, refresh_every=3, stagger=False, basis=basis)
+  return so.galore(1e-2, rank=4, refresh=3, stagger=False, basis=basis)
 
 
 def test_cond_outside_vmap_is_a_cond():

@@ -8,26 +8,32 @@ import optax
 
 from subspace_optax._src import adam
 from subspace_optax._src import bases as bases_lib
+from subspace_optax._src import deprecation
 from subspace_optax._src import low_rank as low_rank_lib
+from subspace_optax._src import presets
 from subspace_optax._src import refresh as refresh_lib
 
 
+@deprecation.renamed_arguments(
+    refresh_every='refresh', weight_decay_mask='mask')
+@presets.declare_static_args('rank', 'refresh', 'mask', 'dimension_numbers')
 def galore(
     learning_rate: optax.ScalarOrSchedule,
     rank: int | float = 128,
-    refresh_every: int = 200,
+    *,
+    refresh: int | refresh_lib.RefreshPolicy = 200,
+    stagger: bool = True,
+    basis: str | bases_lib.BasisMethod = 'svd',
+    side: str = 'compact',
+    on_refresh: str = 'keep',
+    align_signs: bool = True,
     scale: float = 0.25,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-6,
     eps_before_bias_correction: bool = True,
     weight_decay: float = 0.0,
-    weight_decay_mask: Optional[Any] = None,
-    side: str = 'compact',
-    basis: str | bases_lib.BasisMethod = 'svd',
-    stagger: bool = True,
-    align_signs: bool = True,
-    on_refresh: str = 'keep',
+    mask: Optional[Any] = None,
     dimension_numbers: Any = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
@@ -51,34 +57,51 @@ def galore(
   Args:
     learning_rate: a float or an optax schedule.
     rank: subspace rank (int, clamped per matrix) or a fraction of ``min(m, n)``.
-    refresh_every: updates between basis refreshes (``update_proj_gap``).
+    refresh: updates between basis refreshes ``T`` (``update_proj_gap``), or a
+      :mod:`subspace_optax.refresh` policy.
+    stagger: spread the refreshes of different leaves over the period (int
+      ``refresh`` only).
+    basis: ``'svd'`` (default: the paper's and the reference code's exact SVD)
+      or ``'randomized'`` (much cheaper refresh; on an H100 the slowest
+      refresh step of LLaMA-130M, one weight stacked over 12 layers, took
+      69 ms with it and 1.1 s with JAX's GPU SVD), or any
+      :mod:`subspace_optax.bases` method.
+    side: see :func:`low_rank`.
+    on_refresh: see :func:`low_rank`.
+    align_signs: see :func:`low_rank`.
     scale: ``α``, multiplies the unprojected update (``galore_scale``).
     b1, b2, eps: Adam's hyper-parameters.
     eps_before_bias_correction: True uses the PyTorch formula
-      (:func:`scale_by_torch_adam`), False uses ``optax.scale_by_adam``.
+      (:func:`subspace_optax.transforms.scale_by_torch_adam`), False uses
+      ``optax.scale_by_adam``.
     weight_decay: decoupled weight decay ``λ``.
-    weight_decay_mask: optax mask for the weight decay.
-    side: see :func:`low_rank`.
-    basis: ``'svd'`` (reference) or ``'randomized'`` (much cheaper refresh;
-      on an H100 the slowest refresh step of LLaMA-130M, one weight stacked
-      over 12 layers, took 69 ms with it and 1.1 s with JAX's GPU SVD; see
-      benchmarks/README.md).
-    stagger: spread the refreshes of different leaves over the period.
-    align_signs: see :func:`low_rank`.
-    on_refresh: see :func:`low_rank`.
+    mask: optax mask for the weight decay (a pytree of bools or a callable).
     dimension_numbers: which leaves to project; see :func:`low_rank`.
     seed: seed of random bases.
+
+  State size: :func:`subspace_optax.memory.galore_bytes`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> params = {'w': jnp.ones((8, 6)), 'b': jnp.zeros(6)}
+    >>> tx = so.galore(learning_rate=1e-3, rank=2, refresh=100)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+    >>> updates['w'].shape
+    (8, 6)
+    >>> so.state_bytes(state) == so.memory.galore_bytes(params, rank=2)
+    True
   """
-  refresh_lib.check_period(refresh_every, 'refresh_every')
   inner = (
       adam.scale_by_torch_adam(b1, b2, eps) if eps_before_bias_correction
       else optax.scale_by_adam(b1, b2, eps))
   return optax.chain(
       low_rank_lib.low_rank(
-          inner, rank=rank, refresh=refresh_lib.every(refresh_every, stagger),
+          inner, rank=rank, refresh=presets.refresh_policy(refresh, stagger),
           basis=basis, side=side, on_refresh=on_refresh,
           align_signs=align_signs, scale=scale,
           dimension_numbers=dimension_numbers, seed=seed),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )

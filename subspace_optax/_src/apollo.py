@@ -8,14 +8,14 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from subspace_optax._src import bases as bases_lib
 from subspace_optax._src import bias_correction
-from subspace_optax._src import layout as layout_lib
+from subspace_optax._src import deprecation
 from subspace_optax._src import low_rank as low_rank_lib
 from subspace_optax._src import norm_growth
+from subspace_optax._src import presets
 from subspace_optax._src import refresh as refresh_lib
 from subspace_optax._src import residual as residual_lib
 from subspace_optax._src import sharding
@@ -134,6 +134,10 @@ def apollo_scaling(
   after the norm-growth limiter (or before it with ``scale_front``:
   ``limit(√scale · G ⊙ s)``), and the limiter (per matrix; None disables it).
   """
+  if scale_type not in residual_lib.GRANULARITIES:
+    raise ValueError(
+        f'`scale_type` must be one of {residual_lib.GRANULARITIES}, got '
+        f'{scale_type!r}.')
   factor = optax.scale(scale**0.5)
   parts = [scale_gradient_by_subspace(scale_type)]
   if scale_front:
@@ -145,24 +149,28 @@ def apollo_scaling(
   return optax.chain(*parts)
 
 
+@deprecation.renamed_arguments(
+    refresh_every='refresh', weight_decay_mask='mask')
+@presets.declare_static_args('rank', 'refresh', 'mask', 'dimension_numbers')
 def apollo(
     learning_rate: optax.ScalarOrSchedule,
     rank: int | float = 256,
-    refresh_every: int = 200,
-    scale_type: str = 'channel',
+    *,
+    refresh: int | refresh_lib.RefreshPolicy = 200,
+    stagger: bool = True,
+    basis: str | bases_lib.BasisMethod = 'seeded_gaussian',
+    side: str = 'reference',
+    on_refresh: str = 'keep',
+    align_signs: bool = True,
     scale: float = 1.0,
+    scale_type: str = 'channel',
     scale_front: bool = False,
     limiter: Optional[float] = 1.01,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-6,
     weight_decay: float = 0.0,
-    weight_decay_mask: Optional[Any] = None,
-    basis: str | bases_lib.BasisMethod = 'seeded_gaussian',
-    side: str = 'reference',
-    stagger: bool = True,
-    align_signs: bool = True,
-    on_refresh: str = 'keep',
+    mask: Optional[Any] = None,
     dimension_numbers: Any = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
@@ -195,41 +203,62 @@ def apollo(
   Args:
     learning_rate: a float or an optax schedule.
     rank: sketch rank (int, clamped per matrix) or a fraction of ``min(m, n)``.
-    refresh_every: updates between redraws of the sketch.
-    scale_type: ``'channel'`` (APOLLO) or ``'tensor'`` (APOLLO-Mini).
+    refresh: updates between redraws of the sketch ``T``, or a
+      :mod:`subspace_optax.refresh` policy.
+    stagger: spread the refreshes of different leaves over the period (int
+      ``refresh`` only).
+    basis: ``'seeded_gaussian'`` (default), ``'gaussian'`` (dense),
+      ``'svd'``, or any basis method.
+    side: ``'reference'`` (channels of the larger dimension) or another side.
+    on_refresh: see :func:`~subspace_optax.low_rank` (reference: ``'keep'``).
+    align_signs: for SVD bases; see :func:`~subspace_optax.low_rank`.
     scale: heuristic scale, applied as ``sqrt(scale)`` (128 for APOLLO-Mini;
       about ``d / r`` for fine-tuning).
+    scale_type: ``'channel'`` (APOLLO) or ``'tensor'`` (APOLLO-Mini).
     scale_front: apply ``sqrt(scale)`` before the limiter instead of after.
     limiter: ``γ`` of the norm-growth limiter, None to disable it.
     b1, b2, eps: Adam's hyper-parameters.
     weight_decay: decoupled weight decay ``λ``.
-    weight_decay_mask: optax mask for the weight decay.
-    basis: ``'seeded_gaussian'`` (default), ``'gaussian'`` (dense),
-      ``'svd'``, or any basis method.
-    side: ``'reference'`` (channels of the larger dimension) or another side.
-    stagger: spread the refreshes of different leaves over the period.
-    align_signs: for SVD bases; see :func:`~subspace_optax.low_rank`.
-    on_refresh: see :func:`~subspace_optax.low_rank` (reference: ``'keep'``).
+    mask: optax mask for the weight decay.
     dimension_numbers: which leaves to project.
     seed: seed of the random sketches.
+
+  State size: :func:`subspace_optax.memory.apollo_bytes`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> tx = so.apollo(learning_rate=1e-3, rank=2, refresh=100)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+    >>> so.state_bytes(state) == so.memory.apollo_bytes(params, rank=2)
+    True
   """
-  refresh_lib.check_period(refresh_every, 'refresh_every')
   return optax.chain(
       low_rank_lib.low_rank(
           bias_correction.scale_by_adam_moments(b1, b2, eps), rank=rank,
-          refresh=refresh_lib.every(refresh_every, stagger), basis=basis,
+          refresh=presets.refresh_policy(refresh, stagger), basis=basis,
           side=side, on_refresh=on_refresh, align_signs=align_signs,
           residual=apollo_scaling(scale_type, scale, scale_front, limiter),
           scale=0.0, dimension_numbers=dimension_numbers, seed=seed),
       bias_correction.scale_by_bias_correction(b1, b2),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )
 
 
+@deprecation.renamed_arguments(
+    refresh_every='refresh', weight_decay_mask='mask')
+@presets.declare_static_args('refresh', 'mask', 'dimension_numbers')
 def apollo_mini(
     learning_rate: optax.ScalarOrSchedule,
-    refresh_every: int = 200,
+    *,
+    refresh: int | refresh_lib.RefreshPolicy = 200,
+    stagger: bool = True,
+    basis: str | bases_lib.BasisMethod = 'seeded_gaussian',
+    side: str = 'reference',
+    on_refresh: str = 'keep',
     scale: float = 128.0,
     scale_front: bool = False,
     limiter: Optional[float] = 1.01,
@@ -237,11 +266,7 @@ def apollo_mini(
     b2: float = 0.999,
     eps: float = 1e-6,
     weight_decay: float = 0.0,
-    weight_decay_mask: Optional[Any] = None,
-    basis: str | bases_lib.BasisMethod = 'seeded_gaussian',
-    side: str = 'reference',
-    stagger: bool = True,
-    on_refresh: str = 'keep',
+    mask: Optional[Any] = None,
     dimension_numbers: Any = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
@@ -251,46 +276,24 @@ def apollo_mini(
   arXiv 2412.05270, §4.3); the optimizer state is ``2 max(m, n)`` floats plus a
   few scalars per matrix. The paper also reports better results with
   ``learning_rate=2e-2``, and the reference recommends ``scale_front=True``
-  for short warm-ups. Arguments: as :func:`apollo`.
+  for short warm-ups. Arguments: as :func:`apollo`. State size:
+  :func:`subspace_optax.memory.apollo_bytes` with ``rank=1``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> tx = so.apollo_mini(learning_rate=1e-3, refresh=100)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+    >>> so.state_bytes(state) == so.memory.apollo_bytes(params, rank=1)
+    True
   """
   return apollo(
-      learning_rate, rank=1, refresh_every=refresh_every, scale_type='tensor',
-      scale=scale, scale_front=scale_front, limiter=limiter, b1=b1, b2=b2,
-      eps=eps, weight_decay=weight_decay, weight_decay_mask=weight_decay_mask,
-      basis=basis, side=side, stagger=stagger, on_refresh=on_refresh,
+      learning_rate, rank=1, refresh=refresh, stagger=stagger, basis=basis,
+      side=side, on_refresh=on_refresh, scale=scale, scale_type='tensor',
+      scale_front=scale_front, limiter=limiter, b1=b1, b2=b2, eps=eps,
+      weight_decay=weight_decay, mask=mask,
       dimension_numbers=dimension_numbers, seed=seed)
 
 
-def _is_layout(x) -> bool:
-  return x is None or isinstance(x, layout_lib.MatrixLayout)
-
-
-def apollo_bytes(
-    params: Any,
-    rank: int | float = 256,
-    side: str = 'reference',
-    basis: str = 'seeded_gaussian',
-    limiter: bool = True,
-    dimension_numbers: Any = None,
-) -> int:
-  """Analytic state size of :func:`apollo` / :func:`apollo_mini` (float32).
-
-  Per projected matrix: two moments ``2 · 4 r l`` bytes, the basis (4 bytes of
-  seed for ``'seeded_gaussian'``, ``4 k r`` for a dense basis) and the
-  limiter's previous norm (4 bytes); per projected leaf the refresh schedule
-  (two int32). Other leaves keep full Adam moments ``2 · 4 |p|``. Plus the
-  pipeline's and the bias correction's step counts.
-  """
-  layouts = layout_lib.leaf_layouts(params, dimension_numbers, side, rank)
-  total = 2 * 4
-  for p, lay in zip(jax.tree.leaves(params),
-                    jax.tree.leaves(layouts, is_leaf=_is_layout)):
-    if lay is None:
-      total += 2 * 4 * math.prod(np.shape(p))
-      continue
-    basis_bytes = 4 if basis == 'seeded_gaussian' else (
-        4 * lay.projected_dim * lay.rank)
-    per_matrix = 2 * 4 * lay.rank * lay.other_dim + basis_bytes
-    per_matrix += 4 if limiter else 0
-    total += lay.num_matrices * per_matrix + 2 * 4
-  return total

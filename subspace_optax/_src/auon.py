@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import optax
 
 from subspace_optax._src import adam
+from subspace_optax._src import deprecation
+from subspace_optax._src import presets
 
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -144,15 +146,18 @@ def scale_by_aspect_ratio() -> optax.GradientTransformation:
       lambda params: optax.EmptyState(), update_fn)
 
 
+@deprecation.renamed_arguments(weight_decay_mask='mask')
+@presets.declare_static_args('newton_schulz_steps', 'mask', 'matrix_mask')
 def auon(
     learning_rate: optax.ScalarOrSchedule,
+    *,
     beta: float = 0.95,
     nesterov: bool = True,
     newton_schulz_steps: int = 0,
     gamma: float = 1.0,
-    weight_decay: float = 0.0,
-    weight_decay_mask: Optional[Any] = None,
     aspect_ratio_scale: bool = True,
+    weight_decay: float = 0.0,
+    mask: Optional[Any] = None,
     matrix_mask: Optional[Union[Any, Callable[[Any], Any]]] = None,
     adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
     adam_b1: float = 0.9,
@@ -172,34 +177,44 @@ def auon(
   mask to route embeddings here too, as the paper does) use ``optax.adamw``.
   Paper-era defaults: ``β = 0.95``, Nesterov, lr 0.02 in their runs (the
   packaged code uses 0.24). State: one momentum per matrix
-  (:func:`auon_bytes`).
+  (:func:`subspace_optax.memory.auon_bytes`).
 
   Args:
     learning_rate: AuON's learning rate.
     beta, nesterov, newton_schulz_steps, gamma: see :func:`scale_by_auon`.
-    weight_decay: decoupled weight decay of the AuON leaves.
-    weight_decay_mask: optax mask for that weight decay.
     aspect_ratio_scale: apply ``√max(1, fan_out/fan_in)``.
+    weight_decay: decoupled weight decay of the AuON leaves.
+    mask: optax mask for that weight decay.
     matrix_mask: pytree (or callable params -> pytree) of bools, True for
       leaves optimized by AuON.
     adam_learning_rate: AdamW's learning rate (default: ``learning_rate``).
     adam_b1, adam_b2, adam_eps, adam_weight_decay: AdamW's hyper-parameters.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> params = {'w': jnp.ones((8, 6)), 'b': jnp.zeros(6)}
+    >>> tx = so.auon(learning_rate=2e-2)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+    >>> so.state_bytes(state) == so.memory.auon_bytes(params)
+    True
   """
   if adam_learning_rate is None:
     adam_learning_rate = learning_rate
 
   def labels(params):
-    mask = matrix_mask(params) if callable(matrix_mask) else matrix_mask
-    if mask is None:
-      mask = jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
-    return jax.tree.map(lambda m: 'auon' if m else 'adam', mask)
+    is_matrix = matrix_mask(params) if callable(matrix_mask) else matrix_mask
+    if is_matrix is None:
+      is_matrix = jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+    return jax.tree.map(lambda m: 'auon' if m else 'adam', is_matrix)
 
   return optax.partition(
       {
           'auon': optax.chain(
               scale_by_auon(beta, nesterov, newton_schulz_steps, gamma),
               scale_by_aspect_ratio() if aspect_ratio_scale else optax.identity(),
-              optax.add_decayed_weights(weight_decay, weight_decay_mask),
+              optax.add_decayed_weights(weight_decay, mask),
               optax.scale_by_learning_rate(learning_rate),
           ),
           'adam': optax.adamw(
@@ -208,20 +223,3 @@ def auon(
       },
       labels,
   )
-
-
-def auon_bytes(params: Any, matrix_mask: Optional[Any] = None) -> int:
-  """Analytic state size of :func:`auon` (float32 params).
-
-  AuON leaves: one momentum ``|w|``; AdamW leaves: ``2|w|``; plus AdamW's
-  int32 count.
-  """
-  leaves = jax.tree.leaves(params)
-  if callable(matrix_mask):
-    matrix_mask = matrix_mask(params)
-  mask = (jax.tree.leaves(matrix_mask) if matrix_mask is not None
-          else [jnp.ndim(p) >= 2 for p in leaves])
-  total = 4
-  for p, is_matrix in zip(leaves, mask):
-    total += (1 if is_matrix else 2) * jnp.dtype(p.dtype).itemsize * int(jnp.size(p))
-  return total

@@ -17,7 +17,9 @@ from typing import Any, Callable, Optional
 
 import optax
 
+from subspace_optax._src import deprecation
 from subspace_optax._src import orthogonal
+from subspace_optax._src import presets
 
 
 def sculpt_capacity(max_fraction: float = 0.8) -> Callable[[int, int], int]:
@@ -29,17 +31,20 @@ def sculpt_capacity(max_fraction: float = 0.8) -> Callable[[int, int], int]:
       1, math.floor(max_fraction * min(rows, columns) + 1e-6))
 
 
+@deprecation.renamed_arguments(weight_decay_mask='mask')
+@presets.declare_static_args(
+    'max_fraction', 'weight_decay', 'mask', 'dimension_numbers')
 def sculpt(
     learning_rate: optax.ScalarOrSchedule,
-    memory: Any = None,
     *,
+    memory: Any = None,
+    mode: str = 'two_sided',
+    max_fraction: float = 0.8,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
-    weight_decay_mask: Optional[Any] = None,
-    max_fraction: float = 0.8,
-    mode: str = 'two_sided',
+    mask: Optional[Any] = None,
     dimension_numbers: Any = None,
 ) -> optax.GradientTransformation:
   """Constrained full fine-tuning for continual learning (Sculpting Subspaces).
@@ -67,16 +72,28 @@ def sculpt(
   Args:
     learning_rate: a float or an optax schedule (e.g. :func:`rewarm_schedule`).
     memory: initial protected memory (None: nothing protected yet).
-    b1, b2, eps: Adam's parameters.
-    weight_decay: decoupled weight decay (applied inside the mask).
-    weight_decay_mask: optax mask for the decay.
+    mode: ``'two_sided'`` (default) or ``'block'``.
     max_fraction: ``trr``, the largest retained fraction; sets the memory's
       capacity ``floor(max_fraction * min(m, n))`` per side.
-    mode: ``'two_sided'`` (default) or ``'block'``.
+    b1, b2, eps: Adam's parameters.
+    weight_decay: decoupled weight decay (applied inside the projection; a
+      Python 0 leaves the decay stage out, so it is a static argument).
+    mask: optax mask for the decay.
     dimension_numbers: which leaves are matrices (default every 2-D leaf).
 
   Returns:
     An ``optax.GradientTransformation``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from subspace_optax import continual
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> tx = continual.sculpt(learning_rate=1e-3, weight_decay=1e-2)
+    >>> state = tx.init(params)
+    >>> state = continual.set_memory(state, continual.sculpt_memory(params))
+    >>> updates, state = tx.update(params, state, params)
+    >>> updates['w'].shape
+    (8, 6)
   """
   if mode not in ('two_sided', 'block'):
     raise ValueError(f"sculpt's `mode` must be 'two_sided' or 'block', got "
@@ -84,7 +101,7 @@ def sculpt(
   stages = [optax.scale_by_adam(b1=b1, b2=b2, eps=eps)]
   # A traced weight_decay (optax.inject_hyperparams) keeps the decay stage.
   if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
-    stages.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
+    stages.append(optax.add_decayed_weights(weight_decay, mask))
   stages.append(optax.scale_by_learning_rate(learning_rate))
   stages.append(orthogonal.orthogonal_to(
       memory, mode=mode, capacity=sculpt_capacity(max_fraction),
@@ -92,10 +109,11 @@ def sculpt(
   return optax.chain(*stages)
 
 
+@presets.declare_static_args('momentum', 'capacity', 'dimension_numbers')
 def gpm(
     learning_rate: optax.ScalarOrSchedule,
-    memory: Any = None,
     *,
+    memory: Any = None,
     momentum: Optional[float] = None,
     capacity: Any = 1.0,
     dimension_numbers: Any = None,
@@ -119,6 +137,16 @@ def gpm(
 
   Returns:
     An ``optax.GradientTransformation``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from subspace_optax import continual
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> tx = continual.gpm(learning_rate=1e-2, momentum=0.9)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+    >>> updates['w'].shape
+    (8, 6)
   """
   return optax.chain(
       optax.sgd(learning_rate, momentum=momentum),

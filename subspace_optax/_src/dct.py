@@ -13,7 +13,6 @@ of a matrix is its ``rank`` int32 column indices.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import jax
@@ -23,8 +22,10 @@ import optax
 
 from subspace_optax._src import alias
 from subspace_optax._src import bases as bases_lib
+from subspace_optax._src import deprecation
 from subspace_optax._src import index_bases
-from subspace_optax._src import layout as layout_lib
+from subspace_optax._src import presets
+from subspace_optax._src import refresh as refresh_lib
 from subspace_optax._src import sharding
 
 
@@ -110,20 +111,24 @@ def dct(norm_order: float = 1.0) -> bases_lib.BasisMethod:
                                transition)
 
 
+@deprecation.renamed_arguments(
+    refresh_every='refresh', weight_decay_mask='mask')
+@presets.declare_static_args('rank', 'refresh', 'mask', 'dimension_numbers')
 def dct_adamw(
     learning_rate: optax.ScalarOrSchedule,
     rank: int | float = 128,
-    refresh_every: int = 200,
+    *,
+    refresh: int | refresh_lib.RefreshPolicy = 200,
+    stagger: bool = True,
+    side: str = 'compact',
+    on_refresh: str = 'transport',
     scale: float = 1.0,
+    norm_order: float = 1.0,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
-    weight_decay_mask: Optional[Any] = None,
-    side: str = 'compact',
-    stagger: bool = True,
-    on_refresh: str = 'transport',
-    norm_order: float = 1.0,
+    mask: Optional[Any] = None,
     dimension_numbers: Any = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
@@ -142,53 +147,42 @@ def dct_adamw(
   reference) and moments moved between selections by the partial permutation
   (``on_refresh='transport'``; the reference's ``rotate_subspace=True``).
   Memory: GaLore's moments plus ``rank`` int32 indices instead of a dense basis
-  (:func:`dct_adamw_bytes`). The optional error-feedback buffer of the
-  reference (an ``m x n`` state) is not included.
+  (:func:`subspace_optax.memory.dct_adamw_bytes`). The optional error-feedback
+  buffer of the reference (an ``m x n`` state) is not included.
 
   Args:
     learning_rate: a float or an optax schedule.
     rank: subspace rank (int, clamped per matrix) or a fraction of ``min(m, n)``.
-    refresh_every: updates between column selections.
+    refresh: updates between column selections ``T``, or a
+      :mod:`subspace_optax.refresh` policy.
+    stagger: spread the refreshes of different leaves over the period (int
+      ``refresh`` only).
+    side: see :func:`subspace_optax.low_rank`.
+    on_refresh: ``'transport'`` (default), ``'reset'`` or ``'keep'``.
     scale: multiplies the unprojected update.
+    norm_order: ``p`` of the row norm ranking the columns.
     b1, b2, eps: Adam's hyper-parameters.
     weight_decay: decoupled weight decay.
-    weight_decay_mask: optax mask for the weight decay.
-    side: see :func:`subspace_optax.low_rank`.
-    stagger: spread the refreshes of different leaves over the period.
-    on_refresh: ``'transport'`` (default), ``'reset'`` or ``'keep'``.
-    norm_order: ``p`` of the row norm ranking the columns.
+    mask: optax mask for the weight decay.
     dimension_numbers: which leaves to project; see :func:`subspace_optax.low_rank`.
     seed: unused by this basis (kept for a uniform signature).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> tx = so.dct_adamw(learning_rate=1e-3, rank=2, refresh=100)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+    >>> so.state_bytes(state) == so.memory.dct_adamw_bytes(params, rank=2)
+    True
   """
   return alias.galore(
-      learning_rate, rank=rank, refresh_every=refresh_every, scale=scale,
-      b1=b1, b2=b2, eps=eps, eps_before_bias_correction=False,
-      weight_decay=weight_decay, weight_decay_mask=weight_decay_mask,
-      side=side, basis=dct(norm_order), stagger=stagger, align_signs=False,
-      on_refresh=on_refresh, dimension_numbers=dimension_numbers, seed=seed,
+      learning_rate, rank=rank, refresh=refresh, stagger=stagger,
+      basis=dct(norm_order), side=side, on_refresh=on_refresh,
+      align_signs=False, scale=scale, b1=b1, b2=b2, eps=eps,
+      eps_before_bias_correction=False, weight_decay=weight_decay, mask=mask,
+      dimension_numbers=dimension_numbers, seed=seed,
   )
 
 
-def dct_adamw_bytes(
-    params: Any,
-    rank: int | float,
-    side: str = 'compact',
-    dimension_numbers: Any = None,
-) -> int:
-  """Analytic state size of :func:`dct_adamw` (float32 moments).
-
-  Per projected matrix: two Adam moments ``2 r l`` and ``r`` int32 indices;
-  the refresh schedule (two int32 per projected leaf); full Adam moments for
-  every other leaf; the pipeline's and Adam's int32 counts.
-  """
-  layouts = layout_lib.leaf_layouts(params, dimension_numbers, side, rank)
-  total = 2 * 4
-  for p, lay in zip(jax.tree.leaves(params), jax.tree.leaves(
-      layouts, is_leaf=lambda x: x is None or isinstance(
-          x, layout_lib.MatrixLayout))):
-    if lay is None:
-      total += 2 * 4 * math.prod(np.shape(p))
-      continue
-    total += lay.num_matrices * (2 * 4 * lay.rank * lay.other_dim + 4 * lay.rank)
-    total += 2 * 4
-  return total

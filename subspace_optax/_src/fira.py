@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
-import jax
-import numpy as np
 import optax
 
 from subspace_optax._src import bases as bases_lib
 from subspace_optax._src import bias_correction
-from subspace_optax._src import layout as layout_lib
+from subspace_optax._src import deprecation
 from subspace_optax._src import low_rank as low_rank_lib
+from subspace_optax._src import presets
 from subspace_optax._src import refresh as refresh_lib
 from subspace_optax._src import residual as residual_lib
 
@@ -22,10 +20,19 @@ scale_residual_by_subspace = residual_lib.scale_residual_by_subspace
 subspace_norm_ratio = residual_lib.subspace_norm_ratio
 
 
+@deprecation.renamed_arguments(
+    refresh_every='refresh', weight_decay_mask='mask')
+@presets.declare_static_args('rank', 'refresh', 'mask', 'dimension_numbers')
 def fira(
     learning_rate: optax.ScalarOrSchedule,
     rank: int | float = 128,
-    refresh_every: int = 200,
+    *,
+    refresh: int | refresh_lib.RefreshPolicy = 200,
+    stagger: bool = True,
+    basis: str | bases_lib.BasisMethod = 'svd',
+    side: str = 'reference',
+    on_refresh: str = 'keep',
+    align_signs: bool = True,
     scale: float = 0.25,
     limiter: Optional[float] = 1.01,
     reference_residual: bool = False,
@@ -33,12 +40,7 @@ def fira(
     b2: float = 0.999,
     eps: float = 1e-6,
     weight_decay: float = 0.0,
-    weight_decay_mask: Optional[Any] = None,
-    side: str = 'reference',
-    basis: str | bases_lib.BasisMethod = 'svd',
-    stagger: bool = True,
-    align_signs: bool = True,
-    on_refresh: str = 'keep',
+    mask: Optional[Any] = None,
     dimension_numbers: Any = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
@@ -56,9 +58,9 @@ def fira(
 
   with ``φ`` from :func:`fira_residual`. As in the reference, ``φ`` comes from
   the uncorrected Adam ratio and the bias correction multiplies both terms
-  (:func:`~subspace_optax.scale_by_adam_moments` inside the pipeline,
-  :func:`~subspace_optax.scale_by_bias_correction` after it), so the limiter
-  sees the reference's ``S``.
+  (:func:`~subspace_optax.transforms.scale_by_adam_moments` inside the
+  pipeline, :func:`~subspace_optax.transforms.scale_by_bias_correction` after
+  it), so the limiter sees the reference's ``S``.
 
   Defaults follow the reference recipes (rank 128, ``T = 200``, ``α = 0.25``,
   ``γ = 1.01``, ``ε = 1e-6``; 1B/7B recipes use ``α = 0.0625``) with the basis
@@ -73,64 +75,45 @@ def fira(
   Args:
     learning_rate: a float or an optax schedule.
     rank: subspace rank (int, clamped per matrix) or a fraction of ``min(m, n)``.
-    refresh_every: updates between basis refreshes.
+    refresh: updates between basis refreshes ``T``, or a
+      :mod:`subspace_optax.refresh` policy.
+    stagger: spread the refreshes of different leaves over the period (int
+      ``refresh`` only).
+    basis: ``'svd'`` (reference) or any basis of
+      :func:`~subspace_optax.low_rank`.
+    side: ``'reference'`` (channels of the larger dimension) or another side
+      of :func:`~subspace_optax.low_rank`.
+    on_refresh: see :func:`~subspace_optax.low_rank`.
+    align_signs: see :func:`~subspace_optax.low_rank`.
     scale: ``α``, multiplies the unprojected update.
     limiter: ``γ`` of the norm-growth limiter, None to disable it.
     reference_residual: see :func:`fira_residual`.
     b1, b2, eps: Adam's hyper-parameters (PyTorch ``ε`` placement).
     weight_decay: decoupled weight decay ``λ``.
-    weight_decay_mask: optax mask for the weight decay.
-    side: ``'reference'`` (channels of the larger dimension) or another side
-      of :func:`~subspace_optax.low_rank`.
-    basis: ``'svd'`` (reference) or any basis of
-      :func:`~subspace_optax.low_rank`.
-    stagger: spread the refreshes of different leaves over the period.
-    align_signs: see :func:`~subspace_optax.low_rank`.
-    on_refresh: see :func:`~subspace_optax.low_rank`.
+    mask: optax mask for the weight decay.
     dimension_numbers: which leaves to project.
     seed: seed of random bases.
+
+  State size: :func:`subspace_optax.memory.fira_bytes`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> tx = so.fira(learning_rate=1e-3, rank=2, refresh=100)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+    >>> so.state_bytes(state) == so.memory.fira_bytes(params, rank=2)
+    True
   """
-  refresh_lib.check_period(refresh_every, 'refresh_every')
   return optax.chain(
       low_rank_lib.low_rank(
           bias_correction.scale_by_adam_moments(b1, b2, eps), rank=rank,
-          refresh=refresh_lib.every(refresh_every, stagger), basis=basis,
+          refresh=presets.refresh_policy(refresh, stagger), basis=basis,
           side=side, on_refresh=on_refresh, align_signs=align_signs,
           residual=fira_residual(limiter, reference_residual, scale),
           scale=scale, dimension_numbers=dimension_numbers, seed=seed),
       bias_correction.scale_by_bias_correction(b1, b2),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )
-
-
-def _is_layout(x) -> bool:
-  return x is None or isinstance(x, layout_lib.MatrixLayout)
-
-
-def fira_bytes(
-    params: Any,
-    rank: int | float = 128,
-    side: str = 'reference',
-    limiter: bool = True,
-    dimension_numbers: Any = None,
-) -> int:
-  """Analytic state size of :func:`fira` (float32, SVD basis).
-
-  GaLore's state (per projected matrix: basis ``4 k r`` and two moments
-  ``2 · 4 r l`` bytes; per projected leaf the refresh schedule, two int32) plus
-  the limiter's previous norm (one float32 per matrix). Other leaves keep full
-  Adam moments ``2 · 4 |p|``. Plus the pipeline's and the bias correction's
-  step counts (int32).
-  """
-  layouts = layout_lib.leaf_layouts(params, dimension_numbers, side, rank)
-  total = 2 * 4
-  for p, lay in zip(jax.tree.leaves(params),
-                    jax.tree.leaves(layouts, is_leaf=_is_layout)):
-    if lay is None:
-      total += 2 * 4 * math.prod(np.shape(p))
-      continue
-    per_matrix = 4 * lay.projected_dim * lay.rank + 2 * 4 * lay.rank * lay.other_dim
-    per_matrix += 4 if limiter else 0
-    total += lay.num_matrices * per_matrix + 2 * 4
-  return total

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from subspace_optax._src import adam
 from subspace_optax._src import bases as bases_lib
+from subspace_optax._src import deprecation
 from subspace_optax._src import index_bases
-from subspace_optax._src import layout as layout_lib
 from subspace_optax._src import low_rank as low_rank_lib
+from subspace_optax._src import presets
 from subspace_optax._src import random_bases
 from subspace_optax._src import refresh as refresh_lib
 from subspace_optax._src import residual as residual_lib
@@ -84,23 +83,27 @@ def _basis_method(basis, rank) -> bases_lib.BasisMethod:
   return bases_lib.resolve(basis)
 
 
+@deprecation.renamed_arguments(
+    refresh_every='refresh', weight_decay_mask='mask')
+@presets.declare_static_args('rank', 'refresh', 'mask', 'dimension_numbers')
 def frugal(
     learning_rate: optax.ScalarOrSchedule,
     rank: int | float = 0.25,
-    refresh_every: int = 200,
+    *,
+    refresh: int | refresh_lib.RefreshPolicy = 200,
+    stagger: bool = True,
     basis: str | bases_lib.BasisMethod = 'svd',
+    side: str = 'reference',
+    on_refresh: str = 'reset',
+    align_signs: bool = True,
+    scale: float = 1.0,
     residual: str | optax.GradientTransformation | None = 'sign',
     residual_scale: float = 1.0,
-    scale: float = 1.0,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
-    weight_decay_mask: Optional[Any] = None,
-    on_refresh: str = 'reset',
-    side: str = 'reference',
-    stagger: bool = True,
-    align_signs: bool = True,
+    mask: Optional[Any] = None,
     dimension_numbers: Any = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
@@ -130,40 +133,55 @@ def frugal(
 
   Reference behaviour (philip-zmushko/FRUGAL) by default: ``on_refresh='reset'``
   zeroes the moments of a refreshed leaf *and* restarts its bias correction
-  (:func:`scale_by_resettable_adam`); Adam's ``ε`` is added after the bias
-  correction; the basis sits on the smaller side (``side='reference'``), so a
-  float ``rank = ρ`` keeps Adam state for the fraction ``ρ`` of each matrix.
-  The paper's Algorithm 1 instead carries the state into the new basis:
-  ``on_refresh='transport'`` (svd, random and columns bases). Refreshes are
-  staggered across leaves (``stagger=False``: all leaves together, as the
-  reference). Weight decay is decoupled and applied to the pre-step weight, as
-  in the reference.
+  (:func:`subspace_optax.transforms.scale_by_resettable_adam`); Adam's ``ε`` is
+  added after the bias correction; the basis sits on the smaller side
+  (``side='reference'``), so a float ``rank = ρ`` keeps Adam state for the
+  fraction ``ρ`` of each matrix. The paper's Algorithm 1 instead carries the
+  state into the new basis: ``on_refresh='transport'`` (svd, random and columns
+  bases). Refreshes are staggered across leaves (``stagger=False``: all leaves
+  together, as the reference). Weight decay is decoupled and applied to the
+  pre-step weight, as in the reference.
 
   Args:
     learning_rate: a float or an optax schedule.
     rank: density ``ρ`` in (0, 1] (a fraction of ``min(m, n)``) or an int rank;
       for ``basis='blocks'`` the probability in [0, 1] that a matrix is active.
-    refresh_every: updates between basis refreshes ``T``.
+    refresh: updates between basis refreshes ``T``, or a
+      :mod:`subspace_optax.refresh` policy.
+    stagger: spread the refreshes of different leaves over the period (int
+      ``refresh`` only).
     basis: ``'svd'``, ``'random'``, ``'columns'``, ``'blocks'`` or a
       :class:`~subspace_optax.bases.BasisMethod`.
+    side: ``'reference'`` (basis on the smaller side) or ``'compact'``.
+    on_refresh: ``'reset'`` (reference), ``'transport'`` (paper), ``'keep'``.
+    align_signs: see :func:`~subspace_optax.low_rank`.
+    scale: ``s``, multiplies the whole update of projected leaves
+      (``proj_params_lr_scale``).
     residual: ``'sign'`` (signSGD), ``'sgd'`` (the raw residual), None (no
       residual: GaLore with FRUGAL's defaults), or an optax transform.
     residual_scale: ``s_r``, the residual's step relative to Adam's
       (``inactive_lr_scale``: 1.0 for pre-training, 0.1 for fine-tuning).
-    scale: ``s``, multiplies the whole update of projected leaves
-      (``proj_params_lr_scale``).
     b1, b2, eps: Adam's hyper-parameters.
     weight_decay: decoupled weight decay ``λ``.
-    weight_decay_mask: optax mask for the weight decay.
-    on_refresh: ``'reset'`` (reference), ``'transport'`` (paper), ``'keep'``.
-    side: ``'reference'`` (basis on the smaller side) or ``'compact'``.
-    stagger: spread the refreshes of different leaves over the period.
-    align_signs: see :func:`~subspace_optax.low_rank`.
+    mask: optax mask for the weight decay.
     dimension_numbers: which leaves to project; see
       :func:`~subspace_optax.low_rank`.
     seed: seed of the random bases.
+
+  State size: :func:`subspace_optax.memory.frugal_bytes`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> tx = so.frugal(learning_rate=1e-3, rank=0.5, refresh=100)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+    >>> updates['w'].shape  # full rank: the sign residual moves every entry
+    (8, 6)
+    >>> so.state_bytes(state) == so.memory.frugal_bytes(params, rank=0.5)
+    True
   """
-  refresh_lib.check_period(refresh_every, 'refresh_every')
   if isinstance(basis, str) and basis == 'blocks' and not (
       isinstance(rank, (int, float)) and 0 <= rank <= 1):
     raise ValueError(
@@ -176,51 +194,11 @@ def frugal(
   return optax.chain(
       low_rank_lib.low_rank(
           scale_by_resettable_adam(b1, b2, eps), rank=pipeline_rank,
-          refresh=refresh_lib.every(refresh_every, stagger), basis=method,
+          refresh=presets.refresh_policy(refresh, stagger), basis=method,
           side=pipeline_side, on_refresh=on_refresh, align_signs=align_signs,
           residual=residual_lib.frugal_residual(
               residual, scale * residual_scale), scale=scale,
           dimension_numbers=dimension_numbers, seed=seed),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )
-
-
-def _is_layout(x) -> bool:
-  return x is None or isinstance(x, layout_lib.MatrixLayout)
-
-
-def frugal_bytes(
-    params: Any,
-    rank: int | float = 0.25,
-    basis: str = 'svd',
-    side: str = 'reference',
-    dimension_numbers: Any = None,
-) -> int:
-  """Analytic state size of :func:`frugal` (float32 moments, sign/SGD residual).
-
-  Per projected matrix with the basis on the ``k`` side and ``l`` the other:
-  two Adam moments ``2 · 4 r l`` bytes, plus the basis: ``4 k r`` (svd,
-  random), ``4 r`` (columns: int32 indices) or ``4`` (blocks: one flag; the
-  moments are then full size, ``r = k``). Per projected leaf the refresh
-  schedule (two int32). Every other leaf keeps full Adam moments ``2 · 4 |p|``.
-  Plus one int32 step count per leaf (the restartable bias correction) and the
-  pipeline's count. The signSGD/SGD residual holds nothing.
-  """
-  if basis == 'blocks':
-    rank, side = 1.0, 'reference'
-  layouts = layout_lib.leaf_layouts(params, dimension_numbers, side, rank)
-  leaves = jax.tree.leaves(params)
-  total = 4 + 4 * len(leaves)
-  for p, lay in zip(leaves, jax.tree.leaves(layouts, is_leaf=_is_layout)):
-    if lay is None:
-      total += 2 * 4 * math.prod(np.shape(p))
-      continue
-    per_matrix = 2 * 4 * lay.rank * lay.other_dim + {
-        'svd': 4 * lay.projected_dim * lay.rank,
-        'random': 4 * lay.projected_dim * lay.rank,
-        'columns': 4 * lay.rank,
-        'blocks': 4,
-    }[basis]
-    total += lay.num_matrices * per_matrix + 2 * 4
-  return total

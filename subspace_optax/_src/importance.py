@@ -10,6 +10,9 @@ import optax
 
 from subspace_optax._src import alias
 from subspace_optax._src import bases as bases_lib
+from subspace_optax._src import deprecation
+from subspace_optax._src import presets
+from subspace_optax._src import refresh as refresh_lib
 from subspace_optax._src import sharding
 
 
@@ -65,21 +68,25 @@ def importance_sampled(algorithm: Optional[Any] = None) -> bases_lib.BasisMethod
   )
 
 
+@deprecation.renamed_arguments(
+    refresh_every='refresh', weight_decay_mask='mask')
+@presets.declare_static_args('rank', 'refresh', 'mask', 'dimension_numbers')
 def i3s(
     learning_rate: optax.ScalarOrSchedule,
     rank: int | float = 128,
-    refresh_every: int = 200,
+    *,
+    refresh: int | refresh_lib.RefreshPolicy = 200,
+    stagger: bool = True,
+    side: str = 'compact',
+    on_refresh: str = 'keep',
+    align_signs: bool = True,
     scale: float = 0.25,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-6,
     eps_before_bias_correction: bool = True,
     weight_decay: float = 0.0,
-    weight_decay_mask: Optional[Any] = None,
-    side: str = 'compact',
-    stagger: bool = True,
-    align_signs: bool = True,
-    on_refresh: str = 'keep',
+    mask: Optional[Any] = None,
     dimension_numbers: Any = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
@@ -94,16 +101,25 @@ def i3s(
     C = QᵀG,\\quad N = Adam(C),\\quad W \\leftarrow W - η\\,(α\\, Q N + λ W).
 
   Hyper-parameters and state as :func:`subspace_optax.galore`
-  (:func:`subspace_optax.galore_bytes`).
+  (:func:`subspace_optax.memory.galore_bytes`).
 
   Args: as :func:`subspace_optax.galore`; ``seed`` drives the sampling.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> tx = so.i3s(learning_rate=1e-3, rank=2, refresh=100)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+    >>> so.state_bytes(state) == so.memory.galore_bytes(params, rank=2)
+    True
   """
   return alias.galore(
-      learning_rate, rank=rank, refresh_every=refresh_every, scale=scale,
-      b1=b1, b2=b2, eps=eps,
+      learning_rate, rank=rank, refresh=refresh, stagger=stagger,
+      basis=importance_sampled(), side=side, on_refresh=on_refresh,
+      align_signs=align_signs, scale=scale, b1=b1, b2=b2, eps=eps,
       eps_before_bias_correction=eps_before_bias_correction,
-      weight_decay=weight_decay, weight_decay_mask=weight_decay_mask,
-      side=side, basis=importance_sampled(), stagger=stagger,
-      align_signs=align_signs, on_refresh=on_refresh,
+      weight_decay=weight_decay, mask=mask,
       dimension_numbers=dimension_numbers, seed=seed,
   )

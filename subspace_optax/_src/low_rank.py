@@ -34,6 +34,7 @@ from subspace_optax._src import bases as bases_lib
 from subspace_optax._src import batching
 from subspace_optax._src import layout as layout_lib
 from subspace_optax._src import moments as moments_lib
+from subspace_optax._src import presets
 from subspace_optax._src import refresh as refresh_lib
 from subspace_optax._src import sharding
 
@@ -470,6 +471,7 @@ def _residual_updates(residual_tx, residual_state, treedef,
   return [out[leaf.index] for leaf in leaves], residual_state
 
 
+@presets.declare_static_args('rank', 'refresh', 'dimension_numbers')
 def low_rank(
     inner: optax.GradientTransformation,
     *,

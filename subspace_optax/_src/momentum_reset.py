@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from subspace_optax._src import moments as moments_lib
+from subspace_optax._src import presets
 
 
 class ResetMomentsState(NamedTuple):
@@ -51,9 +52,11 @@ def reset_moments(
   return jax.tree.map(visit, state, is_leaf=holds_moments)
 
 
+@presets.declare_static_args('period')
 def reset_moments_every(
     inner: optax.GradientTransformation,
     period: int,
+    *,
     second_moment: bool = False,
     reset_count: bool | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -82,6 +85,17 @@ def reset_moments_every(
     second_moment: also zero ``nu``.
     reset_count: also zero the ``count`` of the states that hold the reset
       moments; defaults to ``second_moment``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import subspace_optax as so
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> tx = so.reset_moments_every(optax.adam(1e-3), period=200)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+    >>> int(state.count)
+    1
   """
   if isinstance(period, bool) or not isinstance(period, int) or period <= 0:
     raise ValueError(f'`period` must be a positive Python int, got {period!r}.')

@@ -30,8 +30,9 @@ import optax
 
 from subspace_optax._src import adam
 from subspace_optax._src import bases as bases_lib
-from subspace_optax._src import layout as layout_lib
+from subspace_optax._src import deprecation
 from subspace_optax._src import low_rank as low_rank_lib
+from subspace_optax._src import presets
 from subspace_optax._src import sharding
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -285,11 +286,16 @@ def scale_by_lion_momentum(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+@deprecation.renamed_arguments(weight_decay_mask='mask')
+@presets.declare_static_args('rank', 'mask', 'dimension_numbers')
 def online_subspace_descent(
     learning_rate: optax.ScalarOrSchedule,
     rank: int | float = 128,
     *,
+    side: str = 'compact',
+    scale: float = 0.25,
     inner: str = 'adam',
+    sign_after_unproject: bool = False,
     basis_learning_rate: optax.ScalarOrSchedule = 0.005,
     basis_optimizer: str | optax.GradientTransformation = 'adam',
     orthogonality_weight: float = 0.1,
@@ -297,14 +303,11 @@ def online_subspace_descent(
     initial: str = 'range_finder',
     lagged: bool = False,
     basis_weight_decay: float = 0.0,
-    scale: float = 0.25,
     b1: float = 0.9,
     b2: Optional[float] = None,
     eps: float = 1e-6,
     weight_decay: float = 0.0,
-    weight_decay_mask: Optional[Any] = None,
-    sign_after_unproject: bool = False,
-    side: str = 'compact',
+    mask: Optional[Any] = None,
     dimension_numbers: Any = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
@@ -324,12 +327,16 @@ def online_subspace_descent(
   (then ``scale`` has no effect). Basis options: :func:`online_pca`, whose
   docstring lists the paper-vs-reference choices. Defaults: the reference
   recipe's ``α = 0.25`` and basis learning rate ``1/200`` with AdamW on ``P``.
-  State: :func:`online_subspace_descent_bytes`.
+  State size: :func:`subspace_optax.memory.online_subspace_descent_bytes`.
 
   Args:
     learning_rate: the weights' learning rate (float or schedule).
     rank: subspace rank (int, clamped per matrix) or a fraction of ``min(m, n)``.
+    side: see :func:`subspace_optax.low_rank`.
+    scale: ``α``, multiplies the unprojected update.
     inner: ``'adam'`` or ``'lion'``.
+    sign_after_unproject: Lion only: take the sign after unprojection
+      (reference).
     basis_learning_rate: learning rate of ``P``'s optimizer (float or schedule).
     basis_optimizer: ``'adam'`` (AdamW), ``'sgd'``, or an optax transform.
     orthogonality_weight: ``λ`` (paper 0.1, reference 0).
@@ -337,19 +344,33 @@ def online_subspace_descent(
     initial: ``'range_finder'``, ``'random'`` or ``'svd'`` (reference).
     lagged: project ``G_t`` with ``P_t`` (paper order; stores ``P_{t+1}`` too).
     basis_weight_decay: decoupled weight decay on ``P`` (reference 0.01).
-    scale: ``α``, multiplies the unprojected update.
     b1, b2: the inner optimizer's betas; ``b2`` defaults to 0.999 (Adam) or
       0.99 (Lion).
     eps: Adam's ``ε`` (PyTorch placement).
     weight_decay: decoupled weight decay ``λ_W`` on the weights.
-    weight_decay_mask: optax mask for the weight decay.
-    sign_after_unproject: Lion only: take the sign after unprojection (reference).
-    side: see :func:`subspace_optax.low_rank`.
+    mask: optax mask for the weight decay.
     dimension_numbers: which leaves to project; see :func:`subspace_optax.low_rank`.
     seed: seed of the random initial basis.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> tx = so.online_subspace_descent(
+    ...     learning_rate=1e-3, rank=2, inner='lion')
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+    >>> so.state_bytes(state) == so.memory.online_subspace_descent_bytes(
+    ...     params, rank=2, inner='lion')
+    True
   """
   if inner not in INNER_OPTIMIZERS:
     raise ValueError(f'`inner` must be one of {INNER_OPTIMIZERS}, got {inner!r}.')
+  if not isinstance(basis_optimizer, optax.GradientTransformation) and (
+      basis_optimizer not in BASIS_OPTIMIZERS):
+    raise ValueError(
+        f'`basis_optimizer` must be one of {BASIS_OPTIMIZERS} or an optax '
+        f'GradientTransformation, got {basis_optimizer!r}.')
   if sign_after_unproject and inner != 'lion':
     raise ValueError('`sign_after_unproject` applies to inner="lion" only.')
   if inner == 'adam':
@@ -367,44 +388,6 @@ def online_subspace_descent(
           align_signs=False, scale=scale,
           dimension_numbers=dimension_numbers, seed=seed),
       optax.scale_by_sign() if sign_after_unproject else optax.identity(),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )
-
-
-def online_subspace_descent_bytes(
-    params: Any,
-    rank: int | float,
-    inner: str = 'adam',
-    basis_optimizer: str = 'adam',
-    lagged: bool = False,
-    side: str = 'compact',
-    dimension_numbers: Any = None,
-) -> int:
-  """Analytic state size of :func:`online_subspace_descent` (float32).
-
-  Per projected matrix (basis on the ``k`` side, coefficients ``r x l``):
-  the basis ``k r``, the inner moments (Adam ``2 r l``, Lion ``r l``), the basis
-  optimizer (AdamW: ``2 k r`` plus an int32 count; SGD: nothing), ``k r`` more
-  with ``lagged``, and the refresh schedule (two int32 per leaf). Every other
-  leaf keeps full inner moments. Plus the pipeline's and the inner's counts.
-  Constant learning rates assumed (a schedule adds one int32 count per matrix
-  for the basis optimizer).
-  """
-  moments = {'adam': 2, 'lion': 1}[inner]
-  layouts = layout_lib.leaf_layouts(params, dimension_numbers, side, rank)
-  total = 2 * 4
-  for p, lay in zip(jax.tree.leaves(params), jax.tree.leaves(
-      layouts, is_leaf=lambda x: x is None or isinstance(
-          x, layout_lib.MatrixLayout))):
-    if lay is None:
-      total += moments * 4 * int(jnp.size(p))
-      continue
-    basis = lay.projected_dim * lay.rank
-    per_matrix = 4 * basis + moments * 4 * lay.rank * lay.other_dim
-    if basis_optimizer == 'adam':
-      per_matrix += 2 * 4 * basis + 4
-    if lagged:
-      per_matrix += 4 * basis
-    total += lay.num_matrices * per_matrix + 2 * 4
-  return total

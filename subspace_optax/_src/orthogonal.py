@@ -45,6 +45,7 @@ import optax
 from subspace_optax._src import layout as layout_lib
 from subspace_optax._src import low_rank as low_rank_lib
 from subspace_optax._src import memory_updates
+from subspace_optax._src import presets
 from subspace_optax._src import protected as protected_lib
 from subspace_optax._src import sharding
 from subspace_optax._src.protected import Capacity
@@ -91,6 +92,7 @@ def project_out(view: jax.Array, memory: ProtectedSubspace, mode: str):
 _NOT_PARAMS = object()
 
 
+@presets.declare_static_args('capacity', 'dimension_numbers')
 def orthogonal_to(
     memory: Any = None,
     *,

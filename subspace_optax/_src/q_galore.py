@@ -2,26 +2,35 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
-import jax
-import numpy as np
 import optax
 
 from subspace_optax._src import adam
 from subspace_optax._src import bases as bases_lib
-from subspace_optax._src import layout as layout_lib
+from subspace_optax._src import deprecation
 from subspace_optax._src import lazy_refresh
 from subspace_optax._src import low_rank as low_rank_lib
+from subspace_optax._src import presets
 from subspace_optax._src import quantize
 from subspace_optax._src import quantized_moments
+from subspace_optax._src import refresh as refresh_lib
 
 
+@deprecation.renamed_arguments(
+    refresh_every='refresh', weight_decay_mask='mask')
+@presets.declare_static_args('rank', 'refresh', 'bits', 'group_size', 'window',
+                             'mask', 'dimension_numbers')
 def q_galore(
     learning_rate: optax.ScalarOrSchedule,
     rank: int | float = 128,
-    refresh_every: int = 200,
+    *,
+    refresh: int | refresh_lib.RefreshPolicy = 200,
+    stagger: bool = True,
+    basis: str | bases_lib.BasisMethod = 'svd',
+    side: str = 'compact',
+    on_refresh: str = 'keep',
+    align_signs: bool = True,
     scale: float = 0.25,
     bits: int = 4,
     group_size: int = 256,
@@ -33,12 +42,7 @@ def q_galore(
     eps: float = 1e-6,
     eps_before_bias_correction: bool = True,
     weight_decay: float = 0.0,
-    weight_decay_mask: Optional[Any] = None,
-    side: str = 'compact',
-    basis: str | bases_lib.BasisMethod = 'svd',
-    stagger: bool = True,
-    align_signs: bool = True,
-    on_refresh: str = 'keep',
+    mask: Optional[Any] = None,
     dimension_numbers: Any = None,
     seed: int = 0,
     eight_bit_moments: bool = True,
@@ -68,7 +72,14 @@ def q_galore(
   Args:
     learning_rate: a float or an optax schedule.
     rank: subspace rank (int, clamped per matrix) or a fraction of ``min(m, n)``.
-    refresh_every: initial updates between refreshes (``update_proj_gap``).
+    refresh: initial updates between refreshes ``T`` (``update_proj_gap``) of
+      the lazy policy, or any :mod:`subspace_optax.refresh` policy (which then
+      replaces the lazy one: ``threshold``, ``window``, ``growth`` and
+      ``stagger`` are not used).
+    stagger: spread the first refreshes of different leaves over the period.
+    basis: the wrapped dense basis method (``'svd'``, reference).
+    side: ``'compact'`` or ``'reference'`` (the reference's ``'std'``).
+    on_refresh, align_signs: see :func:`~subspace_optax.low_rank`.
     scale: ``α``, multiplies the unprojected update.
     bits: 4 (reference) or 8.
     group_size: rows of a basis column per quantization group.
@@ -77,14 +88,28 @@ def q_galore(
     b1, b2, eps, eps_before_bias_correction: Adam, as
       :func:`~subspace_optax.galore`.
     weight_decay: decoupled weight decay ``λ``.
-    weight_decay_mask: optax mask for the weight decay.
-    side: ``'compact'`` or ``'reference'`` (the reference's ``'std'``).
-    basis: the wrapped dense basis method (``'svd'``, reference).
-    stagger: spread the first refreshes of different leaves over the period.
-    align_signs, on_refresh, dimension_numbers, seed: see
-      :func:`~subspace_optax.low_rank`.
+    mask: optax mask for the weight decay.
+    dimension_numbers, seed: see :func:`~subspace_optax.low_rank`.
     eight_bit_moments: store Adam's moments in 8 bits (reference) or float32.
+
+  State size: :func:`subspace_optax.memory.q_galore_bytes`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> tx = so.q_galore(learning_rate=1e-3, rank=2, group_size=4)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+    >>> so.state_bytes(state) == so.memory.q_galore_bytes(
+    ...     params, rank=2, group_size=4)
+    True
   """
+  if isinstance(refresh, refresh_lib.RefreshPolicy):
+    policy = presets.refresh_policy(refresh, stagger)
+  else:
+    refresh_lib.check_period(refresh, 'refresh')
+    policy = lazy_refresh.lazy(refresh, threshold, window, growth, stagger)
   inner = (
       adam.scale_by_torch_adam(b1, b2, eps) if eps_before_bias_correction
       else optax.scale_by_adam(b1, b2, eps))
@@ -93,55 +118,10 @@ def q_galore(
   return optax.chain(
       low_rank_lib.low_rank(
           inner, rank=rank,
-          refresh=lazy_refresh.lazy(
-              refresh_every, threshold, window, growth, stagger),
+          refresh=policy,
           basis=quantize.quantized(basis, bits, group_size), side=side,
           on_refresh=on_refresh, align_signs=align_signs, scale=scale,
           dimension_numbers=dimension_numbers, seed=seed),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )
-
-
-def _is_layout(x) -> bool:
-  return x is None or isinstance(x, layout_lib.MatrixLayout)
-
-
-def q_galore_bytes(
-    params: Any,
-    rank: int | float = 128,
-    bits: int = 4,
-    group_size: int = 256,
-    window: int = 5,
-    side: str = 'compact',
-    dimension_numbers: Any = None,
-    eight_bit_moments: bool = True,
-) -> int:
-  """Analytic state size of :func:`q_galore`.
-
-  Per projected matrix (``k x r`` basis, ``r x l`` coefficients): basis codes
-  ``k r`` bytes (8 bits) or ``k ceil(r/2)`` (4 bits), a float32 scale and a
-  uint8 zero point per group (``5 ceil(k/g) r`` bytes), two moments of
-  ``r x l``. Per projected leaf the lazy schedule: four int32 and ``window``
-  float32. Other leaves keep full Adam moments of their shape. Plus the
-  pipeline's and Adam's step counts. A moment of ``s`` entries takes ``4 s``
-  bytes in float32; with ``eight_bit_moments``, a moment leaf (the stack of
-  all matrices of a leaf) of at least 4096 entries takes ``s + 4 s / b``
-  (:func:`~subspace_optax._src.quantized_moments.moment_bytes`).
-  """
-  layouts = layout_lib.leaf_layouts(params, dimension_numbers, side, rank)
-  moment = (quantized_moments.moment_bytes if eight_bit_moments
-            else lambda shape: 4 * math.prod(shape))
-  total = 2 * 4
-  for p, lay in zip(jax.tree.leaves(params),
-                    jax.tree.leaves(layouts, is_leaf=_is_layout)):
-    if lay is None:
-      total += 2 * moment(np.shape(p))
-      continue
-    k, r = lay.projected_dim, lay.rank
-    codes = k * r if bits == 8 else k * (-(-r // 2))
-    groups = -(-k // group_size) * r
-    moments = 2 * moment(lay.coefficient_shape)
-    total += lay.num_matrices * (codes + 5 * groups) + moments
-    total += 4 * 4 + 4 * window
-  return total

@@ -13,13 +13,15 @@ step.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from subspace_optax._src import adam
+from subspace_optax._src import presets
+
 
 
 def _view_axes(x: jax.Array, channel_axis: Optional[int]) -> tuple[int, ...]:
@@ -60,6 +62,7 @@ class ProjectRadialState(NamedTuple):
   inner_state: optax.OptState
 
 
+@presets.declare_static_args('channel_axis')
 def project_radial(
     inner: optax.GradientTransformation,
     *,
@@ -164,15 +167,17 @@ def scale_by_torch_nesterov_adam(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+@presets.declare_static_args('channel_axis')
 def adamp(
     learning_rate: optax.ScalarOrSchedule,
+    *,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
+    nesterov: bool = False,
     weight_decay: float = 0.0,
     delta: float = 0.1,
     wd_ratio: float = 0.1,
-    nesterov: bool = False,
     channel_axis: int = -1,
 ) -> optax.GradientTransformationExtraArgs:
   """AdamP: Adam with the radial projection of :func:`project_radial`.
@@ -185,7 +190,24 @@ def adamp(
     p \\leftarrow Π_{radial}(p)\\ \\text{if scale-invariant},\\quad
     w \\leftarrow w - η (p + λ\\,r\\,w),\\ r = \\text{wd\\_ratio or } 1.
 
-  State: Adam's ``2|w|`` (:func:`adamp_bytes`). Needs ``params`` in ``update``.
+  State: Adam's ``2|w|`` (:func:`subspace_optax.memory.adamp_bytes`). Needs
+  ``params`` in ``update``.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    b1, b2, eps: Adam's hyper-parameters.
+    nesterov: use the Nesterov momentum of the reference.
+    weight_decay, delta, wd_ratio, channel_axis: see :func:`project_radial`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> tx = so.adamp(learning_rate=1e-3, weight_decay=1e-2)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+    >>> so.state_bytes(state) == so.memory.adamp_bytes(params)
+    True
   """
   return optax.chain(
       project_radial(
@@ -196,14 +218,16 @@ def adamp(
   )
 
 
+@presets.declare_static_args('channel_axis')
 def sgdp(
     learning_rate: optax.ScalarOrSchedule,
+    *,
     momentum: float = 0.0,
     nesterov: bool = False,
+    eps: float = 1e-8,
     weight_decay: float = 0.0,
     delta: float = 0.1,
     wd_ratio: float = 0.1,
-    eps: float = 1e-8,
     channel_axis: int = -1,
 ) -> optax.GradientTransformationExtraArgs:
   """SGDP: momentum SGD with the radial projection of :func:`project_radial`.
@@ -217,6 +241,23 @@ def sgdp(
 
   The weight decay carries the reference's extra ``1/(1 - μ)`` factor.
   State: one momentum buffer ``|w|`` when ``momentum > 0``.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    momentum: ``μ`` (0: plain SGD, no state).
+    nesterov: Nesterov momentum.
+    eps, weight_decay, delta, wd_ratio, channel_axis: see
+      :func:`project_radial`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> tx = so.sgdp(learning_rate=1e-2, momentum=0.9)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+    >>> updates['w'].shape
+    (8, 6)
   """
   no_momentum = isinstance(momentum, (int, float)) and momentum == 0
   inner = (optax.identity() if no_momentum
@@ -228,8 +269,3 @@ def sgdp(
           channel_axis=channel_axis),
       optax.scale_by_learning_rate(learning_rate),
   )
-
-
-def adamp_bytes(params: Any) -> int:
-  """Analytic state size of :func:`adamp`: two float32 moments and one int32 count."""
-  return 4 + 2 * 4 * sum(int(jnp.size(p)) for p in jax.tree.leaves(params))

@@ -17,6 +17,9 @@ import optax
 
 from subspace_optax._src import alias
 from subspace_optax._src import bases as bases_lib
+from subspace_optax._src import deprecation
+from subspace_optax._src import presets
+from subspace_optax._src import refresh as refresh_lib
 from subspace_optax._src import sharding
 
 
@@ -85,20 +88,24 @@ def gaussian() -> bases_lib.BasisMethod:
   )
 
 
+@deprecation.renamed_arguments(
+    refresh_every='refresh', weight_decay_mask='mask')
+@presets.declare_static_args('rank', 'refresh', 'mask', 'dimension_numbers')
 def golore(
     learning_rate: optax.ScalarOrSchedule,
     rank: int | float = 128,
-    refresh_every: int = 200,
+    *,
+    refresh: int | refresh_lib.RefreshPolicy = 200,
+    stagger: bool = True,
+    side: str = 'compact',
+    on_refresh: str = 'keep',
     scale: float = 0.25,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-6,
     eps_before_bias_correction: bool = True,
     weight_decay: float = 0.0,
-    weight_decay_mask: Optional[Any] = None,
-    side: str = 'compact',
-    stagger: bool = True,
-    on_refresh: str = 'keep',
+    mask: Optional[Any] = None,
     dimension_numbers: Any = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
@@ -117,16 +124,26 @@ def golore(
   the early phase and GoLore for the final one (switch optimizers between
   phases, e.g. with ``optax.contrib`` schedules or two runs). Column signs are
   not aligned with the previous basis (``align_signs=False``), so successive
-  bases stay independent. State: GaLore's (:func:`subspace_optax.galore_bytes`).
+  bases stay independent. State: GaLore's
+  (:func:`subspace_optax.memory.galore_bytes`).
 
   Args: as :func:`subspace_optax.galore`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> tx = so.golore(learning_rate=1e-3, rank=2, refresh=100)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+    >>> so.state_bytes(state) == so.memory.galore_bytes(params, rank=2)
+    True
   """
   return alias.galore(
-      learning_rate, rank=rank, refresh_every=refresh_every, scale=scale,
-      b1=b1, b2=b2, eps=eps,
+      learning_rate, rank=rank, refresh=refresh, stagger=stagger,
+      basis=random_orthonormal(), side=side, on_refresh=on_refresh,
+      align_signs=False, scale=scale, b1=b1, b2=b2, eps=eps,
       eps_before_bias_correction=eps_before_bias_correction,
-      weight_decay=weight_decay, weight_decay_mask=weight_decay_mask,
-      side=side, basis=random_orthonormal(), stagger=stagger,
-      align_signs=False, on_refresh=on_refresh,
+      weight_decay=weight_decay, mask=mask,
       dimension_numbers=dimension_numbers, seed=seed,
   )

@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from subspace_optax._src import low_rank as low_rank_lib
+from subspace_optax._src import presets
 
 
 class AnchorState(NamedTuple):
@@ -52,6 +53,7 @@ def _copy_tree(tree):
   return jax.tree.map(lambda x: jnp.array(x, copy=True), low_rank_lib.unbox(tree))
 
 
+@presets.declare_static_args()
 def l2_to_anchor(
     anchor: Any = None,
     strength: float = 1.0,
@@ -86,6 +88,7 @@ def l2_to_anchor(
       optax.GradientTransformation(init_fn, update_fn))
 
 
+@presets.declare_static_args()
 def ewc(
     anchor: Any = None,
     fisher: Any = None,
