@@ -10,6 +10,7 @@ import optax
 import pytest
 
 import subspace_optax as so
+from subspace_optax._src import protected
 from subspace_optax import continual as cl
 
 
@@ -225,7 +226,7 @@ def test_set_memory_fits_a_compact_memory_and_replaces():
   np.testing.assert_allclose(stored['w'].left[:, :3], compact['w'].left[:, :3],
                              atol=1e-6)
   # Replacing with an empty memory clears it.
-  state = cl.set_memory(state, cl.clear(compact))
+  state = cl.set_memory(state, protected.clear(compact))
   assert int(cl.get_memory(state)['w'].left_count) == 0
 
 
@@ -246,7 +247,7 @@ def test_no_retrace_when_the_memory_changes():
   assert _leaks(second, cl.get_memory(state))['left'] < 1e-6
   assert _leaks(first, cl.get_memory(state))['left'] > 1e-2
   # optax.tree.set also works when the shapes are identical.
-  state = optax.tree.set(state, memory=cl.clear(cl.get_memory(state)))
+  state = optax.tree.set(state, memory=protected.clear(cl.get_memory(state)))
   step(_gradients(0, params), state, params)
 
 
@@ -331,7 +332,7 @@ def test_memory_that_is_not_orthonormal_is_refused(kind):
   assert np.linalg.norm(u.T @ np.asarray(leaked)) > 0.1 * np.linalg.norm(
       np.asarray(delta))
   # The documented fix re-orthonormalises (and drops the duplicate).
-  fixed = cl.add_directions(cl.clear(bad), bad)
+  fixed = cl.add_directions(protected.clear(bad), bad)
   out, _ = tx.update(_gradients(3, params), cl.set_memory(state, fixed),
                      params)
   assert _leaks(out, fixed)['left'] < 1e-6
@@ -352,7 +353,7 @@ def test_memory_holding_nan_is_refused_everywhere():
   # silently drop the NaN columns.
   new_directions = r"\['stack'\]: the left basis of the new directions"
   with pytest.raises(ValueError, match=new_directions):
-    cl.add_directions(cl.clear(bad), bad)
+    cl.add_directions(protected.clear(bad), bad)
   with pytest.raises(ValueError, match=new_directions):
     cl.set_memory(cl.orthogonal_to(
         capacity=5, dimension_numbers=numbers).init(params), bad)

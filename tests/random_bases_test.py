@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import subspace_optax as so
+from subspace_optax._src import bases as bases_lib
 
 
 def _params():
@@ -83,4 +84,4 @@ def test_golore_state_bytes_match_galore_bytes():
 
 @pytest.mark.parametrize('name', ['random_orthonormal', 'gaussian'])
 def test_bases_are_registered_by_name(name):
-  assert so.bases.resolve(name).name == name
+  assert bases_lib.resolve(name).name == name
