@@ -1,0 +1,185 @@
+"""Sphinx configuration: the subspace_optax documentation site.
+
+Build (offline, about half a minute):
+
+  python -m pip install -e '.[docs]'
+  python -m sphinx -W --keep-going -b html docs docs/_build/html
+
+Pages under ``docs/_generated/`` are written here at every build, so they
+follow the code: one API page per public module, listing the names in the
+module's ``__all__`` (or, without one, its public names defined in
+subspace_optax), and copies of the notebooks, rendered without running them.
+"""
+
+import inspect
+import importlib
+import pathlib
+import re
+import shutil
+import sys
+
+DOCS = pathlib.Path(__file__).resolve().parent
+ROOT = DOCS.parent
+GENERATED = DOCS / '_generated'
+sys.path.insert(0, str(ROOT))
+
+import subspace_optax  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+project = 'subspace_optax'
+author = 'The subspace_optax authors'
+copyright = '2026, The subspace_optax authors'  # pylint: disable=redefined-builtin
+release = subspace_optax.__version__
+# The repository's address (a placeholder until the project is published).
+REPOSITORY = 'https://github.com/subspace-optax/subspace_optax'
+
+extensions = [
+    'myst_nb',  # Markdown pages (myst-parser) and notebooks
+    'sphinx.ext.autodoc',
+    'sphinx.ext.autosummary',
+    'sphinx.ext.mathjax',
+    'sphinx.ext.napoleon',  # the docstrings' Args: / Returns: sections
+]
+exclude_patterns = ['_build', 'README.md']
+nb_execution_mode = 'off'  # notebooks are shown as written, never run
+myst_enable_extensions = ['dollarmath']
+myst_heading_anchors = 3
+autodoc_member_order = 'bysource'
+autodoc_typehints = 'signature'
+autodoc_preserve_defaults = True
+autosummary_generate = False
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+
+html_theme = 'sphinx_book_theme'
+html_title = 'subspace_optax'
+html_theme_options = {
+    'repository_url': REPOSITORY,
+    'use_repository_button': True,
+    'show_toc_level': 2,
+}
+
+# --- API reference, generated from each public module's names -----------------
+
+# The public modules, in the order their pages appear. A module that does not
+# exist (yet) is skipped.
+PUBLIC_MODULES = (
+    'subspace_optax',
+    'subspace_optax.bases',
+    'subspace_optax.refresh',
+    'subspace_optax.continual',
+    'subspace_optax.memory',
+)
+
+
+def _public_names(module):
+  """``__all__``, or the public names the module takes from subspace_optax."""
+  names = getattr(module, '__all__', None)
+  if names is not None:
+    return list(names)
+  return [
+      name for name, value in vars(module).items()
+      if not name.startswith('_') and not inspect.ismodule(value)
+      and getattr(value, '__module__', '').startswith('subspace_optax')
+  ]
+
+
+def _directive(value):
+  if inspect.isclass(value):
+    return 'autoclass'
+  if callable(value):
+    return 'autofunction'
+  return 'autodata'
+
+
+def _api_page(module_name, documented):
+  """One reST page: the module's docstring, a summary table, every object."""
+  module = importlib.import_module(module_name)
+  names = _public_names(module)
+  here = [n for n in names if id(getattr(module, n)) not in documented]
+  elsewhere = [n for n in names if id(getattr(module, n)) in documented]
+  title = f'``{module_name}``'
+  lines = [title, '=' * len(title), '', f'.. automodule:: {module_name}', '',
+           f'.. currentmodule:: {module_name}', '']
+  if here:
+    lines += ['.. autosummary::', '']
+    lines += [f'   {name}' for name in here]
+    lines += ['']
+  for name in here:
+    documented[id(getattr(module, name))] = f'{module_name}.{name}'
+    lines += [f'.. {_directive(getattr(module, name))}:: {name}', '']
+  if elsewhere:
+    lines += ['Also available here (documented once, where first listed):', '']
+    lines += [f'- :obj:`{name} <{documented[id(getattr(module, name))]}>`'
+              for name in elsewhere]
+    lines += ['']
+  return '\n'.join(lines)
+
+
+def _write_if_changed(path, text):
+  # Rewriting an unchanged page would make Sphinx rebuild it every time.
+  if not path.exists() or path.read_text() != text:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def _generate_api_pages():
+  documented = {}
+  pages = []
+  for module_name in PUBLIC_MODULES:
+    try:
+      importlib.import_module(module_name)
+    except ModuleNotFoundError:
+      continue
+    page = GENERATED / 'api' / f'{module_name}.rst'
+    _write_if_changed(page, _api_page(module_name, documented))
+    pages.append(page.stem)
+  index = ['API reference', '=============', '',
+           'Every public name, by module, generated from the docstrings.', '',
+           '.. toctree::', '   :maxdepth: 1', '']
+  index += [f'   {page}' for page in pages]
+  _write_if_changed(GENERATED / 'api' / 'index.rst', '\n'.join(index) + '\n')
+
+
+def _copy_notebooks():
+  for notebook in sorted((ROOT / 'notebooks').glob('*.ipynb')):
+    _write_if_changed(GENERATED / 'notebooks' / notebook.name,
+                      notebook.read_text())
+
+
+_generate_api_pages()
+_copy_notebooks()
+
+# --- Links in the Markdown files included from outside docs/ -------------------
+
+# The repository files that have a page here; any other relative link in an
+# included file (README.md, benchmarks/README.md) points at the repository.
+PAGES = {
+    'README.md': 'index',
+    'benchmarks/README.md': 'benchmarks',
+    'docs/multi_device.md': 'multi_device',
+    'docs/reliability.md': 'reliability',
+}
+_LINK = re.compile(r'\]\((?!https?:|#|mailto:)([^)#\s]+)(#[^)\s]*)?\)')
+
+
+def _rewrite_links(app, relative_path, parent_docname, content):
+  """Points an included file's relative links at pages or the repository."""
+  del parent_docname
+  source = pathlib.Path(app.srcdir, relative_path).resolve()
+  base = source.parent.relative_to(ROOT)
+
+  def replace(match):
+    target = (base / match.group(1)).as_posix()
+    target = re.sub(r'(^|/)[^/]+/\.\./', r'\1', target)
+    anchor = match.group(2) or ''
+    if target in PAGES:
+      return f']({PAGES[target]}.md{anchor})'  # the pages sit side by side
+    if re.fullmatch(r'benchmarks/results/[^/]+\.md', target):
+      return '](benchmark_results.md)'
+    return f']({REPOSITORY}/blob/main/{target}{anchor})'
+
+  content[0] = _LINK.sub(replace, content[0])
+
+
+def setup(app):
+  app.connect('include-read', _rewrite_links)
