@@ -26,6 +26,17 @@ def state_bytes(opt_state: Any) -> int:
 
   Works on concrete states, on ``jax.eval_shape`` outputs (ShapeDtypeStruct)
   and inside flax ``nnx.Optimizer`` states (Variables are unwrapped).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import subspace_optax as so
+    >>> params = {'w': jnp.zeros((256, 128))}
+    >>> so.state_bytes(optax.adam(1e-3).init(params))  # 2 moments + a counter
+    262148
+    >>> galore = so.galore(1e-3, rank=32)
+    >>> so.state_bytes(galore.init(params)) == so.galore_bytes(params, rank=32)
+    True
   """
   return sum(_leaf_bytes(x) for x in jax.tree.leaves(opt_state))
 
