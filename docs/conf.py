@@ -8,14 +8,14 @@ Build (offline, about half a minute):
 Pages under ``docs/_generated/`` are written here at every build, so they
 follow the code: one API page per public module, listing the names in the
 module's ``__all__`` (or, without one, its public names defined in
-subspace_optax), and copies of the notebooks, rendered without running them.
+subspace_optax); copies of the notebooks, rendered without running them; and
+a page with every table in benchmarks/results/.
 """
 
-import inspect
 import importlib
+import inspect
 import pathlib
 import re
-import shutil
 import sys
 
 DOCS = pathlib.Path(__file__).resolve().parent
@@ -23,11 +23,13 @@ ROOT = DOCS.parent
 GENERATED = DOCS / '_generated'
 sys.path.insert(0, str(ROOT))
 
-import subspace_optax  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable-next=g-import-not-at-top,wrong-import-position
+import subspace_optax
 
 project = 'subspace_optax'
 author = 'The subspace_optax authors'
-copyright = '2026, The subspace_optax authors'  # pylint: disable=redefined-builtin
+# pylint: disable-next=redefined-builtin
+copyright = '2026, The subspace_optax authors'
 release = subspace_optax.__version__
 # The repository's address (a placeholder until the project is published).
 REPOSITORY = 'https://github.com/subspace-optax/subspace_optax'
@@ -58,7 +60,7 @@ html_theme_options = {
     'show_toc_level': 2,
 }
 
-# --- API reference, generated from each public module's names -----------------
+# --- API reference, generated from each public module's names --------------
 
 # The public modules, in the order their pages appear. A module that does not
 # exist (yet) is skipped.
@@ -74,13 +76,14 @@ PUBLIC_MODULES = (
 def _public_names(module):
   """``__all__``, or the public names the module takes from subspace_optax."""
   names = getattr(module, '__all__', None)
-  if names is not None:
-    return list(names)
-  return [
-      name for name, value in vars(module).items()
-      if not name.startswith('_') and not inspect.ismodule(value)
-      and getattr(value, '__module__', '').startswith('subspace_optax')
-  ]
+  if names is None:
+    names = [
+        name for name, value in vars(module).items()
+        if not name.startswith('_')
+        and getattr(value, '__module__', '').startswith('subspace_optax')
+    ]
+  # Submodules have pages of their own.
+  return [n for n in names if not inspect.ismodule(getattr(module, n))]
 
 
 def _directive(value):
@@ -128,11 +131,16 @@ def _generate_api_pages():
   for module_name in PUBLIC_MODULES:
     try:
       importlib.import_module(module_name)
-    except ModuleNotFoundError:
+    except ModuleNotFoundError as error:
+      if error.name != module_name:
+        raise
       continue
     page = GENERATED / 'api' / f'{module_name}.rst'
     _write_if_changed(page, _api_page(module_name, documented))
     pages.append(page.stem)
+  for stale in (GENERATED / 'api').glob('*.rst'):
+    if stale.stem not in pages and stale.stem != 'index':
+      stale.unlink()  # a module that is no longer public
   index = ['API reference', '=============', '',
            'Every public name, by module, generated from the docstrings.', '',
            '.. toctree::', '   :maxdepth: 1', '']
@@ -141,15 +149,34 @@ def _generate_api_pages():
 
 
 def _copy_notebooks():
-  for notebook in sorted((ROOT / 'notebooks').glob('*.ipynb')):
+  notebooks = sorted((ROOT / 'notebooks').glob('*.ipynb'))
+  for notebook in notebooks:
     _write_if_changed(GENERATED / 'notebooks' / notebook.name,
                       notebook.read_text())
+  for copy in (GENERATED / 'notebooks').glob('*.ipynb'):
+    if copy.name not in {notebook.name for notebook in notebooks}:
+      copy.unlink()  # a notebook that was removed
+
+
+def _benchmark_results_page():
+  """Every table a benchmark script wrote to benchmarks/results/*.md."""
+  lines = [
+      '# Benchmark result tables', '',
+      'Every table as the benchmark script wrote it, next to its JSON in',
+      '`benchmarks/results/`; each names the command that produced it. The',
+      'protocols and the discussion are on the [benchmarks](../benchmarks.md)',
+      'page.', '']
+  for table in sorted((ROOT / 'benchmarks' / 'results').glob('*.md')):
+    lines += [f'```{{include}} ../../benchmarks/results/{table.name}',
+              ':heading-offset: 1', '```', '']
+  _write_if_changed(GENERATED / 'benchmark_results.md', '\n'.join(lines))
 
 
 _generate_api_pages()
 _copy_notebooks()
+_benchmark_results_page()
 
-# --- Links in the Markdown files included from outside docs/ -------------------
+# --- Links in the Markdown files included from outside docs/ ----------------
 
 # The repository files that have a page here; any other relative link in an
 # included file (README.md, benchmarks/README.md) points at the repository.
@@ -158,7 +185,7 @@ PAGES = {
     'benchmarks/README.md': 'benchmarks',
     'docs/multi_device.md': 'multi_device',
     'docs/reliability.md': 'reliability',
-}
+}  # (and benchmarks/results/*.md: the generated benchmark_results page)
 _LINK = re.compile(r'\]\((?!https?:|#|mailto:)([^)#\s]+)(#[^)\s]*)?\)')
 
 
@@ -173,9 +200,9 @@ def _rewrite_links(app, relative_path, parent_docname, content):
     target = re.sub(r'(^|/)[^/]+/\.\./', r'\1', target)
     anchor = match.group(2) or ''
     if target in PAGES:
-      return f']({PAGES[target]}.md{anchor})'  # the pages sit side by side
+      return f'](/{PAGES[target]}.md{anchor})'  # from the docs root
     if re.fullmatch(r'benchmarks/results/[^/]+\.md', target):
-      return '](benchmark_results.md)'
+      return '](/_generated/benchmark_results.md)'
     return f']({REPOSITORY}/blob/main/{target}{anchor})'
 
   content[0] = _LINK.sub(replace, content[0])
