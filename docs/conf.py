@@ -168,7 +168,7 @@ def _benchmark_results_page():
       'page.', '']
   for table in sorted((ROOT / 'benchmarks' / 'results').glob('*.md')):
     lines += [f'```{{include}} ../../benchmarks/results/{table.name}',
-              ':heading-offset: 1', '```', '']
+              ':heading-offset: 1', ':relative-images:', '```', '']
   _write_if_changed(GENERATED / 'benchmark_results.md', '\n'.join(lines))
 
 
@@ -178,15 +178,17 @@ _benchmark_results_page()
 
 # --- Links in the Markdown files included from outside docs/ ----------------
 
-# The repository files that have a page here; any other relative link in an
-# included file (README.md, benchmarks/README.md) points at the repository.
+# The repository files that have a page here besides docs/*.md (and
+# benchmarks/results/*.md, all on the generated benchmark_results page); any
+# other relative link in an included file (README.md, benchmarks/README.md)
+# points at the repository.
 PAGES = {
     'README.md': 'index',
     'benchmarks/README.md': 'benchmarks',
-    'docs/multi_device.md': 'multi_device',
-    'docs/reliability.md': 'reliability',
-}  # (and benchmarks/results/*.md: the generated benchmark_results page)
-_LINK = re.compile(r'\]\((?!https?:|#|mailto:)([^)#\s]+)(#[^)\s]*)?\)')
+}
+# A link (not an image: the include's :relative-images: handles those).
+_LINK = re.compile(
+    r'(?<!!)(\[[^\]]*\])\((?!https?:|#|mailto:)([^)#\s]+)(#[^)\s]*)?\)')
 
 
 def _rewrite_links(app, relative_path, parent_docname, content):
@@ -196,14 +198,15 @@ def _rewrite_links(app, relative_path, parent_docname, content):
   base = source.parent.relative_to(ROOT)
 
   def replace(match):
-    target = (base / match.group(1)).as_posix()
-    target = re.sub(r'(^|/)[^/]+/\.\./', r'\1', target)
-    anchor = match.group(2) or ''
-    if target in PAGES:
-      return f'](/{PAGES[target]}.md{anchor})'  # from the docs root
+    text, path, anchor = match.group(1), match.group(2), match.group(3) or ''
+    target = re.sub(r'(^|/)[^/]+/\.\./', r'\1', (base / path).as_posix())
+    if target in PAGES:  # links from the docs root
+      return f'{text}(/{PAGES[target]}.md{anchor})'
+    if re.fullmatch(r'docs/[^/]+\.md', target) and (ROOT / target).exists():
+      return f'{text}(/{target[len("docs/"):]}{anchor})'
     if re.fullmatch(r'benchmarks/results/[^/]+\.md', target):
-      return '](/_generated/benchmark_results.md)'
-    return f']({REPOSITORY}/blob/main/{target}{anchor})'
+      return f'{text}(/_generated/benchmark_results.md)'
+    return f'{text}({REPOSITORY}/blob/main/{target}{anchor})'
 
   content[0] = _LINK.sub(replace, content[0])
 
