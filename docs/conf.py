@@ -68,6 +68,7 @@ PUBLIC_MODULES = (
     'subspace_optax',
     'subspace_optax.bases',
     'subspace_optax.refresh',
+    'subspace_optax.transforms',
     'subspace_optax.continual',
     'subspace_optax.memory',
 )
