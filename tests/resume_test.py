@@ -81,6 +81,7 @@ def runs(tmp_path_factory):
   return {name: (uninterrupted[name], resumed[name]) for name in registry.NAMES}
 
 
+@pytest.mark.slow  # one subprocess that saves and restores every method
 @pytest.mark.parametrize('name', registry.NAMES)
 def test_resume_in_a_fresh_process_is_bit_exact(runs, name):
   uninterrupted, resumed = runs[name]
