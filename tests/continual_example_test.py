@@ -10,6 +10,8 @@ pytest.importorskip('matplotlib')
 
 from examples import continual as example  # pylint: disable=wrong-import-position
 
+pytestmark = pytest.mark.slow
+
 
 def test_tasks_are_padded_to_one_shape():
   tasks = example.load_tasks(example.Config(tasks='split', num_tasks=5))

@@ -10,6 +10,8 @@ pytest.importorskip('matplotlib')
 from examples import continual_lm as example  # pylint: disable=wrong-import-position
 from examples.lm import data as data_lib  # pylint: disable=wrong-import-position
 
+pytestmark = pytest.mark.slow
+
 
 def test_domains_ship_with_python():
   python = example.domain_bytes('python', 20_000)

@@ -20,6 +20,8 @@ from examples.lm import optimizers
 from examples.lm import plot
 from examples.lm import train
 
+pytestmark = pytest.mark.slow
+
 TINY = model_lib.Config(dim=32, layers=2, heads=2, ffn_dim=64, max_seq_len=32)
 TINY_FLAGS = ['--dim', '32', '--layers', '2', '--heads', '2', '--ffn-dim', '64',
               '--seq-len', '32', '--batch-size', '4', '--eval-batches', '2',

@@ -16,6 +16,8 @@ import subspace_optax as so
 from benchmarks import faithfulness_galore as bench
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
+pytestmark = pytest.mark.slow
+
 CONFIG = bench.SMALL  # (16, 12) and (8, 20), rank 4, refresh every 3, 8 steps
 BOUND = bench.BOUND  # 1e-5
 

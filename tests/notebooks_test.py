@@ -20,6 +20,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 NOTEBOOKS_DIR = pathlib.Path(__file__).resolve().parent.parent / 'notebooks'
 NOTEBOOKS = sorted(p.stem for p in NOTEBOOKS_DIR.glob('[0-9][0-9]_*.py'))
 TIMEOUT_S = 600

@@ -92,6 +92,7 @@ def pipeline_case(draw):
       seed=draw(st.integers(0, 2**16)))
 
 
+@pytest.mark.slow  # the unit subset checks the span in low_rank_test.py
 @hypothesis.settings(max_examples=12, **SETTINGS)
 @hypothesis.given(pipeline_case())
 def test_updates_lie_in_an_orthonormal_basis_span(case):

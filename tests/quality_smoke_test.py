@@ -12,6 +12,8 @@ import pytest
 
 from benchmarks import quality
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope='module')
 def quick(tmp_path_factory):

@@ -81,6 +81,7 @@ def runs(tmp_path_factory):
   return {name: (uninterrupted[name], resumed[name]) for name in registry.NAMES}
 
 
+@pytest.mark.slow  # one subprocess that saves and restores every method
 @pytest.mark.parametrize('name', registry.NAMES)
 def test_resume_in_a_fresh_process_is_bit_exact(runs, name):
   uninterrupted, resumed = runs[name]
@@ -130,8 +131,6 @@ def _galore(rank):
                    dimension_numbers=so.last_two_axes)
 
 
-# orbax leaves an unawaited read coroutine behind when it refuses a restore.
-@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_checkpoint_from_another_config_is_refused_clearly(tmp_path):
   params = registry.make_params()
   saved_tx = _galore(rank=3)
@@ -158,9 +157,14 @@ def test_checkpoint_from_another_config_is_refused_clearly(tmp_path):
                    'optimizer ((8, 2), \'float32\')', '0/inner_state/mu/stack',
                    'another configuration (rank', 'Do not disable'):
     assert fragment in message, message
-  # orbax itself refuses too (no silent truncation of the basis).
+  # orbax itself refuses too (no silent truncation of the basis). Shown on one
+  # basis alone: refusing one leaf of many, orbax 0.12.8 closes its event loop
+  # while the other leaves' reads are in flight, and those print pages of
+  # "Event loop is closed" and "Exception ignored" when they finish.
+  checkpointer.save(tmp_path / 'basis', {'w': state[0].basis['w']})
+  checkpointer.wait_until_finished()
   with pytest.raises(ValueError, match='not compatible with the stored shape'):
-    checkpointer.restore(tmp_path / 'ckpt', other)
+    checkpointer.restore(tmp_path / 'basis', {'w': other[0].basis['w']})
 
   # Another method (no chain around low_rank): the missing paths are named.
   bare = jax.eval_shape(

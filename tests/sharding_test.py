@@ -32,6 +32,8 @@ from jax.sharding import PartitionSpec as P
 import registry
 import subspace_optax as so
 
+pytestmark = pytest.mark.slow
+
 threadpoolctl = pytest.importorskip('threadpoolctl')
 
 RANK = 4

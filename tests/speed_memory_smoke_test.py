@@ -12,6 +12,8 @@ import pytest
 
 from benchmarks import speed_memory
 
+pytestmark = pytest.mark.slow
+
 HAS_REFERENCE = all(importlib.util.find_spec(m) is not None
                     for m in ('torch', 'galore_torch'))
 

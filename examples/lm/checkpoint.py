@@ -9,7 +9,7 @@ Saving is synchronous (``enable_async_checkpointing=False``) so a checkpoint is
 complete when :func:`save` returns. Restoring goes into an abstract target
 (``nnx.eval_shape`` of the model and optimizer, with shardings attached): that
 keeps the optimizer state's NamedTuples and ``optax.MaskedNode`` leaves, which a
-target-less restore would turn into dicts and lists (shared/ecosystem.md §4).
+target-less restore would turn into dicts, lists and ``None``.
 Optimizer states hold no PRNG keys and batches are a pure function of the step,
 so resuming reproduces the uninterrupted run bit for bit.
 """

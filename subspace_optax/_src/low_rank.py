@@ -1,8 +1,10 @@
 """The subspace pipeline: project -> inner optimizer -> unproject (+ residual).
 
 One combinator owns the basis of every projected leaf, so the inner optimizer's
-state has the low-rank shape (``optax.chain`` cannot thread shapes between
-its stages). Per matrix ``G`` with basis ``Q``:
+state has the low-rank shape. A separate ``project`` stage in an ``optax.chain``
+would not do: the next stage's state is initialised from the full-size params
+(Adam's moments would be ``m x n``), and a later ``unproject`` stage cannot see
+the basis the first stage holds. Per matrix ``G`` with basis ``Q``:
 
 .. math::
   C = QᵀG, \\qquad N = inner(C), \\qquad U = α\\, Q N

@@ -23,7 +23,8 @@ mode            update applied                     used by
 Why last: Adam's elementwise scaling, weight decay and schedules do not commute
 with a projection, so a gradient masked before Adam leaks several percent of the
 update back into the protected subspace; masking the final update leaks nothing
-but rounding (shared/methods.md §9, §13).
+but rounding (weight decay included, which would otherwise pull the weights
+along the protected directions).
 
 The memory of a leaf is a :class:`ProtectedSubspace` of static shape (capacity
 columns per side plus a fill count; unused columns are zero), so a jitted step
