@@ -70,6 +70,7 @@ def optimizer_only(tx, params, gradients, warmup, timed) -> dict[str, Any]:
 # Set-up.
 
 
+@dataclasses.dataclass(frozen=True)
 class Setup:
   model_config: model_lib.Config
   batch_size: int
