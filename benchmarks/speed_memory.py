@@ -154,8 +154,7 @@ def run(args, argv: Sequence[str]) -> dict[str, Any]:
       raise SystemExit(f'error: unknown method(s) {unknown}; known: '
                        f'{", ".join(table)}')
   else:
-    names = [n for n in (QUICK_METHODS if args.quick else DEFAULT_METHODS)
-             if n in table]
+    names = list(QUICK_METHODS if args.quick else DEFAULT_METHODS)
   bandwidth = harness.hbm_bandwidth(args.hbm_bandwidth_gbs)
   corpus = data_lib.load_corpus(None, max_bytes=setup.max_bytes,
                                 seq_len=setup.seq_len)
@@ -167,7 +166,7 @@ def run(args, argv: Sequence[str]) -> dict[str, Any]:
   if args.torch_reference and not args.raw:
     print('[speed_memory] galore-torch', file=sys.stderr, flush=True)
     reference = torch_reference.run(setup, model_params, args.torch_timeout,
-                                not args.skip_shapes)
+                                    not args.skip_shapes)
     if args.out:
       pathlib.Path(args.out).with_suffix('.torch.json').write_text(
           json.dumps(reference))
@@ -191,8 +190,8 @@ def run(args, argv: Sequence[str]) -> dict[str, Any]:
         if rows:  # empty with --skip-shapes
           shape_rows.setdefault(s, {})[name] = rows.get(name, rows)
       continue
-    model_rows[name] = _safely(speed.run_method, name, table[name], setup, corpus,
-                               bandwidth)
+    model_rows[name] = _safely(speed.run_method, name, table[name], setup,
+                               corpus, bandwidth)
     if not args.skip_shapes:
       for s, row in _safely(speed.run_shapes, name, table[name], setup,
                             bandwidth).items():

@@ -105,7 +105,8 @@ def make_method(name: str, hyper: dict[str, Any], model: Model,
       return continual.set_memory(opt_state, memory)
     inner = hyper.get('optimizer', 'adam')
     if inner not in ('adam', 'sgd'):
-      raise ValueError(f"gpm's optimizer must be 'adam' or 'sgd', got {inner!r}.")
+      raise ValueError(
+          f"gpm's optimizer must be 'adam' or 'sgd', got {inner!r}.")
     if inner == 'sgd':  # the paper's recipe: plain SGD, then the projection
       return Method(continual.gpm(lr), grow)
     return Method(optax.chain(optax.adam(lr), continual.orthogonal_to(
@@ -173,7 +174,8 @@ def loss_summary(matrix, baseline=None) -> dict[str, float]:
 
 
 def plot_matrices(report: dict[str, Any], path, *,
-                  values: Callable[[Any], np.ndarray], limits: tuple[float, float],
+                  values: Callable[[Any], np.ndarray],
+                  limits: tuple[float, float],
                   cmap: str, number_format: str, title: Callable[[dict], str],
                   task_labels: Optional[list[str]], axis_name: str,
                   colorbar_label: str, suptitle: str, panel_width: float,

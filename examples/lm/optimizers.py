@@ -204,7 +204,7 @@ def _adamw(*, learning_rate, rank, refresh_every, weight_decay, seed):
 
 def _adamw_bytes(params, rank) -> int:
   del rank  # count (4 bytes) and two moments per parameter
-  return 4 + 2 * 4 * sum(math.prod(jnp.shape(p)) for p in jax.tree.leaves(params))
+  return 4 + 8 * sum(math.prod(jnp.shape(p)) for p in jax.tree.leaves(params))
 
 
 def _galore(*, learning_rate, rank, refresh_every, weight_decay, seed,
@@ -316,7 +316,8 @@ def _auon(*, learning_rate, rank, refresh_every, weight_decay, seed,
 # AdamW's: the GaLore family (0.01 with scale 0.25 against AdamW's 0.001) is
 # 10x; FRUGAL and DCT-AdamW, whose subspace step has scale 1, are 1x.
 
-_GALORE = 'subspace_optax.galore, {} basis, stagger {}, compact side, scale 0.25'
+_GALORE = ('subspace_optax.galore, {} basis, stagger {}, compact side, '
+           'scale 0.25')
 
 for _name, _method in {
     'adamw': Method(
