@@ -1,11 +1,11 @@
 """Loss curves and optimizer-state memory per method, from a metrics JSONL.
 
-  python -m examples.lm.plot runs/lm/metrics.jsonl [--out DIR]
+  python -m examples.lm.plot runs/lm/run-1/metrics.jsonl [--out DIR]
 
 writes ``loss.png`` (training loss, smoothed, and validation loss against
 steps, on a log scale: the first steps fall from ~5.5 nats, the methods then
-differ by a few hundredths) and ``memory.png`` (optimizer-state MiB per method) next to the JSONL
-file or into ``--out``.
+differ by a few hundredths) and ``memory.png`` (optimizer-state MiB per
+method) next to the JSONL file or into ``--out``.
 """
 
 from __future__ import annotations
