@@ -59,6 +59,7 @@ Modules: the rows are ``examples.lm.optimizers.REGISTRY`` entries
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
