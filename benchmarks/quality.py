@@ -20,12 +20,13 @@ Protocol (details in ``benchmarks/README.md``, section "Quality"):
 * Every run is ``clip_by_global_norm(1.0)`` then the method, with the GaLore
   LLaMA schedule (10 % linear warm-up, cosine decay to 10 % of the peak) and no
   weight decay.
-* Learning rates follow each paper's recipe relative to AdamW's (``LR_RATIO``:
-  the GaLore family, 0.01 with ``scale=0.25`` against AdamW's 0.001, is 10x;
-  FRUGAL and DCT-AdamW, whose subspace step has scale 1, are 1x; Q-GaLore's
-  60M recipe 0.015 is 15x). ``--lr-multipliers`` multiplies every method's
-  rate by each value and keeps, per method, the one with the lowest median
-  validation loss (the same number of runs for every method).
+* Learning rates follow each paper's recipe relative to AdamW's (the
+  ``lr_ratio`` of the row in ``examples.lm.optimizers.REGISTRY``: the GaLore
+  family, 0.01 with ``scale=0.25`` against AdamW's 0.001, is 10x; FRUGAL and
+  DCT-AdamW, whose subspace step has scale 1, are 1x; Q-GaLore's 60M recipe
+  0.015 is 15x). ``--lr-multipliers`` multiplies every method's rate by each
+  value and keeps, per method, the one with the lowest median validation loss
+  (the same number of runs for every method).
 * Equal optimizer-state budget: the budget is ``subspace_optax.galore`` at
   rank ``dim // 4``. Methods marked ``match_budget`` get the rank whose state
   bytes are the largest within that budget (e.g. FRUGAL and Fira keep their reference
@@ -56,7 +57,6 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -72,204 +72,27 @@ BASELINE = 'adamw'
 BUDGET_METHOD = 'galore'
 
 # ----------------------------------------------------------------------------
-# Methods.
+# Methods: rows of the one table, examples.lm.optimizers.REGISTRY (learning-rate
+# ratio to AdamW, rank rule, description). The committed tables ran these rows,
+# in this order.
 
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-  """One row of the benchmark.
-
-  ``build(learning_rate, rank, refresh_every, seed)`` returns the method's
-  optax transform (without the clipping, added for every method).
-  ``lr_ratio`` is its peak learning rate over AdamW's. ``rank``: ``'quarter'``
-  (``dim // 4``), ``'match_budget'`` (the largest rank whose state fits in
-  GaLore's at ``dim // 4``), an int (fixed), or None (full rank).
-  ``requires`` names the ``subspace_optax`` attribute the row needs; rows whose
-  preset is not there are reported as unavailable.
-  """
-
-  build: Callable[..., optax.GradientTransformation]
-  lr_ratio: float
-  rank: Any
-  description: str
-  requires: Optional[str] = None
-
-
-def _blocks():
-  return dict(dimension_numbers=lm_optimizers.block_matrices)
-
-
-def _adamw(learning_rate, rank, refresh_every, seed):
-  del rank, refresh_every, seed
-  return optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8,
-                     weight_decay=0.0)
-
-
-def _frugal(basis):
-  return lambda lr, r, t, s: so.frugal(
-      lr, rank=r, refresh_every=t, basis=basis, seed=s, **_blocks())
-
-
-def _block_matrix_mask(params):
-  return jax.tree_util.tree_map_with_path(lm_optimizers.is_block_matrix, params)
-
-
-# AuON's runs use lr 0.02 (arXiv 2509.24320), against AdamW's 3e-3 here.
-AUON_LR_RATIO = 0.02 / 3e-3
-
-
-def _auon(newton_schulz_steps):
-  """AuON on the block matrices at its own rate; AdamW at AdamW's elsewhere."""
-
-  def build(learning_rate, rank, refresh_every, seed):
-    del rank, refresh_every, seed
-    adam_rate = lambda step: learning_rate(step) / AUON_LR_RATIO
-    return so.auon(learning_rate, newton_schulz_steps=newton_schulz_steps,
-                   matrix_mask=_block_matrix_mask,
-                   adam_learning_rate=adam_rate)
-
-  return build
-
-
-def _optax_galore(learning_rate, rank, refresh_every, seed):
-  del seed
-  return lm_optimizers.REGISTRY['optax_galore'].build(
-      learning_rate=learning_rate, rank=rank, refresh_every=refresh_every,
-      weight_decay=0.0)
-
-
-METHODS: dict[str, Method] = {
-    'adamw': Method(
-        _adamw, 1.0, None,
-        'optax.adamw, b=(0.9, 0.999), eps 1e-8 (arXiv 1711.05101)'),
-    'galore': Method(
-        lambda lr, r, t, s: so.galore(
-            lr, rank=r, refresh_every=t, scale=0.25, seed=s, **_blocks()),
-        10.0, 'quarter',
-        'subspace_optax.galore, SVD basis, compact side, scale 0.25 '
-        '(arXiv 2403.03507)', 'galore'),
-    'optax_galore': Method(
-        _optax_galore, 10.0, 'quarter',
-        'optax.contrib.galore, scale 0.25, same rank as galore; Adam on the '
-        'other leaves (optax.partition)'),
-    'frugal': Method(
-        _frugal('svd'), 1.0, 'match_budget',
-        'subspace_optax.frugal: Adam on an SVD subspace (reference side, '
-        'moments reset at refresh) + signSGD on the residual, scale 1 '
-        '(arXiv 2411.07837)', 'frugal'),
-    'fira': Method(
-        lambda lr, r, t, s: so.fira(
-            lr, rank=r, refresh_every=t, scale=0.25, seed=s, **_blocks()),
-        10.0, 'match_budget',
-        'subspace_optax.fira: GaLore + norm-scaled residual + limiter 1.01, '
-        'reference side, scale 0.25 (arXiv 2410.01623)', 'fira'),
-    'online_subspace_descent': Method(
-        lambda lr, r, t, s: so.online_subspace_descent(
-            lr, rank=r, inner='adam', seed=s, **_blocks()),
-        10.0, 'match_budget',
-        'subspace_optax.online_subspace_descent: Adam inner, basis moved '
-        'every step by Adam on the online-PCA loss (lr 0.005), scale 0.25 '
-        '(arXiv 2408.12857)', 'online_subspace_descent'),
-    'apollo': Method(
-        lambda lr, r, t, s: so.apollo(
-            lr, rank=r, refresh_every=t, seed=s, **_blocks()),
-        10.0, 'match_budget',
-        'subspace_optax.apollo: channel-wise scaled raw gradient, seeded '
-        'Gaussian sketch, limiter 1.01 (arXiv 2412.05270)', 'apollo'),
-    'apollo_mini': Method(
-        lambda lr, r, t, s: so.apollo_mini(
-            lr, refresh_every=t, seed=s, **_blocks()),
-        10.0, 1,
-        'subspace_optax.apollo_mini: rank 1, tensor-wise scale, scale 128 '
-        '(arXiv 2412.05270)', 'apollo_mini'),
-    'q_galore': Method(
-        lambda lr, r, t, s: so.q_galore(
-            lr, rank=r, refresh_every=t, scale=0.25, seed=s, **_blocks()),
-        15.0, 'match_budget',
-        'subspace_optax.q_galore: INT4 basis, lazy per-layer refresh, '
-        '8-bit moments, scale 0.25 (arXiv 2407.08296)', 'q_galore'),
-    'golore': Method(
-        lambda lr, r, t, s: so.golore(
-            lr, rank=r, refresh_every=t, scale=0.25, seed=s, **_blocks()),
-        10.0, 'match_budget',
-        'subspace_optax.golore: random orthonormal basis, scale 0.25 '
-        '(arXiv 2410.11289)', 'golore'),
-    'i3s': Method(
-        lambda lr, r, t, s: so.i3s(
-            lr, rank=r, refresh_every=t, scale=0.25, seed=s, **_blocks()),
-        10.0, 'match_budget',
-        'subspace_optax.i3s: singular vectors sampled by sigma, scale 0.25 '
-        '(arXiv 2502.05790)', 'i3s'),
-    'galore_8bit_moments': Method(
-        lambda lr, r, t, s: optax.chain(
-            so.low_rank(so.quantize_moments(so.scale_by_torch_adam()),
-                        rank=r, refresh=t, basis='svd', scale=0.25, seed=s,
-                        **_blocks()),
-            optax.scale_by_learning_rate(lr)),
-        10.0, 'quarter',
-        'galore (same pipeline) with its Adam moments in 8 bits '
-        '(subspace_optax.quantize_moments, arXiv 2110.02861)',
-        'quantize_moments'),
-    'galore_momentum_reset': Method(
-        lambda lr, r, t, s: so.galore(
-            lr, rank=r, refresh_every=t, scale=0.25, on_refresh='reset',
-            seed=s, **_blocks()),
-        10.0, 'quarter',
-        'subspace_optax.galore with the moments zeroed at every refresh '
-        '(momentum reset, arXiv 2505.22922)', 'galore'),
-    'frugal_random': Method(
-        _frugal('random'), 1.0, 'match_budget',
-        'subspace_optax.frugal, random orthonormal subspace '
-        '(arXiv 2411.07837)', 'frugal'),
-    'frugal_columns': Method(
-        _frugal('columns'), 1.0, 'match_budget',
-        'subspace_optax.frugal, random columns (indices only, no Q) '
-        '(arXiv 2411.07837)', 'frugal'),
-    'frugal_blocks': Method(
-        _frugal('blocks'), 1.0, 0.25,
-        'subspace_optax.frugal, blockwise (BAdam-like): a quarter of the '
-        'matrices active per period (density 0.25, the paper\'s default); '
-        'moments stay full size (static shapes) (arXiv 2411.07837)',
-        'frugal'),
-    'online_subspace_descent_lion': Method(
-        lambda lr, r, t, s: so.online_subspace_descent(
-            lr, rank=r, inner='lion', seed=s, **_blocks()),
-        10.0 / 3, 'match_budget',
-        'subspace_optax.online_subspace_descent, Lion inner; lr 3x below the '
-        'Adam-inner row (Lion paper, arXiv 2302.06675: 3-10x below AdamW)',
-        'online_subspace_descent'),
-    'adamp': Method(
-        lambda lr, r, t, s: so.adamp(lr), 1.0, None,
-        'subspace_optax.adamp: radial component removed on scale-invariant '
-        'weights (arXiv 2006.08217), full rank', 'adamp'),
-    'sgdp': Method(
-        lambda lr, r, t, s: so.sgdp(lr, momentum=0.9, nesterov=True),
-        100.0, None,
-        'subspace_optax.sgdp, Nesterov momentum 0.9; lr 100x AdamW\'s (SGD\'s '
-        '0.1 against Adam\'s 1e-3, the usual ImageNet pair; arXiv 2006.08217), '
-        'full rank', 'sgdp'),
-    'auon': Method(
-        _auon(0), AUON_LR_RATIO, None,
-        'subspace_optax.auon on the block matrices (lr 0.02 as in its runs), '
-        'AdamW elsewhere (arXiv 2509.24320)', 'auon'),
-    'auon_hybrid': Method(
-        _auon(1), AUON_LR_RATIO, None,
-        'subspace_optax.auon with one Newton-Schulz step first (the hybrid)',
-        'auon'),
-    'dct_adamw': Method(
-        lambda lr, r, t, s: so.dct_adamw(
-            lr, rank=r, refresh_every=t, seed=s, **_blocks()),
-        1.0, 'match_budget',
-        'subspace_optax.dct_adamw: DCT columns chosen by l1 alignment, '
-        'moments transported, scale 1 (arXiv 2505.17967)', 'dct_adamw'),
-}
-
+QUALITY_METHODS = (
+    'adamw', 'galore', 'optax_galore', 'frugal', 'fira',
+    'online_subspace_descent', 'apollo', 'apollo_mini', 'q_galore', 'golore',
+    'i3s', 'galore_momentum_reset', 'frugal_random', 'frugal_columns',
+    'frugal_blocks', 'online_subspace_descent_lion', 'adamp', 'sgdp', 'auon',
+    'auon_hybrid', 'dct_adamw')
+METHODS: dict[str, lm_optimizers.Method] = {
+    name: lm_optimizers.get(name) for name in QUALITY_METHODS}
 QUICK_METHODS = ('adamw', 'galore')
 
 
-def available_methods() -> list[str]:
-  return [name for name, m in METHODS.items()
-          if m.requires is None or hasattr(so, m.requires)]
+def make_tx(name: str, learning_rate: optax.ScalarOrSchedule, rank,
+            refresh_every: int, seed: int) -> optax.GradientTransformation:
+  """Row ``name``: gradient clipping, then the method, no weight decay."""
+  return lm_optimizers.make_optimizer(
+      name, learning_rate_schedule=learning_rate, rank=rank,
+      refresh_every=refresh_every, weight_decay=0.0, seed=seed)
 
 
 # ----------------------------------------------------------------------------
@@ -343,13 +166,12 @@ def resolve_ranks(names: Sequence[str], setup: Setup,
   """Rank of each method and the state budget (bytes of GaLore at dim/4)."""
   quarter = setup.model_config.dim // 4
   schedule = lm_optimizers.warmup_cosine(1e-3, setup.steps)  # as in train()
-  build_of = lambda name: lambda r: optax.chain(
-      optax.clip_by_global_norm(1.0),
-      METHODS[name].build(schedule, r, setup.refresh_every, 0))
+  build_of = lambda name: lambda r: make_tx(
+      name, schedule, r, setup.refresh_every, 0)
   budget = state_bytes_of(build_of(BUDGET_METHOD)(quarter), params)
   ranks = {}
   for name in names:
-    rule = METHODS[name].rank
+    rule = lm_optimizers.get(name).rank
     if rule is None or isinstance(rule, (int, float)):
       ranks[name] = rule
     elif rule == 'quarter':
@@ -372,9 +194,7 @@ def train(name: str, setup: Setup, corpus: data_lib.Corpus, *, rank, lr: float,
   wall, cpu = time.perf_counter(), time.process_time()
   graphdef, params = init_params(setup, seed)
   schedule = lm_optimizers.warmup_cosine(lr, setup.steps)
-  tx = optax.chain(
-      optax.clip_by_global_norm(1.0),
-      METHODS[name].build(schedule, rank, setup.refresh_every, seed))
+  tx = make_tx(name, schedule, rank, setup.refresh_every, seed)
   opt_state = tx.init(params)
   state_size = int(so.state_bytes(opt_state))
 
@@ -425,17 +245,14 @@ def run(args) -> dict[str, Any]:
   seeds = [int(s) for s in args.seeds.split(',')]
   multipliers = [float(fractions.Fraction(m))
                  for m in args.lr_multipliers.split(',')]
-  available = available_methods()
   if args.methods:
     names = [n.strip() for n in args.methods.split(',') if n.strip()]
-    unknown = [n for n in names if n not in METHODS]
+    unknown = [n for n in names if n not in lm_optimizers.REGISTRY]
     if unknown:
       raise SystemExit(f'error: unknown method(s) {unknown}; '
-                       f'known: {", ".join(METHODS)}')
+                       f'known: {", ".join(lm_optimizers.REGISTRY)}')
   else:
     names = list(QUICK_METHODS) if args.quick else list(METHODS)
-  unavailable = [n for n in names if n not in available]
-  names = [n for n in names if n in available]
   if BASELINE not in names:
     names.insert(0, BASELINE)
 
@@ -447,7 +264,7 @@ def run(args) -> dict[str, Any]:
 
   rows = []
   for name in names:
-    method = METHODS[name]
+    method = lm_optimizers.get(name)
     sweep = []
     for multiplier in multipliers:
       lr = setup.adamw_lr * method.lr_ratio * multiplier
@@ -516,7 +333,6 @@ def run(args) -> dict[str, Any]:
                           f'{setup.model_config.dim // 4}',
       },
       'rows': rows,
-      'unavailable': unavailable,
       'bars': bars(rows),
       'wall_seconds': time.perf_counter() - began_wall,
       'cpu_seconds': time.process_time() - began_cpu,
@@ -598,8 +414,6 @@ def markdown(result: dict[str, Any]) -> str:
   for name, bar in result['bars'].items():
     lines.append(f"- {name}: {'met' if bar['met'] else 'NOT met'} "
                  f"({json.dumps({k: v for k, v in bar.items() if k != 'met'})})")
-  if result['unavailable']:
-    lines += ['', f"Unavailable presets: {', '.join(result['unavailable'])}"]
   lines += ['', f"Total: {result['cpu_seconds']:.0f} s CPU, "
             f"{result['wall_seconds']:.0f} s wall."]
   return '\n'.join(lines) + '\n'
@@ -610,8 +424,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
       prog='python -m benchmarks.quality', description=__doc__.split('\n')[0],
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument('--methods', default=None,
-                 help=f'comma-separated subset of {", ".join(METHODS)} '
-                 '(default: all available; adamw is always run)')
+                 help=f'comma-separated names of examples.lm.optimizers '
+                 f'(default: {", ".join(METHODS)}; adamw is always run)')
   p.add_argument('--model', default='tiny', choices=sorted(model_lib.PRESETS))
   p.add_argument('--steps', type=int, default=None, help='default 300')
   p.add_argument('--batch-size', type=int, default=8)

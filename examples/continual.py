@@ -57,7 +57,7 @@ import json
 import pathlib
 import time
 import types
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -65,9 +65,10 @@ import numpy as np
 import optax
 from flax import nnx
 
+from examples import continual_common as common
 from subspace_optax import continual
 
-METHODS = ('naive', 'l2', 'ewc', 'gpm', 'sculpt')
+METHODS = common.METHODS
 
 # Chosen per method on the validation split, seed 0, by
 # ``python -m benchmarks.continual --tune --tasks split|permuted|rotated`` (the
@@ -254,91 +255,37 @@ def _per_kernel(params, values: dict[str, Any]):
 
 
 # ----------------------------------------------------------------------------
-# Methods: an optax transform and what happens at each task boundary.
+# What the methods need from the model (examples/continual_common.py).
 
 
-@dataclasses.dataclass
-class Method:
-  tx: optax.GradientTransformation
-  # (params, opt_state, task_index, tasks) -> opt_state
-  boundary: Callable[..., Any]
+def _model(net) -> common.Model:
+  """Fisher of one ``(x, y, class_mask)`` example; sculpt's importance
+  ``cos(x, W x)`` of the square hidden layers (Sculpting Subspaces); GPM's
+  layer inputs."""
+
+  def importance(params, samples):
+    _, layer_inputs, layer_outputs = net.apply_trace(params, samples[0])
+    return _per_kernel(params, {
+        k: continual.activation_importance(layer_inputs[k], layer_outputs[k])
+        for k in layer_inputs if k.startswith('hidden')})
+
+  def layer_inputs(params, samples):
+    return _per_kernel(params, net.apply_trace(params, samples[0])[1])
+
+  return common.Model(loss_one=net.loss_one, fisher_batch_size=100,
+                      importance=importance, layer_inputs=layer_inputs)
 
 
-def make_method(name: str, hyper: dict[str, Any], apply_trace, loss_one,
-                config: Config) -> Method:
-  """Build one method; ``apply_trace(params, x)`` gives the model's trace and
-  ``loss_one(params, (x, y, class_mask))`` one example's loss."""
+def learning_rate(hyper: dict[str, Any], config: Config):
+  """``hyper``'s rate, constant or re-warmed at every task."""
   lr = hyper['learning_rate']
   if config.schedule == 'rewarm':  # continual pre-training style
-    lr = continual.rewarm_schedule(
+    return continual.rewarm_schedule(
         lr, config.steps_per_task, max(1, config.steps_per_task // 10),
         end_value=0.1 * lr)
-  elif config.schedule != 'constant':
+  if config.schedule != 'constant':
     raise ValueError(f'Unknown schedule {config.schedule!r}.')
-
-  def samples(tasks, t):
-    n = min(int(tasks.train_size[t]), config.memory_samples)
-    return tasks.train_x[t, :n], tasks.train_y[t, :n]
-
-  def nothing(params, opt_state, t, tasks):
-    del params, t, tasks
-    return opt_state
-
-  if name == 'naive':
-    return Method(optax.adam(lr), nothing)
-
-  if name == 'l2':
-    def move_anchor(params, opt_state, t, tasks):
-      del t, tasks
-      return optax.tree.set(opt_state, anchor=params)
-    return Method(optax.chain(
-        continual.l2_to_anchor(strength=hyper['strength']), optax.adam(lr)),
-                  move_anchor)
-
-  if name == 'ewc':
-    def consolidate(params, opt_state, t, tasks):
-      x, y = samples(tasks, t)
-      masks = np.broadcast_to(tasks.class_mask[t], (len(y), 10))
-      fisher = continual.fisher_diagonal(loss_one, params, (x, y, masks),
-                                         batch_size=100)
-      return continual.consolidate_ewc(opt_state, params, fisher)
-    return Method(optax.chain(
-        continual.ewc(strength=hyper['strength']), optax.adam(lr)), consolidate)
-
-  if name == 'gpm':
-    def grow(params, opt_state, t, tasks):
-      _, layer_inputs, _ = apply_trace(params, samples(tasks, t)[0])
-      memory = continual.gpm_memory(
-          _per_kernel(params, layer_inputs), hyper['threshold'],
-          continual.get_memory(opt_state), on_overflow='warn')
-      return continual.set_memory(opt_state, memory)
-    inner = hyper.get('optimizer', 'adam')
-    if inner not in ('adam', 'sgd'):
-      raise ValueError(f"gpm's optimizer must be 'adam' or 'sgd', got {inner!r}.")
-    if inner == 'sgd':  # the paper's recipe: plain SGD, then the projection
-      return Method(continual.gpm(lr), grow)
-    return Method(optax.chain(optax.adam(lr), continual.orthogonal_to(
-        mode='left')), grow)
-
-  if name == 'sculpt':
-    def sculpt(params, opt_state, t, tasks):
-      _, layer_inputs, layer_outputs = apply_trace(params, samples(tasks, t)[0])
-      importance = {  # cos(x, W x) of the square layers (Sculpting Subspaces)
-          k: continual.activation_importance(layer_inputs[k], layer_outputs[k])
-          for k in layer_inputs if k.startswith('hidden')}
-      memory = continual.sculpt_memory(
-          params, _per_kernel(params, importance),
-          min_fraction=hyper['min_fraction'],
-          max_fraction=hyper['max_fraction'],
-          normalization=hyper.get('normalization', 'max'),
-          mode=hyper.get('mode', 'two_sided'))
-      return continual.set_memory(opt_state, memory)
-    return Method(continual.sculpt(
-        lr, weight_decay=hyper['weight_decay'],
-        max_fraction=hyper['max_fraction'],
-        mode=hyper.get('mode', 'two_sided')), sculpt)
-
-  raise ValueError(f'Unknown method {name!r}; choose from {METHODS}.')
+  return lr
 
 
 # ----------------------------------------------------------------------------
@@ -385,7 +332,8 @@ def run_method(name: str, hyper: dict[str, Any], tasks: Tasks,
   (and the final params, not JSON-ready, with ``return_params``)."""
   net = network(config.width, config.depth, config.seed)
   params = net.initial
-  method = make_method(name, hyper, net.apply_trace, net.loss_one, config)
+  method = common.make_method(name, hyper, _model(net),
+                              learning_rate(hyper, config))
   tx = method.tx
   opt_state = tx.init(params)
 
@@ -408,21 +356,27 @@ def run_method(name: str, hyper: dict[str, Any], tasks: Tasks,
   evaluate = lambda p, split: np.asarray(net.accuracies(
       p, getattr(tasks, split + '_x'), getattr(tasks, split + '_y'),
       getattr(tasks, split + '_valid'), masks))
-  test, val = (continual.accuracy_matrix(config.num_tasks) for _ in range(2))
   baseline_test = evaluate(params, 'test')  # random init, for forward transfer
   baseline_val = evaluate(params, 'val')
   start = time.perf_counter()
   key = jax.random.key(config.seed)
-  final_loss = []
-  for t in range(config.num_tasks):
+
+  def train(t, params, opt_state):
     params, opt_state, losses = train_task(
         params, opt_state, tasks.train_x[t], tasks.train_y[t],
         int(tasks.train_size[t]), masks[t], jax.random.fold_in(key, t))
-    final_loss.append(float(jnp.mean(losses[-20:])))
-    test = continual.record(test, t, evaluate(params, 'test'))
-    val = continual.record(val, t, evaluate(params, 'val'))
-    if t + 1 < config.num_tasks:
-      opt_state = method.boundary(params, opt_state, t, tasks)
+    return params, opt_state, float(jnp.mean(losses[-20:]))
+
+  def samples(t):  # the first examples of task t: (x, y, class masks)
+    n = min(int(tasks.train_size[t]), config.memory_samples)
+    return (tasks.train_x[t, :n], tasks.train_y[t, :n],
+            np.broadcast_to(tasks.class_mask[t], (n, 10)))
+
+  params, opt_state, matrices, final_loss = common.run_tasks(
+      config.num_tasks, method, params, opt_state, train=train,
+      evaluate=lambda p: {'test': evaluate(p, 'test'),
+                          'val': evaluate(p, 'val')}, samples=samples)
+  test, val = matrices['test'], matrices['val']
   seconds = time.perf_counter() - start
   extra = {'params': params} if return_params else {}
   return {**extra,
@@ -483,33 +437,15 @@ def format_report(report: dict[str, Any]) -> str:
 
 def plot(report: dict[str, Any], path: str | pathlib.Path) -> None:
   """One accuracy-matrix heatmap per method (matplotlib, Agg backend)."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  results = report['results']
-  count = len(results)
-  fig, axes = plt.subplots(1, count, figsize=(2.9 * count + 1.2, 3.6),
-                           squeeze=False, constrained_layout=True)
-  for ax, (name, result) in zip(axes[0], results.items()):
-    matrix = 100 * np.asarray(result['test'])
-    image = ax.imshow(matrix, vmin=0, vmax=100, cmap='viridis')
-    for i in range(matrix.shape[0]):
-      for j in range(matrix.shape[1]):
-        ax.text(j, i, f'{matrix[i, j]:.0f}', ha='center', va='center',
-                fontsize=7, color='white' if matrix[i, j] < 60 else 'black')
-    s = result['test_summary']
-    ax.set_title(f'{name}\nACC {100 * s["average_accuracy"]:.1f}%  '
-                 f'BWT {100 * s["backward_transfer"]:+.1f}', fontsize=9)
-    ax.set_xlabel('evaluated on task')
-    if ax is axes[0][0]:
-      ax.set_ylabel('after training task')
-    ax.set_xticks(range(matrix.shape[1]))
-    ax.set_yticks(range(matrix.shape[0]))
-  fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label='test accuracy (%)')
-  fig.suptitle(f'{report["config"]["tasks"]} digits (seed {report["config"]["seed"]}): '
-               'test accuracy matrix per method', fontsize=10)
-  fig.savefig(path, dpi=120, bbox_inches='tight')
-  plt.close(fig)
+  config = report['config']
+  common.plot_matrices(
+      report, path, values=lambda m: 100 * np.asarray(m), limits=(0, 100),
+      cmap='viridis', number_format='{:.0f}',
+      title=lambda s: (f'ACC {100 * s["average_accuracy"]:.1f}%  '
+                       f'BWT {100 * s["backward_transfer"]:+.1f}'),
+      task_labels=None, axis_name='task', colorbar_label='test accuracy (%)',
+      suptitle=f'{config["tasks"]} digits (seed {config["seed"]}): test '
+      'accuracy matrix per method', panel_width=2.9, high_is_dark=False)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -66,6 +66,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from examples import continual_common as common
+from examples.continual_common import loss_summary
 from examples.lm import data as data_lib
 from examples.lm import model as model_lib
 import subspace_optax as so
@@ -273,60 +275,27 @@ def network(config: Config) -> types.SimpleNamespace:
 
 
 # ----------------------------------------------------------------------------
-# Methods.
+# What the methods need from the model (examples/continual_common.py).
 
 
-@dataclasses.dataclass
-class Method:
-  tx: optax.GradientTransformation
-  boundary: Callable[..., Any]  # (params, opt_state, samples) -> opt_state
+def _model(net, hyper: dict[str, Any]) -> common.Model:
+  """Fisher of one sequence; sculpt's importance ``cos(block input, block
+  output)`` per transformer block, and its matrices: with ``protect='blocks'``
+  the blocks' kernels, with ``'all'`` also the embedding and the head (every
+  2-D leaf; no importance score, so ``max_fraction``). No GPM: it needs every
+  linear layer's inputs, which the model does not expose."""
+  protect = hyper.get('protect', 'blocks')
+  if protect not in ('blocks', 'all'):
+    raise ValueError(f"`protect` must be 'blocks' or 'all', got {protect!r}.")
 
+  def importance(params, samples):
+    scores = np.asarray(net.block_importance(params, samples[0]))
+    return _kernel_tree(params, lambda i: scores[i])
 
-def make_method(name: str, hyper: dict[str, Any], net) -> Method:
-  lr = hyper['learning_rate']
-
-  def nothing(params, opt_state, samples):
-    del params, samples
-    return opt_state
-
-  if name == 'naive':
-    return Method(optax.adam(lr), nothing)
-  if name == 'l2':
-    def move_anchor(params, opt_state, samples):
-      del samples
-      return optax.tree.set(opt_state, anchor=params)
-    return Method(optax.chain(
-        continual.l2_to_anchor(strength=hyper['strength']), optax.adam(lr)),
-                  move_anchor)
-  if name == 'ewc':
-    def consolidate(params, opt_state, samples):
-      fisher = continual.fisher_diagonal(net.loss_one, params, samples,
-                                         batch_size=8)
-      return continual.consolidate_ewc(opt_state, params, fisher)
-    return Method(optax.chain(
-        continual.ewc(strength=hyper['strength']), optax.adam(lr)), consolidate)
-  if name == 'sculpt':
-    # 'blocks': the transformer blocks' matrices; 'all': also the embedding
-    # and the head (every 2-D leaf; no importance score, so max_fraction).
-    protect = hyper.get('protect', 'blocks')
-    if protect not in ('blocks', 'all'):
-      raise ValueError(f"`protect` must be 'blocks' or 'all', got {protect!r}.")
-    matrices = None if protect == 'all' else (lambda p: _kernel_tree(
-        p, lambda i: so.DimensionNumbers(-2, -1)))
-    def sculpt(params, opt_state, samples):
-      scores = np.asarray(net.block_importance(params, samples[0]))
-      memory = continual.sculpt_memory(
-          params, _kernel_tree(params, lambda i: scores[i]),
-          min_fraction=hyper['min_fraction'],
-          max_fraction=hyper['max_fraction'],
-          normalization=hyper.get('normalization', 'max'),
-          dimension_numbers=matrices)
-      return continual.set_memory(opt_state, memory)
-    return Method(continual.sculpt(
-        lr, weight_decay=hyper['weight_decay'],
-        max_fraction=hyper['max_fraction'], dimension_numbers=matrices),
-                  sculpt)
-  raise ValueError(f'Unknown method {name!r}; choose from {METHODS}.')
+  matrices = None if protect == 'all' else (lambda p: _kernel_tree(
+      p, lambda i: so.DimensionNumbers(-2, -1)))
+  return common.Model(loss_one=net.loss_one, fisher_batch_size=8,
+                      importance=importance, dimension_numbers=matrices)
 
 
 # ----------------------------------------------------------------------------
@@ -339,20 +308,6 @@ def _stacked_eval(tokens: list[np.ndarray], config: Config):
                                    seq_len=config.seq_len) for t in tokens]
   return tuple(jnp.asarray(np.stack([np.stack([b[k] for b in domain])
                                      for domain in batches])) for k in (0, 1))
-
-
-def loss_summary(matrix, baseline=None) -> dict[str, float]:
-  """Metrics of a loss matrix (``continual.summary`` of ``-L``, in nats)."""
-  matrix = np.asarray(matrix, np.float64)
-  out = {
-      'average_loss': -continual.average_accuracy(-matrix),
-      'forgetting': -continual.backward_transfer(-matrix),
-      'max_forgetting': continual.forgetting(-matrix),
-      'learned_loss': float(np.mean(np.diag(matrix))),
-  }
-  if baseline is not None:  # loss reduction on a domain before training on it
-    out['forward_transfer'] = continual.forward_transfer(-matrix, -baseline)
-  return out
 
 
 @functools.lru_cache(maxsize=2)
@@ -395,7 +350,7 @@ def run_method(name: str, hyper: dict[str, Any], domains: Domains,
                config: Config) -> dict[str, Any]:
   """Train one method on every domain in turn; its loss matrices."""
   net = network(config)
-  method = make_method(name, hyper, net)
+  method = common.make_method(name, hyper, _model(net, hyper))
   tx, params = method.tx, pretrain(config, domains)
   opt_state = tx.init(params)
 
@@ -407,27 +362,31 @@ def run_method(name: str, hyper: dict[str, Any], domains: Domains,
 
   evaluation = {split: _stacked_eval(getattr(domains, split), config)
                 for split in ('val', 'test')}
-  count = len(domains.names)
-  matrices = {split: continual.accuracy_matrix(count) for split in evaluation}
-  baseline = {s: np.asarray(net.losses(params, b)) for s, b in evaluation.items()}
-  start, final_loss = time.perf_counter(), []
-  for t, tokens in enumerate(domains.train):
+  evaluate = lambda p: {s: np.asarray(net.losses(p, b))
+                        for s, b in evaluation.items()}
+  baseline = evaluate(params)
+
+  def train(t, params, opt_state):
     # With pre-training, the first domain is already learned.
     steps = 0 if t == 0 and config.pretrain_steps > 0 else config.steps_per_task
+    value = None
     for step in range(steps):
       inputs, targets = data_lib.batch_at(
-          tokens, seed=config.seed, step=t * config.steps_per_task + step,
+          domains.train[t], seed=config.seed,
+          step=t * config.steps_per_task + step,
           batch_size=config.batch_size, seq_len=config.seq_len)
       params, opt_state, value = train_step(params, opt_state, inputs, targets)
-    final_loss.append(float(value) if steps else None)
-    for split, batches in evaluation.items():
-      matrices[split] = continual.record(
-          matrices[split], t, np.asarray(net.losses(params, batches)))
-    if t + 1 < count:
-      samples = data_lib.batch_at(
-          tokens, seed=config.seed + 1, step=t, batch_size=config.memory_samples,
-          seq_len=config.seq_len)
-      opt_state = method.boundary(params, opt_state, samples)
+    return params, opt_state, None if value is None else float(value)
+
+  def samples(t):
+    return data_lib.batch_at(
+        domains.train[t], seed=config.seed + 1, step=t,
+        batch_size=config.memory_samples, seq_len=config.seq_len)
+
+  start = time.perf_counter()
+  _, _, matrices, final_loss = common.run_tasks(
+      len(domains.names), method, params, opt_state, train=train,
+      evaluate=evaluate, samples=samples)
   return {
       'method': name, 'hyper': hyper,
       'test': matrices['test'].tolist(), 'val': matrices['val'].tolist(),
@@ -483,40 +442,21 @@ def format_report(report: dict[str, Any]) -> str:
 
 def plot(report: dict[str, Any], path: str | pathlib.Path) -> None:
   """One loss-matrix heatmap per method (matplotlib, Agg backend)."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  results, names = report['results'], report['tasks']
-  every = np.concatenate([np.ravel(r['test']) for r in results.values()])
-  low, high = float(np.min(every)), float(np.max(every))
-  fig, axes = plt.subplots(1, len(results), squeeze=False,
-                           figsize=(3.0 * len(results) + 1.2, 3.6),
-                           constrained_layout=True)
-  for ax, (name, result) in zip(axes[0], results.items()):
-    matrix = np.asarray(result['test'])
-    image = ax.imshow(matrix, vmin=low, vmax=high, cmap='viridis_r')
-    for i in range(matrix.shape[0]):
-      for j in range(matrix.shape[1]):
-        ax.text(j, i, f'{matrix[i, j]:.2f}', ha='center', va='center',
-                fontsize=7, color='white' if matrix[i, j] > (low + high) / 2
-                else 'black')
-    s = result['test_summary']
-    ax.set_title(f'{name}\nloss {s["average_loss"]:.3f}  '
-                 f'forgot {s["forgetting"]:+.3f}', fontsize=9)
-    ax.set_xticks(range(len(names)), names, rotation=45, fontsize=7)
-    ax.set_yticks(range(len(names)), names, fontsize=7)
-    ax.set_xlabel('evaluated on domain')
-    if ax is axes[0][0]:
-      ax.set_ylabel('after training domain')
-  fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8,
-               label='test loss (nats/byte)')
-  config = report['config']
+  every = np.concatenate([np.ravel(r['test'])
+                          for r in report['results'].values()])
+  config, names = report['config'], report['tasks']
   pretrained = (f', pre-trained {config["pretrain_steps"]} steps on {names[0]}'
                 if config.get('pretrain_steps') else '')
-  fig.suptitle(f'continual byte-level LM (seed {config["seed"]}{pretrained}): '
-               'test loss matrix per method', fontsize=10)
-  fig.savefig(path, dpi=120, bbox_inches='tight')
-  plt.close(fig)
+  common.plot_matrices(
+      report, path, values=np.asarray,
+      limits=(float(np.min(every)), float(np.max(every))), cmap='viridis_r',
+      number_format='{:.2f}',
+      title=lambda s: (f'loss {s["average_loss"]:.3f}  '
+                       f'forgot {s["forgetting"]:+.3f}'),
+      task_labels=names, axis_name='domain',
+      colorbar_label='test loss (nats/byte)',
+      suptitle=f'continual byte-level LM (seed {config["seed"]}{pretrained}): '
+      'test loss matrix per method', panel_width=3.0, high_is_dark=True)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -170,12 +170,44 @@ def test_low_rank_projects_block_matrices_only(scan_layers):
 
 
 def test_registry_errors():
-  with pytest.raises(ValueError, match='Unknown optimizer'):
+  with pytest.raises(KeyError, match="'nope'"):
     optimizers.make_optimizer('nope', learning_rate_schedule=1e-3)
+  with pytest.raises(TypeError, match="'adamw' takes no option"):
+    optimizers.make_optimizer('adamw', learning_rate_schedule=1e-3,
+                              basis='svd')
+  with pytest.raises(ValueError, match='already registered'):
+    optimizers.register('adamw', optimizers.get('adamw'))
   with pytest.raises(SystemExit):
     train.parse_args(['--optimizer', 'adamw,nope'])
   args = train.parse_args(['--optimizer', 'adamw', '--optimizer', 'galore,'])
   assert args.optimizer == ['adamw', 'galore']
+
+
+def test_analytic_state_bytes_match_the_measured_state():
+  """Every row's formula (``Method.state_bytes``) is its transform's state
+  size on the example model, unstacked and stacked: a formula that counted a
+  moment twice or missed the basis would fail here."""
+  for scan_layers in (False, True):
+    config = model_lib.Config(**{**TINY.__dict__, 'scan_layers': scan_layers})
+    abstract = nnx.eval_shape(lambda: model_lib.Llama(config,
+                                                      rngs=nnx.Rngs(0)))
+    params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+    for name, method in optimizers.REGISTRY.items():
+      if method.state_bytes is None or (scan_layers and name == 'optax_galore'):
+        continue
+      rank = method.fixed_rank or (0.25 if isinstance(method.rank, float)
+                                   else 4)
+      tx = method.build(learning_rate=1e-3, rank=rank, refresh_every=5,
+                        weight_decay=0.0, seed=0)
+      measured = optimizers.state_bytes(jax.eval_shape(tx.init, params))
+      assert method.state_bytes(params, rank) == measured, (name, scan_layers)
+
+
+def test_default_learning_rates_are_the_ratios_to_adamw():
+  for method in optimizers.REGISTRY.values():
+    assert method.learning_rate == pytest.approx(
+        optimizers.ADAMW_LEARNING_RATE * method.lr_ratio)
+  assert optimizers.get('galore').learning_rate == pytest.approx(3e-2)
 
 
 def test_fsdp_spec():
@@ -200,7 +232,7 @@ def first_run(tmp_path_factory):
       '--data', str(corpus), '--optimizer', ','.join(OPTIMIZERS),
       '--steps', '6', '--eval-every', '3', '--checkpoint-every', '3',
       '--keep', '2', '--refresh-every', '2', '--lr', '1e-2']
-  summary = train.main(flags + ['--out', str(out), '--plot'])
+  summary = train.main(flags + ['--out', str(out)])  # plots by default
   return root, out, flags, summary
 
 
@@ -260,6 +292,49 @@ def test_mismatched_config_is_refused(first_run, tmp_path):
   assert 'rank' in str(error.value) and 'learning_rate' not in str(error.value)
   with pytest.raises(FileExistsError, match='--resume'):
     train.main(flags + ['--out', str(copy)])
+
+
+def test_default_runs_get_their_own_directory(tmp_path, monkeypatch, capsys):
+  """Run twice without --out: run-1 then run-2 (no FileExistsError); the
+  closing lines name the directory, the state saving and the tuned
+  comparison; --resume continues the latest run."""
+  monkeypatch.setattr(train, 'RUNS_DIR', tmp_path / 'runs')
+  corpus = _write_text(tmp_path / 'corpus.txt', 20_000)
+  flags = TINY_FLAGS + ['--data', str(corpus), '--steps', '2',
+                        '--checkpoint-every', '1', '--no-plot']
+  train.main(flags)
+  train.main(flags + ['--stop-at', '1'])  # as if interrupted after step 1
+  runs = sorted(p.name for p in (tmp_path / 'runs').iterdir())
+  assert runs == ['run-1', 'run-2']
+  printed = capsys.readouterr().out
+  assert f'Outputs in {tmp_path / "runs" / "run-2"}/' in printed
+  assert "galore: optimizer state" in printed and "x AdamW's" in printed
+  assert train.TUNED_COMPARISON in printed
+  assert train.run_directory(None, resume=True) == tmp_path / 'runs' / 'run-2'
+  train.main(flags + ['--resume'])
+  assert [r['step'] for r in _records(tmp_path / 'runs' / 'run-2',
+                                      'galore')] == [1, 2]
+  assert not (tmp_path / 'runs' / 'run-3').exists()
+
+
+def test_plots_are_skipped_with_a_message_without_matplotlib(
+    tmp_path, monkeypatch, capsys):
+  real = train.importlib.util.find_spec
+  monkeypatch.setattr(
+      train.importlib.util, 'find_spec',
+      lambda name, *a: None if name == 'matplotlib' else real(name, *a))
+  assert train.write_plots(tmp_path) == []
+  assert 'matplotlib is not installed' in capsys.readouterr().out
+
+
+def test_loss_plot_has_a_log_axis(first_run, tmp_path, monkeypatch):
+  _, out, _, _ = first_run
+  scales = []
+  original = plot.plt.Axes.set_yscale
+  monkeypatch.setattr(plot.plt.Axes, 'set_yscale', lambda self, value, **k: (
+      scales.append(value), original(self, value, **k)))
+  plot.plot_metrics(out / train.METRICS_FILE, tmp_path)
+  assert scales == ['log']
 
 
 @pytest.mark.parametrize(

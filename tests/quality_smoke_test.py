@@ -6,6 +6,7 @@ methods); the numbers live in benchmarks/results/quality_cpu.json.
 
 import json
 import math
+import pathlib
 
 import jax
 import pytest
@@ -27,7 +28,7 @@ def test_quick_run_writes_json_with_the_documented_keys(quick):
   result, out, table = quick
   assert json.loads(out.read_text()) == json.loads(json.dumps(result))
   for key in ('benchmark', 'date', 'machine', 'command', 'versions', 'setup',
-              'rows', 'bars', 'unavailable', 'wall_seconds', 'cpu_seconds'):
+              'rows', 'bars', 'wall_seconds', 'cpu_seconds'):
     assert key in result, key
   assert result['command'].startswith('python -m benchmarks.quality --quick')
   assert result['setup']['steps'] == 10
@@ -71,17 +72,40 @@ def test_every_row_resolves_its_rank_and_takes_a_finite_step():
   on the quick model (what the table needs before any training)."""
   setup = quality.make_setup(quality.parse_args(['--quick']))
   _, params = quality.init_params(setup, 0)
-  names = quality.available_methods()
-  assert len(names) == len(quality.METHODS)
+  names = list(quality.METHODS)
   ranks, budget = quality.resolve_ranks(names, setup, params)
   schedule = lambda step: 1e-3
   grads = jax.tree.map(lambda p: 1e-2 * jax.numpy.ones_like(p), params)
   for name in names:
     method = quality.METHODS[name]
-    tx = method.build(schedule, ranks[name], setup.refresh, 0)
+    tx = quality.make_tx(name, schedule, ranks[name], setup.refresh_every, 0)
     state = tx.init(params)
     if method.rank == 'match_budget':
       assert quality.state_bytes_of(tx, params) <= budget, name
     updates, _ = jax.jit(tx.update)(grads, state, params)
     assert all(bool(jax.numpy.isfinite(u).all())
                for u in jax.tree.leaves(updates)), name
+
+
+def test_an_unknown_method_is_an_error_naming_it():
+  with pytest.raises(SystemExit, match='nope'):
+    quality.main(['--quick', '--methods', 'adamw,nope'])
+
+
+def test_rows_are_those_of_the_committed_table():
+  """The shared table (examples.lm.optimizers) gives each committed row the
+  description, learning-rate ratio and rank rule it ran with."""
+  path = (pathlib.Path(__file__).parents[1] / 'benchmarks' / 'results'
+          / 'quality_cpu.json')
+  committed = json.loads(path.read_text())
+  quarter = committed['setup']['model']['dim'] // 4
+  assert [r['method'] for r in committed['rows']] == list(quality.METHODS)
+  for row in committed['rows']:
+    method = quality.METHODS[row['method']]
+    assert method.description == row['description'], row['method']
+    assert method.lr_ratio * row['lr_multiplier'] == pytest.approx(
+        row['lr_ratio_to_adamw']), row['method']
+    if method.rank == 'quarter':
+      assert row['rank'] == quarter
+    elif method.rank != 'match_budget':
+      assert row['rank'] == method.rank, row['method']

@@ -10,7 +10,9 @@ import json
 import numpy as np
 import pytest
 
+from benchmarks import speed
 from benchmarks import speed_memory
+from benchmarks import torch_reference
 
 pytestmark = pytest.mark.slow
 
@@ -63,21 +65,20 @@ def test_torch_reference_times_galore_torch_on_the_same_shapes(quick):
 
 
 def test_stacked_shapes_unstack_for_pytorch():
-  params = speed_memory.block_shapes(8, 12, layers=3, stacked=True)
+  params = speed.block_shapes(8, 12, layers=3, stacked=True)
   assert params['blocks']['mlp']['w_up']['kernel'].shape == (3, 8, 12)
-  shapes = speed_memory._split_shapes(params)  # pylint: disable=protected-access
+  shapes = torch_reference.split_shapes(params)
   assert len(shapes['projected']) == 3 * 7
   assert [8, 12] in shapes['projected'] and [12, 8] in shapes['projected']
   assert shapes['other'] == [[3, 8]]  # the stacked RMSNorm scale
-  flat = speed_memory._split_shapes(  # pylint: disable=protected-access
-      speed_memory.block_shapes(8, 12, layers=3))
+  flat = torch_reference.split_shapes(speed.block_shapes(8, 12, layers=3))
   assert sorted(map(tuple, flat['projected'])) == sorted(
       map(tuple, shapes['projected']))
 
 
 def test_stacked_shape_gradients_have_a_decaying_spectrum_per_layer():
-  params = speed_memory.block_shapes(16, 24, layers=2, stacked=True)
-  gradient = speed_memory.shape_gradients(params, count=1, seed=0)[0]
+  params = speed.block_shapes(16, 24, layers=2, stacked=True)
+  gradient = speed.shape_gradients(params, count=1, seed=0)[0]
   g = np.asarray(gradient['blocks']['mlp']['w_up']['kernel'])
   assert g.shape == (2, 16, 24)
   for layer in g:

@@ -12,12 +12,12 @@ imports no JAX. Input, as JSON on stdin::
 ``update_proj_gap=T``, ``scale=0.25``, ``proj_type='std'``, the GaLore
 paper's settings); ``other`` shapes in a plain group, as the GaLore training
 scripts do. Gradients have the decaying spectrum of
-``speed_memory.shape_gradients`` (same distribution, not the same values);
+``speed.shape_gradients`` (same distribution, not the same values);
 ``step_times.gradient_count(T)`` of them are cycled so consecutive
 refreshes see different gradients.
 
 Output, as JSON on stdout: per table, one row per optimizer with the same
-timing fields as ``speed_memory.optimizer_only`` (milliseconds; a step is timed
+timing fields as ``speed.optimizer_only`` (milliseconds; a step is timed
 from before ``optimizer.step()`` to after ``torch.cuda.synchronize()``) plus
 ``state_bytes`` and ``peak_device_bytes`` (``torch.cuda.max_memory_allocated``
 over the run). galore-torch refreshes every projector on the steps whose count

@@ -1,8 +1,17 @@
-"""Optimizers for the LM example, by name.
+"""The one table of optimizers, shared by the LM example and the benchmarks.
+
+Every method the example trainer (``python -m examples.lm.train
+--optimizer NAME``), the quality benchmark (``benchmarks/quality.py``) and the
+speed benchmark (``benchmarks/speed_memory.py``) run is one :class:`Method` in
+:data:`REGISTRY`: how to build it, its description, its peak learning rate
+relative to AdamW's, its rank rule and its analytic state size. The
+benchmarks select rows by name (``QUALITY_METHODS``, ``SPEED_METHODS`` in
+their modules); a missing name is a ``KeyError`` naming it, never a skipped
+row.
 
 ``make_optimizer(name, ...)`` returns
 ``optax.chain(clip_by_global_norm(1.0), <the method>)``; the method receives a
-learning-rate schedule (see :func:`warmup_cosine`).
+learning rate or schedule (see :func:`warmup_cosine`).
 
 Low-rank methods project only the transformer block matrices (attention and
 MLP kernels); the embedding, the ``lm_head`` and the norms keep full Adam, as
@@ -14,55 +23,103 @@ the kernels are ``(layers, d_in, d_out)`` and the leading axis is a batch axis
 
 Adding a method
 ---------------
-Write a builder that takes keyword arguments and returns an optax transform,
-and register it; unused keywords land in ``**_``::
+Write a builder that takes the keywords ``learning_rate, rank, refresh_every,
+weight_decay, seed`` (``del`` the ones it does not use) and returns an optax
+transform, and register it::
 
-  @register('my_method', learning_rate=1e-3, low_rank=True,
-            description='what it is, with the paper link')
-  def _my_method(*, learning_rate, rank, refresh_every, weight_decay, seed,
-                 **_):
-    import subspace_optax as so   # import lazily, inside the builder
-    return so.my_method(learning_rate, rank=rank, ...,
-                        dimension_numbers=block_matrices)
+  def _my_method(*, learning_rate, rank, refresh_every, weight_decay, seed):
+    return so.my_method(learning_rate, rank=rank, refresh_every=refresh_every,
+                        seed=seed, dimension_numbers=block_matrices,
+                        **decay(weight_decay))
 
-It is then available as ``python -m examples.lm.train --optimizer my_method``.
-The keywords every builder receives are listed in :func:`make_optimizer`.
+  register('my_method', Method(
+      _my_method, 'what it is, with the paper link', lr_ratio=10.0,
+      rank='quarter'))
+
+It is then available as ``python -m examples.lm.train --optimizer my_method``
+and ``python -m benchmarks.quality --methods my_method``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+import functools
+import math
+from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import optax
 
+import subspace_optax as so
+
+# AdamW's peak learning rate on the example models; every method's default
+# rate is ``lr_ratio`` times it (the quality benchmark's protocol).
+ADAMW_LEARNING_RATE = 3e-3
+
+# A rank rule: None (full rank, no rank), 'quarter' (dim // 4),
+# 'match_budget' (the largest rank whose state fits in GaLore's at dim // 4;
+# see benchmarks/quality.py), or a fixed int (or fraction) rank.
+RankRule = Union[None, str, int, float]
+
 
 @dataclasses.dataclass(frozen=True)
-class Entry:
-  """One registered optimizer."""
+class Method:
+  """One registered optimizer.
+
+  Attributes:
+    build: ``build(*, learning_rate, rank, refresh_every, weight_decay, seed,
+      **options)`` -> the method's transform (without the gradient clipping
+      :func:`make_optimizer` adds).
+    description: what it is, with the paper.
+    lr_ratio: its peak learning rate over AdamW's (each paper's recipe
+      relative to AdamW's; see benchmarks/README.md, "Quality").
+    rank: its :data:`RankRule`; None for a full-rank method.
+    state_bytes: ``(params, rank) -> bytes``, the analytic size of its state
+      (``subspace_optax.<method>_bytes``), or None where there is no formula.
+    options: the extra keywords ``build`` takes (e.g. ``('basis',)``).
+  """
 
   build: Callable[..., optax.GradientTransformation]
-  learning_rate: float  # default peak learning rate on the example models
-  low_rank: bool  # True: uses rank / refresh_every
   description: str
+  lr_ratio: float
+  rank: RankRule = None
+  state_bytes: Optional[Callable[[Any, Any], int]] = None
+  options: tuple[str, ...] = ()
+
+  @property
+  def low_rank(self) -> bool:
+    """True: the method takes a rank (and a refresh period)."""
+    return self.rank is not None
+
+  @property
+  def learning_rate(self) -> float:
+    """Default peak learning rate on the example models."""
+    return ADAMW_LEARNING_RATE * self.lr_ratio
+
+  @property
+  def fixed_rank(self) -> Optional[int]:
+    """The rank the method is defined with (APOLLO-Mini: 1), else None."""
+    return self.rank if isinstance(self.rank, int) else None
 
 
-REGISTRY: dict[str, Entry] = {}
+REGISTRY: dict[str, Method] = {}
 
 
-def register(name: str, *, learning_rate: float, low_rank: bool,
-             description: str = ''):
-  """Decorator adding a builder to :data:`REGISTRY` under ``name``."""
+def register(name: str, method: Method) -> Method:
+  """Add ``method`` to :data:`REGISTRY` under ``name``."""
+  if name in REGISTRY:
+    raise ValueError(f'Optimizer {name!r} is already registered.')
+  REGISTRY[name] = method
+  return method
 
-  def add(build):
-    if name in REGISTRY:
-      raise ValueError(f'Optimizer {name!r} is already registered.')
-    REGISTRY[name] = Entry(build, learning_rate, low_rank, description)
-    return build
 
-  return add
+def get(name: str) -> Method:
+  """The method ``name``; a ``KeyError`` naming it and the known ones."""
+  if name not in REGISTRY:
+    raise KeyError(f'Unknown optimizer {name!r}; registered: '
+                   f'{", ".join(REGISTRY)}.')
+  return REGISTRY[name]
 
 
 # ----------------------------------------------------------------------------
@@ -91,16 +148,29 @@ def block_matrices(params):
   ``DimensionNumbers(-2, -1)`` for the block kernels (``(d_in, d_out)`` or
   ``(layers, d_in, d_out)``), ``None`` (not projected) elsewhere.
   """
-  import subspace_optax as so  # pylint: disable=import-outside-toplevel
-
   return jax.tree_util.tree_map_with_path(
       lambda path, x: so.DimensionNumbers(-2, -1)
       if is_block_matrix(path, x) else None, params)
 
 
+def block_matrix_mask(params):
+  """True at the block kernels (AuON's ``matrix_mask``)."""
+  return jax.tree_util.tree_map_with_path(is_block_matrix, params)
+
+
 def matrices(params):
   """Weight-decay mask: every leaf of rank >= 2 (not norms)."""
   return jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
+
+
+def decay(weight_decay: float) -> dict[str, Any]:
+  """The presets' weight-decay keywords: decay on :func:`matrices` only.
+
+  Without decay no mask is passed, so the transform is the preset's own
+  (the quality benchmark's rows were built that way).
+  """
+  return {'weight_decay': weight_decay,
+          'weight_decay_mask': matrices if weight_decay else None}
 
 
 def warmup_cosine(peak: float, steps: int, warmup_fraction: float = 0.1,
@@ -113,32 +183,51 @@ def warmup_cosine(peak: float, steps: int, warmup_fraction: float = 0.1,
       decay_steps=max(steps, warmup + 1), end_value=final_fraction * peak)
 
 
+BLOCKS = {'dimension_numbers': block_matrices}
+
+
+def _formula(formula: Callable[..., int], **options) -> Callable[..., int]:
+  """``(params, rank) -> formula(params, rank, **options)`` on the blocks."""
+  return lambda params, rank: int(formula(params, rank, **options, **BLOCKS))
+
+
 # ----------------------------------------------------------------------------
-# The registry.
+# Builders.
 
 
-@register('adamw', learning_rate=3e-3, low_rank=False,
-          description='optax.adamw (Loshchilov & Hutter, arXiv 1711.05101)')
-def _adamw(*, learning_rate, weight_decay, **_):
+def _adamw(*, learning_rate, rank, refresh_every, weight_decay, seed):
+  del rank, refresh_every, seed
   return optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8,
-                     weight_decay=weight_decay, mask=matrices)
+                     weight_decay=weight_decay,
+                     mask=matrices if weight_decay else None)
 
 
-@register('galore', learning_rate=1e-2, low_rank=True,
-          description='subspace_optax.galore, scale 0.25 (arXiv 2403.03507)')
+def _adamw_bytes(params, rank) -> int:
+  del rank  # count (4 bytes) and two moments per parameter
+  return 4 + 8 * sum(math.prod(jnp.shape(p)) for p in jax.tree.leaves(params))
+
+
 def _galore(*, learning_rate, rank, refresh_every, weight_decay, seed,
-            basis='svd', **_):
-  import subspace_optax as so  # pylint: disable=import-outside-toplevel
-
+            basis='svd', stagger=True, on_refresh=None):
+  extra = {} if on_refresh is None else {'on_refresh': on_refresh}
   return so.galore(
       learning_rate, rank=rank, refresh_every=refresh_every, scale=0.25,
-      weight_decay=weight_decay, weight_decay_mask=matrices, basis=basis,
-      dimension_numbers=block_matrices, seed=seed)
+      basis=basis, stagger=stagger, seed=seed, **extra, **BLOCKS,
+      **decay(weight_decay))
 
 
-@register('optax_galore', learning_rate=1e-2, low_rank=True,
-          description='optax.contrib.galore, scale 0.25, for comparison')
-def _optax_galore(*, learning_rate, rank, refresh_every, weight_decay, **_):
+def _galore_8bit_moments(*, learning_rate, rank, refresh_every, weight_decay,
+                         seed):
+  """GaLore's pipeline with its Adam moments stored in 8 bits."""
+  inner = so.quantize_moments(so.scale_by_torch_adam())
+  return optax.chain(
+      so.low_rank(inner, rank=rank, refresh_every=refresh_every, basis='svd',
+                  scale=0.25, seed=seed, **BLOCKS),
+      optax.add_decayed_weights(weight_decay, matrices),
+      optax.scale_by_learning_rate(learning_rate))
+
+
+def _optax_galore(*, learning_rate, rank, refresh_every, weight_decay, seed):
   """``optax.contrib.galore`` on the 2-D block matrices, Adam elsewhere.
 
   ``optax.partition`` hands contrib galore only the matrices it projects, so
@@ -148,6 +237,7 @@ def _optax_galore(*, learning_rate, rank, refresh_every, weight_decay, **_):
   refuses models built with ``scan_layers`` (it would silently fall back to
   full Adam there).
   """
+  del seed
   if not isinstance(rank, int):
     raise TypeError(f'optax_galore needs an int rank, got {rank!r}.')
 
@@ -172,120 +262,190 @@ def _optax_galore(*, learning_rate, rank, refresh_every, weight_decay, **_):
   return optax.partition({'low_rank': galore_tx, 'full': adam_tx}, labels)
 
 
-@register('online_subspace_descent', learning_rate=1e-2, low_rank=True,
-          description='subspace_optax.online_subspace_descent, Adam inner, '
-          'online-PCA basis, scale 0.25 (arXiv 2408.12857)')
-def _online_subspace_descent(*, learning_rate, rank, weight_decay, seed, **_):
-  import subspace_optax as so  # pylint: disable=import-outside-toplevel
-
-  return so.online_subspace_descent(
-      learning_rate, rank=rank, inner='adam', weight_decay=weight_decay,
-      weight_decay_mask=matrices, dimension_numbers=block_matrices, seed=seed)
-
-@register('online_subspace_descent_lion', learning_rate=1e-3, low_rank=True,
-          description='subspace_optax.online_subspace_descent, Lion inner '
-          '(sign in the subspace) (arXiv 2408.12857)')
-def _online_subspace_descent_lion(*, learning_rate, rank, weight_decay, seed,
-                                  **_):
-  import subspace_optax as so  # pylint: disable=import-outside-toplevel
-
-  return so.online_subspace_descent(
-      learning_rate, rank=rank, inner='lion', weight_decay=weight_decay,
-      weight_decay_mask=matrices, dimension_numbers=block_matrices, seed=seed)
-
-@register('golore', learning_rate=1e-2, low_rank=True,
-          description='subspace_optax.golore, random orthonormal basis, scale '
-          '0.25 (arXiv 2410.11289)')
-def _golore(*, learning_rate, rank, refresh_every, weight_decay, seed, **_):
-  import subspace_optax as so  # pylint: disable=import-outside-toplevel
-
-  return so.golore(
-      learning_rate, rank=rank, refresh_every=refresh_every,
-      weight_decay=weight_decay, weight_decay_mask=matrices,
-      dimension_numbers=block_matrices, seed=seed)
-
-@register('dct_adamw', learning_rate=3e-3, low_rank=True,
-          description='subspace_optax.dct_adamw, DCT columns chosen by l1 '
-          'alignment, scale 1 (arXiv 2505.17967)')
-def _dct_adamw(*, learning_rate, rank, refresh_every, weight_decay, seed, **_):
-  import subspace_optax as so  # pylint: disable=import-outside-toplevel
-
-  return so.dct_adamw(
-      learning_rate, rank=rank, refresh_every=refresh_every,
-      weight_decay=weight_decay, weight_decay_mask=matrices,
-      dimension_numbers=block_matrices, seed=seed)
-
-@register('i3s', learning_rate=1e-2, low_rank=True,
-          description='subspace_optax.i3s, singular vectors sampled by sigma, '
-          'scale 0.25 (arXiv 2502.05790)')
-def _i3s(*, learning_rate, rank, refresh_every, weight_decay, seed, **_):
-  import subspace_optax as so  # pylint: disable=import-outside-toplevel
-
-  return so.i3s(
-      learning_rate, rank=rank, refresh_every=refresh_every,
-      weight_decay=weight_decay, weight_decay_mask=matrices,
-      dimension_numbers=block_matrices, seed=seed)
-
-@register('frugal', learning_rate=3e-3, low_rank=True,
-          description='subspace_optax.frugal, Adam in an SVD subspace + '
-          'signSGD on the rest, reset on refresh (arXiv 2411.07837)')
 def _frugal(*, learning_rate, rank, refresh_every, weight_decay, seed,
-            basis='svd', **_):
-  import subspace_optax as so  # pylint: disable=import-outside-toplevel
+            basis='svd'):
+  return so.frugal(learning_rate, rank=rank, refresh_every=refresh_every,
+                   basis=basis, seed=seed, **BLOCKS, **decay(weight_decay))
 
-  return so.frugal(
-      learning_rate, rank=rank, refresh_every=refresh_every, basis=basis,
-      weight_decay=weight_decay, weight_decay_mask=matrices,
-      dimension_numbers=block_matrices, seed=seed)
 
-@register('fira', learning_rate=1e-2, low_rank=True,
-          description='subspace_optax.fira, GaLore + norm-scaled residual and '
-          'growth limiter, scale 0.25 (arXiv 2410.01623)')
-def _fira(*, learning_rate, rank, refresh_every, weight_decay, seed, **_):
-  import subspace_optax as so  # pylint: disable=import-outside-toplevel
+def _online_subspace_descent(*, learning_rate, rank, refresh_every,
+                             weight_decay, seed, inner):
+  del refresh_every  # the basis moves every step
+  return so.online_subspace_descent(
+      learning_rate, rank=rank, inner=inner, seed=seed, **BLOCKS,
+      **decay(weight_decay))
 
-  return so.fira(
-      learning_rate, rank=rank, refresh_every=refresh_every, scale=0.25,
-      weight_decay=weight_decay, weight_decay_mask=matrices,
-      dimension_numbers=block_matrices, seed=seed)
 
-@register('apollo', learning_rate=1e-2, low_rank=True,
-          description='subspace_optax.apollo, channel-wise scaled gradient '
-          'from a seeded Gaussian sketch (arXiv 2412.05270)')
-def _apollo(*, learning_rate, rank, refresh_every, weight_decay, seed, **_):
-  import subspace_optax as so  # pylint: disable=import-outside-toplevel
+def _preset(preset: Callable[..., optax.GradientTransformation],
+            **fixed) -> Callable[..., optax.GradientTransformation]:
+  """A builder for a ``subspace_optax`` preset taking ``rank`` and
+  ``refresh_every``, with ``fixed`` keywords (e.g. ``scale=0.25``)."""
 
-  return so.apollo(
-      learning_rate, rank=rank, refresh_every=refresh_every,
-      weight_decay=weight_decay, weight_decay_mask=matrices,
-      dimension_numbers=block_matrices, seed=seed)
+  def build(*, learning_rate, rank, refresh_every, weight_decay, seed):
+    return preset(learning_rate, rank=rank, refresh_every=refresh_every,
+                  seed=seed, **fixed, **BLOCKS, **decay(weight_decay))
 
-@register('apollo_mini', learning_rate=1e-2, low_rank=True,
-          description='subspace_optax.apollo_mini, rank 1, tensor-wise scale '
-          'x sqrt(128) (arXiv 2412.05270)')
-def _apollo_mini(*, learning_rate, refresh_every, weight_decay, seed, **_):
-  import subspace_optax as so  # pylint: disable=import-outside-toplevel
+  return build
 
-  return so.apollo_mini(
-      learning_rate, refresh_every=refresh_every, weight_decay=weight_decay,
-      weight_decay_mask=matrices, dimension_numbers=block_matrices, seed=seed)
 
-@register('q_galore', learning_rate=1e-2, low_rank=True,
-          description='subspace_optax.q_galore, INT4 basis, lazy per-layer '
-          'refresh, scale 0.25 (arXiv 2407.08296)')
-def _q_galore(*, learning_rate, rank, refresh_every, weight_decay, seed, **_):
-  import subspace_optax as so  # pylint: disable=import-outside-toplevel
+def _apollo_mini(*, learning_rate, rank, refresh_every, weight_decay, seed):
+  del rank  # rank 1 by definition
+  return so.apollo_mini(learning_rate, refresh_every=refresh_every, seed=seed,
+                        **BLOCKS, **decay(weight_decay))
 
-  return so.q_galore(
-      learning_rate, rank=rank, refresh_every=refresh_every, scale=0.25,
-      weight_decay=weight_decay, weight_decay_mask=matrices,
-      dimension_numbers=block_matrices, seed=seed)
+
+def _adamp(*, learning_rate, rank, refresh_every, weight_decay, seed):
+  del rank, refresh_every, seed
+  return so.adamp(learning_rate, weight_decay=weight_decay)
+
+
+def _sgdp(*, learning_rate, rank, refresh_every, weight_decay, seed):
+  del rank, refresh_every, seed
+  return so.sgdp(learning_rate, momentum=0.9, nesterov=True,
+                 weight_decay=weight_decay)
+
+
+# AuON's runs use lr 0.02 (arXiv 2509.24320), against AdamW's 3e-3 here.
+AUON_LR_RATIO = 0.02 / ADAMW_LEARNING_RATE
+
+
+def _auon(*, learning_rate, rank, refresh_every, weight_decay, seed,
+          newton_schulz_steps):
+  """AuON on the block matrices at its own rate; AdamW at AdamW's elsewhere."""
+  del rank, refresh_every, seed
+  if callable(learning_rate):
+    adam_rate = lambda step: learning_rate(step) / AUON_LR_RATIO
+  else:
+    adam_rate = learning_rate / AUON_LR_RATIO
+  return so.auon(learning_rate, newton_schulz_steps=newton_schulz_steps,
+                 matrix_mask=block_matrix_mask, adam_learning_rate=adam_rate,
+                 **decay(weight_decay))
+
+
+# ----------------------------------------------------------------------------
+# The table. Learning-rate ratios follow each paper's recipe relative to
+# AdamW's: the GaLore family (0.01 with scale 0.25 against AdamW's 0.001) is
+# 10x; FRUGAL and DCT-AdamW, whose subspace step has scale 1, are 1x.
+
+_GALORE = ('subspace_optax.galore, {} basis, stagger {}, compact side, '
+           'scale 0.25')
+
+for _name, _method in {
+    'adamw': Method(
+        _adamw, 'optax.adamw, b=(0.9, 0.999), eps 1e-8 (arXiv 1711.05101)',
+        1.0, state_bytes=_adamw_bytes),
+    'galore': Method(
+        _galore, 'subspace_optax.galore, SVD basis, compact side, scale 0.25 '
+        '(arXiv 2403.03507)', 10.0, 'quarter', _formula(so.galore_bytes),
+        options=('basis',)),
+    'optax_galore': Method(
+        _optax_galore, 'optax.contrib.galore, scale 0.25, same rank as galore; '
+        'Adam on the other leaves (optax.partition)', 10.0, 'quarter'),
+    'frugal': Method(
+        _frugal, 'subspace_optax.frugal: Adam on an SVD subspace (reference '
+        'side, moments reset at refresh) + signSGD on the residual, scale 1 '
+        '(arXiv 2411.07837)', 1.0, 'match_budget', _formula(so.frugal_bytes),
+        options=('basis',)),
+    'fira': Method(
+        _preset(so.fira, scale=0.25), 'subspace_optax.fira: GaLore + '
+        'norm-scaled residual + limiter 1.01, reference side, scale 0.25 '
+        '(arXiv 2410.01623)', 10.0, 'match_budget', _formula(so.fira_bytes)),
+    'online_subspace_descent': Method(
+        functools.partial(_online_subspace_descent, inner='adam'),
+        'subspace_optax.online_subspace_descent: Adam inner, basis moved '
+        'every step by Adam on the online-PCA loss (lr 0.005), scale 0.25 '
+        '(arXiv 2408.12857)', 10.0, 'match_budget',
+        _formula(so.online_subspace_descent_bytes)),
+    'apollo': Method(
+        _preset(so.apollo), 'subspace_optax.apollo: channel-wise scaled raw '
+        'gradient, seeded Gaussian sketch, limiter 1.01 (arXiv 2412.05270)',
+        10.0, 'match_budget', _formula(so.apollo_bytes)),
+    'apollo_mini': Method(
+        _apollo_mini, 'subspace_optax.apollo_mini: rank 1, tensor-wise scale, '
+        'scale 128 (arXiv 2412.05270)', 10.0, 1),
+    'q_galore': Method(
+        _preset(so.q_galore, scale=0.25), 'subspace_optax.q_galore: INT4 '
+        'basis, lazy per-layer refresh, 8-bit moments, scale 0.25 '
+        '(arXiv 2407.08296)', 15.0, 'match_budget',
+        _formula(so.q_galore_bytes)),
+    'golore': Method(
+        _preset(so.golore, scale=0.25), 'subspace_optax.golore: random '
+        'orthonormal basis, scale 0.25 (arXiv 2410.11289)', 10.0,
+        'match_budget'),
+    'i3s': Method(
+        _preset(so.i3s, scale=0.25), 'subspace_optax.i3s: singular vectors '
+        'sampled by sigma, scale 0.25 (arXiv 2502.05790)', 10.0,
+        'match_budget'),
+    'galore_8bit_moments': Method(
+        _galore_8bit_moments, 'galore (same pipeline) with its Adam moments '
+        'in 8 bits (subspace_optax.quantize_moments, arXiv 2110.02861)', 10.0,
+        'quarter'),
+    'galore_momentum_reset': Method(
+        functools.partial(_galore, on_refresh='reset'),
+        'subspace_optax.galore with the moments zeroed at every refresh '
+        '(momentum reset, arXiv 2505.22922)', 10.0, 'quarter',
+        _formula(so.galore_bytes)),
+    'frugal_random': Method(
+        functools.partial(_frugal, basis='random'), 'subspace_optax.frugal, '
+        'random orthonormal subspace (arXiv 2411.07837)', 1.0, 'match_budget',
+        _formula(so.frugal_bytes, basis='random')),
+    'frugal_columns': Method(
+        functools.partial(_frugal, basis='columns'), 'subspace_optax.frugal, '
+        'random columns (indices only, no Q) (arXiv 2411.07837)', 1.0,
+        'match_budget', _formula(so.frugal_bytes, basis='columns')),
+    'frugal_blocks': Method(
+        functools.partial(_frugal, basis='blocks'), 'subspace_optax.frugal, '
+        'blockwise (BAdam-like): a quarter of the matrices active per period '
+        '(density 0.25, the paper\'s default); moments stay full size (static '
+        'shapes) (arXiv 2411.07837)', 1.0, 0.25,
+        _formula(so.frugal_bytes, basis='blocks')),
+    'online_subspace_descent_lion': Method(
+        functools.partial(_online_subspace_descent, inner='lion'),
+        'subspace_optax.online_subspace_descent, Lion inner; lr 3x below the '
+        'Adam-inner row (Lion paper, arXiv 2302.06675: 3-10x below AdamW)',
+        10.0 / 3, 'match_budget',
+        _formula(so.online_subspace_descent_bytes, inner='lion')),
+    'adamp': Method(
+        _adamp, 'subspace_optax.adamp: radial component removed on '
+        'scale-invariant weights (arXiv 2006.08217), full rank', 1.0,
+        state_bytes=lambda params, rank: int(so.adamp_bytes(params))),
+    'sgdp': Method(
+        _sgdp, 'subspace_optax.sgdp, Nesterov momentum 0.9; lr 100x AdamW\'s '
+        '(SGD\'s 0.1 against Adam\'s 1e-3, the usual ImageNet pair; arXiv '
+        '2006.08217), full rank', 100.0),
+    'auon': Method(
+        functools.partial(_auon, newton_schulz_steps=0),
+        'subspace_optax.auon on the block matrices (lr 0.02 as in its runs), '
+        'AdamW elsewhere (arXiv 2509.24320)', AUON_LR_RATIO),
+    'auon_hybrid': Method(
+        functools.partial(_auon, newton_schulz_steps=1),
+        'subspace_optax.auon with one Newton-Schulz step first (the hybrid)',
+        AUON_LR_RATIO),
+    'dct_adamw': Method(
+        _preset(so.dct_adamw), 'subspace_optax.dct_adamw: DCT columns chosen '
+        'by l1 alignment, moments transported, scale 1 (arXiv 2505.17967)',
+        1.0, 'match_budget', _formula(so.dct_adamw_bytes)),
+    # Variants timed by benchmarks/speed_memory.py.
+    'galore_no_stagger': Method(
+        functools.partial(_galore, stagger=False), _GALORE.format('svd', 'off'),
+        10.0, 'quarter', _formula(so.galore_bytes)),
+    'galore_randomized': Method(
+        functools.partial(_galore, basis='randomized'),
+        _GALORE.format('randomized', 'on'), 10.0, 'quarter',
+        _formula(so.galore_bytes)),
+    'galore_randomized_no_stagger': Method(
+        functools.partial(_galore, basis='randomized', stagger=False),
+        _GALORE.format('randomized', 'off'), 10.0, 'quarter',
+        _formula(so.galore_bytes)),
+}.items():
+  register(_name, _method)
+
 
 def make_optimizer(
     name: str,
     *,
     learning_rate_schedule: optax.ScalarOrSchedule,
-    rank: int | float = 32,
+    rank: Optional[Union[int, float]] = 32,
     refresh_every: int = 200,
     weight_decay: float = 0.0,
     seed: int = 0,
@@ -298,27 +458,29 @@ def make_optimizer(
     learning_rate_schedule: a float or an optax schedule (e.g.
       :func:`warmup_cosine`).
     rank: subspace rank of low-rank methods (int, or a fraction of
-      ``min(m, n)`` where the method accepts it).
+      ``min(m, n)`` where the method accepts it); ignored by full-rank ones.
     refresh_every: steps between basis refreshes.
     weight_decay: decoupled weight decay on matrices.
     seed: seed of random bases.
-    **options: method-specific keywords (e.g. ``basis='randomized'``).
+    **options: method-specific keywords, among ``REGISTRY[name].options``
+      (e.g. ``basis='randomized'``).
+
+  Raises:
+    KeyError: ``name`` is not registered.
+    TypeError: an option the method does not take.
   """
-  if name not in REGISTRY:
-    raise ValueError(
-        f'Unknown optimizer {name!r}; registered: {", ".join(sorted(REGISTRY))}.')
-  method = REGISTRY[name].build(
-      learning_rate=learning_rate_schedule, rank=rank,
-      refresh_every=refresh_every, weight_decay=weight_decay, seed=seed,
-      **options)
-  return optax.chain(optax.clip_by_global_norm(1.0), method)
+  method = get(name)
+  unknown = sorted(set(options) - set(method.options))
+  if unknown:
+    raise TypeError(f'Optimizer {name!r} takes no option(s) {unknown}; its '
+                    f'options: {list(method.options)}.')
+  return optax.chain(
+      optax.clip_by_global_norm(1.0),
+      method.build(learning_rate=learning_rate_schedule, rank=rank,
+                   refresh_every=refresh_every, weight_decay=weight_decay,
+                   seed=seed, **options))
 
 
 def state_bytes(opt_state) -> int:
-  """Bytes of every array leaf (``subspace_optax.state_bytes`` if present)."""
-  try:
-    import subspace_optax as so  # pylint: disable=import-outside-toplevel
-
-    return int(so.state_bytes(opt_state))
-  except (ImportError, AttributeError):
-    return int(sum(getattr(x, 'nbytes', 0) for x in jax.tree.leaves(opt_state)))
+  """Bytes of every array leaf (``subspace_optax.state_bytes``)."""
+  return int(so.state_bytes(opt_state))

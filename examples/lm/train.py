@@ -3,28 +3,33 @@
 Run from the repository root::
 
   python -m examples.lm.train                      # tiny model, adamw vs galore
-  python -m examples.lm.train --optimizer adamw,galore,optax_galore --plot
+  python -m examples.lm.train --optimizer adamw,galore,optax_galore
   python -m examples.lm.train --model llama_60m --steps 2000 --batch-size 32
   python -m examples.lm.train --no-scan-layers   # blocks as a Python list
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
     python -m examples.lm.train --mesh data=2,fsdp=4
   python -m examples.lm.train --data my_notes/ --checkpoint-every 50
-  python -m examples.lm.train ... --resume        # continue bit-exactly
+  python -m examples.lm.train ... --resume        # continue the latest run
 
 Each optimizer trains in turn on the same batches from the same initial
-weights. Outputs under ``--out``: ``metrics.jsonl`` (one record per step),
-``summary.json``, ``<optimizer>/config.json`` and ``<optimizer>/checkpoints``,
-and with ``--plot`` ``loss.png`` and ``memory.png``.
+weights. Every run gets a new directory ``runs/lm/run-<N>`` (or ``--out DIR``):
+``metrics.jsonl`` (one record per step), ``summary.json``, ``loss.png`` and
+``memory.png`` (unless ``--no-plot``), ``<optimizer>/config.json`` and
+``<optimizer>/checkpoints`` (about 14 MB per optimizer for the default model;
+``--checkpoint-every 0`` writes none). ``--resume`` continues the latest run
+(or ``--out DIR``) bit-exactly.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import pathlib
 import sys
+import textwrap
 import time
 from typing import Any, Sequence
 
@@ -40,8 +45,10 @@ from examples.lm import model as model_lib
 from examples.lm import optimizers
 
 DEFAULT_OPTIMIZERS = 'adamw,galore'
+RUNS_DIR = pathlib.Path('runs/lm')
 METRICS_FILE = 'metrics.jsonl'
 SUMMARY_FILE = 'summary.json'
+TUNED_COMPARISON = 'python -m benchmarks.quality --lr-multipliers 1,2'
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -91,18 +98,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument('--mesh', default=None,
                  help="device mesh, e.g. 'data=2,fsdp=4'; params are sharded "
                  "over 'fsdp', the batch over 'data' and 'fsdp'")
-  p.add_argument('--out', default='runs/lm', help='output directory')
+  p.add_argument('--out', default=None,
+                 help=f'output directory (default: a new {RUNS_DIR}/run-<N>, '
+                 'or with --resume the latest one)')
   p.add_argument('--checkpoint-every', type=int, default=100,
                  help='0 disables checkpoints; the last step is always saved '
                  'otherwise')
   p.add_argument('--keep', type=int, default=2, help='checkpoints kept')
   p.add_argument('--resume', action='store_true',
-                 help='continue from the latest checkpoint in --out')
+                 help='continue from the latest checkpoint in --out (default: '
+                 f'the latest {RUNS_DIR}/run-<N>)')
   p.add_argument('--stop-at', type=int, default=None,
                  help='stop (and checkpoint) after this step, as if '
                  'interrupted; the schedule still spans --steps')
-  p.add_argument('--plot', action='store_true',
-                 help='write loss.png and memory.png')
+  p.add_argument('--plot', action=argparse.BooleanOptionalAction,
+                 default=True,
+                 help='write loss.png and memory.png (needs matplotlib)')
   p.add_argument('--no-progress', action='store_true',
                  help='no progress bar')
   args = p.parse_args(argv)
@@ -233,18 +244,20 @@ class Run:
 
 def make_run(name: str, args: argparse.Namespace,
              model_config: model_lib.Config, corpus: data_lib.Corpus) -> Run:
-  entry = optimizers.REGISTRY[name]
+  entry = optimizers.get(name)
   learning_rate = args.lr if args.lr is not None else entry.learning_rate
   rank = None
-  if entry.low_rank:
+  if isinstance(entry.rank, (int, float)):  # fixed by the method
+    rank = entry.rank
+  elif entry.low_rank:
     rank = args.rank if args.rank is not None else model_config.dim // 4
     rank = int(rank) if float(rank).is_integer() else float(rank)
+  basis = {'basis': args.basis} if 'basis' in entry.options else {}
   schedule = optimizers.warmup_cosine(learning_rate, args.steps)
   tx = optimizers.make_optimizer(
-      name, learning_rate_schedule=schedule,
-      rank=rank if rank is not None else 0,
+      name, learning_rate_schedule=schedule, rank=rank,
       refresh_every=args.refresh_every, weight_decay=args.weight_decay,
-      seed=args.seed, basis=args.basis)
+      seed=args.seed, **basis)
   config = {
       'model': args.model,
       'model_config': dataclasses.asdict(model_config),
@@ -252,7 +265,7 @@ def make_run(name: str, args: argparse.Namespace,
       'learning_rate': learning_rate,
       'rank': rank,
       'refresh_every': args.refresh_every if entry.low_rank else None,
-      'basis': args.basis if entry.low_rank else None,
+      'basis': basis.get('basis'),
       'weight_decay': args.weight_decay,
       'steps': args.steps,
       'batch_size': args.batch_size,
@@ -366,7 +379,8 @@ def train_one(run: Run, args, corpus, mesh, out: pathlib.Path) -> dict[str, Any]
     if latest is not None:
       raise FileExistsError(
           f'{run_dir} already holds checkpoints (latest step {latest}). Pass '
-          '--resume to continue them, or choose another --out.')
+          '--resume to continue them, choose another --out, or leave --out '
+          f'out: every run then gets a new {RUNS_DIR}/run-<N>.')
     if args.resume:
       print(f'[{run.name}] no checkpoint in {run_dir}; starting from step 0')
     model, optimizer = create(run, args.seed)
@@ -485,6 +499,64 @@ def format_summary(summary: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
+def run_directory(out: str | None, resume: bool) -> pathlib.Path:
+  """``--out``, else ``runs/lm/run-<N>``: a new N, or with ``resume`` the
+  latest (a new one when there is none)."""
+  if out is not None:
+    return pathlib.Path(out)
+  numbers = [int(p.name[len('run-'):]) for p in RUNS_DIR.glob('run-*')
+             if p.name[len('run-'):].isdigit()]
+  latest = max(numbers, default=0)
+  return RUNS_DIR / f'run-{latest if resume and latest else latest + 1}'
+
+
+def directory_bytes(path: pathlib.Path) -> int:
+  return sum(f.stat().st_size for f in path.rglob('*') if f.is_file())
+
+
+def write_plots(out: pathlib.Path) -> list[pathlib.Path]:
+  """``loss.png`` and ``memory.png``, or none (with a message) without
+  matplotlib."""
+  if importlib.util.find_spec('matplotlib') is None:
+    print('plots: skipped, matplotlib is not installed '
+          "(pip install -e '.[examples]')")
+    return []
+  from examples.lm import plot  # pylint: disable=import-outside-toplevel
+
+  return plot.plot_metrics(out / METRICS_FILE, out)
+
+
+def explain(summary: dict[str, Any]) -> list[str]:
+  """What the table shows, from its own numbers: paragraphs to print."""
+  runs = {r['optimizer']: r for r in summary['runs']}
+  baseline = runs.get('adamw')
+  others = [r for r in summary['runs'] if r['optimizer'] != 'adamw']
+  if baseline is None or not others:
+    return []
+  lines = [
+      f"{r['optimizer']}: optimizer state {r['state_ratio_to_adamw']:.2f}x "
+      f"AdamW's ({r['opt_state_bytes'] / 2**20:.2f} vs "
+      f"{baseline['opt_state_bytes'] / 2**20:.2f} MiB), validation loss "
+      f"{r['val_loss_ratio_to_adamw']:.3f}x AdamW's." for r in others]
+  behind = [r['optimizer'] for r in others if r['val_loss_ratio_to_adamw'] > 1]
+  if behind:
+    lines.append(
+        f"{', '.join(behind)} trail AdamW here: a short run "
+        f"({summary['steps']} steps) favours AdamW, since a low-rank method "
+        'updates each matrix only within a rank-r subspace that changes at '
+        "each refresh and needs more steps to catch up, and each method's "
+        "learning rate is its paper's ratio to AdamW's, not tuned for this "
+        'run.')
+  lines += [
+      'Tokens/s on a CPU include the SVD refreshes and projections, which a '
+      'tiny model does not amortise (GPU timings: benchmarks/README.md).',
+      'The tuned comparison (300 steps, a learning-rate sweep, every method '
+      'at the same state budget; about 25 min on 2 cores; results in '
+      'benchmarks/results/quality_cpu.md):']
+  return [textwrap.fill(line, width=79) for line in lines] + [
+      '  ' + TUNED_COMPARISON]
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
   overrides = {f: getattr(args, f) for f in ('dim', 'layers', 'heads', 'ffn_dim')
@@ -503,8 +575,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   mesh = make_mesh(args.mesh)
   if args.basis == 'auto':
     args.basis = 'svd' if mesh is None else 'randomized'
-  out = pathlib.Path(args.out)
+  out = run_directory(args.out, args.resume)
   out.mkdir(parents=True, exist_ok=True)
+  print(f'outputs: {out}/')
 
   print(f'corpus: {corpus.description} (train {len(corpus.train):,} / val '
         f'{len(corpus.val):,} bytes)')
@@ -533,14 +606,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       'wall_seconds': time.perf_counter() - began, 'runs': runs,
   }
   (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-  if args.plot:
-    from examples.lm import plot  # pylint: disable=import-outside-toplevel
-
-    written = plot.plot_metrics(out / METRICS_FILE, out)
-    print('plots: ' + ', '.join(str(p) for p in written))
+  plots = write_plots(out) if args.plot else []
   print()
   print(format_summary(summary))
-  print(f'\nmetrics: {out / METRICS_FILE}  summary: {out / SUMMARY_FILE}')
+  print()
+  for line in explain(summary):
+    print(line)
+  print(f'\nOutputs in {out}/ ({directory_bytes(out) / 1e6:.0f} MB): '
+        + ', '.join([METRICS_FILE, SUMMARY_FILE] + [p.name for p in plots])
+        + (', <optimizer>/checkpoints' if args.checkpoint_every else '')
+        + '. Continue it with --resume --out ' + str(out) + '.')
   return summary
 
 

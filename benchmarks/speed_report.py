@@ -1,0 +1,266 @@
+"""Ratios, goals and the markdown tables of the speed and memory benchmark."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks import harness
+from benchmarks import torch_reference
+
+BASELINE = 'adamw'
+CONTRIB = 'optax_galore'
+
+
+# ----------------------------------------------------------------------------
+# Ratios.
+
+
+def add_ratios(rows: dict[str, dict[str, Any]]) -> None:
+  for row in rows.values():
+    if 'error' in row:
+      continue
+    for reference_name, label in ((BASELINE, 'vs_adamw'),
+                                  (CONTRIB, 'vs_optax_galore')):
+      reference = rows.get(reference_name)
+      if not reference or 'error' in reference:
+        continue
+      row[label] = {
+          key: harness.timing_ratios(row, reference, key)
+          for key in ('train_step', 'optimizer_only') if key in row}
+      row[label]['state_bytes'] = harness.ratio(row['state_bytes'],
+                                         reference['state_bytes'])
+      if row.get('peak_device_bytes') and reference.get('peak_device_bytes'):
+        row[label]['peak_device_bytes'] = harness.ratio(
+            row['peak_device_bytes'], reference['peak_device_bytes'])
+    for key in ('train_step', 'optimizer_only'):
+      timing = row.get(key)
+      if timing:  # the refresh spike against the method's own normal step
+        timing['refresh_over_steady'] = harness.ratio(
+            timing['refresh_max_ms'], timing['steady_median_ms'])
+
+
+def goals(rows: dict[str, dict[str, Any]], on_gpu: bool) -> dict[str, Any]:
+  """The issue's speed goals, evaluated on the measured medians."""
+  out = {'evaluated_on': 'gpu' if on_gpu else 'cpu (goals are for a GPU)'}
+  for name, row in rows.items():
+    if 'error' in row or name in (BASELINE, CONTRIB):
+      continue
+    vs = row.get('vs_adamw', {})
+    entry = {
+        'train_step_amortised_vs_adamw': vs.get('train_step', {}).get(
+            'amortised_mean'),
+        'refresh_over_steady_train_step': row['train_step'].get(
+            'refresh_over_steady'),
+        'optimizer_only_vs_roofline': (row.get('roofline') or {}).get('ratio'),
+        'state_bytes_vs_adamw': vs.get('state_bytes'),
+        'peak_device_bytes_vs_adamw': vs.get('peak_device_bytes'),
+    }
+    entry['meets'] = {
+        'train_step_le_1.05x_adamw': _le(entry['train_step_amortised_vs_adamw'],
+                                         1.05),
+        'refresh_le_3x_step': _le(entry['refresh_over_steady_train_step'], 3.0),
+        'optimizer_only_le_2x_roofline': _le(
+            entry['optimizer_only_vs_roofline'], 2.0),
+        'peak_memory_below_adamw': _le(entry['peak_device_bytes_vs_adamw'],
+                                       0.999),
+    }
+    out[name] = entry
+  return out
+
+
+def _le(value, bound):
+  return None if value is None else bool(value <= bound)
+
+
+# ----------------------------------------------------------------------------
+# Markdown.
+
+
+def _ms(value) -> str:
+  return '–' if value is None else f'{value:.2f}'
+
+
+def _times(value) -> str:
+  if value is None:
+    return '–'
+  return f'{value:.3f}×' if value < 0.1 else f'{value:.2f}×'
+
+
+def _mib(value) -> str:
+  return '–' if value is None else f'{value / 2**20:.2f}'
+
+
+def _rank(name, row) -> str:
+  return '–' if name == BASELINE else str(row['rank'])
+
+
+def _analytic_cell(row) -> str:
+  analytic = row.get('analytic_state_bytes')
+  if not analytic:
+    return 'no formula'
+  return 'equal' if row['state_bytes'] == analytic else (
+      f'{row["state_bytes"] / analytic:.4f}×')
+
+
+def _timing_cells(row, key) -> list[str]:
+  timing = row[key]
+  refresh = (f'{timing["refresh_steps"]}/{timing["timed_steps"]}')
+  if timing.get('overdue_refresh_leaves'):
+    refresh += f' ({timing["overdue_refresh_leaves"]} stuck)'
+
+  return [_ms(timing['steady_median_ms']), _ms(timing['refresh_median_ms']),
+          refresh, _ms(timing['mean_ms']),
+          _times(row.get('vs_adamw', {}).get(key, {}).get('amortised_mean')),
+          _times(row.get('vs_optax_galore', {}).get(key, {}).get(
+              'amortised_mean'))]
+
+
+def _state_cells(row) -> list[str]:
+  return [_mib(row['state_bytes']),
+          _times(row.get('vs_adamw', {}).get('state_bytes')),
+          _analytic_cell(row)]
+
+
+_TIMING_HEADER = ('steady median ms', 'refresh median ms', 'refresh steps',
+                  'mean ms', 'mean × adamw', 'mean × optax galore')
+
+
+def _table(header, rows) -> list[str]:
+  lines = ['| ' + ' | '.join(header) + ' |',
+           '|' + '|'.join(['---'] * len(header)) + '|']
+  lines += ['| ' + ' | '.join(r) + ' |' for r in rows]
+  return lines
+
+
+def markdown(result: dict[str, Any]) -> str:
+  """The JSON result as markdown tables (benchmarks/README.md quotes them)."""
+  setup = result['setup']
+  model = setup['model']
+  load = result.get('load_average') or {}
+  lines = [
+      '# Speed and memory (generated by benchmarks/speed_memory.py)', '',
+      f'* command: `{result["command"]}`',
+      f'* date: {result["date"]}; machine: {result["machine"]}; backend '
+      f'{result["backend"]} ({result["device_kind"]})',
+      '* versions: ' + ', '.join(f'{k} {v}' for k, v in
+                                 result['versions'].items()),
+      f'* load average (1, 5, 15 min) at start {load.get("start")}, at end '
+      f'{load.get("end")}; wall {result["wall_seconds"]:.0f} s',
+      f'* model: dim {model["dim"]}, {model["layers"]} layers, ffn '
+      f'{model["ffn_dim"]}, {setup["params"]:,} params; batch '
+      f'{setup["batch_size"]} x {setup["seq_len"]} tokens; rank '
+      f'{setup["rank"]} (unless fixed by the method); refresh every '
+      f'{setup["refresh_every"]}; {setup["warmup_steps"]} warm-up + '
+      f'{setup["timed_steps"]} timed steps; BLAS threads '
+      f'{setup["blas_threads"]}; layers '
+      f'{"stacked" if setup.get("stacked_layers") else "one leaf each"}',
+      '',
+      'Times are medians in milliseconds. "steady" excludes the steps on '
+      'which some basis changed ("refresh steps": such steps / timed steps; '
+      'with staggered refreshes some leaf refreshes on most steps, and the '
+      'online basis moves on every step, so there is no steady step). '
+      '"mean" is over all timed steps (refreshes amortised); its ratios '
+      'are to optax.adamw and optax.contrib.galore. State MiB is '
+      '`subspace_optax.state_bytes`; "vs analytic" compares it with the '
+      "method's `subspace_optax.<method>_bytes` formula. \"N stuck\": N "
+      'leaves whose refresh was still overdue at the end: their refresh '
+      'result was not finite, so it was discarded and retried on every step '
+      '(the basis never changed).', '',
+      '## Train step (value_and_grad + update + apply_updates)', '']
+  rows = []
+  for name, row in result['model'].items():
+    if 'error' in row:
+      rows.append([name, 'error: ' + row['error'][:80].replace('|', '/')]
+                  + [''] * 10)
+      continue
+    rows.append([name, _rank(name, row)] + _timing_cells(row, 'train_step')
+                + _state_cells(row)
+                + [_ms(row['optimizer_only']['steady_median_ms']
+                       or row['optimizer_only']['median_ms']),
+                   _mib(row.get('peak_device_bytes'))])
+  lines += _table(('method', 'rank') + _TIMING_HEADER
+                  + ('state MiB', 'state × adamw', 'vs analytic',
+                     'optimizer-only ms', 'peak device MiB'), rows)
+  lines += ['', '## Optimizer only (update + apply_updates), model '
+            'gradients', '']
+  rows = [[name, _rank(name, row)] + _timing_cells(row, 'optimizer_only')
+          for name, row in result['model'].items() if 'error' not in row]
+  lines += _table(('method', 'rank') + _TIMING_HEADER, rows)
+  for set_name, shape_rows in result['shapes'].items():
+    if not shape_rows:
+      continue
+    shape = setup['shape_sets'][set_name]
+    lines += ['', f'## Optimizer only, {set_name}: {shape["layers"]} block(s) '
+              f'of dim {shape["dim"]}, ffn {shape["ffn_dim"]}, rank '
+              f'{shape["rank"]}', '']
+    rows = []
+    for name, row in shape_rows.items():
+      if 'error' in row:
+        continue
+      rows.append([name, _rank(name, row)]
+                  + _timing_cells(row, 'optimizer_only') + _state_cells(row))
+    lines += _table(('method', 'rank') + _TIMING_HEADER
+                    + ('state MiB', 'state × adamw', 'vs analytic'), rows)
+  lines += _torch_markdown(result)
+  lines += _goals_markdown(result.get('goals') or {})
+  return '\n'.join(lines) + '\n'
+
+
+def _goals_markdown(goals_by_method: dict[str, Any]) -> list[str]:
+  rows = []
+  for name, entry in goals_by_method.items():
+    if not isinstance(entry, dict):
+      continue
+    meets = entry['meets']
+    mark = lambda key: {True: 'yes', False: 'no', None: '–'}[meets[key]]
+    rows.append([
+        name,
+        f'{_times(entry["train_step_amortised_vs_adamw"])} '
+        f'({mark("train_step_le_1.05x_adamw")})',
+        f'{_times(entry["refresh_over_steady_train_step"])} '
+        f'({mark("refresh_le_3x_step")})',
+        f'{_times(entry["optimizer_only_vs_roofline"])} '
+        f'({mark("optimizer_only_le_2x_roofline")})',
+        f'{_times(entry["peak_device_bytes_vs_adamw"])} '
+        f'({mark("peak_memory_below_adamw")})'])
+  if not rows:
+    return []
+  return ['', f'## Goals (evaluated on {goals_by_method["evaluated_on"]})', '',
+          'Train step with refreshes amortised ≤ 1.05× AdamW; largest refresh '
+          'step ≤ 3× the steady step; optimizer-only steady step ≤ 2× the '
+          'roofline `(2 x state bytes + 3 x param bytes) / HBM bandwidth`; '
+          'peak device memory below AdamW\'s.', ''] + _table(
+              ('method', 'train step × adamw', 'refresh × steady step',
+               'optimizer-only × roofline', 'peak memory × adamw'), rows)
+
+
+def _torch_markdown(result: dict[str, Any]) -> list[str]:
+  reference = result.get('torch_reference')
+  if not reference:
+    return []
+  lines = ['', '## Optimizer only against galore-torch (PyTorch, same device)',
+           '']
+  if 'error' in reference:
+    return lines + ['error: ' + reference['error'][-500:]]
+  lines += [f'torch {reference["versions"]["torch"]} on {reference["device"]}; '
+            'galore-torch 1.0 `GaLoreAdamW` (`proj_type="std"`, scale 0.25, '
+            'same rank and refresh period; bitsandbytes: '
+            f'{reference["galore_torch_bitsandbytes"]}); `torch.optim.AdamW` '
+            'default (foreach). "× galore-torch" is mean ms over galore-torch\'s '
+            'mean ms, and the refresh step\'s max over galore-torch\'s.', '']
+  for table, torch_rows in reference['tables'].items():
+    ours = torch_reference.jax_rows(result, table)
+    rows = []
+    for name, row in [(f'{n} (torch)', r) for n, r in torch_rows.items()] + [
+        (n, r) for n, r in ours.items() if 'error' not in r]:
+      timing = row.get('optimizer_only', row)
+      vs = row.get('vs_galore_torch', {})
+      rows.append([name, _ms(timing['steady_median_ms']),
+                   _ms(timing['refresh_max_ms']), _ms(timing['mean_ms']),
+                   _times(vs.get('amortised_mean')),
+                   _times(vs.get('refresh_max')), _mib(row['state_bytes'])])
+    lines += [f'### {table}', '']
+    lines += _table(('method', 'steady median ms', 'refresh max ms', 'mean ms',
+                     'mean × galore-torch', 'refresh max × galore-torch',
+                     'state MiB'), rows) + ['']
+  return lines
