@@ -305,6 +305,10 @@ class Meter:
                                compile_seconds=seconds)
     return self._models[key]
 
+  def peaks(self) -> dict[str, int]:
+    """``'method/shape/dtype' -> peak bytes`` of every step compiled."""
+    return {'/'.join(key): row['peak_bytes'] for key, row in self._rows.items()}
+
   def row(self, name: str, shape_name: str, param_dtype: str,
           optimizer_only: bool = True) -> dict[str, Any]:
     """Peak, split and checks of one method's full train step (cached)."""
@@ -539,9 +543,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   def save():  # after every row, so a run cut short keeps what it measured
     add_ratios(rows)
     result['goals_7b'] = goals(rows, 'llama_7b')
-    result['fit_peaks_bytes'] = {
-        f'{n}/{s}/{d}': r['peak_bytes']
-        for (n, s, d), r in meter._rows.items()}  # pylint: disable=protected-access
+    result['fit_peaks_bytes'] = meter.peaks()
     result['wall_seconds'] = time.perf_counter() - start
     write(result, args.out)
 

@@ -233,7 +233,8 @@ def analyse(case: Case, param_dtype: str = 'float32') -> dict[str, Any]:
           xla['galore_randomized']['flops']
           / xla['galore_steady_written_out']['flops'],
   }
-  return {'shape': dataclasses.asdict(case.shape), 'vocab_size': case.vocab_size,
+  return {'shape': dataclasses.asdict(case.shape),
+          'vocab_size': case.vocab_size,
           'rank': rank, 'param_dtype': param_dtype,
           'param_count': sum(_size(s) for _, s in leaves(params)),
           'analytic': counts,

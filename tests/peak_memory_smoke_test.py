@@ -10,10 +10,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import pytest
+from flax import nnx
 
 from benchmarks import gpu_check
 from benchmarks import peak_memory
 from benchmarks import roofline
+from examples.lm import model as model_lib
 
 pytestmark = pytest.mark.slow
 
@@ -94,9 +96,6 @@ def test_gpu_check_runs_on_cpu(tmp_path):
 
 @pytest.mark.parametrize('scan_layers', [True, False])
 def test_remat_recomputes_the_same_loss_and_gradients(scan_layers):
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from examples.lm import model as model_lib  # pylint: disable=import-outside-toplevel
-
   def loss_and_grads(remat):
     config = model_lib.Config(dim=16, layers=2, heads=2, ffn_dim=32,
                               max_seq_len=8, scan_layers=scan_layers,
