@@ -14,7 +14,8 @@ Every block matrix is an ``nnx.Linear`` kernel of shape ``(d_in, d_out)``, so
 ``DimensionNumbers(reduction_axis=-2, output_axis=-1)`` describes it. With
 ``scan_layers=True`` the blocks are built with ``nnx.vmap`` and run with
 ``nnx.scan``: each kernel becomes one ``(layers, d_in, d_out)`` array whose
-leading axis is a batch axis for the subspace optimizers.
+leading axis is a batch axis for the subspace optimizers. ``remat=True``
+recomputes each block's activations in the backward pass (``nnx.remat``).
 
 Precision: ``compute_dtype='bfloat16'`` keeps the parameters (and so the
 gradients and optimizer state) in float32 and runs the matmuls and attention in
@@ -46,6 +47,7 @@ class Config:
   norm_eps: float = 1e-6
   scan_layers: bool = False
   compute_dtype: str = 'float32'  # 'float32' or 'bfloat16' (params stay f32)
+  remat: bool = False  # recompute each block's activations in the backward
 
   def __post_init__(self):
     if self.dim % self.heads:
@@ -195,16 +197,19 @@ class Llama(nnx.Module):
     positions = jnp.broadcast_to(
         jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     x = self.embed(tokens)
+    run_block = lambda block, x: block(x, positions)
+    if self.config.remat:
+      run_block = nnx.remat(run_block)
     if self.config.scan_layers:
 
       @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
       def run_blocks(x, block: Block):
-        return block(x, positions)
+        return run_block(block, x)
 
       x = run_blocks(x, self.blocks)
     else:
       for block in self.blocks:
-        x = block(x, positions)
+        x = run_block(block, x)
     return self.lm_head(self.final_norm(x)).astype(jnp.float32)
 
 

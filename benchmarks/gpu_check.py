@@ -1,0 +1,234 @@
+"""One prepared GPU check of issue #16's speed and memory goals (< 8 min).
+
+Per shape (LLaMA-130M as in the H100 run of benchmarks/README.md, and the
+LLaMA-7B shape of ``benchmarks/peak_memory.py`` in bfloat16) and per method,
+in its own process so that the device allocator's peak is the method's own:
+
+* the train step (``value_and_grad`` + update + apply, donated), compiled
+  once; its ``memory_analysis()`` peak (``argument + output + temp - alias``,
+  the AOT prediction) next to ``memory_stats()['peak_bytes_in_use']`` after
+  the timed steps;
+* ``2 x refresh`` timed train steps: steady median, largest refresh step,
+  mean (refreshes amortised), refreshes detected from the state between steps
+  (``speed_memory.basis_fingerprint``), outside the timed region;
+* the optimizer alone (update + apply) on two cycled real gradients.
+
+Goals checked against ``optax.adamw`` in the same run (``goals`` in the JSON):
+optimizer-only steady step <= 1.0x AdamW's; train step mean <= 1.02x; largest
+refresh train step <= 2x the method's steady train step.
+
+  python -m benchmarks.gpu_check                    # on the GPU
+  python -m benchmarks.gpu_check --smoke            # CPU, tiny, seconds
+
+Writes ``benchmarks/results/gpu_check_<device>_<date>.json`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np
+import optax
+from flax import nnx
+
+import subspace_optax as so
+from benchmarks import peak_memory
+from benchmarks import speed_memory
+from benchmarks import step_times
+from examples.lm import model as model_lib
+from examples.lm import optimizers as lm_optimizers
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  shape: peak_memory.Shape
+  vocab_size: int
+  param_dtype: str
+  refresh: int
+
+
+CASES = {
+    'llama_130m': Case(peak_memory.Shape(768, 12, 12, 2048, 32, 256), 256,
+                       'float32', 50),
+    'llama_7b_bf16': Case(peak_memory.SHAPES['llama_7b'],
+                          peak_memory.VOCAB_SIZE, 'bfloat16', 10),
+}
+SMOKE_CASES = {'smoke': Case(peak_memory.SMOKE_SHAPES['smoke'], 256,
+                             'float32', 3)}
+METHODS = ('adamw', 'galore_randomized')
+BOUNDS = {'optimizer_steady_vs_adamw': 1.0, 'train_mean_vs_adamw': 1.02,
+          'refresh_max_vs_own_steady': 2.0}
+
+
+def build(name: str, case: Case) -> optax.GradientTransformation:
+  """The method of ``peak_memory.METHODS``; galore gets the case's refresh
+  period, the others keep their defaults (so their refreshes are not timed)."""
+  if name != 'galore_randomized':
+    return peak_memory.METHODS[name].build(case.shape.rank, 0)
+  return so.galore(peak_memory.LEARNING_RATE, rank=case.shape.rank,
+                   refresh_every=case.refresh, basis='randomized',
+                   dimension_numbers=lm_optimizers.block_matrices)
+
+
+def _timed(step, carry, args_at, steps, state_of):
+  times, refreshed = [], []
+  previous = np.asarray(speed_memory.basis_fingerprint(state_of(carry)))
+  for i in range(steps):
+    args = args_at(i)
+    start = time.perf_counter()
+    carry = jax.block_until_ready(step(*carry, *args))
+    times.append(1e3 * (time.perf_counter() - start))
+    current = np.asarray(speed_memory.basis_fingerprint(state_of(carry)))
+    refreshed.append(bool(np.any(current != previous)))
+    previous = current
+  return times, refreshed, carry
+
+
+def one(name: str, case_name: str, case: Case) -> dict[str, Any]:
+  """Compile, time and measure one method on one case (own process)."""
+  config = peak_memory.model_config(case.shape, True, case.vocab_size)
+  graphdef, _ = peak_memory.abstract_params(config, case.param_dtype)
+
+  @jax.jit
+  def init():  # jitted, so only the cast params are ever allocated
+    state = nnx.split(model_lib.Llama(config, rngs=nnx.Rngs(0)))[1]
+    return jax.tree.map(lambda x: x.astype(case.param_dtype),
+                        nnx.as_pure(state))
+
+  params = init()
+  tx = build(name, case)
+  opt_state = jax.jit(tx.init)(params)
+  shape = case.shape
+  keys = jax.random.split(jax.random.key(0), 4)
+  batches = [jax.random.randint(k, (shape.batch_size, shape.seq_len + 1), 0,
+                                case.vocab_size) for k in keys]
+  args_at = lambda i: (batches[i % 4][:, :-1], batches[i % 4][:, 1:])
+  start = time.perf_counter()
+  compiled = jax.jit(peak_memory.train_step(graphdef, tx),
+                     donate_argnums=(0, 1)).lower(
+                         params, opt_state, *args_at(0)).compile()
+  compile_seconds = time.perf_counter() - start
+  predicted = peak_memory.memory_of(compiled)
+  step = lambda p, s, x, y: compiled(p, s, x, y)[:2]
+  carry = (params, opt_state)
+  _, _, carry = _timed(step, carry, args_at, 3, lambda c: c[1])  # warm-up
+  times, refreshed, carry = _timed(step, carry, args_at, 2 * case.refresh,
+                                   lambda c: c[1])
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get('peak_bytes_in_use')
+  result = {
+      'method': name, 'case': case_name, 'compile_seconds': compile_seconds,
+      'aot_memory': predicted, 'peak_bytes_in_use': peak,
+      'peak_over_aot': None if peak is None else peak / predicted['peak'],
+      'train_step': step_times.summary(times, refreshed),
+  }
+  # Optimizer alone, on two real gradients cycled.
+  params, opt_state = carry
+  gradient = jax.jit(jax.grad(peak_memory.loss_function(graphdef)))
+  gradients = [gradient(params, *args_at(i)) for i in range(2)]
+  update = jax.jit(peak_memory.optimizer_step(tx), donate_argnums=(0, 1))
+  times, refreshed, _ = _timed(
+      lambda p, s, g: update(p, s, g), (params, opt_state),
+      lambda i: (gradients[i % 2],), 3 + 2 * case.refresh, lambda c: c[1])
+  result['optimizer_only'] = step_times.summary(times[3:], refreshed[3:])
+  return result
+
+
+def _ratio(a, b):
+  return None if a is None or b is None else a / b
+
+
+def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+  out = {}
+  for case in {r['case'] for r in rows}:
+    by_name = {r['method']: r for r in rows if r['case'] == case}
+    adamw = by_name.get(peak_memory.BASELINE)
+    for name, row in by_name.items():
+      if name == peak_memory.BASELINE or not adamw or 'error' in row:
+        continue
+      train, optimizer = row['train_step'], row['optimizer_only']
+      ratios = {
+          'optimizer_steady_vs_adamw': _ratio(
+              optimizer['steady_median_ms'] or optimizer['median_ms'],
+              adamw['optimizer_only']['median_ms']),
+          'train_mean_vs_adamw': _ratio(train['mean_ms'],
+                                        adamw['train_step']['mean_ms']),
+          'refresh_max_vs_own_steady': _ratio(
+              train['refresh_max_ms'],
+              train['steady_median_ms'] or train['median_ms']),
+      }
+      out[f'{case}/{name}'] = {
+          'ratios': ratios,
+          'met': {k: v is not None and v <= BOUNDS[k]
+                  for k, v in ratios.items()}}
+  return out
+
+
+def run_all(args) -> dict[str, Any]:
+  cases = SMOKE_CASES if args.smoke else {k: CASES[k]
+                                          for k in args.cases.split(',')}
+  rows = []
+  for case_name in cases:
+    for name in args.methods.split(','):
+      command = [sys.executable, '-m', 'benchmarks.gpu_check', '--one',
+                 f'{name}:{case_name}'] + (['--smoke'] if args.smoke else [])
+      done = subprocess.run(command, capture_output=True, text=True,
+                            timeout=args.timeout, check=False)
+      if done.returncode:
+        rows.append({'method': name, 'case': case_name,
+                     'error': done.stderr[-2000:]})
+      else:
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+      print(f'{case_name} {name}: done', file=sys.stderr, flush=True)
+  device = jax.devices()[0]
+  return {
+      'benchmark': 'gpu_check', 'device': device.device_kind,
+      'platform': device.platform,
+      'date': datetime.datetime.now(datetime.timezone.utc).isoformat(),
+      'versions': {'jax': jax.__version__, 'optax': optax.__version__},
+      'cases': {k: dataclasses.asdict(v) for k, v in cases.items()},
+      'bounds': BOUNDS, 'rows': rows, 'goals': goals(rows),
+  }
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--smoke', action='store_true')
+  parser.add_argument('--cases', default=','.join(CASES))
+  parser.add_argument('--methods', default=','.join(METHODS))
+  parser.add_argument('--timeout', type=float, default=300.0,
+                      help='seconds per method and case')
+  parser.add_argument('--one', default='', help=argparse.SUPPRESS)
+  parser.add_argument('--out', default='')
+  args = parser.parse_args(argv)
+  if args.one:
+    name, case_name = args.one.split(':')
+    case = (SMOKE_CASES if args.smoke else CASES)[case_name]
+    result = one(name, case_name, case)
+    print(json.dumps(result))
+    return result
+  result = run_all(args)
+  text = json.dumps(result, indent=1)
+  out = args.out or (
+      'benchmarks/results/gpu_check_'
+      f'{result["device"].replace(" ", "_")}_{result["date"][:10]}.json')
+  pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
+  pathlib.Path(out).write_text(text + '\n')
+  print(text)
+  return result
+
+
+if __name__ == '__main__':
+  main()
