@@ -68,7 +68,7 @@ BOUND = 1e-5  # relative update difference and subspace distance
 class Config:
   shapes: tuple[tuple[int, int], ...] = ((64, 48), (32, 80))
   rank: int = 8
-  refresh_every: int = 5
+  refresh: int = 5
   steps: int = 13  # refreshes at 0, 5, 10: about 2.5 periods
   learning_rate: float = 0.01
   b1: float = 0.9
@@ -83,7 +83,7 @@ class Config:
 
 
 SMALL = Config(
-    shapes=((16, 12), (8, 20)), rank=4, refresh_every=3, steps=8,
+    shapes=((16, 12), (8, 20)), rank=4, refresh=3, steps=8,
     conventions=('lapack', 'svd_flip'),
 )
 
@@ -201,7 +201,7 @@ def run_subspace_optax(
   """Our ``galore`` on the stream: updates, refresh-step bases, state bytes."""
   tx = so.galore(
       config.learning_rate, rank=config.rank,
-      refresh_every=config.refresh_every, scale=config.scale, b1=config.b1,
+      refresh=config.refresh, scale=config.scale, b1=config.b1,
       b2=config.b2, eps=config.eps, eps_before_bias_correction=True,
       weight_decay=0.0, side=side, basis=convention_basis(convention),
       stagger=False, align_signs=align_signs,
@@ -214,7 +214,7 @@ def run_subspace_optax(
     grads = [jnp.asarray(g) for g in step_gradients]
     out, state = update(grads, state, params)
     updates.append([np.asarray(u) for u in out])
-    if step % config.refresh_every == 0:
+    if step % config.refresh == 0:
       bases[step] = [np.asarray(b) for b in _subspace_state(state).basis]
   return {'updates': updates, 'bases': bases,
           'state_bytes': so.state_bytes(state)}
@@ -223,7 +223,7 @@ def run_subspace_optax(
 def run_reference(gradients, config: Config, *, convention=None,
                   align_signs=False, dtype='float32') -> dict[str, Any]:
   return reference.run_galore_adamw(
-      gradients, rank=config.rank, refresh_every=config.refresh_every,
+      gradients, rank=config.rank, refresh=config.refresh,
       scale=config.scale, learning_rate=config.learning_rate,
       betas=(config.b1, config.b2), eps=config.eps, convention=convention,
       align_signs=align_signs, dtype=dtype,
@@ -319,7 +319,7 @@ def measure(
   """Run every comparison and return the report (see the module docstring)."""
   start = time.perf_counter()
   gradients = gradient_stream(config)
-  period = config.refresh_every
+  period = config.refresh
   first_period = range(min(period, config.steps))
   after = range(period, config.steps)
   everything = range(config.steps)

@@ -78,7 +78,7 @@ def build(name: str, case: Case) -> optax.GradientTransformation:
   if name != 'galore_randomized':
     return peak_memory.METHODS[name].build(case.shape.rank, 0)
   return so.galore(peak_memory.LEARNING_RATE, rank=case.shape.rank,
-                   refresh_every=case.refresh, basis='randomized',
+                   refresh=case.refresh, basis='randomized',
                    dimension_numbers=lm_optimizers.block_matrices)
 
 

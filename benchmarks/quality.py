@@ -88,11 +88,11 @@ QUICK_METHODS = ('adamw', 'galore')
 
 
 def make_tx(name: str, learning_rate: optax.ScalarOrSchedule, rank,
-            refresh_every: int, seed: int) -> optax.GradientTransformation:
+            refresh: int, seed: int) -> optax.GradientTransformation:
   """Row ``name``: gradient clipping, then the method, no weight decay."""
   return lm_optimizers.make_optimizer(
       name, learning_rate_schedule=learning_rate, rank=rank,
-      refresh_every=refresh_every, weight_decay=0.0, seed=seed)
+      refresh=refresh, weight_decay=0.0, seed=seed)
 
 
 # ----------------------------------------------------------------------------
@@ -108,7 +108,7 @@ class Setup:
   batch_size: int
   seq_len: int
   eval_batches: int
-  refresh_every: int
+  refresh: int
   adamw_lr: float
   max_bytes: int
 
@@ -118,13 +118,13 @@ def make_setup(args) -> Setup:
     config = model_lib.Config(dim=32, layers=2, heads=2, ffn_dim=64,
                               max_seq_len=32)
     return Setup(config, steps=args.steps or 10, batch_size=4, seq_len=32,
-                 eval_batches=2, refresh_every=5, adamw_lr=args.adamw_lr,
+                 eval_batches=2, refresh=5, adamw_lr=args.adamw_lr,
                  max_bytes=200_000)
   config = model_lib.config_from_preset(args.model, scan_layers=False)
   return Setup(config, steps=args.steps or 300, batch_size=args.batch_size,
                seq_len=args.seq_len,
                eval_batches=args.eval_batches,
-               refresh_every=args.refresh_every, adamw_lr=args.adamw_lr,
+               refresh=args.refresh, adamw_lr=args.adamw_lr,
                max_bytes=args.max_bytes)
 
 
@@ -167,7 +167,7 @@ def resolve_ranks(names: Sequence[str], setup: Setup,
   quarter = setup.model_config.dim // 4
   schedule = lm_optimizers.warmup_cosine(1e-3, setup.steps)  # as in train()
   build_of = lambda name: lambda r: make_tx(
-      name, schedule, r, setup.refresh_every, 0)
+      name, schedule, r, setup.refresh, 0)
   budget = state_bytes_of(build_of(BUDGET_METHOD)(quarter), params)
   ranks = {}
   for name in names:
@@ -194,7 +194,7 @@ def train(name: str, setup: Setup, corpus: data_lib.Corpus, *, rank, lr: float,
   wall, cpu = time.perf_counter(), time.process_time()
   graphdef, params = init_params(setup, seed)
   schedule = lm_optimizers.warmup_cosine(lr, setup.steps)
-  tx = make_tx(name, schedule, rank, setup.refresh_every, seed)
+  tx = make_tx(name, schedule, rank, setup.refresh, seed)
   opt_state = tx.init(params)
   state_size = int(so.state_bytes(opt_state))
 
@@ -322,7 +322,7 @@ def run(args) -> dict[str, Any]:
           'tokens': setup.steps * setup.batch_size * setup.seq_len,
           'eval_batches': setup.eval_batches,
           'eval_tokens': setup.eval_batches * setup.batch_size * setup.seq_len,
-          'refresh_every': setup.refresh_every, 'adamw_lr': setup.adamw_lr,
+          'refresh': setup.refresh, 'adamw_lr': setup.adamw_lr,
           'schedule': 'warmup 10% then cosine to 10% of peak',
           'clip_by_global_norm': 1.0, 'weight_decay': 0.0,
           'seeds': seeds, 'lr_multipliers': multipliers,
@@ -382,7 +382,7 @@ def markdown(result: dict[str, Any]) -> str:
       f"{m['heads']} heads, ffn {m['ffn_dim']} ({s['params']:,} params). "
       f"{s['steps']} steps of {s['batch_size']} x {s['seq_len']} bytes "
       f"({s['tokens']:,} tokens), validation on {s['eval_tokens']:,} bytes. "
-      f"AdamW peak lr {s['adamw_lr']:g}, refresh every {s['refresh_every']}, "
+      f"AdamW peak lr {s['adamw_lr']:g}, refresh every {s['refresh']}, "
       f"seeds {s['seeds']}, lr multipliers {s['lr_multipliers']}. "
       f"State budget: {s['state_budget']} = {s['state_budget_bytes']:,} bytes.",
       '',
@@ -431,7 +431,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument('--batch-size', type=int, default=8)
   p.add_argument('--seq-len', type=int, default=64)
   p.add_argument('--eval-batches', type=int, default=64)
-  p.add_argument('--refresh-every', type=int, default=100)
+  p.add_argument('--refresh', '--refresh-every', type=int, default=100)
   p.add_argument('--adamw-lr', type=float, default=3e-3,
                  help='AdamW peak lr; other methods use LR_RATIO times it')
   p.add_argument('--max-bytes', type=int, default=data_lib.DEFAULT_MAX_BYTES)

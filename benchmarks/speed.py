@@ -35,11 +35,11 @@ QUICK_SHAPE_SETS = {'quick_block': (64, 160, 16)}
 CPU_SHAPE_SETS = ('llama_60m_block',)
 
 
-def make_tx(method: lm_optimizers.Method, rank, refresh_every: int,
+def make_tx(method: lm_optimizers.Method, rank, refresh: int,
             seed: int) -> optax.GradientTransformation:
   """The method alone (no clipping), at ``LEARNING_RATE``, no weight decay."""
   return method.build(learning_rate=LEARNING_RATE, rank=rank,
-                      refresh_every=refresh_every, weight_decay=0.0, seed=seed)
+                      refresh=refresh, weight_decay=0.0, seed=seed)
 
 
 def _analytic(method: lm_optimizers.Method, params, rank, row) -> None:
@@ -75,7 +75,7 @@ class Setup:
   model_config: model_lib.Config
   batch_size: int
   seq_len: int
-  refresh_every: int
+  refresh: int
   warmup_steps: int
   timed_steps: int
   rank: int
@@ -89,17 +89,17 @@ def make_setup(args) -> Setup:
   if args.quick:
     config = model_lib.Config(dim=32, layers=2, heads=2, ffn_dim=64,
                               max_seq_len=32, scan_layers=args.scan_layers)
-    return Setup(config, batch_size=4, seq_len=32, refresh_every=3,
+    return Setup(config, batch_size=4, seq_len=32, refresh=3,
                  warmup_steps=1, timed_steps=6, rank=8,
                  shape_sets=QUICK_SHAPE_SETS, shape_layers=1,
                  stacked=args.scan_layers,
                  max_bytes=200_000)
   config = model_lib.config_from_preset(args.model,
                                         scan_layers=args.scan_layers)
-  timed = args.timed_steps or 2 * args.refresh_every
+  timed = args.timed_steps or 2 * args.refresh
   return Setup(config, batch_size=args.batch_size,
                seq_len=args.seq_len or config.max_seq_len,
-               refresh_every=args.refresh_every, warmup_steps=args.warmup_steps,
+               refresh=args.refresh, warmup_steps=args.warmup_steps,
                timed_steps=timed, rank=args.rank or config.dim // 4,
                shape_sets=_shape_sets(args), shape_layers=args.shape_layers,
                stacked=args.scan_layers,
@@ -167,7 +167,7 @@ def shape_gradients(params, count: int, seed: int):
 def run_method(name: str, method: lm_optimizers.Method, setup: Setup, corpus,
                bandwidth, seed: int = 0) -> dict[str, Any]:
   rank = method.fixed_rank or setup.rank
-  tx = make_tx(method, rank, setup.refresh_every, seed)
+  tx = make_tx(method, rank, setup.refresh, seed)
   graphdef, params = quality.init_params(quality_setup(setup), seed)
   result: dict[str, Any] = {'description': method.description, 'rank': rank}
   opt_state = jax.jit(tx.init)(params)
@@ -206,7 +206,7 @@ def run_method(name: str, method: lm_optimizers.Method, setup: Setup, corpus,
   _, params = quality.init_params(quality_setup(setup), seed)
   grad_fn = jax.jit(jax.grad(loss_fn))
   gradients = [grad_fn(params, *batch(1000 + i))
-               for i in range(step_times.gradient_count(setup.refresh_every))]
+               for i in range(step_times.gradient_count(setup.refresh))]
   result['optimizer_only'] = optimizer_only(
       tx, params, gradients, setup.warmup_steps, setup.timed_steps)
   result['roofline'] = harness.roofline(
@@ -222,14 +222,14 @@ def run_shapes(name: str, method: lm_optimizers.Method, setup: Setup,
   for set_name, (dim, ffn_dim, rank) in setup.shape_sets.items():
     params = block_shapes(dim, ffn_dim, setup.shape_layers, setup.stacked)
     rank = method.fixed_rank or rank
-    tx = make_tx(method, rank, setup.refresh_every, seed)
+    tx = make_tx(method, rank, setup.refresh, seed)
     state = jax.eval_shape(tx.init, params)
     row = {'rank': rank, 'state_bytes': harness.tree_bytes(state),
            'param_bytes': harness.tree_bytes(params)}
     _analytic(method, params, rank, row)
     row['optimizer_only'] = optimizer_only(
         tx, params, shape_gradients(
-            params, step_times.gradient_count(setup.refresh_every), seed),
+            params, step_times.gradient_count(setup.refresh), seed),
         setup.warmup_steps,
         setup.timed_steps)
     timing = row['optimizer_only']
@@ -244,5 +244,5 @@ def quality_setup(setup: Setup):
   """The object ``quality.init_params`` reads (only ``model_config``)."""
   return quality.Setup(setup.model_config, steps=1, batch_size=setup.batch_size,
                        seq_len=setup.seq_len, eval_batches=1,
-                       refresh_every=setup.refresh_every, adamw_lr=LEARNING_RATE,
+                       refresh=setup.refresh, adamw_lr=LEARNING_RATE,
                        max_bytes=setup.max_bytes)

@@ -35,7 +35,7 @@ Reported per method (medians over the timed steps, milliseconds):
 * for both: ``steady_median_ms`` (steps where no basis changed),
   ``refresh_median_ms`` / ``refresh_max_ms`` (steps where one did, detected
   from the state, outside the timed region), ``mean_ms`` over a window of
-  ``2 x refresh_every`` steps (refreshes amortised) and the ratios to
+  ``2 x refresh`` steps (refreshes amortised) and the ratios to
   ``optax.adamw`` and ``optax.contrib.galore``;
 * ``state_bytes`` (``subspace_optax.state_bytes``) against AdamW's and against
   the method's analytic formula (``subspace_optax.<method>_bytes``);
@@ -224,7 +224,7 @@ def run(args, argv: Sequence[str]) -> dict[str, Any]:
           'model': dataclasses.asdict(setup.model_config),
           'params': param_count, 'batch_size': setup.batch_size,
           'seq_len': setup.seq_len, 'rank': setup.rank,
-          'refresh_every': setup.refresh_every,
+          'refresh': setup.refresh,
           'warmup_steps': setup.warmup_steps, 'timed_steps': setup.timed_steps,
           'projected': 'transformer block kernels (attention, MLP)',
           'stacked_layers': setup.stacked,
@@ -275,11 +275,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument('--seq-len', type=int, default=None,
                  help="default: the model's max_seq_len")
   p.add_argument('--rank', type=int, default=None, help='default dim // 4')
-  p.add_argument('--refresh-every', type=int, default=20)
+  p.add_argument('--refresh', '--refresh-every', type=int, default=20)
   p.add_argument('--warmup-steps', type=int, default=2,
                  help='untimed steps after compilation (includes refresh 0)')
   p.add_argument('--timed-steps', type=int, default=None,
-                 help='default 2 x refresh_every')
+                 help='default 2 x refresh')
   p.add_argument('--shape-layers', type=int, default=1,
                  help='blocks per standalone shape set')
   p.add_argument('--shape-sets', default=None,

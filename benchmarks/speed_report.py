@@ -150,7 +150,7 @@ def markdown(result: dict[str, Any]) -> str:
       f'{model["ffn_dim"]}, {setup["params"]:,} params; batch '
       f'{setup["batch_size"]} x {setup["seq_len"]} tokens; rank '
       f'{setup["rank"]} (unless fixed by the method); refresh every '
-      f'{setup["refresh_every"]}; {setup["warmup_steps"]} warm-up + '
+      f'{setup["refresh"]}; {setup["warmup_steps"]} warm-up + '
       f'{setup["timed_steps"]} timed steps; BLAS threads '
       f'{setup["blas_threads"]}; layers '
       f'{"stacked" if setup.get("stacked_layers") else "one leaf each"}',

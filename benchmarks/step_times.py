@@ -7,10 +7,10 @@ import statistics
 from typing import Any, Sequence
 
 
-def gradient_count(refresh_every: int) -> int:
+def gradient_count(refresh: int) -> int:
   """How many distinct gradients to cycle: not a divisor of the period, so a
   leaf's consecutive refreshes see different gradients."""
-  return next(n for n in (3, 4, 5, 7, 11) if refresh_every % n)
+  return next(n for n in (3, 4, 5, 7, 11) if refresh % n)
 
 
 def summary(times: Sequence[float], refreshed: Sequence[bool]) -> dict[str, Any]:

@@ -44,7 +44,7 @@ def run(setup: speed.Setup, model_params, timeout: float,
                                                   setup.stacked))
     ranks[set_name] = rank
   config = {'tables': tables, 'rank': ranks,
-            'refresh_every': setup.refresh_every,
+            'refresh': setup.refresh,
             'warmup': setup.warmup_steps, 'timed': setup.timed_steps, 'seed': 0}
   try:
     done = subprocess.run(

@@ -68,7 +68,7 @@ print(f'jax {jax.__version__}, optax {optax.__version__}, smoke={SMOKE}')
 # %%
 galore = optax.chain(
     optax.clip_by_global_norm(1.0),
-    so.galore(learning_rate=4e-3, rank=RANK, refresh_every=50, scale=0.25,
+    so.galore(learning_rate=4e-3, rank=RANK, refresh=50, scale=0.25,
               weight_decay=1e-4),
 )
 
@@ -204,7 +204,7 @@ plt.show()
 # `so.state_bytes(state)` adds up the bytes of every array in an optimizer
 # state. It works on concrete states, on `jax.eval_shape` outputs and on
 # `nnx.Optimizer` states. For GaLore with the Adam inner optimizer, the size is
-# known in closed form (`so.galore_bytes`). Each projected $m \times n$ matrix
+# known in closed form (`so.memory.galore_bytes`). Each projected $m \times n$ matrix
 # holds a basis of $k r$ floats and two moments of $r l$ floats each, where $k$
 # is the projected side and $l$ the other one. Every other leaf keeps Adam's
 # $2|p|$.
@@ -214,7 +214,7 @@ mlp_params = nnx.state(runs['adamw']['model'], nnx.Param)
 rows = []
 for name, run in runs.items():
   rows.append((name, so.state_bytes(run['optimizer'].opt_state)))
-analytic = so.galore_bytes(mlp_params, RANK)
+analytic = so.memory.galore_bytes(mlp_params, RANK)
 parameter_bytes = so.state_bytes(mlp_params)
 
 print(f"{'optimizer':22s}{'state bytes':>14s}{'vs adamw':>10s}")
@@ -259,7 +259,7 @@ large_optimizers = {
 }
 large = {name: so.state_bytes(jax.eval_shape(tx.init, big_params))
          for name, tx in large_optimizers.items()}
-large_analytic = so.galore_bytes(big_params, 128, dimension_numbers=projected)
+large_analytic = so.memory.galore_bytes(big_params, 128, dimension_numbers=projected)
 assert large['galore r=128 (compact)'] == large_analytic
 for name, size in large.items():
   print(f"{name:32s}{size / 2**20:9.1f} MiB   {size / large['adamw']:.2f}x adamw")

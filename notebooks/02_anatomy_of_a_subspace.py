@@ -109,7 +109,7 @@ def make_step(tx):
 
 
 def galore_with(basis, align_signs=True, rank=RANK):
-  return so.galore(4e-3, rank=rank, refresh_every=REFRESH, basis=basis,
+  return so.galore(4e-3, rank=rank, refresh=REFRESH, basis=basis,
                    stagger=False, side='left', align_signs=align_signs)
 
 

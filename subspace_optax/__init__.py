@@ -55,6 +55,9 @@ from subspace_optax._src.quantize import dequantize
 from subspace_optax._src.quantize import quantize
 from subspace_optax._src.quantize import QuantizedMatrix
 from subspace_optax._src.quantize import stochastic_round
+from subspace_optax._src.coverage import FullSizeWarning
+from subspace_optax._src.layout import conv_kernels
+from subspace_optax._src.summary import summary
 from subspace_optax._src.quantized_moments import quantize_moments
 from subspace_optax._src.master_weights import master_weights
 # --- tools on states ---
@@ -74,6 +77,7 @@ __all__ = (
     'transforms',
     # The pipeline.
     'DimensionNumbers',
+    'conv_kernels',
     'last_two_axes',
     'low_rank',
     'SubspaceState',
@@ -116,6 +120,8 @@ __all__ = (
     'quantize_moments',
     'master_weights',
     # Tools on states.
+    'FullSizeWarning',
+    'summary',
     'check_compatible',
     'state_bytes',
     'state_shardings',

@@ -197,7 +197,7 @@ def test_analytic_state_bytes_match_the_measured_state():
         continue
       rank = method.fixed_rank or (0.25 if isinstance(method.rank, float)
                                    else 4)
-      tx = method.build(learning_rate=1e-3, rank=rank, refresh_every=5,
+      tx = method.build(learning_rate=1e-3, rank=rank, refresh=5,
                         weight_decay=0.0, seed=0)
       measured = optimizers.state_bytes(jax.eval_shape(tx.init, params))
       assert method.state_bytes(params, rank) == measured, (name, scan_layers)

@@ -78,7 +78,7 @@ def test_every_row_resolves_its_rank_and_takes_a_finite_step():
   grads = jax.tree.map(lambda p: 1e-2 * jax.numpy.ones_like(p), params)
   for name in names:
     method = quality.METHODS[name]
-    tx = quality.make_tx(name, schedule, ranks[name], setup.refresh_every, 0)
+    tx = quality.make_tx(name, schedule, ranks[name], setup.refresh, 0)
     state = tx.init(params)
     if method.rank == 'match_budget':
       assert quality.state_bytes_of(tx, params) <= budget, name

@@ -207,8 +207,8 @@ NAMES = sorted(REGISTRY)
 # through them; residual stages need the pipeline's extra args).
 NOT_METHODS = frozenset({
     # Layout, memory and tools on states.
-    'last_two_axes', 'state_bytes', 'check_compatible', 'state_shardings',
-    'static_args',
+    'last_two_axes', 'conv_kernels', 'summary', 'FullSizeWarning',
+    'state_bytes', 'check_compatible', 'state_shardings', 'static_args',
     # Functions on arrays, states and schedules.
     'dequantize', 'quantize', 'stochastic_round', 'refactorize',
     'reset_moments', 'subspace_norm_ratio',

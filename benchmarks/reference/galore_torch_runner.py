@@ -95,7 +95,7 @@ def run_galore_adamw(
     gradients: Sequence[Sequence[np.ndarray]],
     *,
     rank: int,
-    refresh_every: int,
+    refresh: int,
     scale: float,
     learning_rate: float,
     betas: tuple[float, float],
@@ -129,7 +129,7 @@ def run_galore_adamw(
   torch_dtype = {'float32': torch.float32, 'float64': torch.float64}[dtype]
   params = [torch.nn.Parameter(torch.zeros(s, dtype=torch_dtype)) for s in shapes]
   optimizer = GaLoreAdamW(
-      [{'params': params, 'rank': rank, 'update_proj_gap': refresh_every,
+      [{'params': params, 'rank': rank, 'update_proj_gap': refresh,
         'scale': scale, 'proj_type': 'std'}],
       lr=learning_rate, betas=betas, eps=eps, weight_decay=0.0,
       no_deprecation_warning=True,
@@ -138,7 +138,7 @@ def run_galore_adamw(
     projector_class = _projector_class()
     for p in params:  # The optimizer creates a projector only if none is set.
       optimizer.state[p]['projector'] = projector_class(
-          rank, update_proj_gap=refresh_every, scale=scale, proj_type='std',
+          rank, update_proj_gap=refresh, scale=scale, proj_type='std',
           convention=convention, align_signs=align_signs)
   updates, bases = [], {}
   for step, step_gradients in enumerate(gradients):
@@ -148,7 +148,7 @@ def run_galore_adamw(
       p.grad = torch.from_numpy(np.array(g, dtype=dtype))
     optimizer.step()
     updates.append([p.detach().numpy().copy() for p in params])
-    if step % refresh_every == 0:
+    if step % refresh == 0:
       bases[step] = [
           basis_columns(optimizer.state[p]['projector'], s)
           for p, s in zip(params, shapes)

@@ -5,7 +5,7 @@ in its own process (torch and JAX must not share the device's memory) and
 imports no JAX. Input, as JSON on stdin::
 
   {"tables": {"<name>": {"projected": [[m, n], ...], "other": [[k], ...]}},
-   "rank": {"<name>": r}, "refresh_every": T, "warmup": w, "timed": t,
+   "rank": {"<name>": r}, "refresh": T, "warmup": w, "timed": t,
    "seed": s}
 
 ``projected`` shapes go in GaLore's parameter group (``rank``,
@@ -87,11 +87,11 @@ def _gradients(shapes, count, seed, device):
 def time_optimizer(make, shapes, projected_count, config, device,
                    refreshes: bool):
   """Warm up, then time ``config['timed']`` steps of one optimizer
-  (``refreshes``: it recomputes its projectors every ``refresh_every``)."""
+  (``refreshes``: it recomputes its projectors every ``refresh``)."""
   params = [torch.zeros(s, device=device, requires_grad=True) for s in shapes]
   optimizer = make(params[:projected_count], params[projected_count:])
   gradients = _gradients(
-      shapes, step_times.gradient_count(config['refresh_every']),
+      shapes, step_times.gradient_count(config['refresh']),
       config['seed'], device)
   synchronize = (torch.cuda.synchronize if device == 'cuda' else lambda: None)
   if device == 'cuda':
@@ -106,7 +106,7 @@ def time_optimizer(make, shapes, projected_count, config, device,
     synchronize()
     if i >= config['warmup']:
       times.append(1e3 * (time.perf_counter() - start))
-      refreshed.append(refreshes and i % config['refresh_every'] == 0)
+      refreshed.append(refreshes and i % config['refresh'] == 0)
   state_bytes = sum(
       v.numel() * v.element_size() for s in optimizer.state.values()
       for v in _tensors(s))
@@ -145,7 +145,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
       return galore_adamw(
           [{'params': other_params},
            {'params': projected_params, 'rank': rank,
-            'update_proj_gap': config['refresh_every'], 'scale': 0.25,
+            'update_proj_gap': config['refresh'], 'scale': 0.25,
             'proj_type': 'std'}], lr=lr, eps=1e-8)
 
     out['tables'][name] = {

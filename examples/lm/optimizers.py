@@ -23,12 +23,12 @@ the kernels are ``(layers, d_in, d_out)`` and the leading axis is a batch axis
 
 Adding a method
 ---------------
-Write a builder that takes the keywords ``learning_rate, rank, refresh_every,
+Write a builder that takes the keywords ``learning_rate, rank, refresh,
 weight_decay, seed`` (``del`` the ones it does not use) and returns an optax
 transform, and register it::
 
-  def _my_method(*, learning_rate, rank, refresh_every, weight_decay, seed):
-    return so.my_method(learning_rate, rank=rank, refresh_every=refresh_every,
+  def _my_method(*, learning_rate, rank, refresh, weight_decay, seed):
+    return so.my_method(learning_rate, rank=rank, refresh=refresh,
                         seed=seed, dimension_numbers=block_matrices,
                         **decay(weight_decay))
 
@@ -68,7 +68,7 @@ class Method:
   """One registered optimizer.
 
   Attributes:
-    build: ``build(*, learning_rate, rank, refresh_every, weight_decay, seed,
+    build: ``build(*, learning_rate, rank, refresh, weight_decay, seed,
       **options)`` -> the method's transform (without the gradient clipping
       :func:`make_optimizer` adds).
     description: what it is, with the paper.
@@ -170,7 +170,7 @@ def decay(weight_decay: float) -> dict[str, Any]:
   (the quality benchmark's rows were built that way).
   """
   return {'weight_decay': weight_decay,
-          'weight_decay_mask': matrices if weight_decay else None}
+          'mask': matrices if weight_decay else None}
 
 
 def warmup_cosine(peak: float, steps: int, warmup_fraction: float = 0.1,
@@ -195,8 +195,8 @@ def _formula(formula: Callable[..., int], **options) -> Callable[..., int]:
 # Builders.
 
 
-def _adamw(*, learning_rate, rank, refresh_every, weight_decay, seed):
-  del rank, refresh_every, seed
+def _adamw(*, learning_rate, rank, refresh, weight_decay, seed):
+  del rank, refresh, seed
   return optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8,
                      weight_decay=weight_decay,
                      mask=matrices if weight_decay else None)
@@ -207,27 +207,27 @@ def _adamw_bytes(params, rank) -> int:
   return 4 + 8 * sum(math.prod(jnp.shape(p)) for p in jax.tree.leaves(params))
 
 
-def _galore(*, learning_rate, rank, refresh_every, weight_decay, seed,
+def _galore(*, learning_rate, rank, refresh, weight_decay, seed,
             basis='svd', stagger=True, on_refresh=None):
   extra = {} if on_refresh is None else {'on_refresh': on_refresh}
   return so.galore(
-      learning_rate, rank=rank, refresh_every=refresh_every, scale=0.25,
+      learning_rate, rank=rank, refresh=refresh, scale=0.25,
       basis=basis, stagger=stagger, seed=seed, **extra, **BLOCKS,
       **decay(weight_decay))
 
 
-def _galore_8bit_moments(*, learning_rate, rank, refresh_every, weight_decay,
+def _galore_8bit_moments(*, learning_rate, rank, refresh, weight_decay,
                          seed):
   """GaLore's pipeline with its Adam moments stored in 8 bits."""
-  inner = so.quantize_moments(so.scale_by_torch_adam())
+  inner = so.quantize_moments(so.transforms.scale_by_torch_adam())
   return optax.chain(
-      so.low_rank(inner, rank=rank, refresh_every=refresh_every, basis='svd',
+      so.low_rank(inner, rank=rank, refresh=refresh, basis='svd',
                   scale=0.25, seed=seed, **BLOCKS),
       optax.add_decayed_weights(weight_decay, matrices),
       optax.scale_by_learning_rate(learning_rate))
 
 
-def _optax_galore(*, learning_rate, rank, refresh_every, weight_decay, seed):
+def _optax_galore(*, learning_rate, rank, refresh, weight_decay, seed):
   """``optax.contrib.galore`` on the 2-D block matrices, Adam elsewhere.
 
   ``optax.partition`` hands contrib galore only the matrices it projects, so
@@ -254,7 +254,7 @@ def _optax_galore(*, learning_rate, rank, refresh_every, weight_decay, seed):
     return jax.tree_util.tree_map_with_path(label, params)
 
   galore_tx = optax.contrib.galore(
-      learning_rate, rank=rank, update_proj_gap=refresh_every, scale=0.25,
+      learning_rate, rank=rank, update_proj_gap=refresh, scale=0.25,
       weight_decay=weight_decay,
       weight_dimension_numbers=optax.contrib.GaLoreDimensionNumbers(0, 1))
   adam_tx = optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8,
@@ -262,15 +262,15 @@ def _optax_galore(*, learning_rate, rank, refresh_every, weight_decay, seed):
   return optax.partition({'low_rank': galore_tx, 'full': adam_tx}, labels)
 
 
-def _frugal(*, learning_rate, rank, refresh_every, weight_decay, seed,
+def _frugal(*, learning_rate, rank, refresh, weight_decay, seed,
             basis='svd'):
-  return so.frugal(learning_rate, rank=rank, refresh_every=refresh_every,
+  return so.frugal(learning_rate, rank=rank, refresh=refresh,
                    basis=basis, seed=seed, **BLOCKS, **decay(weight_decay))
 
 
-def _online_subspace_descent(*, learning_rate, rank, refresh_every,
+def _online_subspace_descent(*, learning_rate, rank, refresh,
                              weight_decay, seed, inner):
-  del refresh_every  # the basis moves every step
+  del refresh  # the basis moves every step
   return so.online_subspace_descent(
       learning_rate, rank=rank, inner=inner, seed=seed, **BLOCKS,
       **decay(weight_decay))
@@ -279,28 +279,28 @@ def _online_subspace_descent(*, learning_rate, rank, refresh_every,
 def _preset(preset: Callable[..., optax.GradientTransformation],
             **fixed) -> Callable[..., optax.GradientTransformation]:
   """A builder for a ``subspace_optax`` preset taking ``rank`` and
-  ``refresh_every``, with ``fixed`` keywords (e.g. ``scale=0.25``)."""
+  ``refresh``, with ``fixed`` keywords (e.g. ``scale=0.25``)."""
 
-  def build(*, learning_rate, rank, refresh_every, weight_decay, seed):
-    return preset(learning_rate, rank=rank, refresh_every=refresh_every,
+  def build(*, learning_rate, rank, refresh, weight_decay, seed):
+    return preset(learning_rate, rank=rank, refresh=refresh,
                   seed=seed, **fixed, **BLOCKS, **decay(weight_decay))
 
   return build
 
 
-def _apollo_mini(*, learning_rate, rank, refresh_every, weight_decay, seed):
+def _apollo_mini(*, learning_rate, rank, refresh, weight_decay, seed):
   del rank  # rank 1 by definition
-  return so.apollo_mini(learning_rate, refresh_every=refresh_every, seed=seed,
+  return so.apollo_mini(learning_rate, refresh=refresh, seed=seed,
                         **BLOCKS, **decay(weight_decay))
 
 
-def _adamp(*, learning_rate, rank, refresh_every, weight_decay, seed):
-  del rank, refresh_every, seed
+def _adamp(*, learning_rate, rank, refresh, weight_decay, seed):
+  del rank, refresh, seed
   return so.adamp(learning_rate, weight_decay=weight_decay)
 
 
-def _sgdp(*, learning_rate, rank, refresh_every, weight_decay, seed):
-  del rank, refresh_every, seed
+def _sgdp(*, learning_rate, rank, refresh, weight_decay, seed):
+  del rank, refresh, seed
   return so.sgdp(learning_rate, momentum=0.9, nesterov=True,
                  weight_decay=weight_decay)
 
@@ -309,10 +309,10 @@ def _sgdp(*, learning_rate, rank, refresh_every, weight_decay, seed):
 AUON_LR_RATIO = 0.02 / ADAMW_LEARNING_RATE
 
 
-def _auon(*, learning_rate, rank, refresh_every, weight_decay, seed,
+def _auon(*, learning_rate, rank, refresh, weight_decay, seed,
           newton_schulz_steps):
   """AuON on the block matrices at its own rate; AdamW at AdamW's elsewhere."""
-  del rank, refresh_every, seed
+  del rank, refresh, seed
   if callable(learning_rate):
     adam_rate = lambda step: learning_rate(step) / AUON_LR_RATIO
   else:
@@ -336,7 +336,7 @@ for _name, _method in {
         1.0, state_bytes=_adamw_bytes),
     'galore': Method(
         _galore, 'subspace_optax.galore, SVD basis, compact side, scale 0.25 '
-        '(arXiv 2403.03507)', 10.0, 'quarter', _formula(so.galore_bytes),
+        '(arXiv 2403.03507)', 10.0, 'quarter', _formula(so.memory.galore_bytes),
         options=('basis',)),
     'optax_galore': Method(
         _optax_galore, 'optax.contrib.galore, scale 0.25, same rank as galore; '
@@ -344,22 +344,22 @@ for _name, _method in {
     'frugal': Method(
         _frugal, 'subspace_optax.frugal: Adam on an SVD subspace (reference '
         'side, moments reset at refresh) + signSGD on the residual, scale 1 '
-        '(arXiv 2411.07837)', 1.0, 'match_budget', _formula(so.frugal_bytes),
+        '(arXiv 2411.07837)', 1.0, 'match_budget', _formula(so.memory.frugal_bytes),
         options=('basis',)),
     'fira': Method(
         _preset(so.fira, scale=0.25), 'subspace_optax.fira: GaLore + '
         'norm-scaled residual + limiter 1.01, reference side, scale 0.25 '
-        '(arXiv 2410.01623)', 10.0, 'match_budget', _formula(so.fira_bytes)),
+        '(arXiv 2410.01623)', 10.0, 'match_budget', _formula(so.memory.fira_bytes)),
     'online_subspace_descent': Method(
         functools.partial(_online_subspace_descent, inner='adam'),
         'subspace_optax.online_subspace_descent: Adam inner, basis moved '
         'every step by Adam on the online-PCA loss (lr 0.005), scale 0.25 '
         '(arXiv 2408.12857)', 10.0, 'match_budget',
-        _formula(so.online_subspace_descent_bytes)),
+        _formula(so.memory.online_subspace_descent_bytes)),
     'apollo': Method(
         _preset(so.apollo), 'subspace_optax.apollo: channel-wise scaled raw '
         'gradient, seeded Gaussian sketch, limiter 1.01 (arXiv 2412.05270)',
-        10.0, 'match_budget', _formula(so.apollo_bytes)),
+        10.0, 'match_budget', _formula(so.memory.apollo_bytes)),
     'apollo_mini': Method(
         _apollo_mini, 'subspace_optax.apollo_mini: rank 1, tensor-wise scale, '
         'scale 128 (arXiv 2412.05270)', 10.0, 1),
@@ -367,7 +367,7 @@ for _name, _method in {
         _preset(so.q_galore, scale=0.25), 'subspace_optax.q_galore: INT4 '
         'basis, lazy per-layer refresh, 8-bit moments, scale 0.25 '
         '(arXiv 2407.08296)', 15.0, 'match_budget',
-        _formula(so.q_galore_bytes)),
+        _formula(so.memory.q_galore_bytes)),
     'golore': Method(
         _preset(so.golore, scale=0.25), 'subspace_optax.golore: random '
         'orthonormal basis, scale 0.25 (arXiv 2410.11289)', 10.0,
@@ -384,31 +384,31 @@ for _name, _method in {
         functools.partial(_galore, on_refresh='reset'),
         'subspace_optax.galore with the moments zeroed at every refresh '
         '(momentum reset, arXiv 2505.22922)', 10.0, 'quarter',
-        _formula(so.galore_bytes)),
+        _formula(so.memory.galore_bytes)),
     'frugal_random': Method(
         functools.partial(_frugal, basis='random'), 'subspace_optax.frugal, '
         'random orthonormal subspace (arXiv 2411.07837)', 1.0, 'match_budget',
-        _formula(so.frugal_bytes, basis='random')),
+        _formula(so.memory.frugal_bytes, basis='random')),
     'frugal_columns': Method(
         functools.partial(_frugal, basis='columns'), 'subspace_optax.frugal, '
         'random columns (indices only, no Q) (arXiv 2411.07837)', 1.0,
-        'match_budget', _formula(so.frugal_bytes, basis='columns')),
+        'match_budget', _formula(so.memory.frugal_bytes, basis='columns')),
     'frugal_blocks': Method(
         functools.partial(_frugal, basis='blocks'), 'subspace_optax.frugal, '
         'blockwise (BAdam-like): a quarter of the matrices active per period '
         '(density 0.25, the paper\'s default); moments stay full size (static '
         'shapes) (arXiv 2411.07837)', 1.0, 0.25,
-        _formula(so.frugal_bytes, basis='blocks')),
+        _formula(so.memory.frugal_bytes, basis='blocks')),
     'online_subspace_descent_lion': Method(
         functools.partial(_online_subspace_descent, inner='lion'),
         'subspace_optax.online_subspace_descent, Lion inner; lr 3x below the '
         'Adam-inner row (Lion paper, arXiv 2302.06675: 3-10x below AdamW)',
         10.0 / 3, 'match_budget',
-        _formula(so.online_subspace_descent_bytes, inner='lion')),
+        _formula(so.memory.online_subspace_descent_bytes, inner='lion')),
     'adamp': Method(
         _adamp, 'subspace_optax.adamp: radial component removed on '
         'scale-invariant weights (arXiv 2006.08217), full rank', 1.0,
-        state_bytes=lambda params, rank: int(so.adamp_bytes(params))),
+        state_bytes=lambda params, rank: int(so.memory.adamp_bytes(params))),
     'sgdp': Method(
         _sgdp, 'subspace_optax.sgdp, Nesterov momentum 0.9; lr 100x AdamW\'s '
         '(SGD\'s 0.1 against Adam\'s 1e-3, the usual ImageNet pair; arXiv '
@@ -424,19 +424,19 @@ for _name, _method in {
     'dct_adamw': Method(
         _preset(so.dct_adamw), 'subspace_optax.dct_adamw: DCT columns chosen '
         'by l1 alignment, moments transported, scale 1 (arXiv 2505.17967)',
-        1.0, 'match_budget', _formula(so.dct_adamw_bytes)),
+        1.0, 'match_budget', _formula(so.memory.dct_adamw_bytes)),
     # Variants timed by benchmarks/speed_memory.py.
     'galore_no_stagger': Method(
         functools.partial(_galore, stagger=False), _GALORE.format('svd', 'off'),
-        10.0, 'quarter', _formula(so.galore_bytes)),
+        10.0, 'quarter', _formula(so.memory.galore_bytes)),
     'galore_randomized': Method(
         functools.partial(_galore, basis='randomized'),
         _GALORE.format('randomized', 'on'), 10.0, 'quarter',
-        _formula(so.galore_bytes)),
+        _formula(so.memory.galore_bytes)),
     'galore_randomized_no_stagger': Method(
         functools.partial(_galore, basis='randomized', stagger=False),
         _GALORE.format('randomized', 'off'), 10.0, 'quarter',
-        _formula(so.galore_bytes)),
+        _formula(so.memory.galore_bytes)),
 }.items():
   register(_name, _method)
 
@@ -446,7 +446,7 @@ def make_optimizer(
     *,
     learning_rate_schedule: optax.ScalarOrSchedule,
     rank: Optional[Union[int, float]] = 32,
-    refresh_every: int = 200,
+    refresh: int = 200,
     weight_decay: float = 0.0,
     seed: int = 0,
     **options,
@@ -459,7 +459,7 @@ def make_optimizer(
       :func:`warmup_cosine`).
     rank: subspace rank of low-rank methods (int, or a fraction of
       ``min(m, n)`` where the method accepts it); ignored by full-rank ones.
-    refresh_every: steps between basis refreshes.
+    refresh: steps between basis refreshes.
     weight_decay: decoupled weight decay on matrices.
     seed: seed of random bases.
     **options: method-specific keywords, among ``REGISTRY[name].options``
@@ -477,7 +477,7 @@ def make_optimizer(
   return optax.chain(
       optax.clip_by_global_norm(1.0),
       method.build(learning_rate=learning_rate_schedule, rank=rank,
-                   refresh_every=refresh_every, weight_decay=weight_decay,
+                   refresh=refresh, weight_decay=weight_decay,
                    seed=seed, **options))
 
 

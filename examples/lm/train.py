@@ -81,7 +81,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument('--rank', type=float, default=None,
                  help='subspace rank (int, or a fraction in (0, 1)); '
                  'default dim // 4')
-  p.add_argument('--refresh-every', type=int, default=100)
+  p.add_argument('--refresh', '--refresh-every', type=int, default=100)
   p.add_argument('--basis', default='auto',
                  choices=('auto', 'svd', 'randomized'),
                  help="basis of subspace_optax methods; 'auto': svd on one "
@@ -128,7 +128,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.error(f'optimizer listed twice: {names}')
   args.optimizer = names
   for flag in ('steps', 'batch_size', 'eval_every', 'eval_batches',
-               'refresh_every', 'keep'):
+               'refresh', 'keep'):
     if getattr(args, flag) <= 0:
       p.error(f'--{flag.replace("_", "-")} must be positive')
   if args.checkpoint_every < 0:
@@ -256,7 +256,7 @@ def make_run(name: str, args: argparse.Namespace,
   schedule = optimizers.warmup_cosine(learning_rate, args.steps)
   tx = optimizers.make_optimizer(
       name, learning_rate_schedule=schedule, rank=rank,
-      refresh_every=args.refresh_every, weight_decay=args.weight_decay,
+      refresh=args.refresh, weight_decay=args.weight_decay,
       seed=args.seed, **basis)
   config = {
       'model': args.model,
@@ -264,7 +264,7 @@ def make_run(name: str, args: argparse.Namespace,
       'optimizer': name,
       'learning_rate': learning_rate,
       'rank': rank,
-      'refresh_every': args.refresh_every if entry.low_rank else None,
+      'refresh': args.refresh if entry.low_rank else None,
       'basis': basis.get('basis'),
       'weight_decay': args.weight_decay,
       'steps': args.steps,

@@ -266,6 +266,23 @@ def last_two_axes(params) -> Any:
   )
 
 
+def conv_kernels(params) -> Any:
+  """Dimension numbers for convolution kernels: one ``(H·W·I, O)`` basis each.
+
+  flax ``nnx.Conv`` kernels are ``(*window, in_features, out_features)``
+  (HWIO for 2-D convolutions). Every axis but the last is contracted with the
+  input patch, so a kernel is read as one matrix with ``prod(window)·I`` rows
+  and ``O`` columns (the im2col view). Dense ``(m, n)`` kernels get the usual
+  ``(m, n)`` view; leaves of rank < 2 are not projected. Do not use it for
+  stacked ``(L, m, n)`` layers (use :func:`last_two_axes`): their layer axis
+  would be merged into the rows.
+  """
+  _check_not_a_step_count(params, 'conv_kernels')
+  return jax.tree.map(
+      lambda p: DimensionNumbers(tuple(range(np.ndim(p) - 1)), -1)
+      if np.ndim(p) >= 2 else None, params)
+
+
 def default_dimension_numbers(params) -> Any:
   """Every 2-D leaf is a matrix; leaves of any other rank are not projected."""
   return jax.tree.map(

@@ -34,6 +34,7 @@ import optax
 
 from subspace_optax._src import bases as bases_lib
 from subspace_optax._src import batching
+from subspace_optax._src import coverage
 from subspace_optax._src import layout as layout_lib
 from subspace_optax._src import moments as moments_lib
 from subspace_optax._src import presets
@@ -587,6 +588,7 @@ def low_rank(
     leaves, treedef = jax.tree.flatten(params)
     layouts = layouts_for(params)
     _check_real(leaves, layouts)
+    coverage.warn_full_size(params, layouts, dimension_numbers, rank)
     projected = [i for i, lay in enumerate(layouts) if lay is not None]
     basis_leaves, refresh_leaves, placeholders, residual_leaves = [], [], [], []
     for i, (p, lay) in enumerate(zip(leaves, layouts)):
