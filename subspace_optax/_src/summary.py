@@ -10,7 +10,6 @@ built with ``jax.eval_shape``.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Optional
 
 import jax
