@@ -10,7 +10,7 @@ in its own process so that the device allocator's peak is the method's own:
   the timed steps;
 * ``2 x refresh`` timed train steps: steady median, largest refresh step,
   mean (refreshes amortised), refreshes detected from the state between steps
-  (``speed_memory.basis_fingerprint``), outside the timed region;
+  (``harness.basis_fingerprint``), outside the timed region;
 * the optimizer alone (update + apply) on two cycled real gradients.
 
 Goals checked against ``optax.adamw`` in the same run (``goals`` in the JSON):
@@ -45,7 +45,7 @@ from flax import nnx
 
 import subspace_optax as so
 from benchmarks import peak_memory
-from benchmarks import speed_memory
+from benchmarks import harness
 from benchmarks import step_times
 from examples.lm import model as model_lib
 from examples.lm import optimizers as lm_optimizers
@@ -84,13 +84,13 @@ def build(name: str, case: Case) -> optax.GradientTransformation:
 
 def _timed(step, carry, args_at, steps, state_of):
   times, refreshed = [], []
-  previous = np.asarray(speed_memory.basis_fingerprint(state_of(carry)))
+  previous = np.asarray(harness.basis_fingerprint(state_of(carry)))
   for i in range(steps):
     args = args_at(i)
     start = time.perf_counter()
     carry = jax.block_until_ready(step(*carry, *args))
     times.append(1e3 * (time.perf_counter() - start))
-    current = np.asarray(speed_memory.basis_fingerprint(state_of(carry)))
+    current = np.asarray(harness.basis_fingerprint(state_of(carry)))
     refreshed.append(bool(np.any(current != previous)))
     previous = current
   return times, refreshed, carry

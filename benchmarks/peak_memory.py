@@ -67,13 +67,13 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-import subspace_optax as so
 from examples.lm import model as model_lib
 from examples.lm import optimizers as lm_optimizers
 
 DEFAULT_OUT = 'benchmarks/results/peak_memory_cpu_aot.json'
 VOCAB_SIZE = 32_000  # LLaMA's tokenizer, not the example's 256 bytes
 BASELINE = 'adamw'
+REFRESH = 200  # refresh period (the step compiles its refresh branch)
 LEARNING_RATE = 1e-3  # memory does not depend on it
 
 
@@ -120,28 +120,15 @@ BUDGETS = {'h100_80gb': 81_559 * 2**20, 'h200_141gb': 143_771 * 2**20}
 # re-run after a default changes (e.g. q_galore's moment format) measures it.
 
 
-def _blocks() -> dict[str, Any]:
-  return dict(dimension_numbers=lm_optimizers.block_matrices)
-
-
-def _optax_galore(rank: int, seed: int) -> optax.GradientTransformation:
-  """optax.contrib.galore on the 2-D block kernels, AdamW elsewhere.
-
-  contrib galore cannot treat a layer axis as a batch axis, so this row uses
-  the unstacked layout (one leaf per layer); ``Method.stacked`` says so.
-  """
-  del seed
-
-  def labels(params):
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: 'low_rank' if lm_optimizers.is_block_matrix(path, x)
-        else 'full', params)
-
-  return optax.partition({
-      'low_rank': optax.contrib.galore(
-          LEARNING_RATE, rank=rank, scale=0.25,
-          weight_dimension_numbers=optax.contrib.GaLoreDimensionNumbers(0, 1)),
-      'full': optax.adamw(LEARNING_RATE, eps=1e-8)}, labels)
+def _from_table(name: str, **options) -> Callable[[int, int],
+                                                 optax.GradientTransformation]:
+  """``(rank, seed) -> transform``: row ``name`` of the shared method table
+  (:mod:`examples.lm.optimizers`: block matrices projected, no clipping, no
+  weight decay)."""
+  method = lm_optimizers.get(name)
+  return lambda rank, seed: method.build(
+      learning_rate=LEARNING_RATE, rank=rank, refresh=REFRESH,
+      weight_decay=0.0, seed=seed, **options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,37 +139,25 @@ class Method:
 
 
 METHODS = {
-    BASELINE: Method(lambda r, s: optax.adamw(LEARNING_RATE, eps=1e-8),
-                     'optax.adamw'),
+    BASELINE: Method(_from_table('adamw'), 'optax.adamw'),
+    # contrib galore cannot treat a layer axis as a batch axis: one leaf per
+    # layer for this row.
     'optax_galore': Method(
-        _optax_galore, 'optax.contrib.galore, scale 0.25 (layers unstacked)',
-        stacked=False),
-    'galore_randomized': Method(
-        lambda r, s: so.galore(LEARNING_RATE, rank=r, basis='randomized',
-                               seed=s, **_blocks()),
-        'subspace_optax.galore, randomized basis'),
-    'galore_svd': Method(
-        lambda r, s: so.galore(LEARNING_RATE, rank=r, basis='svd', seed=s,
-                               **_blocks()),
-        'subspace_optax.galore, SVD basis'),
-    'frugal': Method(
-        lambda r, s: so.frugal(LEARNING_RATE, rank=r, seed=s, **_blocks()),
-        'subspace_optax.frugal'),
-    'fira': Method(
-        lambda r, s: so.fira(LEARNING_RATE, rank=r, seed=s, **_blocks()),
-        'subspace_optax.fira'),
-    'apollo': Method(
-        lambda r, s: so.apollo(LEARNING_RATE, rank=r, seed=s, **_blocks()),
-        'subspace_optax.apollo'),
-    'apollo_mini': Method(
-        lambda r, s: so.apollo_mini(LEARNING_RATE, seed=s, **_blocks()),
-        'subspace_optax.apollo_mini (rank 1)'),
-    'q_galore': Method(
-        lambda r, s: so.q_galore(LEARNING_RATE, rank=r, seed=s, **_blocks()),
-        'subspace_optax.q_galore, its default formats'),
+        _from_table('optax_galore'),
+        'optax.contrib.galore, scale 0.25 (layers unstacked)', stacked=False),
+    'galore_randomized': Method(_from_table('galore', basis='randomized'),
+                                'subspace_optax.galore, randomized basis'),
+    'galore_svd': Method(_from_table('galore', basis='svd'),
+                         'subspace_optax.galore, SVD basis'),
+    'frugal': Method(_from_table('frugal'), 'subspace_optax.frugal'),
+    'fira': Method(_from_table('fira'), 'subspace_optax.fira'),
+    'apollo': Method(_from_table('apollo'), 'subspace_optax.apollo'),
+    'apollo_mini': Method(_from_table('apollo_mini'),
+                          'subspace_optax.apollo_mini (rank 1)'),
+    'q_galore': Method(_from_table('q_galore'),
+                       'subspace_optax.q_galore, its default formats'),
     'online_subspace_descent': Method(
-        lambda r, s: so.online_subspace_descent(LEARNING_RATE, rank=r, seed=s,
-                                                **_blocks()),
+        _from_table('online_subspace_descent'),
         'subspace_optax.online_subspace_descent, Adam inner'),
 }
 SMOKE_METHODS = (BASELINE, 'galore_randomized')
