@@ -94,6 +94,7 @@ def galore_bytes(
     dimension_numbers: Any = None,
     moment_bytes: int = 4,
     basis_bytes: int = 4,
+    mu_bytes: Optional[int] = None,
 ) -> int:
   """Analytic state size of :func:`subspace_optax.galore` (Adam inner).
 
@@ -104,6 +105,11 @@ def galore_bytes(
   counters (Adam's and the pipeline's, int32). Also the size of
   :func:`subspace_optax.golore` and :func:`subspace_optax.i3s`.
 
+  Bytes per entry: ``basis_bytes`` for the basis (2 with
+  ``basis_dtype=jnp.bfloat16``), ``mu_bytes`` for the first moment (2 with
+  ``mu_dtype=jnp.bfloat16``; None: ``moment_bytes``) and ``moment_bytes`` for
+  the second.
+
   Examples:
     >>> import jax.numpy as jnp
     >>> import subspace_optax as so
@@ -111,11 +117,12 @@ def galore_bytes(
     >>> so.memory.galore_bytes(params, rank=2) == 4 * (16 + 24) + 8 + 8
     True
   """
+  moments = moment_bytes + (moment_bytes if mu_bytes is None else mu_bytes)
   return _low_rank_bytes(
       params, rank, side, dimension_numbers,
       lambda lay: (basis_bytes * lay.projected_dim * lay.rank
-                   + 2 * moment_bytes * lay.rank * lay.other_dim),
-      per_other_element=2 * moment_bytes)
+                   + moments * lay.rank * lay.other_dim),
+      per_other_element=moments)
 
 
 def q_galore_bytes(
