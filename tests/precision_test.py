@@ -13,7 +13,7 @@ from subspace_optax._src import precision as precision_lib
 BF16 = jnp.bfloat16
 # bfloat16 keeps 8 bits of mantissa: relative rounding 2⁻⁹ ≈ 2e-3.
 BF16_RTOL = 2e-2
-PRESETS = (so.galore, so.golore, so.i3s)
+PRESETS = (so.galore, so.golore, so.i3s, so.fira, so.frugal)
 
 
 def _params():
@@ -82,18 +82,37 @@ def test_mu_dtype_stores_the_first_moment_only(torch_formula):
     np.testing.assert_allclose(a, b, rtol=BF16_RTOL, atol=1e-5)
 
 
-def test_mu_dtype_takes_the_step_from_the_float32_moment():
+@pytest.mark.parametrize('adam', [
+    so.transforms.scale_by_torch_adam, so.transforms.scale_by_adam_moments,
+    so.transforms.scale_by_resettable_adam])
+def test_mu_dtype_takes_the_step_from_the_float32_moment(adam):
   """As optax: the moment is rounded on store, not before the step, so the
   first update equals the float32 one exactly."""
   g = jnp.asarray(np.random.default_rng(0).standard_normal((4, 3)) / 3,
                   jnp.float32)
-  ref = so.transforms.scale_by_torch_adam()
-  low = so.transforms.scale_by_torch_adam(mu_dtype=BF16)
+  ref, low = adam(), adam(mu_dtype=BF16)
   u_ref, s_ref = ref.update(g, ref.init(g))
   u_low, s_low = low.update(g, low.init(g))
   np.testing.assert_array_equal(u_low, u_ref)
   np.testing.assert_array_equal(s_low.mu, s_ref.mu.astype(BF16))
   assert s_low.nu.dtype == jnp.float32
+  with pytest.raises(ValueError, match='`mu_dtype`'):
+    adam(mu_dtype=jnp.int8)
+
+
+@pytest.mark.parametrize('factory, options', [
+    (so.fira, {}),
+    # The sign residual is discontinuous: a bf16 basis flips the sign of
+    # near-zero residual entries, so compare the continuous SGD residual.
+    (so.frugal, {'residual': 'sgd'}),
+])
+def test_bf16_state_of_fira_and_frugal_matches_float32(factory, options):
+  grads = _gradients()
+  ref, _ = _run(factory(1e-2, 2, refresh=2, **options), grads)
+  low, _ = _run(factory(1e-2, 2, refresh=2, mu_dtype=BF16, basis_dtype=BF16,
+                        **options), grads)
+  for a, b in zip(jax.tree.leaves(low), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, rtol=5e-2, atol=1e-4)
 
 
 # -------------------------------------------------------------- basis_dtype
@@ -179,6 +198,25 @@ def test_state_bytes_of_bf16_galore_match_the_formula():
   assert so.memory.galore_bytes(
       params, 2, dimension_numbers=dimension_numbers, mu_bytes=2,
       basis_bytes=2) == expected
+
+
+@pytest.mark.parametrize('factory, formula, options', [
+    (so.fira, so.memory.fira_bytes, {}),
+    (so.frugal, so.memory.frugal_bytes, {}),
+    (so.frugal, so.memory.frugal_bytes, {'basis': 'columns'}),
+])
+def test_state_bytes_of_bf16_fira_and_frugal_match_their_formulas(
+    factory, formula, options):
+  params = {'w': jnp.zeros((8, 6)), 'stack': jnp.zeros((3, 12, 4)),
+            'b': jnp.zeros(6)}
+  kwargs = dict(dimension_numbers=so.last_two_axes, **options)
+  state = factory(1e-3, 2, mu_dtype=BF16, basis_dtype=BF16, **kwargs).init(
+      params)
+  plain = factory(1e-3, 2, **kwargs).init(params)
+  assert so.state_bytes(state) == formula(
+      params, 2, mu_bytes=2, basis_bytes=2, **kwargs)
+  assert so.state_bytes(plain) == formula(params, 2, **kwargs)
+  assert so.state_bytes(state) < so.state_bytes(plain)
 
 
 # ---------------------------------------------------------------- precision

@@ -31,18 +31,20 @@ def init_moment(params: optax.Params, dtype: Optional[Any] = None
                 ) -> optax.Updates:
   """A zero moment like ``params`` (same shapes and shardings), in ``dtype``
   (None: float32)."""
-  return optax.tree.zeros_like(params, dtype=jnp.float32 if dtype is None else dtype)
+  return optax.tree.zeros_like(
+      params, dtype=jnp.float32 if dtype is None else dtype)
 
 
 def _float32(updates: optax.Updates) -> optax.Updates:
   return jax.tree.map(lambda g: g.astype(jnp.float32), updates)
 
 
-def _keep_dtype(new: optax.Updates, old: optax.Updates) -> optax.Updates:
+def stored_like(new: optax.Updates, old: optax.Updates) -> optax.Updates:
+  """``new`` in the dtypes of ``old`` (a moment computed in float32, stored)."""
   return jax.tree.map(lambda n, o: n.astype(o.dtype), new, old)
 
 
-def first_moment(
+def _first_moment(
     updates: optax.Updates, moment: optax.Updates, decay: float
 ) -> optax.Updates:
   """``m ← decay·m + (1-decay)·g``, in float32 whatever ``m``'s dtype."""
@@ -54,14 +56,14 @@ def update_first_moment(
     updates: optax.Updates, moment: optax.Updates, decay: float
 ) -> optax.Updates:
   """``m ← decay·m + (1-decay)·g``, computed in float32, stored in ``m``'s dtype."""
-  return _keep_dtype(first_moment(updates, moment, decay), moment)
+  return stored_like(_first_moment(updates, moment, decay), moment)
 
 
 def update_second_moment(
     updates: optax.Updates, moment: optax.Updates, decay: float
 ) -> optax.Updates:
   """``v ← decay·v + (1-decay)·|g|²``, computed in float32, in ``v``'s dtype."""
-  return _keep_dtype(optax.tree.update_moment_per_elem_norm(
+  return stored_like(optax.tree.update_moment_per_elem_norm(
       _float32(updates), _float32(moment), decay, 2), moment)
 
 
@@ -72,6 +74,16 @@ def update_moments(
   """Adam's moments ``(m, v)`` after the gradient ``updates``."""
   return (update_first_moment(updates, mu, b1),
           update_second_moment(updates, nu, b2))
+
+
+def moments_for_step(
+    updates: optax.Updates, mu: optax.Updates, nu: optax.Updates,
+    b1: float, b2: float,
+) -> tuple[optax.Updates, optax.Updates]:
+  """Adam's moments ``(m, v)`` after ``updates``: ``m`` in float32 (the step
+  uses it before it is rounded to a ``mu_dtype``, as ``optax.scale_by_adam``),
+  ``v`` in ``nu``'s dtype. Store ``m`` with :func:`stored_like`."""
+  return _first_moment(updates, mu, b1), update_second_moment(updates, nu, b2)
 
 
 def one_minus_power(decay: float, count: jax.Array) -> jax.Array:
@@ -133,12 +145,11 @@ def scale_by_torch_adam(
   def update_fn(updates, state, params=None):
     del params
     count = optax.safe_increment(state.count)
-    mu = first_moment(updates, state.mu, b1)
-    nu = update_second_moment(updates, state.nu, b2)
+    mu, nu = moments_for_step(updates, state.mu, state.nu, b1, b2)
     step = bias_correction(count, b1, b2)
     out = jax.tree.map(
         lambda m, v, g: _like(step * m / (jnp.sqrt(v) + eps), g),
         mu, nu, updates)
-    return out, ScaleByTorchAdamState(count, _keep_dtype(mu, state.mu), nu)
+    return out, ScaleByTorchAdamState(count, stored_like(mu, state.mu), nu)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -208,6 +208,8 @@ def frugal_bytes(
     basis: str = 'svd',
     side: str = 'reference',
     dimension_numbers: Any = None,
+    mu_bytes: int = _FLOAT32,
+    basis_bytes: int = _FLOAT32,
 ) -> int:
   """Analytic state size of :func:`subspace_optax.frugal` (float32 moments).
 
@@ -217,18 +219,22 @@ def frugal_bytes(
   refresh schedule (two int32). Every other leaf keeps full Adam moments
   ``2 · 4 |p|``. Plus one int32 step count per leaf (the restartable bias
   correction) and the pipeline's count. The signSGD/SGD residual holds nothing.
+  ``mu_bytes`` and ``basis_bytes`` are the bytes per entry of the first moment
+  and of a dense basis (2 for ``mu_dtype`` and ``basis_dtype`` bfloat16).
   """
   if basis == 'blocks':
     rank, side = 1.0, 'reference'
   basis_size = {
-      'svd': lambda lay: _FLOAT32 * lay.projected_dim * lay.rank,
-      'random': lambda lay: _FLOAT32 * lay.projected_dim * lay.rank,
+      'svd': lambda lay: basis_bytes * lay.projected_dim * lay.rank,
+      'random': lambda lay: basis_bytes * lay.projected_dim * lay.rank,
       'columns': lambda lay: _INT32 * lay.rank,
       'blocks': lambda lay: _INT32,
   }[basis]
+  moments = mu_bytes + _FLOAT32
   return _low_rank_bytes(
       params, rank, side, dimension_numbers,
-      lambda lay: 2 * _FLOAT32 * lay.rank * lay.other_dim + basis_size(lay),
+      lambda lay: moments * lay.rank * lay.other_dim + basis_size(lay),
+      per_other_element=moments,
       fixed=_INT32 + _INT32 * len(jax.tree.leaves(params)))
 
 
@@ -239,6 +245,8 @@ def fira_bytes(
     side: str = 'reference',
     limiter: bool = True,
     dimension_numbers: Any = None,
+    mu_bytes: int = _FLOAT32,
+    basis_bytes: int = _FLOAT32,
 ) -> int:
   """Analytic state size of :func:`subspace_optax.fira` (float32, SVD basis).
 
@@ -246,13 +254,17 @@ def fira_bytes(
   ``2 · 4 r l`` bytes; per projected leaf the refresh schedule, two int32) plus
   the limiter's previous norm (one float32 per matrix). Other leaves keep full
   Adam moments ``2 · 4 |p|``. Plus the pipeline's and the bias correction's
-  step counts (int32).
+  step counts (int32). ``mu_bytes`` and ``basis_bytes`` are the bytes per
+  entry of the first moment and the basis (2 for ``mu_dtype`` and
+  ``basis_dtype`` bfloat16).
   """
   limiter_bytes = _FLOAT32 if limiter else 0
+  moments = mu_bytes + _FLOAT32
   return _low_rank_bytes(
       params, rank, side, dimension_numbers,
-      lambda lay: (_FLOAT32 * lay.projected_dim * lay.rank
-                   + 2 * _FLOAT32 * lay.rank * lay.other_dim + limiter_bytes))
+      lambda lay: (basis_bytes * lay.projected_dim * lay.rank
+                   + moments * lay.rank * lay.other_dim + limiter_bytes),
+      per_other_element=moments)
 
 
 def apollo_bytes(
