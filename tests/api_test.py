@@ -165,10 +165,10 @@ def test_renamed_arguments_warn_and_pass_the_value_on(name):
 
 
 def test_the_renamed_mask_still_masks():
-  """The old ``mask`` reaches the decay (it is not dropped)."""
+  """The old ``weight_decay_mask`` reaches the decay (it is not dropped)."""
   masked = {'w': False, 'b': True}
   with pytest.warns(DeprecationWarning):
-    old = so.galore(1.0, 2, weight_decay=0.5, mask=masked)
+    old = so.galore(1.0, 2, weight_decay=0.5, weight_decay_mask=masked)
   plain = so.galore(1.0, 2, weight_decay=0.5)
   zero = jax.tree.map(jnp.zeros_like, PARAMS)
   old_updates, _ = old.update(zero, old.init(PARAMS), PARAMS)
@@ -196,8 +196,8 @@ def test_arguments_after_learning_rate_and_rank_are_keyword_only(name):
 def test_one_name_per_concept(name):
   factory, _ = PRESETS[name]
   parameters = _parameters(factory)
-  assert 'refresh' not in parameters
-  assert 'mask' not in parameters
+  assert 'refresh_every' not in parameters
+  assert 'weight_decay_mask' not in parameters
   assert ('refresh' in parameters) == (name in REFRESHED)
   if 'weight_decay' in parameters and name not in UNMASKED:
     assert 'mask' in parameters

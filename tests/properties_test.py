@@ -153,10 +153,11 @@ def param_trees(draw):
 
 def _formulas():
   """(name, make optimizer, analytic bytes) for every method with a formula."""
-  out = [('galore', lambda r, s, d: so.galore(1e-3, rank=r, side=s,
-                                              dimension_numbers=d),
-          lambda p, r, s, d: so.memory.galore_bytes(p, r, side=s, dimension_numbers=d))]
-  optional = {
+  formulas = {
+      'galore': (lambda r, s, d: so.galore(1e-3, rank=r, side=s,
+                                           dimension_numbers=d),
+                 lambda p, r, s, d: so.memory.galore_bytes(
+                     p, r, side=s, dimension_numbers=d)),
       'dct_adamw': (lambda r, s, d: so.dct_adamw(1e-3, rank=r, side=s,
                                                  dimension_numbers=d),
                     lambda p, r, s, d: so.memory.dct_adamw_bytes(
@@ -185,10 +186,8 @@ def _formulas():
                 lambda p, r, s, d: so.memory.adamp_bytes(p)),
       'auon': (lambda r, s, d: so.auon(1e-3), lambda p, r, s, d: so.memory.auon_bytes(p)),
   }
-  for name, (make, formula) in optional.items():
-    if hasattr(so, name) and hasattr(so, f'{name}_bytes'):
-      out.append((name, make, formula))
-  return out
+  return [(name, make, formula)
+          for name, (make, formula) in formulas.items()]
 
 
 FORMULAS = _formulas()
@@ -218,7 +217,6 @@ def _orthonormal(rng, batch, dim, count):
   return q[..., :count].astype(np.float32)
 
 
-@pytest.mark.skipif(not hasattr(so, 'orthogonal_to'), reason='not landed')
 @hypothesis.settings(max_examples=12, **SETTINGS)
 @hypothesis.given(
     shape=st.one_of(st.tuples(st.integers(2, 9), st.integers(2, 9)),
