@@ -541,8 +541,9 @@ def low_rank(
       (the dense ``k x r`` ``Q``) are stored, e.g. ``jnp.bfloat16`` (half the
       basis memory); None: float32. ``C = QᵀG`` and ``QN`` then take operands
       of that dtype and accumulate in float32; refreshes compute in float32
-      and round the new basis on store. Integer basis states (seeds, indices,
-      codes) are untouched. The inner optimizer's dtypes are its own (e.g.
+      and round the new basis on store (bfloat16: columns orthonormal to
+      ~4e-3, so ``G - QQᵀG`` keeps that fraction of the subspace part).
+      Integer basis states (seeds, indices, codes) are untouched. The inner optimizer's dtypes are its own (e.g.
       ``optax.scale_by_adam(mu_dtype=jnp.bfloat16)``).
     precision: matmul precision of ``C = QᵀG`` and ``QN``: a
       ``jax.lax.Precision`` or ``'default'``, ``'high'``, ``'highest'``;

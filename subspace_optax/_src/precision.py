@@ -1,31 +1,19 @@
 """Storage dtype and matmul precision of the subspace pipeline's bases.
 
-:func:`with_precision` wraps a :class:`~subspace_optax.bases.BasisMethod` so
-that
+:func:`with_precision` wraps a :class:`~subspace_optax.bases.BasisMethod` for
+:func:`~subspace_optax.low_rank`'s ``basis_dtype`` and ``precision``:
 
-* the float arrays of its basis state (the dense ``(k, r)`` ``Q``) are stored
+* the float arrays of the basis state (the dense ``(k, r)`` ``Q``) are stored
   in ``basis_dtype``; integer states (seeds, indices, quantized codes) are
-  untouched. The projections then take operands of that dtype and accumulate
-  in float32 (:func:`~subspace_optax.bases.dense_project`). A refresh, and a
-  transition between bases, compute in float32 from the stored basis and store
-  the new basis rounded to ``basis_dtype``; sign alignment compares float32
-  columns, so it is unchanged.
-* ``C = QᵀG`` and ``QN`` (projection and unprojection) run under the matmul
-  ``precision`` (``jax.default_matmul_precision``). Matmuls that ask for a
-  precision themselves (refresh: Gram matrices, orthonormalisation,
-  eigen-solves; transitions) keep ``HIGHEST``.
+  untouched. The projections take operands of that dtype and accumulate in
+  float32 (:func:`~subspace_optax.bases.dense_project`). A refresh and a
+  transition compute in float32 from the stored basis, and the new basis is
+  rounded on store; sign alignment compares float32 columns.
+* ``C = QᵀG`` and ``QN`` run under ``jax.default_matmul_precision(precision)``.
+  Matmuls that name their precision (the refreshes' Gram matrices,
+  orthonormalisation and eigen-solves; transitions) keep ``HIGHEST``.
 
-Defaults and their cost on GPU: JAX leans toward speed for float32 dots, so
-under the default precision XLA may compute a float32 matmul with TensorFloat-32
-on Ampere and Hopper GPUs (10-bit mantissa inputs, float32 accumulation;
-bfloat16 passes on TPU). ``'highest'`` asks for true float32, several times
-slower on tensor cores. The projections default to JAX's default: ``C`` only
-feeds the inner optimizer, whose normalised step absorbs a relative error of
-~1e-3, far below the gradient noise of a mini-batch; the bases themselves are
-computed at ``HIGHEST``, where errors would compound (a Gram matrix squares the
-condition number). ``basis_dtype=jnp.bfloat16`` halves the basis memory and
-makes the projections bfloat16 matmuls with float32 accumulation; its columns
-are orthonormal to bfloat16 rounding (~4e-3).
+The cost of each default is documented on :func:`~subspace_optax.low_rank`.
 """
 
 from __future__ import annotations
