@@ -208,12 +208,12 @@ def _adamw_bytes(params, rank) -> int:
 
 
 def _galore(*, learning_rate, rank, refresh, weight_decay, seed,
-            basis='svd', stagger=True, on_refresh=None, mu_dtype=None,
-            basis_dtype=None):
+            basis='svd', stagger=True, on_refresh=None, side='compact',
+            mu_dtype=None, basis_dtype=None):
   extra = {} if on_refresh is None else {'on_refresh': on_refresh}
   return so.galore(
       learning_rate, rank=rank, refresh=refresh, scale=0.25,
-      basis=basis, stagger=stagger, seed=seed, mu_dtype=mu_dtype,
+      basis=basis, stagger=stagger, side=side, seed=seed, mu_dtype=mu_dtype,
       basis_dtype=basis_dtype, **extra, **BLOCKS, **decay(weight_decay))
 
 
@@ -339,6 +339,11 @@ for _name, _method in {
         _galore, 'subspace_optax.galore, SVD basis, compact side, scale 0.25 '
         '(arXiv 2403.03507)', 10.0, 'quarter', _formula(so.memory.galore_bytes),
         options=('basis',)),
+    'galore_reference': Method(
+        functools.partial(_galore, side='reference'), 'subspace_optax.galore, '
+        'SVD basis, reference side (basis on the smaller dimension, as '
+        'galore-torch), scale 0.25, at the compact row\'s state bytes', 10.0,
+        'match_budget', _formula(so.memory.galore_bytes, side='reference')),
     'optax_galore': Method(
         _optax_galore, 'optax.contrib.galore, scale 0.25, same rank as galore; '
         'Adam on the other leaves (optax.partition)', 10.0, 'quarter'),

@@ -343,6 +343,19 @@ def _truncate_metrics(path: pathlib.Path, name: str, keep_until: int) -> None:
 # One optimizer.
 
 
+def _write_state_summary(run: Run, abstract_model, run_dir: pathlib.Path):
+  """``subspace_optax.summary`` of the run's optimizer, per parameter leaf
+  (projected or not, basis, rank, state bytes against AdamW's), into
+  ``run_dir/state_summary.txt``."""
+  params = nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param))
+  report = so.summary(run.tx, params)
+  run_dir.mkdir(parents=True, exist_ok=True)
+  (run_dir / 'state_summary.txt').write_text(str(report) + '\n')
+  print(f'[{run.name}] optimizer state {report.state_bytes / 2**20:.2f} MiB, '
+        f'{report.state_bytes / report.adamw_bytes:.3f}x AdamW\'s; per leaf: '
+        f'{run_dir}/state_summary.txt')
+
+
 def train_one(run: Run, args, corpus, mesh, out: pathlib.Path) -> dict[str, Any]:
   run_dir = out / run.name
   metrics_path = out / METRICS_FILE
@@ -397,6 +410,7 @@ def train_one(run: Run, args, corpus, mesh, out: pathlib.Path) -> dict[str, Any]
       corpus.val, batches=args.eval_batches, batch_size=batch_size,
       seq_len=seq_len)
   state_bytes = optimizers.state_bytes(optimizer.opt_state)
+  _write_state_summary(run, abstract[0], run_dir)
   end = args.steps if args.stop_at is None else min(args.stop_at, args.steps)
   tokens_per_step = batch_size * seq_len
 
