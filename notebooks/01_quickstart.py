@@ -225,6 +225,19 @@ print(f"{'(parameters)':22s}{parameter_bytes:14,d}")
 assert rows[1][1] == analytic, 'measured GaLore state != analytic size'
 
 # %% [markdown]
+# `so.summary(tx, params)` splits the state per parameter leaf: whether the leaf
+# is projected, the shape of its basis, its rank, and its bytes next to what
+# AdamW would keep. It builds the state with `jax.eval_shape`, so it allocates
+# nothing. The $H \times 10$ head is projected at its clamped rank 10 and still
+# saves memory (its state is $10(H + 2 \cdot 10)$ floats against Adam's
+# $2 \cdot 10 H$). A leaf whose low-rank state would not be smaller than
+# Adam's, or a stacked or convolution leaf the default dimension numbers leave
+# at full size, is named by a `so.FullSizeWarning` when the state is built.
+
+# %%
+print(so.summary(galore, nnx.to_pure_dict(mlp_params)))
+
+# %% [markdown]
 # Here almost every parameter sits in a matrix, and `RANK` is a small fraction
 # of the width, so the state shrinks several times over. (The $H \times 10$
 # head is narrower than the rank: its rank is clamped to 10.) Real language
