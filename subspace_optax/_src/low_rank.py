@@ -543,7 +543,8 @@ def low_rank(
       of that dtype and accumulate in float32; refreshes compute in float32
       and round the new basis on store (bfloat16: columns orthonormal to
       ~4e-3, so ``G - QQᵀG`` keeps that fraction of the subspace part).
-      Integer basis states (seeds, indices, codes) are untouched. The inner optimizer's dtypes are its own (e.g.
+      Integer basis states (seeds, indices, codes) are untouched. The inner
+      optimizer's dtypes are its own (e.g.
       ``optax.scale_by_adam(mu_dtype=jnp.bfloat16)``).
     precision: matmul precision of ``C = QᵀG`` and ``QN``: a
       ``jax.lax.Precision`` or ``'default'``, ``'high'``, ``'highest'``;
