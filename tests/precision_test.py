@@ -189,8 +189,9 @@ def test_state_bytes_of_bf16_galore_match_the_formula():
   tx = so.galore(1e-3, 2, mu_dtype=BF16, basis_dtype=BF16,
                  dimension_numbers=dimension_numbers)
   measured = so.state_bytes(tx.init(params))
-  # w: basis 8·2, mu and nu 2·6; stack: 3 x (basis 12·2, mu and nu 2·4);
-  # b: mu and nu 6. Basis and mu 2 bytes, nu 4; two schedules, two counts.
+  # w: basis 8·2, mu and nu 2·6 each; stack: 3 x (basis 12·2, mu and nu 2·4
+  # each); b: mu and nu 6 each. Basis and mu take 2 bytes an entry, nu 4;
+  # plus two refresh schedules (2 int32 each) and two int32 counts.
   bf16_entries = (8 * 2 + 2 * 6) + 3 * (12 * 2 + 2 * 4) + 6
   f32_entries = 2 * 6 + 3 * 2 * 4 + 6
   expected = 2 * bf16_entries + 4 * f32_entries + 2 * 8 + 2 * 4
