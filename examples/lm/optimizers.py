@@ -208,12 +208,13 @@ def _adamw_bytes(params, rank) -> int:
 
 
 def _galore(*, learning_rate, rank, refresh, weight_decay, seed,
-            basis='svd', stagger=True, on_refresh=None, side='compact'):
+            basis='svd', stagger=True, on_refresh=None, side='compact',
+            mu_dtype=None, basis_dtype=None):
   extra = {} if on_refresh is None else {'on_refresh': on_refresh}
   return so.galore(
       learning_rate, rank=rank, refresh=refresh, scale=0.25,
-      basis=basis, stagger=stagger, side=side, seed=seed, **extra, **BLOCKS,
-      **decay(weight_decay))
+      basis=basis, stagger=stagger, side=side, seed=seed, mu_dtype=mu_dtype,
+      basis_dtype=basis_dtype, **extra, **BLOCKS, **decay(weight_decay))
 
 
 def _galore_8bit_moments(*, learning_rate, rank, refresh, weight_decay,
@@ -385,6 +386,12 @@ for _name, _method in {
         _galore_8bit_moments, 'galore (same pipeline) with its Adam moments '
         'in 8 bits (subspace_optax.quantize_moments, arXiv 2110.02861)', 10.0,
         'quarter'),
+    'galore_bf16_state': Method(
+        functools.partial(_galore, mu_dtype=jnp.bfloat16,
+                          basis_dtype=jnp.bfloat16),
+        'subspace_optax.galore with its first moment (mu_dtype) and its bases '
+        '(basis_dtype) stored in bfloat16, computed in float32', 10.0,
+        'quarter', _formula(so.memory.galore_bytes, mu_bytes=2, basis_bytes=2)),
     'galore_momentum_reset': Method(
         functools.partial(_galore, on_refresh='reset'),
         'subspace_optax.galore with the moments zeroed at every refresh '

@@ -18,40 +18,53 @@ Moments are updated in float32 whatever the gradient's dtype, and start as
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from subspace_optax._src import precision
 
-def init_moment(params: optax.Params) -> optax.Updates:
-  """A float32 zero moment like ``params`` (same shapes and shardings)."""
-  return optax.tree.zeros_like(params, dtype=jnp.float32)
+
+def init_moment(params: optax.Params, dtype: Optional[Any] = None
+                ) -> optax.Updates:
+  """A zero moment like ``params`` (same shapes and shardings), in ``dtype``
+  (None: float32)."""
+  return optax.tree.zeros_like(
+      params, dtype=jnp.float32 if dtype is None else dtype)
 
 
 def _float32(updates: optax.Updates) -> optax.Updates:
   return jax.tree.map(lambda g: g.astype(jnp.float32), updates)
 
 
-def _keep_dtype(new: optax.Updates, old: optax.Updates) -> optax.Updates:
+def stored_like(new: optax.Updates, old: optax.Updates) -> optax.Updates:
+  """``new`` in the dtypes of ``old`` (a moment computed in float32, stored)."""
   return jax.tree.map(lambda n, o: n.astype(o.dtype), new, old)
+
+
+def _first_moment(
+    updates: optax.Updates, moment: optax.Updates, decay: float
+) -> optax.Updates:
+  """``m ← decay·m + (1-decay)·g``, in float32 whatever ``m``'s dtype."""
+  return optax.tree.update_moment(
+      _float32(updates), _float32(moment), decay, 1)
 
 
 def update_first_moment(
     updates: optax.Updates, moment: optax.Updates, decay: float
 ) -> optax.Updates:
   """``m ← decay·m + (1-decay)·g``, computed in float32, stored in ``m``'s dtype."""
-  return _keep_dtype(
-      optax.tree.update_moment(_float32(updates), moment, decay, 1), moment)
+  return stored_like(_first_moment(updates, moment, decay), moment)
 
 
 def update_second_moment(
     updates: optax.Updates, moment: optax.Updates, decay: float
 ) -> optax.Updates:
   """``v ← decay·v + (1-decay)·|g|²``, computed in float32, in ``v``'s dtype."""
-  return _keep_dtype(optax.tree.update_moment_per_elem_norm(
-      _float32(updates), moment, decay, 2), moment)
+  return stored_like(optax.tree.update_moment_per_elem_norm(
+      _float32(updates), _float32(moment), decay, 2), moment)
 
 
 def update_moments(
@@ -61,6 +74,16 @@ def update_moments(
   """Adam's moments ``(m, v)`` after the gradient ``updates``."""
   return (update_first_moment(updates, mu, b1),
           update_second_moment(updates, nu, b2))
+
+
+def moments_for_step(
+    updates: optax.Updates, mu: optax.Updates, nu: optax.Updates,
+    b1: float, b2: float,
+) -> tuple[optax.Updates, optax.Updates]:
+  """Adam's moments ``(m, v)`` after ``updates``: ``m`` in float32 (the step
+  uses it before it is rounded to a ``mu_dtype``, as ``optax.scale_by_adam``),
+  ``v`` in ``nu``'s dtype. Store ``m`` with :func:`stored_like`."""
+  return _first_moment(updates, mu, b1), update_second_moment(updates, nu, b2)
 
 
 def one_minus_power(decay: float, count: jax.Array) -> jax.Array:
@@ -91,7 +114,8 @@ class ScaleByTorchAdamState(NamedTuple):
 
 
 def scale_by_torch_adam(
-    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6, *,
+    mu_dtype: Optional[Any] = None,
 ) -> optax.GradientTransformation:
   """Adam as GaLore, Fira and APOLLO compute it (``eps`` inside the bias correction).
 
@@ -102,23 +126,30 @@ def scale_by_torch_adam(
   ``optax.scale_by_adam`` adds ``ε`` after the bias correction, i.e. it uses
   ``ε·sqrt(1-β_2^t)`` here; the two agree up to that ``ε`` term.
 
+  As in ``optax.scale_by_adam``, ``mu_dtype`` (None: float32) is the dtype in
+  which the first moment is stored; it is computed, and the step taken, in
+  float32. The second moment stays float32.
+
   References:
     Kingma & Ba, `Adam <https://arxiv.org/abs/1412.6980>`_, 2014 (Algorithm 1,
     "efficient version" in §2).
   """
 
+  mu_dtype = precision.float_dtype(mu_dtype, 'mu_dtype')
+
   def init_fn(params):
     return ScaleByTorchAdamState(
-        jnp.zeros([], jnp.int32), init_moment(params), init_moment(params))
+        jnp.zeros([], jnp.int32), init_moment(params, mu_dtype),
+        init_moment(params))
 
   def update_fn(updates, state, params=None):
     del params
     count = optax.safe_increment(state.count)
-    mu, nu = update_moments(updates, state.mu, state.nu, b1, b2)
+    mu, nu = moments_for_step(updates, state.mu, state.nu, b1, b2)
     step = bias_correction(count, b1, b2)
     out = jax.tree.map(
         lambda m, v, g: _like(step * m / (jnp.sqrt(v) + eps), g),
         mu, nu, updates)
-    return out, ScaleByTorchAdamState(count, mu, nu)
+    return out, ScaleByTorchAdamState(count, stored_like(mu, state.mu), nu)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -10,13 +10,16 @@ from subspace_optax._src import adam
 from subspace_optax._src import bases as bases_lib
 from subspace_optax._src import deprecation
 from subspace_optax._src import low_rank as low_rank_lib
+from subspace_optax._src import precision as precision_lib
 from subspace_optax._src import presets
 from subspace_optax._src import refresh as refresh_lib
 
 
 @deprecation.renamed_arguments(
     refresh_every='refresh', weight_decay_mask='mask')
-@presets.declare_static_args('rank', 'refresh', 'mask', 'dimension_numbers')
+@presets.declare_static_args(
+    'rank', 'refresh', 'mask', 'dimension_numbers', 'mu_dtype', 'basis_dtype',
+    'precision')
 def galore(
     learning_rate: optax.ScalarOrSchedule,
     rank: int | float = 128,
@@ -36,6 +39,9 @@ def galore(
     mask: Optional[Any] = None,
     dimension_numbers: Any = None,
     seed: int = 0,
+    mu_dtype: Optional[Any] = None,
+    basis_dtype: Optional[Any] = None,
+    precision: Optional[Any] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore: Adam in the top-``rank`` singular subspace of each gradient.
 
@@ -78,8 +84,16 @@ def galore(
     mask: optax mask for the weight decay (a pytree of bools or a callable).
     dimension_numbers: which leaves to project; see :func:`low_rank`.
     seed: seed of random bases.
+    mu_dtype: dtype in which Adam's first moment is stored (as in
+      ``optax.adamw``), e.g. ``jnp.bfloat16``; computed in float32. None:
+      float32. The second moment stays float32.
+    basis_dtype: dtype in which the bases are stored; None: float32. See
+      :func:`low_rank`.
+    precision: matmul precision of the projections; None: JAX's default. See
+      :func:`low_rank`.
 
-  State size: :func:`subspace_optax.memory.galore_bytes`.
+  State size: :func:`subspace_optax.memory.galore_bytes` (``mu_bytes``,
+  ``basis_bytes`` for other dtypes).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -93,15 +107,18 @@ def galore(
     >>> so.state_bytes(state) == so.memory.galore_bytes(params, rank=2)
     True
   """
+  mu_dtype = precision_lib.float_dtype(mu_dtype, 'mu_dtype')
   inner = (
-      adam.scale_by_torch_adam(b1, b2, eps) if eps_before_bias_correction
-      else optax.scale_by_adam(b1, b2, eps))
+      adam.scale_by_torch_adam(b1, b2, eps, mu_dtype=mu_dtype)
+      if eps_before_bias_correction
+      else optax.scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype))
   return optax.chain(
       low_rank_lib.low_rank(
           inner, rank=rank, refresh=presets.refresh_policy(refresh, stagger),
           basis=basis, side=side, on_refresh=on_refresh,
           align_signs=align_signs, scale=scale,
-          dimension_numbers=dimension_numbers, seed=seed),
+          dimension_numbers=dimension_numbers, seed=seed,
+          basis_dtype=basis_dtype, precision=precision),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )

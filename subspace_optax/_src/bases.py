@@ -11,7 +11,8 @@ over stacked layers. A method is a :class:`BasisMethod` of pure functions:
 * ``transition(old, new)`` -> ``R`` (``rank x rank``) with ``C_new ~= R C_old``,
   used to carry moments into a new basis (None if the method cannot say).
 
-Dense bases store ``Q`` (``k x rank``, orthonormal columns, float32): ``C = QᵀG``
+Dense bases store ``Q`` (``k x rank``, orthonormal columns, float32 unless
+``low_rank(basis_dtype=...)`` stores them in another float dtype): ``C = QᵀG``
 and ``unproject(C) = QC``.
 """
 
@@ -55,14 +56,22 @@ def dense_init(k: int, l: int, rank: int) -> jax.Array:
   return jnp.eye(k, rank, dtype=jnp.float32)
 
 
+def _accumulation_dtype(basis: jax.Array):
+  return jnp.promote_types(basis.dtype, jnp.float32)
+
+
 def dense_project(g: jax.Array, basis: jax.Array) -> jax.Array:
-  """``C = QᵀG``."""
-  return sharding.einsum('kr,kl->rl', basis, g.astype(basis.dtype))
+  """``C = QᵀG`` with operands in the basis' dtype, accumulated in float32."""
+  return sharding.einsum(
+      'kr,kl->rl', basis, g.astype(basis.dtype),
+      preferred_element_type=_accumulation_dtype(basis))
 
 
 def dense_unproject(c: jax.Array, basis: jax.Array) -> jax.Array:
-  """``QC``."""
-  return sharding.einsum('kr,rl->kl', basis, c.astype(basis.dtype))
+  """``QC`` with operands in the basis' dtype, accumulated in float32."""
+  return sharding.einsum(
+      'kr,rl->kl', basis, c.astype(basis.dtype),
+      preferred_element_type=_accumulation_dtype(basis))
 
 
 def dense_transition(old: jax.Array, new: jax.Array) -> jax.Array:

@@ -14,13 +14,14 @@ the reference's quantities:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from subspace_optax._src import adam
+from subspace_optax._src import precision
 
 
 class ScaleByAdamMomentsState(NamedTuple):
@@ -33,7 +34,8 @@ class ScaleByBiasCorrectionState(NamedTuple):
 
 
 def scale_by_adam_moments(
-    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6, *,
+    mu_dtype: Optional[Any] = None,
 ) -> optax.GradientTransformation:
   """Adam's ratio of uncorrected moments, ``m / (sqrt(v) + ε)``.
 
@@ -45,19 +47,22 @@ def scale_by_adam_moments(
   to get Adam (Kingma & Ba, `Adam <https://arxiv.org/abs/1412.6980>`_, 2014,
   Algorithm 1 in its "efficient" form, as PyTorch computes it). The state has
   no step count, so the moments can sit inside a subspace pipeline.
+  ``mu_dtype`` (None: float32) stores the first moment as in
+  ``optax.scale_by_adam``: computed, and the step taken, in float32.
   """
+  mu_dtype = precision.float_dtype(mu_dtype, 'mu_dtype')
 
   def init_fn(params):
     return ScaleByAdamMomentsState(
-        adam.init_moment(params), adam.init_moment(params))
+        adam.init_moment(params, mu_dtype), adam.init_moment(params))
 
   def update_fn(updates, state, params=None):
     del params
-    mu, nu = adam.update_moments(updates, state.mu, state.nu, b1, b2)
+    mu, nu = adam.moments_for_step(updates, state.mu, state.nu, b1, b2)
     out = jax.tree.map(
         lambda m, v, g: (m / (jnp.sqrt(v) + eps)).astype(jnp.result_type(g)),
         mu, nu, updates)
-    return out, ScaleByAdamMomentsState(mu, nu)
+    return out, ScaleByAdamMomentsState(adam.stored_like(mu, state.mu), nu)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -22,7 +22,9 @@ subspace_norm_ratio = residual_lib.subspace_norm_ratio
 
 @deprecation.renamed_arguments(
     refresh_every='refresh', weight_decay_mask='mask')
-@presets.declare_static_args('rank', 'refresh', 'mask', 'dimension_numbers')
+@presets.declare_static_args(
+    'rank', 'refresh', 'mask', 'dimension_numbers', 'mu_dtype', 'basis_dtype',
+    'precision')
 def fira(
     learning_rate: optax.ScalarOrSchedule,
     rank: int | float = 128,
@@ -43,6 +45,9 @@ def fira(
     mask: Optional[Any] = None,
     dimension_numbers: Any = None,
     seed: int = 0,
+    mu_dtype: Optional[Any] = None,
+    basis_dtype: Optional[Any] = None,
+    precision: Optional[Any] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Fira: GaLore's Adam in a subspace plus a norm-scaled full-rank residual.
 
@@ -93,6 +98,10 @@ def fira(
     mask: optax mask for the weight decay.
     dimension_numbers: which leaves to project.
     seed: seed of random bases.
+    mu_dtype: dtype in which Adam's first moment is stored (as in
+      ``optax.adamw``); computed in float32. None: float32.
+    basis_dtype, precision: storage dtype of the bases and matmul precision
+      of the projections; see :func:`~subspace_optax.low_rank`.
 
   State size: :func:`subspace_optax.memory.fira_bytes`.
 
@@ -108,11 +117,13 @@ def fira(
   """
   return optax.chain(
       low_rank_lib.low_rank(
-          bias_correction.scale_by_adam_moments(b1, b2, eps), rank=rank,
+          bias_correction.scale_by_adam_moments(b1, b2, eps, mu_dtype=mu_dtype),
+          rank=rank,
           refresh=presets.refresh_policy(refresh, stagger), basis=basis,
           side=side, on_refresh=on_refresh, align_signs=align_signs,
           residual=fira_residual(limiter, reference_residual, scale),
-          scale=scale, dimension_numbers=dimension_numbers, seed=seed),
+          scale=scale, dimension_numbers=dimension_numbers, seed=seed,
+          basis_dtype=basis_dtype, precision=precision),
       bias_correction.scale_by_bias_correction(b1, b2),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),

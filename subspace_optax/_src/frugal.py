@@ -13,6 +13,7 @@ from subspace_optax._src import bases as bases_lib
 from subspace_optax._src import deprecation
 from subspace_optax._src import index_bases
 from subspace_optax._src import low_rank as low_rank_lib
+from subspace_optax._src import precision as precision_lib
 from subspace_optax._src import presets
 from subspace_optax._src import random_bases
 from subspace_optax._src import refresh as refresh_lib
@@ -28,7 +29,8 @@ class ScaleByResettableAdamState(NamedTuple):
 
 
 def scale_by_resettable_adam(
-    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+    eps_root: float = 0.0, *, mu_dtype: Optional[Any] = None,
 ) -> optax.GradientTransformation:
   """``optax.scale_by_adam`` whose bias correction restarts with zeroed moments.
 
@@ -44,13 +46,15 @@ def scale_by_resettable_adam(
   Otherwise identical to ``optax.scale_by_adam`` (``ε`` added after the bias
   correction, as FRUGAL's AdamW). A leaf whose gradient is exactly zero from the
   start keeps restarting, so its bias correction starts with its first nonzero
-  gradient.
+  gradient. ``mu_dtype`` (None: float32) stores the first moment as in
+  ``optax.scale_by_adam``: computed, and the step taken, in float32.
   """
+  mu_dtype = precision_lib.float_dtype(mu_dtype, 'mu_dtype')
 
   def init_fn(params):
     return ScaleByResettableAdamState(
         jax.tree.map(lambda p: jnp.zeros([], jnp.int32), params),
-        adam.init_moment(params), adam.init_moment(params))
+        adam.init_moment(params, mu_dtype), adam.init_moment(params))
 
   def restarted_count(count, m, v):
     fresh = jnp.logical_not(jnp.any(m != 0) | jnp.any(v != 0))
@@ -59,7 +63,7 @@ def scale_by_resettable_adam(
   def update_fn(updates, state, params=None):
     del params
     count = jax.tree.map(restarted_count, state.count, state.mu, state.nu)
-    mu, nu = adam.update_moments(updates, state.mu, state.nu, b1, b2)
+    mu, nu = adam.moments_for_step(updates, state.mu, state.nu, b1, b2)
 
     def leaf(g, t, m, v):
       m_hat = m / adam.one_minus_power(b1, t)
@@ -68,7 +72,8 @@ def scale_by_resettable_adam(
           jnp.result_type(g))
 
     out = jax.tree.map(leaf, updates, count, mu, nu)
-    return out, ScaleByResettableAdamState(count, mu, nu)
+    return out, ScaleByResettableAdamState(
+        count, adam.stored_like(mu, state.mu), nu)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -85,7 +90,9 @@ def _basis_method(basis, rank) -> bases_lib.BasisMethod:
 
 @deprecation.renamed_arguments(
     refresh_every='refresh', weight_decay_mask='mask')
-@presets.declare_static_args('rank', 'refresh', 'mask', 'dimension_numbers')
+@presets.declare_static_args(
+    'rank', 'refresh', 'mask', 'dimension_numbers', 'mu_dtype', 'basis_dtype',
+    'precision')
 def frugal(
     learning_rate: optax.ScalarOrSchedule,
     rank: int | float = 0.25,
@@ -106,6 +113,9 @@ def frugal(
     mask: Optional[Any] = None,
     dimension_numbers: Any = None,
     seed: int = 0,
+    mu_dtype: Optional[Any] = None,
+    basis_dtype: Optional[Any] = None,
+    precision: Optional[Any] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """FRUGAL: Adam in a subspace, signSGD (or SGD) on the rest of the gradient.
 
@@ -167,6 +177,10 @@ def frugal(
     dimension_numbers: which leaves to project; see
       :func:`~subspace_optax.low_rank`.
     seed: seed of the random bases.
+    mu_dtype: dtype in which Adam's first moment is stored (as in
+      ``optax.adamw``); computed in float32. None: float32.
+    basis_dtype, precision: storage dtype of the bases and matmul precision
+      of the projections; see :func:`~subspace_optax.low_rank`.
 
   State size: :func:`subspace_optax.memory.frugal_bytes`.
 
@@ -193,12 +207,14 @@ def frugal(
   pipeline_side = 'reference' if whole else side
   return optax.chain(
       low_rank_lib.low_rank(
-          scale_by_resettable_adam(b1, b2, eps), rank=pipeline_rank,
+          scale_by_resettable_adam(b1, b2, eps, mu_dtype=mu_dtype),
+          rank=pipeline_rank,
           refresh=presets.refresh_policy(refresh, stagger), basis=method,
           side=pipeline_side, on_refresh=on_refresh, align_signs=align_signs,
           residual=residual_lib.frugal_residual(
               residual, scale * residual_scale), scale=scale,
-          dimension_numbers=dimension_numbers, seed=seed),
+          dimension_numbers=dimension_numbers, seed=seed,
+          basis_dtype=basis_dtype, precision=precision),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )

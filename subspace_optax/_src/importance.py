@@ -70,7 +70,9 @@ def importance_sampled(algorithm: Optional[Any] = None) -> bases_lib.BasisMethod
 
 @deprecation.renamed_arguments(
     refresh_every='refresh', weight_decay_mask='mask')
-@presets.declare_static_args('rank', 'refresh', 'mask', 'dimension_numbers')
+@presets.declare_static_args(
+    'rank', 'refresh', 'mask', 'dimension_numbers', 'mu_dtype', 'basis_dtype',
+    'precision')
 def i3s(
     learning_rate: optax.ScalarOrSchedule,
     rank: int | float = 128,
@@ -89,6 +91,9 @@ def i3s(
     mask: Optional[Any] = None,
     dimension_numbers: Any = None,
     seed: int = 0,
+    mu_dtype: Optional[Any] = None,
+    basis_dtype: Optional[Any] = None,
+    precision: Optional[Any] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """I3S: GaLore with importance-sampled singular directions.
 
@@ -121,5 +126,6 @@ def i3s(
       align_signs=align_signs, scale=scale, b1=b1, b2=b2, eps=eps,
       eps_before_bias_correction=eps_before_bias_correction,
       weight_decay=weight_decay, mask=mask,
-      dimension_numbers=dimension_numbers, seed=seed,
+      dimension_numbers=dimension_numbers, seed=seed, mu_dtype=mu_dtype,
+      basis_dtype=basis_dtype, precision=precision,
   )

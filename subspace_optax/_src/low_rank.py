@@ -37,6 +37,7 @@ from subspace_optax._src import batching
 from subspace_optax._src import coverage
 from subspace_optax._src import layout as layout_lib
 from subspace_optax._src import moments as moments_lib
+from subspace_optax._src import precision as precision_lib
 from subspace_optax._src import presets
 from subspace_optax._src import refresh as refresh_lib
 from subspace_optax._src import sharding
@@ -427,7 +428,7 @@ def _move_moments(inner_state, on_refresh: str, treedef, inner_tree,
         moved = jnp.zeros_like(m)
       else:
         carry = transition * transition if second else transition
-        moved = _transport(carry.astype(m.dtype), m)
+        moved = _transport(carry, m.astype(jnp.float32)).astype(m.dtype)
       out.append(jnp.where(refreshed, moved, m))
     return out
 
@@ -474,7 +475,8 @@ def _residual_updates(residual_tx, residual_state, treedef,
   return [out[leaf.index] for leaf in leaves], residual_state
 
 
-@presets.declare_static_args('rank', 'refresh', 'dimension_numbers')
+@presets.declare_static_args(
+    'rank', 'refresh', 'dimension_numbers', 'basis_dtype', 'precision')
 def low_rank(
     inner: optax.GradientTransformation,
     *,
@@ -488,6 +490,8 @@ def low_rank(
     scale: float = 1.0,
     dimension_numbers: Any = None,
     seed: int = 0,
+    basis_dtype: Any = None,
+    precision: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Run ``inner`` in a low-rank subspace of each matrix-shaped gradient.
 
@@ -533,6 +537,26 @@ def low_rank(
       them (None: not projected), or a callable ``params -> pytree``.
     seed: seed of the random bases; keys are ``fold_in(key(seed), count)``, so
       no key is kept in the state.
+    basis_dtype: floating dtype in which the float arrays of the basis state
+      (the dense ``k x r`` ``Q``) are stored, e.g. ``jnp.bfloat16`` (half the
+      basis memory); None: float32. ``C = QᵀG`` and ``QN`` then take operands
+      of that dtype and accumulate in float32; refreshes compute in float32
+      and round the new basis on store (bfloat16: columns orthonormal to
+      ~4e-3, so ``G - QQᵀG`` keeps that fraction of the subspace part).
+      Integer basis states (seeds, indices, codes) are untouched. The inner
+      optimizer's dtypes are its own (e.g.
+      ``optax.scale_by_adam(mu_dtype=jnp.bfloat16)``).
+    precision: matmul precision of ``C = QᵀG`` and ``QN``: a
+      ``jax.lax.Precision`` or ``'default'``, ``'high'``, ``'highest'``;
+      None (default) keeps JAX's default, under which XLA may compute
+      float32 matmuls with TensorFloat-32 on Ampere and Hopper GPUs
+      (bfloat16 passes on TPU); ``'highest'`` is true float32, several times
+      slower on tensor cores. ``C`` only feeds the inner optimizer, whose
+      normalised step absorbs that ~1e-3 relative error (far below mini-batch
+      gradient noise), so the fast default is chosen. Refresh and transition
+      matmuls (Gram matrices, orthonormalisation, eigen-solves,
+      ``Q_newᵀQ_old``) keep ``HIGHEST``: their errors would compound into the
+      basis.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -540,7 +564,8 @@ def low_rank(
   """
   layout_lib.validate_rank(rank)
   policy = refresh_lib.resolve(refresh)
-  method = bases_lib.resolve(basis)
+  method = precision_lib.with_precision(
+      bases_lib.resolve(basis), basis_dtype, precision)
   if side not in layout_lib.SIDES:
     raise ValueError(f'`side` must be one of {layout_lib.SIDES}, got {side!r}.')
   if on_refresh not in ON_REFRESH:

@@ -94,6 +94,7 @@ def galore_bytes(
     dimension_numbers: Any = None,
     moment_bytes: int = 4,
     basis_bytes: int = 4,
+    mu_bytes: Optional[int] = None,
 ) -> int:
   """Analytic state size of :func:`subspace_optax.galore` (Adam inner).
 
@@ -104,6 +105,11 @@ def galore_bytes(
   counters (Adam's and the pipeline's, int32). Also the size of
   :func:`subspace_optax.golore` and :func:`subspace_optax.i3s`.
 
+  Bytes per entry: ``basis_bytes`` for the basis (2 with
+  ``basis_dtype=jnp.bfloat16``), ``mu_bytes`` for the first moment (2 with
+  ``mu_dtype=jnp.bfloat16``; None: ``moment_bytes``) and ``moment_bytes`` for
+  the second.
+
   Examples:
     >>> import jax.numpy as jnp
     >>> import subspace_optax as so
@@ -111,11 +117,12 @@ def galore_bytes(
     >>> so.memory.galore_bytes(params, rank=2) == 4 * (16 + 24) + 8 + 8
     True
   """
+  moments = moment_bytes + (moment_bytes if mu_bytes is None else mu_bytes)
   return _low_rank_bytes(
       params, rank, side, dimension_numbers,
       lambda lay: (basis_bytes * lay.projected_dim * lay.rank
-                   + 2 * moment_bytes * lay.rank * lay.other_dim),
-      per_other_element=2 * moment_bytes)
+                   + moments * lay.rank * lay.other_dim),
+      per_other_element=moments)
 
 
 def q_galore_bytes(
@@ -201,6 +208,8 @@ def frugal_bytes(
     basis: str = 'svd',
     side: str = 'reference',
     dimension_numbers: Any = None,
+    mu_bytes: int = _FLOAT32,
+    basis_bytes: int = _FLOAT32,
 ) -> int:
   """Analytic state size of :func:`subspace_optax.frugal` (float32 moments).
 
@@ -210,18 +219,22 @@ def frugal_bytes(
   refresh schedule (two int32). Every other leaf keeps full Adam moments
   ``2 · 4 |p|``. Plus one int32 step count per leaf (the restartable bias
   correction) and the pipeline's count. The signSGD/SGD residual holds nothing.
+  ``mu_bytes`` and ``basis_bytes`` are the bytes per entry of the first moment
+  and of a dense basis (2 for ``mu_dtype`` and ``basis_dtype`` bfloat16).
   """
   if basis == 'blocks':
     rank, side = 1.0, 'reference'
   basis_size = {
-      'svd': lambda lay: _FLOAT32 * lay.projected_dim * lay.rank,
-      'random': lambda lay: _FLOAT32 * lay.projected_dim * lay.rank,
+      'svd': lambda lay: basis_bytes * lay.projected_dim * lay.rank,
+      'random': lambda lay: basis_bytes * lay.projected_dim * lay.rank,
       'columns': lambda lay: _INT32 * lay.rank,
       'blocks': lambda lay: _INT32,
   }[basis]
+  moments = mu_bytes + _FLOAT32
   return _low_rank_bytes(
       params, rank, side, dimension_numbers,
-      lambda lay: 2 * _FLOAT32 * lay.rank * lay.other_dim + basis_size(lay),
+      lambda lay: moments * lay.rank * lay.other_dim + basis_size(lay),
+      per_other_element=moments,
       fixed=_INT32 + _INT32 * len(jax.tree.leaves(params)))
 
 
@@ -232,6 +245,8 @@ def fira_bytes(
     side: str = 'reference',
     limiter: bool = True,
     dimension_numbers: Any = None,
+    mu_bytes: int = _FLOAT32,
+    basis_bytes: int = _FLOAT32,
 ) -> int:
   """Analytic state size of :func:`subspace_optax.fira` (float32, SVD basis).
 
@@ -239,13 +254,17 @@ def fira_bytes(
   ``2 · 4 r l`` bytes; per projected leaf the refresh schedule, two int32) plus
   the limiter's previous norm (one float32 per matrix). Other leaves keep full
   Adam moments ``2 · 4 |p|``. Plus the pipeline's and the bias correction's
-  step counts (int32).
+  step counts (int32). ``mu_bytes`` and ``basis_bytes`` are the bytes per
+  entry of the first moment and the basis (2 for ``mu_dtype`` and
+  ``basis_dtype`` bfloat16).
   """
   limiter_bytes = _FLOAT32 if limiter else 0
+  moments = mu_bytes + _FLOAT32
   return _low_rank_bytes(
       params, rank, side, dimension_numbers,
-      lambda lay: (_FLOAT32 * lay.projected_dim * lay.rank
-                   + 2 * _FLOAT32 * lay.rank * lay.other_dim + limiter_bytes))
+      lambda lay: (basis_bytes * lay.projected_dim * lay.rank
+                   + moments * lay.rank * lay.other_dim + limiter_bytes),
+      per_other_element=moments)
 
 
 def apollo_bytes(

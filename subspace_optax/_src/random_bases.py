@@ -90,7 +90,9 @@ def gaussian() -> bases_lib.BasisMethod:
 
 @deprecation.renamed_arguments(
     refresh_every='refresh', weight_decay_mask='mask')
-@presets.declare_static_args('rank', 'refresh', 'mask', 'dimension_numbers')
+@presets.declare_static_args(
+    'rank', 'refresh', 'mask', 'dimension_numbers', 'mu_dtype', 'basis_dtype',
+    'precision')
 def golore(
     learning_rate: optax.ScalarOrSchedule,
     rank: int | float = 128,
@@ -108,6 +110,9 @@ def golore(
     mask: Optional[Any] = None,
     dimension_numbers: Any = None,
     seed: int = 0,
+    mu_dtype: Optional[Any] = None,
+    basis_dtype: Optional[Any] = None,
+    precision: Optional[Any] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GoLore: GaLore with a random orthonormal basis.
 
@@ -145,5 +150,6 @@ def golore(
       align_signs=False, scale=scale, b1=b1, b2=b2, eps=eps,
       eps_before_bias_correction=eps_before_bias_correction,
       weight_decay=weight_decay, mask=mask,
-      dimension_numbers=dimension_numbers, seed=seed,
+      dimension_numbers=dimension_numbers, seed=seed, mu_dtype=mu_dtype,
+      basis_dtype=basis_dtype, precision=precision,
   )

@@ -119,7 +119,8 @@ def _expand_ellipsis(subscripts: str, operands) -> str:
   return ','.join(expanded) + '->' + output.replace('...', ''.join(free[:widest]))
 
 
-def einsum(subscripts: str, *operands, precision=None) -> jax.Array:
+def einsum(subscripts: str, *operands, precision=None,
+           preferred_element_type=None) -> jax.Array:
   """``jnp.einsum`` whose output dims keep the mesh axis of the same input letter.
 
   Contracted sharded dims are summed across devices (an all-reduce of the
@@ -127,7 +128,8 @@ def einsum(subscripts: str, *operands, precision=None) -> jax.Array:
   """
   specs = [explicit_spec(o) for o in operands]
   if all(s is None for s in specs):
-    return jnp.einsum(subscripts, *operands, precision=precision)
+    return jnp.einsum(subscripts, *operands, precision=precision,
+                      preferred_element_type=preferred_element_type)
   inputs, output = _expand_ellipsis(subscripts, operands).split('->')
   axis_of = {}
   for letters, spec in zip(inputs.split(','), specs):
@@ -146,6 +148,7 @@ def einsum(subscripts: str, *operands, precision=None) -> jax.Array:
   like = next(o for o, s in zip(operands, specs) if s is not None)
   return jnp.einsum(
       subscripts, *operands, precision=precision,
+      preferred_element_type=preferred_element_type,
       out_sharding=_explicit_named(like, out_spec),
   )
 
