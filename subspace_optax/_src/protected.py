@@ -244,16 +244,20 @@ TRACED_ERRORS = (jax.errors.ConcretizationTypeError,
 
 
 def _basis_errors(basis, count, orthonormal: bool) -> tuple[int, float]:
-  """Host ``(non-finite entries, max |QᵀQ - diag(filled)|)`` of one basis."""
-  basis = jnp.asarray(basis, jnp.float32)
-  bad = int(jnp.sum(~jnp.isfinite(basis)))
+  """Host ``(non-finite entries, max |QᵀQ - diag(filled)|)`` of one basis.
+
+  Computed in numpy on the host (once, at init or when a memory is set), so
+  a sharded memory on any mesh is simply gathered; a traced one raises one of
+  :data:`TRACED_ERRORS`.
+  """
+  basis = np.asarray(basis, np.float64)
+  bad = int(np.sum(~np.isfinite(basis)))
   if bad or not orthonormal or basis.size == 0:
     return bad, 0.0
-  gram = jnp.einsum('...kc,...kd->...cd', basis, basis,
-                    precision=jax.lax.Precision.HIGHEST)
-  filled = jnp.arange(basis.shape[-1]) < jnp.asarray(count)[..., None]
-  target = jnp.eye(basis.shape[-1]) * filled[..., None, :]
-  return bad, float(jnp.max(jnp.abs(gram - target)))
+  gram = np.einsum('...kc,...kd->...cd', basis, basis)
+  filled = np.arange(basis.shape[-1]) < np.asarray(count)[..., None]
+  target = np.eye(basis.shape[-1]) * filled[..., None, :]
+  return bad, float(np.max(np.abs(gram - target)))
 
 
 def check_finite_orthonormal(memory, *, orthonormal: bool = True,
