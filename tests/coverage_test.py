@@ -18,7 +18,7 @@ def _init_warnings(tx, params) -> list[str]:
 
 
 def _adam_low_rank(rank, **kwargs):
-  return so.low_rank(optax.scale_by_adam(), rank=rank, **kwargs)
+  return so.low_rank(optax.scale_by_adam(), rank=rank, **{'side': 'compact', **kwargs})
 
 
 def test_stacked_and_conv_leaves_under_default_dimension_numbers_warn():
@@ -64,7 +64,7 @@ def test_the_threshold_is_where_low_rank_stops_saving(rank, warns):
 def test_small_ranks_and_vectors_do_not_warn():
   params = {'w': jnp.ones((64, 32)), 'b': jnp.ones((32,)),
             'empty': jnp.ones((0, 3, 4))}
-  assert not _init_warnings(so.galore(1e-3, rank=0.25), params)
+  assert not _init_warnings(so.galore(1e-3, rank=0.25, side='compact'), params)
 
 
 def test_conv_kernels_reads_hwio_as_one_im2col_matrix():
@@ -74,7 +74,7 @@ def test_conv_kernels_reads_hwio_as_one_im2col_matrix():
   assert numbers['conv'] == so.DimensionNumbers((0, 1, 2), -1)
   assert numbers['dense'] == so.DimensionNumbers((0,), -1)
   assert numbers['b'] is None
-  state = so.galore(1e-3, rank=2, dimension_numbers=so.conv_kernels).init(
+  state = so.galore(1e-3, rank=2, dimension_numbers=so.conv_kernels, side='compact').init(
       params)
   # One (H·W·I, O) = (72, 16) matrix; compact side: the basis spans 72 rows.
   assert state[0].basis['conv'].shape == (72, 2)

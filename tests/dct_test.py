@@ -63,7 +63,7 @@ def test_transition_is_a_partial_permutation():
 
 def test_transport_carries_moments_of_kept_columns_and_zeros_new_ones():
   tx = so.low_rank(optax.trace(decay=0.5), rank=2, refresh=1,
-                   basis=so.bases.dct(), on_refresh='transport')
+                   basis=so.bases.dct(), on_refresh='transport', side='compact')
   params = {'w': jnp.zeros((16, 6))}
   state = tx.init(params)
   update = jax.jit(tx.update)
@@ -84,19 +84,19 @@ def test_transport_carries_moments_of_kept_columns_and_zeros_new_ones():
 def test_dct_adamw_state_bytes_match_the_analytic_size():
   params = {'w': jnp.zeros((20, 12)), 'v': jnp.zeros((6, 14)),
             'stack': jnp.zeros((2, 8, 10)), 'b': jnp.zeros((12,))}
-  tx = so.dct_adamw(1e-3, rank=4, dimension_numbers=so.last_two_axes)
+  tx = so.dct_adamw(1e-3, rank=4, dimension_numbers=so.last_two_axes, side='compact')
   state = jax.eval_shape(tx.init, params)
   basis_leaves = jax.tree.leaves(state[0].basis)
   assert {leaf.dtype for leaf in basis_leaves} == {jnp.dtype(jnp.int32)}
   assert {leaf.shape for leaf in basis_leaves} == {(4,), (2, 4)}
   assert so.state_bytes(state) == so.memory.dct_adamw_bytes(
-      params, 4, dimension_numbers=so.last_two_axes)
+      params, 4, dimension_numbers=so.last_two_axes, side='compact')
 
 
 def test_dct_adamw_runs_on_stacked_layers():
   params = {'stack': jnp.zeros((2, 16, 6))}
   tx = so.dct_adamw(1e-2, rank=2, refresh=1,
-                    dimension_numbers=so.last_two_axes)
+                    dimension_numbers=so.last_two_axes, side='compact')
   state = tx.init(params)
   grads = {'stack': jnp.stack([_planted_gradient([3, 4]),
                                _planted_gradient([8, 15], seed=2)])}
@@ -112,7 +112,7 @@ def test_dct_adamw_stays_finite_for_huge_finite_gradients(scale):
   transport by a partial permutation must not turn 0 · Inf into NaN (it did,
   and optax.apply_if_finite, which checks the gradients, could not see it)."""
   params = {'w': jnp.zeros((16, 12))}
-  tx = so.dct_adamw(1e-3, rank=4, refresh=2)
+  tx = so.dct_adamw(1e-3, rank=4, refresh=2, side='compact')
   state = tx.init(params)
   update = jax.jit(tx.update)
   for step in range(6):  # three refreshes, each moving the selection

@@ -22,7 +22,8 @@ PARAMS = {'w': jnp.ones((8, 6)), 'stack': jnp.ones((2, 5, 9)), 'b': jnp.ones(4)}
 
 
 def _low_rank(**kwargs):
-  defaults = dict(rank=2, refresh=3, dimension_numbers=so.last_two_axes)
+  defaults = dict(rank=2, refresh=3, side='compact',
+                  dimension_numbers=so.last_two_axes)
   return so.low_rank(optax.scale_by_adam(), **{**defaults, **kwargs})
 
 
@@ -66,7 +67,7 @@ def test_rank_above_matrix_size_is_clamped():
 
 
 def test_numpy_ints_are_accepted_as_rank_and_period():
-  tx = so.galore(1e-3, rank=np.int64(2), refresh=np.int32(3))
+  tx = so.galore(1e-3, rank=np.int64(2), refresh=np.int32(3), side='compact')
   assert jax.eval_shape(tx.init, PARAMS)[0].basis['w'].shape == (8, 2)
 
 
@@ -88,7 +89,7 @@ def test_traced_rank_says_static_args():
 def test_non_positive_refresh_period(period):
   with _raises(ValueError, '`refresh`', 'not positive',
                'number of updates between basis refreshes'):
-    so.galore(1e-3, refresh=period)
+    so.galore(1e-3, refresh=period, side='compact')
   with _raises(ValueError, '`period`', 'not positive'):
     _low_rank(refresh=period)
 
@@ -96,7 +97,7 @@ def test_non_positive_refresh_period(period):
 @pytest.mark.parametrize('period', [2.5, '3'])
 def test_non_int_refresh_period_says_static(period):
   with _raises(TypeError, '`refresh`', 'static_args'):
-    so.galore(1e-3, refresh=period)
+    so.galore(1e-3, refresh=period, side='compact')
   with _raises(TypeError, '`refresh`', 'subspace_optax.refresh policy',
                'static_args'):
     _low_rank(refresh=period)
@@ -107,7 +108,8 @@ def test_inject_hyperparams_without_static_args_names_them_all():
   # One error names every static argument, not one per attempt.
   with _raises(TypeError, '`rank`, `refresh`',
                'subspace_optax.static_args(subspace_optax.galore)',
-               "('rank', 'refresh', 'mask', 'dimension_numbers')"):
+               "('rank', 'refresh', 'mask', 'dimension_numbers', 'mu_dtype', "
+               "'basis_dtype', 'precision')"):
     tx.init(PARAMS)
   # With them it works, and the seed may stay dynamic.
   tx = optax.inject_hyperparams(
@@ -180,7 +182,7 @@ def test_dimension_numbers_of_the_wrong_type():
 
 def test_inner_that_uses_params_fails_at_init():
   inner = optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(0.1))
-  tx = so.low_rank(inner, rank=2)
+  tx = so.low_rank(inner, rank=2, side='compact')
   with _raises(ValueError, 'inner transform uses `params`', 'params=None',
                'optax.add_decayed_weights', 'later in the chain'):
     tx.init(PARAMS)
@@ -191,7 +193,7 @@ def test_inner_that_uses_params_fails_at_init():
 
 def test_residual_that_uses_params_fails_at_init():
   tx = so.low_rank(optax.scale_by_adam(), rank=2,
-                   residual=optax.add_decayed_weights(0.1))
+                   residual=optax.add_decayed_weights(0.1), side='compact')
   with _raises(ValueError, 'residual transform uses `params`', 'params=None'):
     tx.init(PARAMS)
 
@@ -205,7 +207,7 @@ def test_inner_that_needs_an_extra_arg_is_not_refused_at_init():
 
   inner = optax.GradientTransformationExtraArgs(
       lambda p: optax.EmptyState(), update)
-  tx = so.low_rank(inner, rank=2)
+  tx = so.low_rank(inner, rank=2, side='compact')
   state = tx.init(PARAMS)
   updates, _ = tx.update(PARAMS, state, value=jnp.float32(2.0))
   assert updates['b'][0] == 2.0
@@ -280,7 +282,7 @@ def test_a_basis_method_that_returns_nan_is_ignored():
   the old basis stays and the refresh stays due."""
   params = {'w': jnp.ones((6, 4))}
   tx = so.low_rank(optax.scale_by_adam(), rank=2, refresh=100,
-                   basis=_nan_basis_method(trigger=0.0))
+                   basis=_nan_basis_method(trigger=0.0), side='compact')
   state = tx.init(params)
   bad = {'w': jnp.ones((6, 4))}  # g[0, 0] = 1 > 0: NaN basis
   good = {'w': -jnp.abs(jax.random.normal(jax.random.key(0), (6, 4)))}
@@ -310,7 +312,7 @@ def test_an_ensemble_member_with_an_inf_gradient_keeps_its_basis():
   """Under jax.vmap a refresh due for one member runs for all of them; LAPACK's
   SVD never returns on a matrix mixing Inf and finite entries, so the refresh
   must not see the Inf (the member's result is discarded anyway)."""
-  tx = so.low_rank(optax.scale_by_adam(), rank=2, refresh=3, basis='svd')
+  tx = so.low_rank(optax.scale_by_adam(), rank=2, refresh=3, basis='svd', side='compact')
   state = jax.vmap(tx.init)({'w': jnp.ones((2, 8, 6))})
   g = jax.random.normal(jax.random.key(0), (2, 8, 6)).at[1, 0, 0].set(np.inf)
   _, new = jax.jit(jax.vmap(tx.update))({'w': g}, state)
@@ -326,7 +328,7 @@ def test_an_ensemble_member_with_an_inf_gradient_keeps_its_basis():
 def test_refresh_period_must_fit_the_int32_step_counter(period):
   with _raises(ValueError, f'`refresh`={period}', 'int32 step counter',
                'below 2**31'):
-    so.galore(1e-3, refresh=period)
+    so.galore(1e-3, refresh=period, side='compact')
   with _raises(ValueError, f'`period`={period}', 'below 2**31'):
     so.refresh.every(period)
   so.refresh.every(2 ** 31 - 1)  # the largest period accepted

@@ -19,7 +19,7 @@ def test_matches_optax_contrib_galore_between_refreshes():
   """Same side, optax Adam, SVD basis: equal updates until contrib re-projects."""
   params = {'w': jnp.zeros((32, 16))}
   ours = so.galore(1e-2, rank=4, refresh=5, scale=0.25,
-                   eps=1e-8, eps_before_bias_correction=False, stagger=False)
+                   eps=1e-8, eps_before_bias_correction=False, stagger=False, side='compact')
   theirs = contrib.galore(1e-2, rank=4, update_proj_gap=5, scale=0.25)
   s1, s2 = ours.init(params), theirs.init(params)
   for g in _gradient_stream((32, 16), 5):
@@ -31,7 +31,7 @@ def test_matches_optax_contrib_galore_between_refreshes():
 def test_stacked_layers_are_projected_per_layer():
   """optax.contrib.galore leaves (L, m, n) leaves at full size; ours projects them."""
   params = {'blocks': jnp.zeros((4, 32, 16))}
-  ours = so.galore(1e-2, rank=4, dimension_numbers=so.last_two_axes)
+  ours = so.galore(1e-2, rank=4, dimension_numbers=so.last_two_axes, side='compact')
   state = ours.init(params)
   low = state[0]
   assert low.basis['blocks'].shape == (4, 32, 4)
@@ -50,7 +50,7 @@ def test_stacked_layers_are_projected_per_layer():
 def test_orbax_round_trip_with_unprojected_leaves(tmp_path):
   """contrib.galore's (0, 0) placeholders cannot be saved; MaskedNode can."""
   params = {'w': jnp.zeros((16, 8)), 'b': jnp.zeros((8,))}
-  tx = so.galore(1e-2, rank=2, refresh=3)
+  tx = so.galore(1e-2, rank=2, refresh=3, side='compact')
   state = tx.init(params)
   update = jax.jit(tx.update)
   for g in _gradient_stream((16, 8), 4):
@@ -84,7 +84,7 @@ def test_nnx_optimizer_trains_a_model():
       return self.out(jax.nn.relu(self.hidden(x)))
 
   model = Model(nnx.Rngs(0))
-  optimizer = nnx.Optimizer(model, so.galore(3e-2, rank=4, refresh=10, scale=1.0),
+  optimizer = nnx.Optimizer(model, so.galore(3e-2, rank=4, refresh=10, scale=1.0, side='compact'),
                             wrt=nnx.Param)
   x = jax.random.normal(jax.random.key(1), (64, 8))
   y = jnp.sin(x[:, :1]) + x[:, 1:2]

@@ -117,3 +117,14 @@ def test_zero_size_and_abstract_leaves():
   assert layouts['w'].shape == (6, 4) and layouts['stack'].batch_shape == (2,)
   default = layout_lib.leaf_layouts(params, None, 'compact', 2)
   assert default['stack'] is None and default['w'] is not None
+
+
+def test_the_default_side_is_reference():
+  """Chosen on the quality benchmark at equal state bytes (see low_rank's
+  docstring): the basis spans the smaller dimension by default."""
+  params = {'tall': jnp.ones((8, 6)), 'wide': jnp.ones((6, 8))}
+  for tx in (so.galore(1e-3, rank=2),
+             so.low_rank(optax.scale_by_adam(), rank=2)):
+    state = tx.init(params)
+    basis = (state if isinstance(state, so.SubspaceState) else state[0]).basis
+    assert basis['tall'].shape == (6, 2) and basis['wide'].shape == (6, 2)

@@ -41,7 +41,7 @@ def _run(tx, params, steps, seed=0):
 
 def test_inner_state_has_low_rank_shapes_and_masked_basis():
   tx = so.low_rank(optax.scale_by_adam(), rank=4, refresh=5,
-                   dimension_numbers=so.last_two_axes)
+                   dimension_numbers=so.last_two_axes, side='compact')
   state = tx.init(_params())
   mu = jax.tree.map(jnp.shape, state.inner_state.mu)
   assert mu == {'w': (4, 12), 'v': (4, 8), 'stack': (3, 4, 10), 'b': (12,)}
@@ -113,7 +113,7 @@ def test_state_bytes_equal_analytic_size():
 def test_staggered_refreshes_spread_over_the_period():
   """At most ceil(n / T) leaves refresh on one step after the first."""
   params = {f'w{i}': jnp.ones((16, 8)) for i in range(8)}
-  tx = so.low_rank(optax.scale_by_adam(), rank=2, refresh=4, basis='svd')
+  tx = so.low_rank(optax.scale_by_adam(), rank=2, refresh=4, basis='svd', side='compact')
   state = tx.init(params)
   update = jax.jit(tx.update)
   previous = state.basis
@@ -128,7 +128,7 @@ def test_staggered_refreshes_spread_over_the_period():
     previous = state.basis
   # Without stagger every leaf refreshes on the same step.
   tx = so.low_rank(optax.scale_by_adam(), rank=2,
-                   refresh=so.refresh.every(4, stagger=False), basis='svd')
+                   refresh=so.refresh.every(4, stagger=False), basis='svd', side='compact')
   state = tx.init(params)
   update_once = jax.jit(tx.update)
   for t in range(4):
@@ -167,7 +167,7 @@ def test_a_step_without_a_due_refresh_runs_one_conditional():
   refreshes only the leaves that are due."""
   params = {f'w{i}': jnp.ones((16, 8)) for i in range(5)}
   params['bias'] = jnp.ones((8,))
-  tx = so.galore(1e-3, rank=2, refresh=4)
+  tx = so.galore(1e-3, rank=2, refresh=4, side='compact')
   state = tx.init(params)
   jaxpr = jax.make_jaxpr(tx.update)(params, state, params).jaxpr
   outer = _outermost(jaxpr, 'cond')
@@ -201,7 +201,7 @@ def test_sign_alignment_makes_updates_independent_of_svd_sign_convention():
     runs = []
     for basis in (bases_lib.svd(), _flip_signs_svd()):
       tx = so.low_rank(optax.scale_by_adam(), rank=3, refresh=3, basis=basis,
-                       align_signs=align)
+                       align_signs=align, side='compact')
       outs, _ = _run(tx, params, 8)
       runs.append(outs)
     differences[align] = max(
@@ -226,7 +226,7 @@ def test_transport_and_reset_on_refresh():
   # Reset zeroes the moments of a refreshed leaf: the first step after a refresh
   # equals a fresh momentum step.
   reset = so.low_rank(optax.trace(0.5), rank=3, refresh=2, basis='svd',
-                      on_refresh='reset')
+                      on_refresh='reset', side='compact')
   state = reset.init(params)
   for t in range(3):
     u, state = reset.update(_gradients(t, params), state)
@@ -238,7 +238,7 @@ def test_residual_path_completes_the_gradient():
   """Identity inner + identity residual reproduce the gradient exactly."""
   params = _params()
   tx = so.low_rank(optax.identity(), rank=2, refresh=3, residual=optax.identity(),
-                   dimension_numbers=so.last_two_axes)
+                   dimension_numbers=so.last_two_axes, side='compact')
   g = _gradients(1, params)
   u, _ = tx.update(g, tx.init(params))
   for k in params:
@@ -247,7 +247,7 @@ def test_residual_path_completes_the_gradient():
 
 def test_vmap_over_an_ensemble():
   params = {'w': jnp.ones((4, 12, 6))}  # 4 ensemble members of a 12x6 matrix
-  tx = so.low_rank(optax.scale_by_adam(), rank=2, refresh=3)
+  tx = so.low_rank(optax.scale_by_adam(), rank=2, refresh=3, side='compact')
   inner_params = {'w': params['w'][0]}
   state = jax.vmap(tx.init)({'w': params['w']})
   grads = {'w': jax.random.normal(jax.random.key(0), (4, 12, 6))}
@@ -260,7 +260,7 @@ def test_vmap_over_an_ensemble():
 
 def test_composes_with_masked_and_partition():
   params = {'w': jnp.ones((12, 6)), 'emb': jnp.ones((20, 6)), 'b': jnp.ones((6,))}
-  low = so.low_rank(optax.scale_by_adam(), rank=2, refresh=3)
+  low = so.low_rank(optax.scale_by_adam(), rank=2, refresh=3, side='compact')
   labels = {'w': 'low', 'emb': 'adam', 'b': 'adam'}
   tx = optax.partition({'low': low, 'adam': optax.scale_by_adam()}, labels)
   state = tx.init(params)
@@ -275,7 +275,7 @@ def test_composes_with_masked_and_partition():
 def test_galore_chain_is_a_drop_in_optax_optimizer():
   params = {'w': jnp.zeros((16, 8))}
   target = jax.random.normal(jax.random.key(3), (16, 8))
-  tx = so.galore(0.1, rank=8, refresh=10, scale=1.0)
+  tx = so.galore(0.1, rank=8, refresh=10, scale=1.0, side='compact')
   state = tx.init(params)
   loss = lambda p: jnp.sum((p['w'] - target) ** 2)
 
@@ -305,7 +305,7 @@ def _with_empty_leaves():
 def test_none_and_zero_size_leaves_pass_through(basis, on_refresh):
   params = _with_empty_leaves()
   tx = so.low_rank(optax.scale_by_adam(), rank=2, refresh=1, basis=basis,
-                   on_refresh=on_refresh, dimension_numbers=so.last_two_axes)
+                   on_refresh=on_refresh, dimension_numbers=so.last_two_axes, side='compact')
   state = tx.init(params)
   empty = ('empty_rows', 'empty_columns', 'empty_stack')
   assert state.basis['w'].shape == (6, 2)  # a None leaf shifts nothing
@@ -324,7 +324,7 @@ def test_none_and_zero_size_leaves_pass_through(basis, on_refresh):
   if basis == 'svd':
     alone = {'w': params['w'], 'b': params['b']}
     tx_alone = so.low_rank(optax.scale_by_adam(), rank=2, refresh=1,
-                           basis=basis, on_refresh=on_refresh)
+                           basis=basis, on_refresh=on_refresh, side='compact')
     state_alone = tx_alone.init(alone)
     for w in w_grads:
       expected, state_alone = tx_alone.update(dict(alone, w=w), state_alone)
@@ -336,20 +336,20 @@ def test_none_and_zero_size_leaves_pass_through(basis, on_refresh):
 
 def test_complex_projected_leaf_is_a_named_error_at_init():
   params = {'layer': {'w': jnp.ones((6, 4), jnp.complex64)}}
-  tx = so.low_rank(optax.scale_by_adam(), rank=2)
+  tx = so.low_rank(optax.scale_by_adam(), rank=2, side='compact')
   with pytest.raises(ValueError, match=r"\['layer'\]\['w'\].*complex64.*"
                      'dimension_numbers'):
     tx.init(params)
   # Excluded from projection, the inner optimizer runs on it at full size.
   tx = so.low_rank(optax.scale_by_adam(), rank=2,
-                   dimension_numbers={'layer': {'w': None}})
+                   dimension_numbers={'layer': {'w': None}}, side='compact')
   u, _ = tx.update(params, tx.init(params))
   assert u['layer']['w'].shape == (6, 4)
 
 
 def test_other_dimension_change_is_a_named_error():
   """The basis fixes k (6 rows); l lives only in the inner state (rank x l)."""
-  tx = so.low_rank(optax.scale_by_adam(), rank=2)
+  tx = so.low_rank(optax.scale_by_adam(), rank=2, side='compact')
   state = tx.init({'w': jnp.ones((6, 4))})
   with pytest.raises(ValueError, match=r"\['w'\].*\(6, 5\).*inner optimizer"):
     tx.update({'w': jnp.ones((6, 5))}, state)
@@ -382,6 +382,6 @@ def test_every_built_in_basis_name_resolves_and_errors_list_them():
     u, _ = tx.update(_gradients(0, params), tx.init(params))
     assert bool(jnp.all(jnp.isfinite(u['w'])))
   with pytest.raises(ValueError) as error:
-    so.low_rank(optax.scale_by_adam(), rank=2, basis='nope')
+    so.low_rank(optax.scale_by_adam(), rank=2, basis='nope', side='compact')
   for name in bases_lib.BUILT_IN:
     assert name in str(error.value)

@@ -81,7 +81,7 @@ def _compiled_step(tx, params):
 
 def test_no_svd_in_the_step_and_the_first_step_spans_the_gradient():
   params = {'w': jnp.zeros((16, 12))}
-  tx = so.online_subspace_descent(1e-3, rank=2)
+  tx = so.online_subspace_descent(1e-3, rank=2, side='compact')
   compiled, primitives, targets = _compiled_step(tx, params)
   assert 'cholesky' in primitives  # the SVD-free initialisation is there
   assert not _SVD_LIKE.search(primitives), primitives
@@ -99,7 +99,7 @@ def test_no_svd_in_the_step_and_the_first_step_spans_the_gradient():
   assert 0 < np.abs(second - first).max() < 0.1  # moved a little, no restart
   # The detector is not vacuous: the reference's SVD initialisation shows up.
   _, primitives, targets = _compiled_step(
-      so.online_subspace_descent(1e-3, rank=2, initial='svd'), params)
+      so.online_subspace_descent(1e-3, rank=2, initial='svd', side='compact'), params)
   assert _SVD_LIKE.search(primitives) and _SVD_LIKE.search(targets)
 
 
@@ -154,7 +154,7 @@ def test_reference_options_reproduce_the_reference_order(lagged):
   basis = so.bases.online_pca(
       learning_rate=lr, orthogonality_weight=0.0, optimizer='sgd',
       initial='svd', lagged=lagged)
-  tx = so.low_rank(optax.identity(), rank=rank, basis=basis, scale=scale)
+  tx = so.low_rank(optax.identity(), rank=rank, basis=basis, scale=scale, side='compact')
   params = {'w': jnp.zeros((12, 8))}
   state = tx.init(params)
   update = jax.jit(tx.update)
@@ -171,7 +171,7 @@ def test_lion_update_lies_in_the_span_and_reference_sign_is_dense():
   for after in (False, True):
     tx = so.online_subspace_descent(
         lr, rank=3, inner='lion', sign_after_unproject=after, scale=1.0,
-        initial='random')
+        initial='random', side='compact')
     state = tx.init(params)
     update = jax.jit(tx.update)
     for _ in range(2):
@@ -213,11 +213,11 @@ def test_state_bytes_match_the_analytic_size(inner, basis_optimizer, lagged):
             'stack': jnp.zeros((2, 8, 10)), 'b': jnp.zeros((12,))}
   tx = so.online_subspace_descent(
       1e-3, rank=4, inner=inner, basis_optimizer=basis_optimizer,
-      lagged=lagged, dimension_numbers=so.last_two_axes)
+      lagged=lagged, dimension_numbers=so.last_two_axes, side='compact')
   state = jax.eval_shape(tx.init, params)
   assert so.state_bytes(state) == so.memory.online_subspace_descent_bytes(
       params, 4, inner=inner, basis_optimizer=basis_optimizer, lagged=lagged,
-      dimension_numbers=so.last_two_axes)
+      dimension_numbers=so.last_two_axes, side='compact')
 
 
 def test_bad_arguments_are_rejected():
@@ -226,6 +226,6 @@ def test_bad_arguments_are_rejected():
   with pytest.raises(ValueError, match='optimizer'):
     so.bases.online_pca(optimizer='rmsprop')
   with pytest.raises(ValueError, match='inner'):
-    so.online_subspace_descent(1e-3, inner='sgd')
+    so.online_subspace_descent(1e-3, inner='sgd', side='compact')
   with pytest.raises(ValueError, match='sign_after_unproject'):
-    so.online_subspace_descent(1e-3, sign_after_unproject=True)
+    so.online_subspace_descent(1e-3, sign_after_unproject=True, side='compact')

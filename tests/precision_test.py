@@ -123,7 +123,7 @@ def test_bf16_basis_is_stored_in_bf16_and_spans_the_top_subspace(basis):
   g, top = _gapped_gradient()
   grads = {'w': g, 'b': jnp.ones(8)}
   tx = so.low_rank(so.transforms.scale_by_torch_adam(), rank=2, refresh=5,
-                   basis=basis, basis_dtype=BF16)
+                   basis=basis, basis_dtype=BF16, side='compact')
   updates, state = tx.update(grads, tx.init(_params()))
   q = state.basis['w']
   assert q.dtype == BF16 and q.shape == (16, 2)
@@ -137,7 +137,7 @@ def test_bf16_basis_is_stored_in_bf16_and_spans_the_top_subspace(basis):
   assert np.linalg.norm(outside) < 1e-5 * np.linalg.norm(u)
   # The same basis as in float32, to bfloat16 rounding.
   ref = so.low_rank(so.transforms.scale_by_torch_adam(), rank=2, refresh=5,
-                    basis=basis)
+                    basis=basis, side='compact')
   _, ref_state = ref.update(grads, ref.init(_params()))
   np.testing.assert_allclose(q.astype(jnp.float32), ref_state.basis['w'],
                              atol=1e-2)
@@ -170,9 +170,9 @@ def test_bf16_basis_with_transport_matches_float32():
 
 def test_integer_basis_states_are_untouched():
   tx = so.low_rank(optax.identity(), rank=2, basis='random_columns',
-                   basis_dtype=BF16)
+                   basis_dtype=BF16, side='compact')
   state = tx.init(_params())
-  plain = so.low_rank(optax.identity(), rank=2, basis='random_columns')
+  plain = so.low_rank(optax.identity(), rank=2, basis='random_columns', side='compact')
   g = _gradients(1)[0]
   updates, state = tx.update(g, state)
   expected, plain_state = plain.update(g, plain.init(_params()))
@@ -187,7 +187,7 @@ def test_state_bytes_of_bf16_galore_match_the_formula():
             'b': jnp.zeros(6)}
   dimension_numbers = so.last_two_axes  # stack: 3 matrices of 12 x 4
   tx = so.galore(1e-3, 2, mu_dtype=BF16, basis_dtype=BF16,
-                 dimension_numbers=dimension_numbers)
+                 dimension_numbers=dimension_numbers, side='compact')
   measured = so.state_bytes(tx.init(params))
   # w: basis 8·2, mu and nu 2·6 each; stack: 3 x (basis 12·2, mu and nu 2·4
   # each); b: mu and nu 6 each. Basis and mu take 2 bytes an entry, nu 4;
@@ -198,7 +198,7 @@ def test_state_bytes_of_bf16_galore_match_the_formula():
   assert measured == expected
   assert so.memory.galore_bytes(
       params, 2, dimension_numbers=dimension_numbers, mu_bytes=2,
-      basis_bytes=2) == expected
+      basis_bytes=2, side='compact') == expected
 
 
 @pytest.mark.parametrize('factory, formula, options', [
@@ -225,9 +225,9 @@ def test_state_bytes_of_bf16_fira_and_frugal_match_their_formulas(
 
 def test_highest_precision_matches_the_default_on_cpu():
   grads = _gradients()
-  ref, _ = _run(so.galore(1e-2, rank=2, refresh=2), grads)
+  ref, _ = _run(so.galore(1e-2, rank=2, refresh=2, side='compact'), grads)
   for precision in ('highest', jax.lax.Precision.HIGHEST, 'default'):
-    out, _ = _run(so.galore(1e-2, rank=2, refresh=2, precision=precision),
+    out, _ = _run(so.galore(1e-2, rank=2, refresh=2, precision=precision, side='compact'),
                   grads)
     for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
@@ -239,7 +239,7 @@ def test_precision_reaches_the_projections_only():
 
   def dot_precisions(precision):
     tx = so.low_rank(optax.identity(), rank=2, basis='randomized',
-                     precision=precision)
+                     precision=precision, side='compact')
     text = str(jax.make_jaxpr(tx.update)(grads, tx.init(_params())))
     return text.count('Precision.HIGH,'), text.count('Precision.HIGHEST,')
 
@@ -252,7 +252,7 @@ def test_precision_reaches_the_projections_only():
 def test_precision_does_not_retrace():
   traces = []
   tx = so.galore(1e-2, rank=2, refresh=1, precision='highest',
-                 basis_dtype=BF16, mu_dtype=BF16)
+                 basis_dtype=BF16, mu_dtype=BF16, side='compact')
 
   @jax.jit
   def step(g, state):
@@ -281,9 +281,9 @@ def test_invalid_values_name_the_argument(factory, name, value):
 
 def test_low_rank_invalid_values_name_the_argument():
   with pytest.raises(ValueError, match='`basis_dtype`'):
-    so.low_rank(optax.identity(), rank=2, basis_dtype=jnp.int8)
+    so.low_rank(optax.identity(), rank=2, basis_dtype=jnp.int8, side='compact')
   with pytest.raises(ValueError, match='`precision`'):
-    so.low_rank(optax.identity(), rank=2, precision='HIGHEST!')
+    so.low_rank(optax.identity(), rank=2, precision='HIGHEST!', side='compact')
   with pytest.raises(ValueError, match='`mu_dtype`'):
     so.transforms.scale_by_torch_adam(mu_dtype=jnp.uint8)
 

@@ -37,7 +37,7 @@ def test_residual_is_exactly_the_part_outside_the_subspace(basis):
   """With ``scale=0`` the update is the residual path's input, ``G - QQᵀG``."""
   g = _gradient()
   tx = so.low_rank(optax.identity(), rank=RANK, basis=basis, scale=0.0,
-                   residual=optax.identity())
+                   residual=optax.identity(), side='compact')
   out, state = _step(tx, g)
   q = _basis(state)
   want = np.asarray(g) - q @ (q.T @ np.asarray(g))
@@ -49,7 +49,7 @@ def test_residual_is_exactly_the_part_outside_the_subspace(basis):
 def test_scale_multiplies_exactly_the_subspace_part(scale):
   g = _gradient(1)
   tx = so.low_rank(optax.identity(), rank=RANK, basis='svd', scale=scale,
-                   residual=optax.identity())
+                   residual=optax.identity(), side='compact')
   out, state = _step(tx, g)
   q = _basis(state)
   inside = q @ (q.T @ np.asarray(g))
@@ -61,7 +61,7 @@ def test_scale_multiplies_exactly_the_subspace_part(scale):
 def test_unprojected_update_is_q_times_the_inner_update(basis):
   """``U = α Q adam(QᵀG)``: in ``span(Q)``; equal to numpy Adam's first step."""
   g = _gradient(2)
-  tx = so.low_rank(optax.scale_by_adam(), rank=RANK, basis=basis, scale=0.5)
+  tx = so.low_rank(optax.scale_by_adam(), rank=RANK, basis=basis, scale=0.5, side='compact')
   out, state = _step(tx, g)
   method = bases_lib.resolve(basis)
   q = np.asarray(method.unproject(jnp.eye(RANK, dtype=jnp.float32),
@@ -99,7 +99,7 @@ def test_side_puts_the_basis_on_the_documented_axis(side, rows, shape):
 def test_stacked_layers_get_one_basis_each():
   g = jnp.stack([_gradient(4), _gradient(5)])
   tx = so.low_rank(optax.identity(), rank=RANK, basis='svd',
-                   dimension_numbers=so.last_two_axes)
+                   dimension_numbers=so.last_two_axes, side='compact')
   out, state = _step(tx, g)
   q = _basis(state)
   assert q.shape == (2,) + (SHAPE[0], RANK)
@@ -113,7 +113,7 @@ def test_stacked_layers_get_one_basis_each():
 def test_update_descends_and_recovers_g_at_full_rank():
   """Full rank, identity inner: ``QQᵀG = G`` (nothing lost, no sign flip)."""
   g = _gradient(6)
-  tx = so.low_rank(optax.identity(), rank=1.0, basis='svd')
+  tx = so.low_rank(optax.identity(), rank=1.0, basis='svd', side='compact')
   out, _ = _step(tx, g)
   np.testing.assert_allclose(out, np.asarray(g), atol=1e-5)
 
@@ -124,7 +124,7 @@ def test_random_bases_differ_per_leaf_step_and_seed_and_repeat_per_seed():
 
   def bases_of(seed):
     tx = so.low_rank(optax.identity(), rank=RANK, refresh=1, seed=seed,
-                     basis='random_orthonormal')
+                     basis='random_orthonormal', side='compact')
     params = {'a': jnp.zeros(SHAPE), 'b': jnp.zeros(SHAPE)}
     state = tx.init(params)
     update = jax.jit(tx.update)

@@ -65,11 +65,11 @@ def test_state_bytes_shrink_with_bits():
   sizes = {}
   for bits in (4, 8):
     tx = so.q_galore(1e-3, rank=4, bits=bits, group_size=32,
-                     dimension_numbers=dims)
+                     dimension_numbers=dims, side='compact')
     state = jax.eval_shape(tx.init, params)
     sizes[bits] = so.state_bytes(state)
     assert sizes[bits] == so.memory.q_galore_bytes(
-        params, 4, bits=bits, group_size=32, dimension_numbers=dims)
+        params, 4, bits=bits, group_size=32, dimension_numbers=dims, side='compact')
     codes = [b.codes for b in jax.tree.leaves(
         state[0].basis, is_leaf=lambda x: isinstance(x, so.QuantizedMatrix))]
     assert all(c.dtype == jnp.uint8 for c in codes)
@@ -79,7 +79,7 @@ def test_state_bytes_shrink_with_bits():
       codes8 = sum(np.prod(c.shape) for c in codes)
   assert codes4 * 2 == codes8  # int4 codes take half the bytes of int8
   assert sizes[8] - sizes[4] == codes8 - codes4
-  galore = so.memory.galore_bytes(params, 4, dimension_numbers=dims)
+  galore = so.memory.galore_bytes(params, 4, dimension_numbers=dims, side='compact')
   assert sizes[4] < galore
 
 
@@ -117,7 +117,7 @@ def test_lazy_refresh_in_the_pipeline():
   """Constant gradients (identical bases) double the gap; random ones do not."""
   params = {'w': jnp.ones((24, 12))}
   policy = so.refresh.lazy(2, threshold=0.9, window=2, growth=2)
-  tx = so.low_rank(optax.identity(), rank=2, refresh=policy, basis='svd')
+  tx = so.low_rank(optax.identity(), rank=2, refresh=policy, basis='svd', side='compact')
   update = jax.jit(tx.update)
   for constant in (True, False):
     state = tx.init(params)
@@ -134,7 +134,7 @@ def test_lazy_refresh_in_the_pipeline():
 
 def test_q_galore_update_lies_in_the_dequantized_basis():
   params = {'w': jnp.ones((48, 20))}
-  tx = so.q_galore(0.1, rank=3, group_size=16)
+  tx = so.q_galore(0.1, rank=3, group_size=16, side='compact')
   state = tx.init(params)
   updates, state = jax.jit(tx.update)({'w': _normal(5, (48, 20))}, state, params)
   q = np.asarray(so.dequantize(state[0].basis['w'], 4, 16))  # compact: (48, 3)

@@ -120,7 +120,7 @@ def _transformer_params(d=256, layers=2, vocab=1024):
 
 
 def _galore(inner, rank):
-  return optax.chain(so.low_rank(inner, rank=rank, refresh=200, basis='svd'),
+  return optax.chain(so.low_rank(inner, rank=rank, refresh=200, basis='svd', side='compact'),
                      optax.scale_by_learning_rate(1e-3))
 
 
@@ -133,11 +133,11 @@ def test_8_bit_moments_shrink_galore_and_q_galore_states():
   size = lambda tx: so.state_bytes(jax.eval_shape(tx.init, params)) / adamw
   galore32 = size(_galore(so.transforms.scale_by_torch_adam(), 0.25))
   galore8 = size(_galore(so.quantize_moments(so.transforms.scale_by_torch_adam()), 0.25))
-  q_galore8 = size(so.q_galore(1e-3, rank=0.25))
-  q_galore32 = size(so.q_galore(1e-3, rank=0.25, eight_bit_moments=False))
+  q_galore8 = size(so.q_galore(1e-3, rank=0.25, side='compact'))
+  q_galore32 = size(so.q_galore(1e-3, rank=0.25, eight_bit_moments=False, side='compact'))
   assert galore8 < 0.16 and galore32 - galore8 > 0.07
   assert q_galore8 <= 0.05 and q_galore32 > 2.5 * q_galore8
-  assert so.memory.q_galore_bytes(params, rank=0.25) == q_galore8 * adamw
+  assert so.memory.q_galore_bytes(params, rank=0.25, side='compact') == q_galore8 * adamw
 
 
 def test_update_close_to_float32_adam_and_traced_once():
@@ -183,7 +183,7 @@ def test_inside_low_rank_with_reset_and_transport():
   params = {'w': jnp.ones((64, 32))}
   for on_refresh in ('reset', 'transport'):
     tx = so.low_rank(so.quantize_moments(optax.scale_by_adam(), min_size=0),
-                     rank=8, refresh=2, basis='svd', on_refresh=on_refresh)
+                     rank=8, refresh=2, basis='svd', on_refresh=on_refresh, side='compact')
     state = tx.init(params)
     step = jax.jit(tx.update)
     rng = np.random.default_rng(0)
@@ -199,7 +199,7 @@ def test_inside_low_rank_with_reset_and_transport():
 
 def test_resume_through_orbax_is_bit_exact(tmp_path):
   tx = so.low_rank(so.quantize_moments(so.transforms.scale_by_torch_adam(), min_size=0),
-                   rank=4, refresh=2, basis='svd')
+                   rank=4, refresh=2, basis='svd', side='compact')
   params = {'w': jnp.ones((32, 64)), 'b': jnp.ones((64,))}
   rng = np.random.default_rng(0)
   grads = [jax.tree.map(lambda p: jnp.asarray(

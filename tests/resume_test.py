@@ -118,17 +118,17 @@ def _layout(tx):
 
 def test_golden_state_structure_of_galore_and_low_rank():
   galore = so.galore(1e-3, rank=2, refresh=3,
-                     dimension_numbers=so.last_two_axes)
+                     dimension_numbers=so.last_two_axes, side='compact')
   assert _layout(galore) == GALORE_STATE
   low_rank = so.low_rank(optax.scale_by_adam(), rank=2, refresh=3,
-                         dimension_numbers=so.last_two_axes)
+                         dimension_numbers=so.last_two_axes, side='compact')
   assert _layout(low_rank) == [
       (path[len('[0]'):], shape, dtype) for path, shape, dtype in GALORE_STATE]
 
 
 def _galore(rank):
   return so.galore(1e-3, rank=rank, refresh=3,
-                   dimension_numbers=so.last_two_axes)
+                   dimension_numbers=so.last_two_axes, side='compact')
 
 
 def test_checkpoint_from_another_config_is_refused_clearly(tmp_path):
@@ -169,7 +169,7 @@ def test_checkpoint_from_another_config_is_refused_clearly(tmp_path):
   # Another method (no chain around low_rank): the missing paths are named.
   bare = jax.eval_shape(
       so.low_rank(optax.scale_by_adam(), rank=3, refresh=3,
-                  dimension_numbers=so.last_two_axes).init, params)
+                  dimension_numbers=so.last_two_axes, side='compact').init, params)
   with pytest.raises(ValueError, match='basis/w: missing from the checkpoint'):
     so.check_compatible(bare, metadata)
   # Restored states and abstract trees are accepted as well as metadata.

@@ -16,7 +16,7 @@ def _by_path(report):
 
 def test_galore_leaves_have_their_analytic_sizes():
   r = 4
-  tx = so.galore(1e-3, rank=r, dimension_numbers=so.last_two_axes)
+  tx = so.galore(1e-3, rank=r, dimension_numbers=so.last_two_axes, side='compact')
   report = so.summary(tx, PARAMS)
   leaves = _by_path(report)
   w, stack, b = leaves["['w']"], leaves["['stack']"], leaves["['b']"]
@@ -33,7 +33,7 @@ def test_galore_leaves_have_their_analytic_sizes():
   assert report.state_bytes == so.state_bytes(
       jax.eval_shape(tx.init, PARAMS))
   assert report.state_bytes == so.memory.galore_bytes(
-      PARAMS, r, dimension_numbers=so.last_two_axes)
+      PARAMS, r, dimension_numbers=so.last_two_axes, side='compact')
   assert report.other_bytes == 8  # the pipeline's and Adam's counts
 
 
@@ -52,7 +52,7 @@ def test_plain_optax_projects_nothing_and_matches_adamw():
 
 
 def test_the_table_names_every_leaf_and_the_totals():
-  text = str(so.summary(so.galore(1e-3, rank=4), {'w': jnp.ones((64, 32))}))
+  text = str(so.summary(so.galore(1e-3, rank=4, side='compact'), {'w': jnp.ones((64, 32))}))
   lines = text.splitlines()
   assert lines[0].split()[:3] == ['leaf', 'shape', 'projected']
   row = next(line for line in lines if line.startswith("['w']"))
@@ -66,7 +66,7 @@ def test_abstract_params_allocate_nothing():
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), PARAMS)
   report = so.summary(
-      so.galore(1e-3, rank=4, dimension_numbers=so.last_two_axes), abstract)
+      so.galore(1e-3, rank=4, dimension_numbers=so.last_two_axes, side='compact'), abstract)
   leaves = _by_path(report)
   assert leaves["['w']"].dtype == 'bfloat16'
   assert leaves["['w']"].adamw_bytes == 2 * 2 * 64 * 32  # bf16 moments

@@ -19,7 +19,7 @@ def _gradient(step, shape=(10, 6)):
 def _run(on_refresh, names=('w',), refresh=2, steps=3, basis='svd'):
   """Per step, ``(basis, mu, nu, coefficients)`` of every leaf, as numpy."""
   tx = so.low_rank(optax.scale_by_adam(B1, B2), rank=RANK, refresh=refresh,
-                   basis=basis, on_refresh=on_refresh)
+                   basis=basis, on_refresh=on_refresh, side='compact')
   params = {name: jnp.zeros((10, 6)) for name in names}
   state = tx.init(params)
   update = jax.jit(tx.update)
@@ -88,7 +88,7 @@ def test_reset_zeroes_exactly_the_refreshed_leaves_moments():
 def test_transport_of_index_bases_moves_moments_of_kept_coordinates():
   """Random columns: R is the partial permutation [S_new[a] = S_old[b]]."""
   tx = so.low_rank(optax.scale_by_adam(B1, B2), rank=4, refresh=2,
-                   basis='random_columns', on_refresh='transport')
+                   basis='random_columns', on_refresh='transport', side='compact')
   state = tx.init({'w': jnp.zeros((10, 6))})
   update = jax.jit(tx.update)
   history = []
@@ -113,7 +113,7 @@ def test_transport_of_index_bases_moves_moments_of_kept_coordinates():
 def _basis_signs(align):
   """Column dots of successive bases of slowly drifting gradients."""
   tx = so.low_rank(optax.identity(), rank=RANK, refresh=1, basis='svd',
-                   align_signs=align)
+                   align_signs=align, side='compact')
   params = {'w': jnp.zeros((10, 6))}
   state = tx.init(params)
   update = jax.jit(tx.update)

@@ -60,7 +60,7 @@ def _ensemble(seed, shape=(24, 16)):
 
 
 def _tx(basis='svd'):
-  return so.galore(1e-2, rank=4, refresh=3, stagger=False, basis=basis)
+  return so.galore(1e-2, rank=4, refresh=3, stagger=False, basis=basis, side='compact')
 
 
 def test_cond_outside_vmap_is_a_cond():
@@ -118,7 +118,7 @@ def test_stacked_layers_refresh_in_one_batched_call(basis, factorisation):
   layers = 5
   params = {'s': jnp.ones((layers, 24, 16))}
   tx = so.low_rank(optax.scale_by_adam(), rank=4, refresh=3, basis=basis,
-                   dimension_numbers=so.last_two_axes)
+                   dimension_numbers=so.last_two_axes, side='compact')
   state = tx.init(params)
   jaxpr = jax.make_jaxpr(tx.update)(params, state)
   calls = _find(jaxpr, factorisation)

@@ -27,7 +27,7 @@ def galore(
     refresh: int | refresh_lib.RefreshPolicy = 200,
     stagger: bool = True,
     basis: str | bases_lib.BasisMethod = 'svd',
-    side: str = 'compact',
+    side: str = 'reference',
     on_refresh: str = 'keep',
     align_signs: bool = True,
     scale: float = 0.25,
@@ -54,10 +54,12 @@ def galore(
     W \\leftarrow W - η\\,(α\\, Q N + λ W).
 
   Defaults follow the reference recipes (rank 128, ``T = 200``, ``α = 0.25``,
-  the PyTorch Adam formula with ``ε = 1e-6``). Improvements over the reference,
-  each switchable: the basis sits on the larger side (``side='compact'``,
-  smaller moments; ``'reference'`` reproduces ``proj_type='std'``), refreshes
-  are staggered across leaves, and SVD signs are aligned with the old basis.
+  the PyTorch Adam formula with ``ε = 1e-6``, the basis on the reference's side,
+  ``proj_type='std'``). Improvements over the reference, each switchable:
+  refreshes are staggered across leaves, and SVD signs are aligned with the
+  old basis. ``side='compact'`` (the basis on the larger side, as
+  ``optax.contrib.galore``) keeps a smaller state at a given rank but trained
+  worse per byte of state (see :func:`low_rank`).
   Weight decay is decoupled and applied to the pre-step weight (optax order).
 
   Args:

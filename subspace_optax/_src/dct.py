@@ -120,7 +120,7 @@ def dct_adamw(
     *,
     refresh: int | refresh_lib.RefreshPolicy = 200,
     stagger: bool = True,
-    side: str = 'compact',
+    side: str = 'reference',
     on_refresh: str = 'transport',
     scale: float = 1.0,
     norm_order: float = 1.0,

@@ -79,7 +79,7 @@ def i3s(
     *,
     refresh: int | refresh_lib.RefreshPolicy = 200,
     stagger: bool = True,
-    side: str = 'compact',
+    side: str = 'reference',
     on_refresh: str = 'keep',
     align_signs: bool = True,
     scale: float = 0.25,

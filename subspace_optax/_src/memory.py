@@ -90,7 +90,7 @@ def galore_bytes(
     params: Any,
     rank: int | float,
     *,
-    side: str = 'compact',
+    side: str = 'reference',
     dimension_numbers: Any = None,
     moment_bytes: int = 4,
     basis_bytes: int = 4,
@@ -113,8 +113,8 @@ def galore_bytes(
   Examples:
     >>> import jax.numpy as jnp
     >>> import subspace_optax as so
-    >>> params = {'w': jnp.ones((8, 6))}  # r = 2: basis 8·2, moments 2·2·6
-    >>> so.memory.galore_bytes(params, rank=2) == 4 * (16 + 24) + 8 + 8
+    >>> params = {'w': jnp.ones((8, 6))}  # r = 2: basis 6·2, moments 2·2·8
+    >>> so.memory.galore_bytes(params, rank=2) == 4 * (12 + 32) + 8 + 8
     True
   """
   moments = moment_bytes + (moment_bytes if mu_bytes is None else mu_bytes)
@@ -132,7 +132,7 @@ def q_galore_bytes(
     bits: int = 4,
     group_size: int = 256,
     window: int = 5,
-    side: str = 'compact',
+    side: str = 'reference',
     dimension_numbers: Any = None,
     eight_bit_moments: bool = True,
 ) -> int:
@@ -173,7 +173,7 @@ def online_subspace_descent_bytes(
     inner: str = 'adam',
     basis_optimizer: str = 'adam',
     lagged: bool = False,
-    side: str = 'compact',
+    side: str = 'reference',
     dimension_numbers: Any = None,
 ) -> int:
   """Analytic state size of :func:`subspace_optax.online_subspace_descent`.
@@ -300,7 +300,7 @@ def dct_adamw_bytes(
     params: Any,
     rank: int | float,
     *,
-    side: str = 'compact',
+    side: str = 'reference',
     dimension_numbers: Any = None,
 ) -> int:
   """Analytic state size of :func:`subspace_optax.dct_adamw` (float32 moments).

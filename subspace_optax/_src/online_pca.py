@@ -292,7 +292,7 @@ def online_subspace_descent(
     learning_rate: optax.ScalarOrSchedule,
     rank: int | float = 128,
     *,
-    side: str = 'compact',
+    side: str = 'reference',
     scale: float = 0.25,
     inner: str = 'adam',
     sign_after_unproject: bool = False,

@@ -28,7 +28,7 @@ def q_galore(
     refresh: int | refresh_lib.RefreshPolicy = 200,
     stagger: bool = True,
     basis: str | bases_lib.BasisMethod = 'svd',
-    side: str = 'compact',
+    side: str = 'reference',
     on_refresh: str = 'keep',
     align_signs: bool = True,
     scale: float = 0.25,
@@ -78,7 +78,7 @@ def q_galore(
       ``stagger`` are not used).
     stagger: spread the first refreshes of different leaves over the period.
     basis: the wrapped dense basis method (``'svd'``, reference).
-    side: ``'compact'`` or ``'reference'`` (the reference's ``'std'``).
+    side: ``'reference'`` (the reference's ``'std'``) or ``'compact'``.
     on_refresh, align_signs: see :func:`~subspace_optax.low_rank`.
     scale: ``α``, multiplies the unprojected update.
     bits: 4 (reference) or 8.

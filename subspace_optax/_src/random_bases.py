@@ -99,7 +99,7 @@ def golore(
     *,
     refresh: int | refresh_lib.RefreshPolicy = 200,
     stagger: bool = True,
-    side: str = 'compact',
+    side: str = 'reference',
     on_refresh: str = 'keep',
     scale: float = 0.25,
     b1: float = 0.9,
