@@ -228,11 +228,13 @@ assert rows[1][1] == analytic, 'measured GaLore state != analytic size'
 # `so.summary(tx, params)` splits the state per parameter leaf: whether the leaf
 # is projected, the shape of its basis, its rank, and its bytes next to what
 # AdamW would keep. It builds the state with `jax.eval_shape`, so it allocates
-# nothing. The $H \times 10$ head is projected at its clamped rank 10 and still
-# saves memory (its state is $10(H + 2 \cdot 10)$ floats against Adam's
-# $2 \cdot 10 H$). A leaf whose low-rank state would not be smaller than
-# Adam's, or a stacked or convolution leaf the default dimension numbers leave
-# at full size, is named by a `so.FullSizeWarning` when the state is built.
+# nothing. Look at the $H \times 10$ head: its rank is clamped to 10, so its
+# basis is $10 \times 10$ and its moments $10 \times H$, slightly *more* than
+# Adam's $2 \cdot 10 H$ floats. `init` said so: a `so.FullSizeWarning` names
+# every leaf whose low-rank state is not smaller than Adam's (and every stacked
+# or convolution leaf the default dimension numbers leave at full size). Here
+# the fix is to give the head plain Adam with `dimension_numbers` (None for the
+# head), or to use a rank below 10.
 
 # %%
 print(so.summary(galore, nnx.to_pure_dict(mlp_params)))
