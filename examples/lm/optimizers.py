@@ -370,9 +370,14 @@ for _name, _method in {
         _apollo_mini, 'subspace_optax.apollo_mini: rank 1, tensor-wise scale, '
         'scale 128 (arXiv 2412.05270)', 10.0, 1),
     'q_galore': Method(
-        _preset(so.q_galore, scale=0.25), 'subspace_optax.q_galore: INT4 '
-        'basis, lazy per-layer refresh, 8-bit moments, scale 0.25 '
-        '(arXiv 2407.08296)', 15.0, 'match_budget',
+        _preset(so.q_galore, scale=0.25, eight_bit_moments=False),
+        'subspace_optax.q_galore: INT4 basis, lazy per-layer refresh, float32 '
+        'moments, scale 0.25 (arXiv 2407.08296)', 15.0, 'match_budget',
+        _formula(so.memory.q_galore_bytes, eight_bit_moments=False)),
+    'q_galore_8bit_moments': Method(
+        _preset(so.q_galore, scale=0.25), 'subspace_optax.q_galore with its '
+        'defaults: INT4 basis, lazy per-layer refresh, 8-bit moments, scale '
+        '0.25 (arXiv 2407.08296)', 15.0, 'match_budget',
         _formula(so.memory.q_galore_bytes)),
     'golore': Method(
         _preset(so.golore, scale=0.25), 'subspace_optax.golore: random '
