@@ -54,10 +54,10 @@ MOMENT_SPECS = {'w': P(None, None), 'v': P(None, 'fsdp'), 's': P(None, None, Non
 TRANSFORMS = {
     'svd': lambda: so.low_rank(
         optax.scale_by_adam(), rank=RANK, refresh=2, basis='svd',
-        dimension_numbers=so.last_two_axes),
+        dimension_numbers=so.last_two_axes, side='compact'),
     'galore_randomized': lambda: so.galore(
         1e-2, rank=RANK, refresh=2, basis='randomized',
-        weight_decay=0.1, dimension_numbers=so.last_two_axes),
+        weight_decay=0.1, dimension_numbers=so.last_two_axes, side='compact'),
 }
 # Online Subspace Descent (basis moved every step by online PCA; the first
 # update's range finder sits in the other branch of the same lax.cond). Only
@@ -66,7 +66,7 @@ TRANSFORMS = {
 ONLINE_LEAVES = ('b', 'v', 'w')
 ONLINE = {
     'online_subspace_descent': lambda: so.online_subspace_descent(
-        1e-2, rank=RANK, dimension_numbers=so.last_two_axes),
+        1e-2, rank=RANK, dimension_numbers=so.last_two_axes, side='compact'),
 }
 # Eager (no-jit) updates dispatch op by op on 8 devices; the SVD path has few.
 EAGER_UPDATE = ('svd',)
@@ -281,13 +281,13 @@ class _Mlp(nnx.Module):
 
 
 def test_nnx_optimizer_on_fsdp_mesh():
-  """nnx.Optimizer(model, so.galore(rank=4)) on an 8-way FSDP mesh: init and
+  """nnx.Optimizer(model, so.galore(rank=4, side='compact')) on an 8-way FSDP mesh: init and
   a jitted step work and keep the kernels' sharding (optax.contrib.galore
   fails here, see the next test)."""
   mesh = _mesh('auto')
   with jax.set_mesh(mesh):
     model = _Mlp(nnx.Rngs(0))
-    optimizer = nnx.Optimizer(model, so.galore(1e-2, rank=RANK), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, so.galore(1e-2, rank=RANK, side='compact'), wrt=nnx.Param)
     state = optimizer.opt_state[0]
     assert _spec(state.basis['up']['kernel'][...]) == P('fsdp', None)
     assert state.inner_state.mu['down']['kernel'][...].shape == (RANK, 32)
