@@ -245,6 +245,7 @@ def test_residual_path_completes_the_gradient():
     np.testing.assert_allclose(u[k], g[k], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # about 15 s; tests/vmap_test.py covers vmap in the subset
 def test_vmap_over_an_ensemble():
   params = {'w': jnp.ones((4, 12, 6))}  # 4 ensemble members of a 12x6 matrix
   tx = so.low_rank(optax.scale_by_adam(), rank=2, refresh=3, side='compact')

@@ -52,6 +52,7 @@ def leaf_and_numbers(draw, max_rank: int = 5):
   return shape, numbers
 
 
+@pytest.mark.slow  # 40 random layouts; tests/layout_test.py covers the views
 @hypothesis.settings(max_examples=40, **SETTINGS)
 @hypothesis.given(leaf_and_numbers(), st.sampled_from(layout_lib.SIDES),
                   st.integers(1, 9))
