@@ -11,6 +11,7 @@ import pytest
 
 import spectra
 from subspace_optax import bases
+from subspace_optax._src import bases as bases_lib
 
 K, L, RANK = 12, 7, 3
 DRAWS = 2000
@@ -30,9 +31,9 @@ def _draws(method, k=K, rank=RANK, count=DRAWS, align=False):
   return jax.jit(refresh)(keys)
 
 
-RANDOM_ORTHONORMAL = bases.resolve('random_orthonormal')
-GAUSSIAN = bases.resolve('gaussian')
-RANDOM_COLUMNS = bases.resolve('random_columns')
+RANDOM_ORTHONORMAL = bases_lib.resolve('random_orthonormal')
+GAUSSIAN = bases_lib.resolve('gaussian')
+RANDOM_COLUMNS = bases_lib.resolve('random_columns')
 
 
 # --------------------------------------------------------- dense operations
