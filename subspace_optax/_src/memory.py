@@ -60,8 +60,10 @@ def _low_rank_bytes(
     dimension_numbers: Any,
     per_matrix: Callable[[layout_lib.MatrixLayout], int],
     *,
-    per_projected_leaf: int = _EVERY_SCHEDULE,
+    per_projected_leaf: int | Callable[[layout_lib.MatrixLayout], int] = (
+        _EVERY_SCHEDULE),
     per_other_element: int = 2 * _FLOAT32,
+    other_leaf: Optional[Callable[[tuple[int, ...]], int]] = None,
     fixed: int = 2 * _INT32,
 ) -> int:
   """The state size of a :func:`subspace_optax.low_rank` method.
@@ -70,9 +72,12 @@ def _low_rank_bytes(
     params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
     rank, side, dimension_numbers: as given to the method.
     per_matrix: bytes per projected matrix (each layer of a stacked leaf).
-    per_projected_leaf: bytes per projected leaf (its refresh schedule).
+    per_projected_leaf: bytes per projected leaf (its refresh schedule), or a
+      function of its layout (state kept per leaf, not per matrix).
     per_other_element: bytes per element of a leaf that is not projected (the
       inner optimizer at full size; Adam: two float32 moments).
+    other_leaf: bytes of a leaf that is not projected, from its shape, where
+      they are not proportional to its size (replaces ``per_other_element``).
     fixed: bytes once per state (step counts).
   """
   total = fixed
@@ -80,9 +85,12 @@ def _low_rank_bytes(
       jax.tree.leaves(params),
       layout_lib.flat_layouts(params, dimension_numbers, side, rank)):
     if lay is None:
-      total += per_other_element * math.prod(np.shape(p))
+      total += (other_leaf(np.shape(p)) if other_leaf is not None
+                else per_other_element * math.prod(np.shape(p)))
     else:
-      total += lay.num_matrices * per_matrix(lay) + per_projected_leaf
+      total += lay.num_matrices * per_matrix(lay) + (
+          per_projected_leaf(lay) if callable(per_projected_leaf)
+          else per_projected_leaf)
   return total
 
 
@@ -150,20 +158,17 @@ def q_galore_bytes(
   """
   moment = (quantized_moments.moment_bytes if eight_bit_moments
             else lambda shape: _FLOAT32 * math.prod(shape))
-  total = 2 * _INT32
-  for p, lay in zip(
-      jax.tree.leaves(params),
-      layout_lib.flat_layouts(params, dimension_numbers, side, rank)):
-    if lay is None:
-      total += 2 * moment(np.shape(p))
-      continue
+
+  def per_matrix(lay):  # the quantized basis
     k, r = lay.projected_dim, lay.rank
     codes = k * r if bits == 8 else k * (-(-r // 2))
-    groups = -(-k // group_size) * r
-    total += lay.num_matrices * (codes + 5 * groups)
-    total += 2 * moment(lay.coefficient_shape)
-    total += 4 * _INT32 + _FLOAT32 * window
-  return total
+    return codes + 5 * -(-k // group_size) * r
+
+  return _low_rank_bytes(
+      params, rank, side, dimension_numbers, per_matrix,
+      per_projected_leaf=lambda lay: (2 * moment(lay.coefficient_shape)
+                                      + 4 * _INT32 + _FLOAT32 * window),
+      other_leaf=lambda shape: 2 * moment(shape))
 
 
 def online_subspace_descent_bytes(

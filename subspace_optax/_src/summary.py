@@ -101,15 +101,8 @@ def _params_shaped(treedef):
 
 def _children(node) -> list[Any]:
   """The direct children of a pytree node (none for a leaf)."""
-  root = [True]
-
-  def is_leaf(x) -> bool:
-    if root[0]:
-      root[0] = False
-      return False
-    return True
-
-  children = jax.tree_util.tree_flatten(node, is_leaf=is_leaf)[0]
+  children = jax.tree_util.tree_flatten(
+      node, is_leaf=lambda x: x is not node)[0]
   return [] if children == [node] else children
 
 
