@@ -1,4 +1,4 @@
-"""Continual learning on scikit-learn's bundled digits: five methods, one run.
+"""Continual learning on scikit-learn's bundled digits: seven methods, one run.
 
 One flax NNX MLP is fine-tuned on a sequence of tasks built from
 ``sklearn.datasets.load_digits`` (8x8 images, shipped inside scikit-learn, no
@@ -14,6 +14,12 @@ method:
 * ``sculpt``  AdamW whose final update is kept out of each weight's top singular
               directions, the rank set per layer by its importance
               (``sculpt_memory`` + ``orthogonal_to('two_sided')``).
+* ``sculpt_released``  the same with the rank schedule of the authors'
+              released code, ``floor(max(m, n) · 0.07 t)`` after t tasks
+              (``sculpt_memory(rule='released')``).
+* ``gpm_ewc`` the recommended configuration (``continual.gpm_ewc``): EWC's
+              penalty on Adam, GPM's input memory at a low energy threshold
+              projected out of Adam's gradient and step.
 
 Task sequences (``--tasks``):
 
@@ -83,6 +89,8 @@ DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
                    'max_fraction': 0.5, 'weight_decay': 0.0},
         # Optional sculpt keys: 'normalization' ('max' | 'minmax', see
         # sculpt_memory) and 'mode' ('two_sided' | 'block').
+        'sculpt_released': {'learning_rate': 1e-3, 'weight_decay': 0.1},
+        'gpm_ewc': {'learning_rate': 3e-3, 'threshold': 0.9, 'strength': 100.0},
     },
     'rotated': {
         'naive': {'learning_rate': 1e-3},
@@ -91,6 +99,9 @@ DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         'gpm': {'learning_rate': 3e-3, 'threshold': 0.97},
         'sculpt': {'learning_rate': 3e-3, 'min_fraction': 0.1,
                    'max_fraction': 0.5, 'weight_decay': 0.0},
+        'sculpt_released': {'learning_rate': 3e-3, 'weight_decay': 0.0},
+        'gpm_ewc': {'learning_rate': 3e-3, 'threshold': 0.97,
+                    'strength': 100.0},
     },
     'split': {
         'naive': {'learning_rate': 1e-3},
@@ -99,6 +110,9 @@ DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         'gpm': {'optimizer': 'sgd', 'learning_rate': 0.1, 'threshold': 0.9},
         'sculpt': {'learning_rate': 1e-3, 'min_fraction': 0.1,
                    'max_fraction': 0.5, 'weight_decay': 0.1},
+        'sculpt_released': {'learning_rate': 1e-3, 'weight_decay': 0.0},
+        'gpm_ewc': {'learning_rate': 1e-3, 'threshold': 0.9,
+                    'strength': 1e5},
     },
 }
 
@@ -372,7 +386,7 @@ def run_method(name: str, hyper: dict[str, Any], tasks: Tasks,
     return (tasks.train_x[t, :n], tasks.train_y[t, :n],
             np.broadcast_to(tasks.class_mask[t], (n, 10)))
 
-  params, opt_state, matrices, final_loss = common.run_tasks(
+  params, opt_state, matrices, final_loss, boundaries = common.run_tasks(
       config.num_tasks, method, params, opt_state, train=train,
       evaluate=lambda p: {'test': evaluate(p, 'test'),
                           'val': evaluate(p, 'val')}, samples=samples)
@@ -385,8 +399,9 @@ def run_method(name: str, hyper: dict[str, Any], tasks: Tasks,
       'test_summary': continual.summary(test, baseline_test),
       'val_summary': continual.summary(val, baseline_val),
       'final_train_loss': final_loss, 'seconds': seconds,
+      'boundary_seconds': boundaries,
       'protected': (continual.protected_fraction(continual.get_memory(opt_state))
-                    if name in ('gpm', 'sculpt') else None),
+                    if name in common.PROTECTING else None),
   }
 
 

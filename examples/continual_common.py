@@ -16,14 +16,25 @@ their data, model and loss; this module holds the rest:
 from __future__ import annotations
 
 import dataclasses
+import time
+import warnings
 from typing import Any, Callable, Optional
 
+import jax
 import numpy as np
 import optax
 
 from subspace_optax import continual
 
-METHODS = ('naive', 'l2', 'ewc', 'gpm', 'sculpt')
+METHODS = ('naive', 'l2', 'ewc', 'gpm', 'sculpt', 'sculpt_released',
+           'gpm_ewc')
+# The recommended configuration (declared before its test runs): GPM's
+# input projection at a low energy threshold on EWC-regularised Adam.
+RECOMMENDED = 'gpm_ewc'
+# The methods whose optimizer state holds a protected-subspace memory.
+PROTECTING = ('gpm', 'sculpt', 'sculpt_released', 'gpm_ewc')
+# The baselines the recommendation must match or beat on every sequence.
+BASELINES = ('naive', 'l2', 'ewc')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,10 +73,11 @@ def make_method(name: str, hyper: dict[str, Any], model: Model,
 
   Args:
     name: one of :data:`METHODS`.
-    hyper: ``learning_rate`` and the method's own keys (``strength`` of l2
-      and ewc; ``threshold`` and ``optimizer`` of gpm; ``min_fraction``,
-      ``max_fraction``, ``weight_decay`` and optional ``normalization`` and
-      ``mode`` of sculpt).
+    hyper: ``learning_rate`` and the method's own keys (``strength`` of l2,
+      ewc and gpm_ewc; ``threshold`` of gpm and gpm_ewc; ``optimizer`` and
+      ``unprotected`` of gpm; ``min_fraction``, ``max_fraction``,
+      ``weight_decay`` and optional ``normalization`` and ``mode`` of sculpt;
+      ``weight_decay`` and optional ``fraction_step`` of sculpt_released).
     model: the example's :class:`Model`.
     learning_rate: overrides ``hyper['learning_rate']`` (e.g. a schedule).
   """
@@ -86,45 +98,67 @@ def make_method(name: str, hyper: dict[str, Any], model: Model,
         continual.l2_to_anchor(strength=hyper['strength']), optax.adam(lr)),
                   move_anchor)
 
+  def consolidate(params, opt_state, samples):
+    fisher = continual.fisher_diagonal(model.loss_one, params, samples,
+                                       batch_size=model.fisher_batch_size)
+    return continual.consolidate_ewc(opt_state, params, fisher)
+
   if name == 'ewc':
-    def consolidate(params, opt_state, samples):
-      fisher = continual.fisher_diagonal(model.loss_one, params, samples,
-                                         batch_size=model.fisher_batch_size)
-      return continual.consolidate_ewc(opt_state, params, fisher)
     return Method(optax.chain(
         continual.ewc(strength=hyper['strength']), optax.adam(lr)), consolidate)
 
-  if name == 'gpm':
+  if name in ('gpm', 'gpm_ewc'):
     if model.layer_inputs is None:
-      raise ValueError('gpm needs each layer\'s inputs, which this model does '
-                       'not expose (Model.layer_inputs is None).')
+      raise ValueError(f'{name} needs each layer\'s inputs, which this model '
+                       'does not expose (Model.layer_inputs is None).')
+
     def grow(params, opt_state, samples):
+      if name == 'gpm_ewc':
+        opt_state = consolidate(params, opt_state, samples)
       memory = continual.gpm_memory(
           model.layer_inputs(params, samples), hyper['threshold'],
           continual.get_memory(opt_state), on_overflow='warn')
       return continual.set_memory(opt_state, memory)
+
+    if name == 'gpm_ewc':
+      return Method(continual.gpm_ewc(lr, strength=hyper['strength']), grow)
     inner = hyper.get('optimizer', 'adam')
+    unprotected = hyper.get('unprotected', 'train')
     if inner not in ('adam', 'sgd'):
       raise ValueError(
           f"gpm's optimizer must be 'adam' or 'sgd', got {inner!r}.")
     if inner == 'sgd':  # the paper's recipe: plain SGD, then the projection
-      return Method(continual.gpm(lr), grow)
+      return Method(continual.gpm(lr, unprotected=unprotected), grow)
     return Method(optax.chain(optax.adam(lr), continual.orthogonal_to(
-        mode='left')), grow)
+        mode='left', unprotected=unprotected)), grow)
 
-  if name == 'sculpt':
+  if name in ('sculpt', 'sculpt_released'):
     mode = hyper.get('mode', 'two_sided')
+    # The released rule protects up to every direction: a full capacity.
+    max_fraction = 1.0 if name == 'sculpt_released' else hyper['max_fraction']
+    finished = [0]  # tasks finished so far (the released rule's t)
+
     def sculpt(params, opt_state, samples):
-      memory = continual.sculpt_memory(
-          params, model.importance(params, samples),
-          min_fraction=hyper['min_fraction'],
-          max_fraction=hyper['max_fraction'],
-          normalization=hyper.get('normalization', 'max'), mode=mode,
-          dimension_numbers=model.dimension_numbers)
+      finished[0] += 1
+      if name == 'sculpt_released':
+        with warnings.catch_warnings():  # small matrices reach min(m, n)
+          warnings.simplefilter('ignore', continual.RankClampedWarning)
+          memory = continual.sculpt_memory(
+              params, rule='released', task=finished[0],
+              fraction_step=hyper.get('fraction_step', 0.07), mode=mode,
+              max_fraction=max_fraction,
+              dimension_numbers=model.dimension_numbers)
+      else:
+        memory = continual.sculpt_memory(
+            params, model.importance(params, samples),
+            min_fraction=hyper['min_fraction'],
+            max_fraction=hyper['max_fraction'],
+            normalization=hyper.get('normalization', 'max'), mode=mode,
+            dimension_numbers=model.dimension_numbers)
       return continual.set_memory(opt_state, memory)
     return Method(continual.sculpt(
         lr, weight_decay=hyper['weight_decay'],
-        max_fraction=hyper['max_fraction'], mode=mode,
+        max_fraction=max_fraction, mode=mode,
         dimension_numbers=model.dimension_numbers), sculpt)
 
   raise ValueError(f'Unknown method {name!r}; choose from {METHODS}.')
@@ -145,9 +179,10 @@ def run_tasks(count: int, method: Method, params, opt_state, *,
     samples: ``t -> samples`` of task ``t`` for the boundary.
 
   Returns:
-    ``(params, opt_state, {split: matrix}, [final loss per task])``.
+    ``(params, opt_state, {split: matrix}, [final loss per task],
+    [seconds of each task boundary])``.
   """
-  matrices, final_losses = {}, []
+  matrices, final_losses, boundary_seconds = {}, [], []
   for t in range(count):
     params, opt_state, loss = train(t, params, opt_state)
     final_losses.append(loss)
@@ -155,8 +190,11 @@ def run_tasks(count: int, method: Method, params, opt_state, *,
       matrices.setdefault(split, continual.accuracy_matrix(count))
       matrices[split] = continual.record(matrices[split], t, row)
     if t + 1 < count:
-      opt_state = method.boundary(params, opt_state, samples(t))
-  return params, opt_state, matrices, final_losses
+      start = time.perf_counter()
+      opt_state = jax.block_until_ready(
+          method.boundary(params, opt_state, samples(t)))
+      boundary_seconds.append(time.perf_counter() - start)
+  return params, opt_state, matrices, final_losses, boundary_seconds
 
 
 def loss_summary(matrix, baseline=None) -> dict[str, float]:

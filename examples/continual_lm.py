@@ -13,12 +13,17 @@ missing is skipped:
 * ``dectest``  the decimal arithmetic test cases (``test/decimaltestdata``).
 
 Methods (as in ``examples/continual.py``): ``naive`` (Adam), ``l2``
-(``l2_to_anchor``), ``ewc`` (``ewc`` with the empirical diagonal Fisher) and
-``sculpt`` (Sculpting Subspaces, arXiv 2504.07097: AdamW whose update avoids
-each weight's top singular directions, rank set per block by the importance
+(``l2_to_anchor``), ``ewc`` (``ewc`` with the empirical diagonal Fisher),
+``gpm`` (Adam whose update is kept orthogonal to the span of earlier domains'
+layer inputs: every ``nnx.Linear`` and the embedding, captured with
+``continual.layer_inputs``; norm scales frozen after the first domain),
+``gpm_ewc`` (the recommended configuration: ``continual.gpm_ewc``, GPM's
+projection at a low energy threshold on EWC-regularised Adam), ``sculpt``
+(Sculpting Subspaces, arXiv 2504.07097: AdamW whose update avoids each
+weight's top singular directions, rank set per block by the importance
 ``cos(block input, block output)``; with ``protect='all'`` the embedding and
-the head are protected too, at ``max_fraction``). GPM is left out: it needs
-every linear layer's inputs, which the model does not expose.
+the head are protected too, at ``max_fraction``) and ``sculpt_released`` (the
+same with the released code's rank ``floor(max(m, n) · 0.07 t)``).
 
 The matrix is a **loss** matrix ``L[i, j]``: next-byte cross entropy (nats) on
 domain ``j`` after training domain ``i``. Lower is better, so the metrics are
@@ -73,7 +78,7 @@ from examples.lm import model as model_lib
 import subspace_optax as so
 from subspace_optax import continual
 
-METHODS = ('naive', 'l2', 'ewc', 'sculpt')
+METHODS = common.METHODS
 DOMAINS = ('python', 'english', 'c', 'dectest')
 
 # Chosen on the validation split (seed 0) by ``python -m benchmarks.continual
@@ -82,8 +87,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     'naive': {'learning_rate': 3e-3},
     'l2': {'learning_rate': 3e-3, 'strength': 1e-2},
     'ewc': {'learning_rate': 3e-3, 'strength': 100.0},
+    'gpm': {'learning_rate': 3e-3, 'threshold': 0.9, 'unprotected': 'freeze'},
     'sculpt': {'learning_rate': 3e-3, 'min_fraction': 0.1,
                'max_fraction': 0.5, 'weight_decay': 0.0, 'protect': 'all'},
+    'sculpt_released': {'learning_rate': 3e-3, 'weight_decay': 0.0,
+                        'protect': 'all'},
+    'gpm_ewc': {'learning_rate': 3e-3, 'threshold': 0.9, 'strength': 100.0},
 }
 
 
@@ -99,8 +108,12 @@ PRETRAINED_DEFAULTS: dict[str, dict[str, Any]] = {
     'naive': {'learning_rate': 3e-4},
     'l2': {'learning_rate': 3e-4, 'strength': 0.1},
     'ewc': {'learning_rate': 1e-3, 'strength': 1000.0},
+    'gpm': {'learning_rate': 1e-3, 'threshold': 0.9, 'unprotected': 'freeze'},
     'sculpt': {'learning_rate': 3e-4, 'min_fraction': 0.1,
                'max_fraction': 0.5, 'weight_decay': 0.0, 'protect': 'all'},
+    'sculpt_released': {'learning_rate': 3e-4, 'weight_decay': 0.0,
+                        'protect': 'all'},
+    'gpm_ewc': {'learning_rate': 1e-3, 'threshold': 0.9, 'strength': 100.0},
 }
 
 
@@ -264,6 +277,11 @@ def network(config: Config) -> types.SimpleNamespace:
     return jnp.stack(scores)
 
   @jax.jit
+  def layer_inputs(p, inputs):
+    """Every linear layer's and the embedding's inputs (GPM's memory)."""
+    return continual.layer_inputs(module(p), inputs)
+
+  @jax.jit
   def losses(p, batches):
     """Mean loss per domain of ``(inputs, targets)``, each ``(D, B, b, s)``."""
     per_batch = jax.vmap(jax.vmap(lambda i, t: loss(p, i, t)))(*batches)
@@ -271,7 +289,8 @@ def network(config: Config) -> types.SimpleNamespace:
 
   return types.SimpleNamespace(
       initial=nnx.to_pure_dict(state), loss=loss, loss_one=loss_one,
-      block_importance=block_importance, losses=losses)
+      block_importance=block_importance, layer_inputs=layer_inputs,
+      losses=losses)
 
 
 # ----------------------------------------------------------------------------
@@ -279,11 +298,11 @@ def network(config: Config) -> types.SimpleNamespace:
 
 
 def _model(net, hyper: dict[str, Any]) -> common.Model:
-  """Fisher of one sequence; sculpt's importance ``cos(block input, block
-  output)`` per transformer block, and its matrices: with ``protect='blocks'``
-  the blocks' kernels, with ``'all'`` also the embedding and the head (every
-  2-D leaf; no importance score, so ``max_fraction``). No GPM: it needs every
-  linear layer's inputs, which the model does not expose."""
+  """Fisher of one sequence; GPM's layer inputs (``continual.layer_inputs``);
+  sculpt's importance ``cos(block input, block output)`` per transformer
+  block, and its matrices: with ``protect='blocks'`` the blocks' kernels, with
+  ``'all'`` also the embedding and the head (every 2-D leaf; no importance
+  score, so ``max_fraction``)."""
   protect = hyper.get('protect', 'blocks')
   if protect not in ('blocks', 'all'):
     raise ValueError(f"`protect` must be 'blocks' or 'all', got {protect!r}.")
@@ -294,8 +313,10 @@ def _model(net, hyper: dict[str, Any]) -> common.Model:
 
   matrices = None if protect == 'all' else (lambda p: _kernel_tree(
       p, lambda i: so.DimensionNumbers(-2, -1)))
-  return common.Model(loss_one=net.loss_one, fisher_batch_size=8,
-                      importance=importance, dimension_numbers=matrices)
+  return common.Model(
+      loss_one=net.loss_one, fisher_batch_size=8, importance=importance,
+      layer_inputs=lambda params, samples: net.layer_inputs(params, samples[0]),
+      dimension_numbers=matrices)
 
 
 # ----------------------------------------------------------------------------
@@ -384,7 +405,7 @@ def run_method(name: str, hyper: dict[str, Any], domains: Domains,
         batch_size=config.memory_samples, seq_len=config.seq_len)
 
   start = time.perf_counter()
-  _, _, matrices, final_loss = common.run_tasks(
+  _, _, matrices, final_loss, boundaries = common.run_tasks(
       len(domains.names), method, params, opt_state, train=train,
       evaluate=evaluate, samples=samples)
   return {
@@ -394,6 +415,7 @@ def run_method(name: str, hyper: dict[str, Any], domains: Domains,
       'val_summary': loss_summary(matrices['val'], baseline['val']),
       'final_train_loss': final_loss,
       'seconds': time.perf_counter() - start,
+      'boundary_seconds': boundaries,
   }
 
 

@@ -32,9 +32,13 @@ from subspace_optax._src.protected import ProtectedSubspace
 from subspace_optax._src.memories import activation_importance
 from subspace_optax._src.memories import gpm_memory
 from subspace_optax._src.memories import gradient_memory
+from subspace_optax._src.memories import RankClampedWarning
+from subspace_optax._src.memories import released_rank
+from subspace_optax._src.capture import layer_inputs
 from subspace_optax._src.memories import sculpt_memory
 # Presets.
 from subspace_optax._src.continual import gpm
+from subspace_optax._src.continual import gpm_ewc
 from subspace_optax._src.continual import sculpt
 from subspace_optax._src.continual import sculpt_capacity
 # Baselines and schedules.
@@ -70,15 +74,19 @@ __all__ = (
     'forward_transfer',
     'get_memory',
     'gpm',
+    'gpm_ewc',
     'gpm_memory',
     'gradient_memory',
     'l2_to_anchor',
+    'layer_inputs',
     'orthogonal_to',
     'OrthogonalState',
     'project_out',
     'protected_fraction',
     'ProtectedSubspace',
+    'RankClampedWarning',
     'record',
+    'released_rank',
     'rewarm_schedule',
     'sculpt',
     'sculpt_capacity',

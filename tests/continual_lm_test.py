@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 
@@ -50,8 +51,9 @@ def test_loss_summary_reads_a_loss_matrix():
 def test_quick_run_learns_and_sculpt_starts_like_naive(tmp_path):
   out_png = tmp_path / 'lm.png'
   report = example.main([
-      '--quick', '--domains', 'python,english', '--methods', 'naive,sculpt',
-      '--steps', '15', '--plot', str(out_png)])
+      '--quick', '--domains', 'python,english', '--methods',
+      'naive,sculpt,sculpt_released,gpm,gpm_ewc', '--steps', '15', '--plot',
+      str(out_png)])
   assert report['tasks'] == ['python', 'english']
   assert out_png.stat().st_size > 10_000
   for result in report['results'].values():
@@ -60,8 +62,9 @@ def test_quick_run_learns_and_sculpt_starts_like_naive(tmp_path):
     assert matrix[0, 0] < np.log(256) - 1.0  # learned bytes (uniform: 5.55)
   # Same weights and batches, and sculpt's memory is empty in the first
   # domain: the same first row as naive fine-tuning.
-  np.testing.assert_allclose(report['results']['naive']['test'][0],
-                             report['results']['sculpt']['test'][0], rtol=1e-4)
+  for name in ('sculpt', 'sculpt_released', 'gpm', 'gpm_ewc'):
+    np.testing.assert_allclose(report['results']['naive']['test'][0],
+                               report['results'][name]['test'][0], rtol=1e-4)
   assert set(report['results']['sculpt']['test_summary']) >= {
       'average_loss', 'forgetting', 'learned_loss'}
 
@@ -84,3 +87,23 @@ def test_pretraining_learns_the_first_domain_before_the_sequence():
       quick + ['--pretrain-steps', '30']))
   assert config.pretrain_steps == 30
   assert example.defaults(config) is example.PRETRAINED_DEFAULTS
+
+
+def test_gpm_memory_covers_every_linear_layer_and_the_embedding():
+  config = example.config_from_args(example.parse_args(['--quick']))
+  net = example.network(config)
+  domains = example.load_domains(config)
+  inputs, _ = data_lib.batch_at(domains.train[0], seed=0, step=0,
+                                        batch_size=4, seq_len=config.seq_len)
+  captured = net.layer_inputs(net.initial, inputs)
+  tokens = 4 * config.seq_len
+  assert captured['embed']['embedding'].shape == (tokens, 256)
+  assert captured['lm_head']['kernel'].shape == (tokens, config.dim)
+  block = captured['blocks'][0]
+  assert block['mlp']['w_down']['kernel'].shape == (tokens, config.ffn_dim)
+  assert block['attention_norm']['scale'] is None
+  memory = example.continual.gpm_memory(captured, 0.9, params=net.initial)
+  for path, count in jax.tree_util.tree_leaves_with_path(
+      jax.tree.map(lambda m: m.left_count, memory, is_leaf=lambda m: isinstance(
+          m, example.continual.ProtectedSubspace))):
+    assert int(count) >= 1, path

@@ -239,3 +239,41 @@ def test_none_params_leaves_are_left_alone():
   assert grown['b'] is None and int(grown['w'].left_count) == 2
   grads = cl.gradient_memory({'w': jnp.ones((2, 12, 8)), 'b': None}, 0.99)
   assert grads['b'] is None and int(grads['w'].left_count) == 1
+
+
+def test_released_rule_keeps_floor_max_dim_times_step_times_task():
+  """k = floor(max(m, n) · 0.07 · t): the released code's rank."""
+  params = {'w': jax.random.normal(jax.random.key(3), (20, 50))}
+  u, _, vh = np.linalg.svd(np.asarray(params['w'], np.float64))
+  for task, k in ((1, 3), (2, 7), (4, 14)):
+    assert cl.released_rank(20, 50, task) == k
+    memory = cl.sculpt_memory(params, rule='released', task=task,
+                              max_fraction=1.0)
+    assert int(memory['w'].left_count) == int(memory['w'].right_count) == k
+    assert _span_distance(memory['w'].left[:, :k], u[:, :k]) < 1e-4
+    assert _span_distance(memory['w'].right[:, :k], vh[:k].T) < 1e-4
+  # Independent of the matrix's own importance: same k for a scaled copy.
+  twice = cl.sculpt_memory({'w': 2 * params['w']}, rule='released', task=2,
+                           max_fraction=1.0)
+  assert int(twice['w'].left_count) == 7
+
+
+def test_released_rule_warns_when_it_clamps():
+  params = {'head': jnp.ones((64, 10)) + jnp.eye(64, 10)}
+  clamped = r"\['head'\] \(64x10\): 13 -> 10"
+  with pytest.warns(cl.RankClampedWarning, match=clamped):
+    memory = cl.sculpt_memory(params, rule='released', task=3,
+                              max_fraction=1.0)
+  assert int(memory['head'].left_count) == 10
+  with pytest.warns(cl.RankClampedWarning, match='4 -> 2'):
+    cl.sculpt_memory(params, rule='released', task=1, max_fraction=0.25)
+
+
+def test_released_rule_errors_are_named():
+  params = {'w': jnp.ones((6, 4))}
+  with pytest.raises(ValueError, match='`task`'):
+    cl.sculpt_memory(params, rule='released')
+  with pytest.raises(ValueError, match='importance=None'):
+    cl.sculpt_memory(params, {'w': 0.5}, rule='released', task=1)
+  with pytest.raises(ValueError, match='`rule`'):
+    cl.sculpt_memory(params, rule='paper')

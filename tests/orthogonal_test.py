@@ -376,3 +376,64 @@ def test_none_params_leaves_pass_through():
   u = np.asarray(memory['w'].left)
   assert np.linalg.norm(u.T @ np.asarray(out['w'])) < 1e-6 * np.linalg.norm(
       np.asarray(out['w']))
+
+
+def test_unprotected_leaves_freeze_once_a_direction_is_protected():
+  params = _params()
+  grads = _gradients(1, params)
+  tx = cl.orthogonal_to(mode='two_sided', capacity=4, unprotected='freeze',
+                        dimension_numbers=so.last_two_axes)
+  state = tx.init(params)
+  updates, _ = tx.update(grads, state, params)  # nothing protected yet
+  chex.assert_trees_all_close(updates, grads)
+  state = cl.set_memory(state, _memory(params))
+  updates, _ = tx.update(grads, state, params)
+  np.testing.assert_array_equal(updates['b'], 0)
+  assert float(jnp.max(jnp.abs(updates['w']))) > 0
+  trained = cl.orthogonal_to(mode='two_sided', capacity=4,
+                             dimension_numbers=so.last_two_axes)
+  updates, _ = trained.update(grads, cl.set_memory(
+      trained.init(params), _memory(params)), params)
+  np.testing.assert_array_equal(updates['b'], grads['b'])
+
+
+def test_unprotected_is_checked():
+  with pytest.raises(ValueError, match='unprotected'):
+    cl.orthogonal_to(unprotected='frozen')
+
+
+def test_inner_sees_the_projected_gradient_and_its_step_is_projected():
+  """orthogonal_to(inner=...): Δ = P inner(P g), one memory, inner's state
+  inside; the stage also works without params-shaped extras."""
+  params = _params()
+  memory = _memory(params, mode='left')
+  lr = 0.1
+  tx = cl.orthogonal_to(memory, mode='left', inner=optax.adam(lr),
+                        dimension_numbers=so.last_two_axes)
+  state = tx.init(params)
+  reference = optax.adam(lr)
+  reference_state = reference.init(params)
+  projected = lambda tree: jax.tree.map(
+      lambda x, m: x if isinstance(m, optax.MaskedNode) else np.asarray(
+          protected_project(x, m)), tree, memory,
+      is_leaf=lambda m: isinstance(m, (cl.ProtectedSubspace,
+                                       optax.MaskedNode)))
+  for seed in range(3):
+    grads = _gradients(seed, params)
+    updates, state = tx.update(grads, state, params)
+    step, reference_state = reference.update(projected(grads),
+                                             reference_state, params)
+    chex.assert_trees_all_close(updates, projected(step), atol=1e-6)
+  # The inner moments hold only free-subspace statistics.
+  chex.assert_trees_all_close(state.inner[0].mu, reference_state[0].mu,
+                              atol=1e-6)
+  # get/set_memory keep the inner state.
+  new_state = cl.set_memory(state, cl.get_memory(state))
+  chex.assert_trees_all_close(new_state.inner, state.inner)
+
+
+def protected_project(x, memory):
+  """(I - UUᵀ) x on the last two axes, in float64."""
+  u = np.asarray(memory.left, np.float64)
+  x = np.asarray(x, np.float64)
+  return x - u @ (np.swapaxes(u, -1, -2) @ x)

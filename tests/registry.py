@@ -113,10 +113,10 @@ def gradients(params, seed: int):
   ])
 
 
-def _memory(params):
+def _memory(params, mode='two_sided'):
   """A protected memory with one orthonormal direction per side and matrix."""
   memory = so.continual.empty_memory(
-      params, mode='two_sided', capacity=2, dimension_numbers=so.last_two_axes)
+      params, mode=mode, capacity=2, dimension_numbers=so.last_two_axes)
 
   def fill(mem):
     if not isinstance(mem, so.continual.ProtectedSubspace):
@@ -124,6 +124,9 @@ def _memory(params):
     fields = {}
     for side in ('left', 'right'):
       basis = getattr(mem, side)
+      if isinstance(basis, optax.MaskedNode):
+        fields[side] = fields[side + '_count'] = basis
+        continue
       direction = np.zeros(basis.shape, np.float32)
       direction[..., 0] = 1.0 / np.sqrt(basis.shape[-2])
       fields[side] = jnp.asarray(direction)
@@ -194,7 +197,15 @@ def _entries() -> list[Entry]:
       Entry('orthogonal_to', continual.orthogonal_to,
             dict(dimension_numbers=so.last_two_axes),
             params_kwargs=lambda p: dict(memory=_memory(p))),
+      Entry('orthogonal_to_wrapping_adam', continual.orthogonal_to,
+            dict(dimension_numbers=so.last_two_axes, inner=optax.adam(_LR),
+                 unprotected='freeze'),
+            params_kwargs=lambda p: dict(memory=_memory(p))),
       Entry('gpm', continual.gpm, dict(learning_rate=_LR, momentum=0.9)),
+      Entry('gpm_ewc', continual.gpm_ewc,
+            dict(learning_rate=_LR, strength=0.5,
+                 dimension_numbers=so.last_two_axes),
+            params_kwargs=lambda p: dict(memory=_memory(p, 'left'))),
       Entry('sculpt', continual.sculpt, dict(learning_rate=_LR)),
       Entry('ewc', continual.ewc, dict(strength=0.5),
             params_kwargs=lambda p: dict(
@@ -233,7 +244,7 @@ NOT_METHODS = frozenset({
     'gradient_memory', 'project_out', 'protected_fraction', 'rewarm_schedule',
     'sculpt_capacity', 'sculpt_memory', 'set_memory', 'accuracy_matrix',
     'average_accuracy', 'backward_transfer', 'forgetting', 'forward_transfer',
-    'record', 'summary',
+    'record', 'summary', 'layer_inputs', 'released_rank',
 })
 
 

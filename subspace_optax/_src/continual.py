@@ -5,6 +5,8 @@
   singular directions from earlier tasks.
 * :func:`gpm` — Gradient Projection Memory: SGD with momentum whose update is
   kept orthogonal to the span of earlier tasks' layer inputs (input side).
+* :func:`gpm_ewc` — the library's recommended recipe: EWC's penalty, Adam, and
+  GPM's input-side projection with a low energy threshold.
 
 Both are ``optax.chain(inner, [weight decay], learning rate, orthogonal_to)``
 so the invariant is on the update applied to the params.
@@ -20,6 +22,7 @@ import optax
 from subspace_optax._src import deprecation
 from subspace_optax._src import orthogonal
 from subspace_optax._src import presets
+from subspace_optax._src import regularizers
 
 
 def sculpt_capacity(max_fraction: float = 0.8) -> Callable[[int, int], int]:
@@ -109,7 +112,8 @@ def sculpt(
   return optax.chain(*stages)
 
 
-@presets.declare_static_args('momentum', 'capacity', 'dimension_numbers')
+@presets.declare_static_args('momentum', 'capacity', 'dimension_numbers',
+                             'unprotected')
 def gpm(
     learning_rate: optax.ScalarOrSchedule,
     *,
@@ -117,6 +121,7 @@ def gpm(
     momentum: Optional[float] = None,
     capacity: Any = 1.0,
     dimension_numbers: Any = None,
+    unprotected: str = 'freeze',
 ) -> optax.GradientTransformation:
   """Gradient Projection Memory (Saha, Garg, Roy, `arXiv 2103.09762
   <https://arxiv.org/abs/2103.09762>`_, ICLR 2021).
@@ -124,9 +129,9 @@ def gpm(
   SGD (optionally with momentum) whose update is kept orthogonal to the span
   ``M`` of earlier tasks' layer inputs, ``Δ ← (I - MMᵀ)Δ`` (``W`` is ``m x n``
   with ``m`` the input features). Grow the memory with :func:`gpm_memory` at
-  each task boundary and store it with :func:`set_memory`. (The reference also
-  freezes biases after the first task; mask them with ``optax.masked`` if
-  wanted.)
+  each task boundary and store it with :func:`set_memory`. As in the
+  reference, the leaves without a memory (biases, norm scales) are frozen
+  once the memory holds a direction (``unprotected='freeze'``).
 
   Args:
     learning_rate: a float or an optax schedule.
@@ -134,6 +139,8 @@ def gpm(
     momentum: SGD momentum (None: plain SGD as in the paper).
     capacity: columns of the input-side memory (see :func:`empty_memory`).
     dimension_numbers: which leaves are matrices (default every 2-D leaf).
+    unprotected: ``'freeze'`` (default, the reference's recipe) or
+      ``'train'``, see :func:`orthogonal_to`.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -151,5 +158,84 @@ def gpm(
   return optax.chain(
       optax.sgd(learning_rate, momentum=momentum),
       orthogonal.orthogonal_to(memory, mode='left', capacity=capacity,
-                               dimension_numbers=dimension_numbers),
+                               dimension_numbers=dimension_numbers,
+                               unprotected=unprotected),
+  )
+
+
+@presets.declare_static_args('capacity', 'dimension_numbers', 'unprotected')
+def gpm_ewc(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    strength: float,
+    memory: Any = None,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    capacity: Any = 1.0,
+    dimension_numbers: Any = None,
+    unprotected: str = 'freeze',
+) -> optax.GradientTransformation:
+  """GPM's projection on EWC-regularised Adam: the recommended recipe.
+
+  The update is Adam's step on the gradient plus EWC's penalty (Kirkpatrick et
+  al., arXiv 1612.00796), with the span ``M`` of earlier tasks' layer inputs
+  (GPM, Saha et al., arXiv 2103.09762) projected out of Adam's input and of
+  its step, ``P = I - MMᵀ``:
+
+  .. math::
+    Δ = P\\, η\\, adam\\big(P\\,(g + λ F ⊙ (θ - θ^*))\\big).
+
+  Adam wrapped by the projection (``orthogonal_to(inner=...)``) sees only the
+  free subspace's gradient, so its step is a descent direction there. The two
+  parts cover each other's failure. With a low energy threshold
+  (:func:`gpm_memory` at ``threshold=0.9``) the projection protects the input
+  directions that carry most of the old tasks' energy and leaves room to
+  learn; the forgetting that goes through the remaining low-energy directions
+  (Adam takes full-size steps there) is what EWC's penalty holds back. Leaves
+  without a memory (biases, norm scales) are frozen once a direction is
+  protected (``unprotected='freeze'``).
+
+  At each task boundary, on a calibration batch of the finished task::
+
+    fisher = fisher_diagonal(loss_one, params, samples)
+    opt_state = consolidate_ewc(opt_state, params, fisher)
+    inputs = layer_inputs(model, samples[0])         # flax NNX models
+    memory = gpm_memory(inputs, 0.9, get_memory(opt_state))
+    opt_state = set_memory(opt_state, memory)
+
+  State: EWC's anchor and Fisher (2 floats per parameter), Adam's moments (2)
+  and an ``m x m`` input basis per matrix (``capacity=1.0``).
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    strength: EWC's ``λ`` (scale-dependent: choose it on validation data, as
+      for :func:`ewc`).
+    memory: initial GPM memory (None: nothing protected yet).
+    b1, b2, eps: Adam's parameters.
+    capacity: columns of the input-side memory (see :func:`empty_memory`).
+    dimension_numbers: which leaves are matrices (default every 2-D leaf).
+    unprotected: ``'freeze'`` (default) or ``'train'``, see
+      :func:`orthogonal_to`.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from subspace_optax import continual
+    >>> params = {'w': jnp.ones((8, 6)), 'b': jnp.ones(6)}
+    >>> tx = continual.gpm_ewc(1e-3, strength=100.0)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+    >>> updates['w'].shape
+    (8, 6)
+  """
+  return optax.chain(
+      regularizers.ewc(strength=strength),
+      orthogonal.orthogonal_to(
+          memory, mode='left', capacity=capacity,
+          dimension_numbers=dimension_numbers, unprotected=unprotected,
+          inner=optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+                            optax.scale_by_learning_rate(learning_rate))),
   )

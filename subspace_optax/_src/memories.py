@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, Optional
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -173,10 +174,32 @@ def _top_singular(leaf, fraction, lay, capacity):
   return _poison(left, finite), _poison(right, finite), keep
 
 
+RULES = ('importance', 'released')
+
+
+class RankClampedWarning(UserWarning):
+  """A rank asked of a memory builder exceeded what the matrix or the memory
+  holds and was clamped (the message names each leaf)."""
+
+
+def released_rank(rows: int, columns: int, task: int,
+                  fraction_step: float = 0.07) -> int:
+  """The released Sculpting Subspaces rank ``floor(max(m, n) · s_t)``.
+
+  ``s_t = fraction_step · t`` after ``t`` finished tasks (the released code
+  grows the fraction by 0.07 per task; starting at one step after the first
+  task is this library's reading). Not clamped: may exceed ``min(m, n)``.
+  """
+  return math.floor(max(rows, columns) * fraction_step * task + 1e-6)
+
+
 def sculpt_memory(
     params,
     importance: Any = None,
     *,
+    rule: str = 'importance',
+    task: Optional[int] = None,
+    fraction_step: float = 0.07,
     min_fraction: float = 0.1,
     max_fraction: float = 0.8,
     normalization: str = 'max',
@@ -203,10 +226,24 @@ def sculpt_memory(
   new task on the current weights: the paper re-decomposes the updated weights
   and **replaces** the memory (:func:`set_memory`).
 
+  Two rank rules:
+
+  * ``rule='importance'`` (default): the paper's adaptive rank above.
+  * ``rule='released'``: the rule of the authors' released code, where the
+    adaptive rank is commented out: ``k = floor(max(m, n) · s_t)`` with
+    ``s_t = fraction_step · task`` (0.07 per finished task), the same for
+    every matrix, clamped to ``min(m, n)`` and to the memory's capacity
+    ``floor(max_fraction · min(m, n))`` with a :class:`RankClampedWarning`
+    (use ``max_fraction=1.0`` here and in :func:`sculpt`).
+
   Args:
     params: current parameters (arrays or nnx Variables).
     importance: None, or a pytree with the params' structure holding a scalar
-      (or an array of the batch shape, for stacked layers) per matrix leaf.
+      (or an array of the batch shape, for stacked layers) per matrix leaf
+      (``rule='importance'`` only).
+    rule: ``'importance'`` or ``'released'``, see above.
+    task: ``rule='released'``: how many tasks are finished (1 after the first).
+    fraction_step: ``rule='released'``: the growth of ``s_t`` per task.
     min_fraction: ``mrr`` (0.1 in the paper's blog).
     max_fraction: ``trr`` (0.8 in the blog).
     normalization: ``'max'`` (default) or ``'minmax'``, see above.
@@ -222,12 +259,19 @@ def sculpt_memory(
     raise ValueError(
         '`min_fraction` and `max_fraction` must satisfy 0 <= min <= max <= 1, '
         f'got {min_fraction}, {max_fraction}.')
+  if rule not in RULES:
+    raise ValueError(f'`rule` must be one of {RULES}, got {rule!r}.')
   use_left, use_right = protected_lib.mode_sides(mode)
   params = low_rank_lib.unbox(params)
   leaves, treedef = jax.tree.flatten(params)
   layouts = protected_lib.matrix_layouts(params, dimension_numbers)
-  fractions = retained_fractions(
-      importance, treedef, layouts, min_fraction, max_fraction, normalization)
+  if rule == 'released':
+    fractions = _released_fractions(importance, task, fraction_step, layouts,
+                                    max_fraction)
+  else:
+    fractions = retained_fractions(
+        importance, treedef, layouts, min_fraction, max_fraction,
+        normalization)
   out = []
   for path, p, lay, fraction in zip(
       _paths(params), leaves, layouts, fractions):
@@ -245,6 +289,40 @@ def sculpt_memory(
         left_count=keep if use_left else optax.MaskedNode(),
         right_count=keep if use_right else optax.MaskedNode()))
   return treedef.unflatten(out)
+
+
+def _released_fractions(importance, task, fraction_step, layouts,
+                        max_fraction):
+  """Per matrix leaf ``k / min(m, n)`` of the released rule, clamped (warned)."""
+  if importance is not None:
+    raise ValueError("rule='released' uses no importance (the rank is the "
+                     "same fraction of every matrix); pass importance=None.")
+  if isinstance(task, bool) or not isinstance(task, int) or task < 1:
+    raise ValueError(f"rule='released' needs `task`, the number of finished "
+                     f'tasks (an int >= 1), got {task!r}.')
+  if not fraction_step > 0:
+    raise ValueError(f'`fraction_step` must be > 0, got {fraction_step}.')
+  fractions, clamped = [], []
+  for lay in layouts:
+    if lay is None:
+      fractions.append(None)
+      continue
+    smaller = min(lay.rows, lay.columns)
+    capacity = max(1, math.floor(max_fraction * smaller + 1e-6))
+    wanted = released_rank(lay.rows, lay.columns, task, fraction_step)
+    if wanted > capacity:
+      clamped.append(f'{lay.path} ({lay.rows}x{lay.columns}): {wanted} -> '
+                     f'{capacity}')
+    fractions.append(min(wanted, capacity) / smaller)
+  if clamped:
+    warnings.warn(
+        f"sculpt_memory(rule='released', task={task}): the rank "
+        'floor(max(m, n) * s_t) exceeds min(m, n) or the capacity '
+        'floor(max_fraction * min(m, n)) and was clamped for '
+        f'{len(clamped)} matrices: {"; ".join(clamped)}. Those matrices keep '
+        'no free direction on the clamped side when the rank reaches min(m, '
+        'n).', RankClampedWarning, stacklevel=3)
+  return fractions
 
 
 # ----------------------------------------------------------------------------

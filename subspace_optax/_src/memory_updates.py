@@ -55,8 +55,11 @@ def _grow_one(basis, count, candidates, candidate_count, tolerance, capacity):
     b = jnp.where(fits, b.at[:, index].set(column), b)
     return b, filled + fits.astype(jnp.int32), wanted + accept.astype(jnp.int32)
 
+  # Candidates past candidate_count are zero and change nothing: stop there
+  # (a GPM memory often adds a few of up to min(k, N) padded columns).
+  steps = jnp.clip(candidate_count, 0, candidates.shape[-1]).astype(jnp.int32)
   return jax.lax.fori_loop(
-      0, candidates.shape[-1], body,
+      0, steps, body,
       (basis.astype(jnp.float32), count.astype(jnp.int32),
        count.astype(jnp.int32)))
 
@@ -318,7 +321,7 @@ def set_memory(opt_state, memory, *, tolerance: float = 1e-4,
   def replace(state):
     if not _is_state(state):
       return state
-    return OrthogonalState(memory=jax.tree.map(
+    return state._replace(memory=jax.tree.map(
         _rebox, state.memory, fitted, is_leaf=_is_variable))
 
   return jax.tree.map(replace, opt_state, is_leaf=_is_state)

@@ -93,13 +93,28 @@ def project_out(view: jax.Array, memory: ProtectedSubspace, mode: str):
 _NOT_PARAMS = object()
 
 
-@presets.declare_static_args('capacity', 'dimension_numbers')
+UNPROTECTED = ('train', 'freeze')
+
+
+def _memory_in_use(memory_leaves) -> jax.Array:
+  """Whether any leaf's memory holds a direction (traceable)."""
+  counts = [jnp.sum(getattr(mem, side)) for mem in memory_leaves
+            if isinstance(mem, ProtectedSubspace)
+            for side in ('left_count', 'right_count')
+            if not protected_lib.is_masked(getattr(mem, side))]
+  return sum(counts, jnp.zeros([], jnp.int32)) > 0
+
+
+@presets.declare_static_args('capacity', 'dimension_numbers', 'unprotected',
+                             'inner')
 def orthogonal_to(
     memory: Any = None,
     *,
     mode: str = 'two_sided',
     capacity: Optional[Capacity] = None,
     dimension_numbers: Any = None,
+    unprotected: str = 'train',
+    inner: Optional[optax.GradientTransformation] = None,
 ) -> optax.GradientTransformation:
   """Remove from each update its components in protected subspaces.
 
@@ -119,7 +134,12 @@ def orthogonal_to(
   learning rate): the invariant ``UᵀΔ = 0`` / ``ΔV = 0`` then holds on what is
   applied to the params, whatever comes before, up to float32 rounding (the
   projection runs in float32 at HIGHEST matmul precision).
-  Leaves that are not matrices (and ``None`` leaves) pass through unchanged.
+  Leaves that are not matrices (biases, norm scales, leaves left out by
+  ``dimension_numbers``) have no memory: with ``unprotected='train'`` they
+  pass through unchanged, with ``'freeze'`` their update is zero as soon as
+  the memory holds any direction (after the first task boundary), as GPM's
+  reference freezes biases: a bias update shifts the layer's output on every
+  old input, so it forgets whatever the memory protects.
 
   **bfloat16 params.** The update is orthogonal in float32, but adding it to
   bfloat16 weights rounds the result, and the rounding error lies in every
@@ -153,49 +173,73 @@ def orthogonal_to(
       into the capacity at init (re-orthonormalised).
     dimension_numbers: which leaves are matrices and how (as in
       :func:`subspace_optax.low_rank`); default every 2-D leaf.
+    unprotected: what happens to the leaves without a memory once something
+      is protected: ``'train'`` (default: updated freely) or ``'freeze'``
+      (zero update).
+    inner: an optimizer to wrap (learning rate included), whose input
+      gradient is projected as well as its output; None (default): the stage
+      projects the updates it receives.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is an
     :class:`OrthogonalState`.
   """
   protected_lib.mode_sides(mode)
+  if unprotected not in UNPROTECTED:
+    raise ValueError(f'`unprotected` must be one of {UNPROTECTED}, got '
+                     f'{unprotected!r}.')
   if capacity is not None and not callable(capacity):
     for cap in protected_lib.split_capacity(capacity):
       protected_lib.resolve_capacity(cap, 1 << 30, 'capacity', '<construction>')
 
+  wrapped = None if inner is None else optax.with_extra_args_support(inner)
+
   def init_fn(params):
+    inner_state = (optax.EmptyState() if inner is None
+                   else inner.init(params))
     if type(params).__name__ == '_ParamsPlaceholder':
       # optax.tree.map_params probe: the memory is never shaped like the params,
       # so the whole memory is one opaque (non-params) leaf of the template.
-      return OrthogonalState(memory=_NOT_PARAMS)
+      return OrthogonalState(memory=_NOT_PARAMS, inner=inner_state)
     params = low_rank_lib.unbox(params)
     if memory is not None and capacity is None:
       protected_lib.check_memory(memory, params, dimension_numbers)
       protected_lib.check_mode(memory, params, mode, dimension_numbers)
       protected_lib.check_finite_orthonormal(memory)
-      return OrthogonalState(memory=jax.tree.map(jnp.asarray, memory))
+      return OrthogonalState(memory=jax.tree.map(jnp.asarray, memory),
+                             inner=inner_state)
     state_memory = protected_lib.empty_memory(
         params, mode=mode, capacity=1.0 if capacity is None else capacity,
         dimension_numbers=dimension_numbers)
     if memory is not None:
       state_memory = memory_updates.add_directions(state_memory, memory)
-    return OrthogonalState(memory=state_memory)
+    return OrthogonalState(memory=state_memory, inner=inner_state)
 
-  def update_fn(updates, state, params=None):
-    del params
+  def project(updates, memory_leaves, frozen):
     leaves, treedef = jax.tree.flatten(updates)
     layouts = protected_lib.matrix_layouts(updates, dimension_numbers)
-    memory_leaves = protected_lib.check_memory(
-        state.memory, updates, dimension_numbers)
     out = []
     for g, lay, mem in zip(leaves, layouts, memory_leaves):
       if lay is None:
-        out.append(g)
+        out.append(g if frozen is None or g is None
+                   else jnp.where(frozen, jnp.zeros_like(g), g))
         continue
       view = layout_lib.matrix_view(g, lay).astype(jnp.float32)
       view = project_out(view, mem, mode)
       out.append(layout_lib.leaf_from_matrix(view, lay).astype(g.dtype))
-    return treedef.unflatten(out), state
+    return treedef.unflatten(out)
 
-  return optax.with_extra_args_support(
-      optax.GradientTransformation(init_fn, update_fn))
+  def update_fn(updates, state, params=None, **extra_args):
+    memory_leaves = protected_lib.check_memory(
+        state.memory, updates, dimension_numbers)
+    frozen = (_memory_in_use(memory_leaves) if unprotected == 'freeze'
+              else None)
+    inner_state = state.inner
+    if wrapped is not None:
+      updates = project(updates, memory_leaves, frozen)
+      updates, inner_state = wrapped.update(updates, inner_state, params,
+                                            **extra_args)
+    return (project(updates, memory_leaves, frozen),
+            state._replace(inner=inner_state))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -46,9 +46,11 @@ class ProtectedSubspace(NamedTuple):
 
 class OrthogonalState(NamedTuple):
   """State of :func:`orthogonal_to`: a :class:`ProtectedSubspace` per matrix
-  leaf, ``MaskedNode()`` for leaves that are not matrices."""
+  leaf (``MaskedNode()`` for leaves that are not matrices), and the state of
+  the wrapped ``inner`` optimizer (``optax.EmptyState()`` without one)."""
 
   memory: Any
+  inner: Any = optax.EmptyState()
 
 
 def is_masked(x) -> bool:
