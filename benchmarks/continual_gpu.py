@@ -251,11 +251,7 @@ def run(config: continual_lm.Config, methods: Sequence[str],
          f'{result["test_summary"]["average_loss"]:.3f}')
 
   return {
-      'config': dataclasses.asdict(config), 'tasks': domains.names,
-      'skipped_domains': domains.skipped,
-      'domain_bytes': {n: [len(domains.train[i]), len(domains.val[i]),
-                           len(domains.test[i])]
-                       for i, n in enumerate(domains.names)},
+      **continual_lm.report_header(config, domains),
       'methods_requested': list(methods), 'methods_run': list(results),
       'skipped': skipped,
       'budget': {'max_seconds': max_seconds, 'margin': MARGIN,

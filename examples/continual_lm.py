@@ -424,18 +424,24 @@ def defaults(config: Config) -> dict[str, dict[str, Any]]:
   return PRETRAINED_DEFAULTS if config.pretrain_steps > 0 else DEFAULTS
 
 
-def run(config: Config, methods: Sequence[str] = METHODS,
-        hyper: Optional[dict[str, dict[str, Any]]] = None) -> dict[str, Any]:
-  domains = load_domains(config)
-  hyper = {**defaults(config), **(hyper or {})}
+def report_header(config: Config, domains: Domains) -> dict[str, Any]:
+  """The config and the domains of a report (JSON-ready)."""
   return {
       'config': dataclasses.asdict(config), 'tasks': domains.names,
       'skipped_domains': domains.skipped,
       'domain_bytes': {n: [len(domains.train[i]), len(domains.val[i]),
                            len(domains.test[i])]
                        for i, n in enumerate(domains.names)},
-      'results': {m: run_method(m, hyper[m], domains, config) for m in methods},
   }
+
+
+def run(config: Config, methods: Sequence[str] = METHODS,
+        hyper: Optional[dict[str, dict[str, Any]]] = None) -> dict[str, Any]:
+  domains = load_domains(config)
+  hyper = {**defaults(config), **(hyper or {})}
+  return {**report_header(config, domains),
+          'results': {m: run_method(m, hyper[m], domains, config)
+                      for m in methods}}
 
 
 # ----------------------------------------------------------------------------

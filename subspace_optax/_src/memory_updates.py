@@ -93,9 +93,9 @@ def _grow(basis, count, candidates, candidate_count, tolerance):
   padded_size, k_p, c_p, j_p = (
       _bucket(size, 1), _bucket(k), _bucket(c), _bucket(j))
 
-  concrete = all(_concrete(x) is not None for x in (
+  on_host = all(concrete(x) is not None for x in (
       basis, count, candidates, candidate_count))
-  xp = np if concrete else jnp  # host padding compiles nothing
+  xp = np if on_host else jnp  # host padding compiles nothing
 
   def pad(x, tail, target_tail):
     x = xp.reshape(xp.asarray(x), (size,) + tail)
@@ -108,14 +108,14 @@ def _grow(basis, count, candidates, candidate_count, tolerance):
       pad(candidates, (k, j), (k_p, j_p)),
       pad(xp.broadcast_to(xp.asarray(candidate_count), batch), (), ()),
       tolerance, np.int32(c))
-  if concrete:
+  if on_host:
     grown, filled, wanted = (np.asarray(x) for x in (grown, filled, wanted))
   out = (grown[:size, :k, :c].reshape(basis.shape),
          filled[:size].reshape(batch), wanted[:size].reshape(batch))
   return tuple(jnp.asarray(x) for x in out)
 
 
-def _concrete(x) -> Optional[np.ndarray]:
+def concrete(x) -> Optional[np.ndarray]:
   try:
     return np.asarray(x)
   except (jax.errors.TracerArrayConversionError,
@@ -124,7 +124,7 @@ def _concrete(x) -> Optional[np.ndarray]:
 
 
 def _report_overflow(path, side, wanted, filled, capacity, on_overflow):
-  wanted, filled = _concrete(wanted), _concrete(filled)
+  wanted, filled = concrete(wanted), concrete(filled)
   if wanted is None or filled is None or not np.any(wanted > filled):
     return
   message = (

@@ -89,6 +89,12 @@ def project_out(view: jax.Array, memory: ProtectedSubspace, mode: str):
   return view
 
 
+def _host(x):
+  """``x`` as a numpy array when it is concrete (a tracer stays as it is)."""
+  concrete = memory_updates.concrete(x)
+  return x if concrete is None else concrete
+
+
 # Stands for the memory in the state template that optax.tree.map_params builds.
 _NOT_PARAMS = object()
 
@@ -212,7 +218,10 @@ def orthogonal_to(
         params, mode=mode, capacity=1.0 if capacity is None else capacity,
         dimension_numbers=dimension_numbers)
     if memory is not None:
-      state_memory = memory_updates.add_directions(state_memory, memory)
+      # A concrete memory goes in as host arrays: its own sharding (e.g. on
+      # an Auto mesh) must not meet the traced state's (state_shardings).
+      host = jax.tree.map(_host, memory)
+      state_memory = memory_updates.add_directions(state_memory, host)
     return OrthogonalState(memory=state_memory, inner=inner_state)
 
   def project(updates, memory_leaves, frozen):
