@@ -88,8 +88,9 @@ def layer_inputs(model, *args, layer_types: Sequence[type] = None,
 
   Args:
     model: a flax NNX module.
-    *args, **kwargs: its call's arguments (a calibration batch of the finished
-      task, e.g. a few thousand tokens or samples).
+    *args: the call's positional arguments (a calibration batch of the
+      finished task, e.g. a few thousand tokens or samples).
+    **kwargs: the call's keyword arguments.
     layer_types: the layer classes whose inputs to capture (default
       ``(nnx.Linear, nnx.Embed)``; subclasses are included).
 
