@@ -93,12 +93,15 @@ def _grow(basis, count, candidates, candidate_count, tolerance):
   padded_size, k_p, c_p, j_p = (
       _bucket(size, 1), _bucket(k), _bucket(c), _bucket(j))
 
-  on_host = all(concrete(x) is not None for x in (
+  on_host = all(_concrete(x) is not None for x in (
       basis, count, candidates, candidate_count))
   xp = np if on_host else jnp  # host padding compiles nothing
 
   def pad(x, tail, target_tail):
-    x = xp.reshape(xp.asarray(x), (size,) + tail)
+    # A concrete input beside traced ones goes in as a host array: its own
+    # sharding (e.g. on an Auto mesh) must not meet the trace's mesh.
+    host = _concrete(x)
+    x = xp.reshape(xp.asarray(x if host is None else host), (size,) + tail)
     widths = [(0, padded_size - size)] + [
         (0, t - s) for s, t in zip(tail, target_tail)]
     return xp.pad(x, widths)
@@ -115,7 +118,7 @@ def _grow(basis, count, candidates, candidate_count, tolerance):
   return tuple(jnp.asarray(x) for x in out)
 
 
-def concrete(x) -> Optional[np.ndarray]:
+def _concrete(x) -> Optional[np.ndarray]:
   try:
     return np.asarray(x)
   except (jax.errors.TracerArrayConversionError,
@@ -124,7 +127,7 @@ def concrete(x) -> Optional[np.ndarray]:
 
 
 def _report_overflow(path, side, wanted, filled, capacity, on_overflow):
-  wanted, filled = concrete(wanted), concrete(filled)
+  wanted, filled = _concrete(wanted), _concrete(filled)
   if wanted is None or filled is None or not np.any(wanted > filled):
     return
   message = (

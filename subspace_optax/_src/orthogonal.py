@@ -89,12 +89,6 @@ def project_out(view: jax.Array, memory: ProtectedSubspace, mode: str):
   return view
 
 
-def _host(x):
-  """``x`` as a numpy array when it is concrete (a tracer stays as it is)."""
-  concrete = memory_updates.concrete(x)
-  return x if concrete is None else concrete
-
-
 # Stands for the memory in the state template that optax.tree.map_params builds.
 _NOT_PARAMS = object()
 
@@ -218,10 +212,7 @@ def orthogonal_to(
         params, mode=mode, capacity=1.0 if capacity is None else capacity,
         dimension_numbers=dimension_numbers)
     if memory is not None:
-      # A concrete memory goes in as host arrays: its own sharding (e.g. on
-      # an Auto mesh) must not meet the traced state's (state_shardings).
-      host = jax.tree.map(_host, memory)
-      state_memory = memory_updates.add_directions(state_memory, host)
+      state_memory = memory_updates.add_directions(state_memory, memory)
     return OrthogonalState(memory=state_memory, inner=inner_state)
 
   def project(updates, memory_leaves, frozen):
@@ -230,7 +221,7 @@ def orthogonal_to(
     out = []
     for g, lay, mem in zip(leaves, layouts, memory_leaves):
       if lay is None:
-        out.append(g if frozen is None or g is None
+        out.append(g if frozen is None
                    else jnp.where(frozen, jnp.zeros_like(g), g))
         continue
       view = layout_lib.matrix_view(g, lay).astype(jnp.float32)
