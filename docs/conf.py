@@ -70,7 +70,7 @@ PUBLIC_MODULES = (
     'subspace_optax.refresh',
     'subspace_optax.transforms',
     'subspace_optax.continual',
-    'subspace_optax.memory',
+    'subspace_optax.state_sizes',
 )
 
 

@@ -198,7 +198,7 @@ def run_tasks(count: int, method: Method, params, opt_state, *,
 
 
 def loss_summary(matrix, baseline=None) -> dict[str, float]:
-  """Metrics of a loss matrix (``continual.summary`` of ``-L``, in nats)."""
+  """Metrics of a loss matrix (``continual.accuracy_summary`` of ``-L``, in nats)."""
   matrix = np.asarray(matrix, np.float64)
   out = {
       'average_loss': -continual.average_accuracy(-matrix),

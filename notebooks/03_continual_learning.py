@@ -273,7 +273,7 @@ def train_sequence(tx, boundary):
 results = {}
 for name, (tx, boundary) in methods.items():
   results[name] = train_sequence(tx, boundary)
-  summary = continual.summary(results[name]['matrix'])
+  summary = continual.accuracy_summary(results[name]['matrix'])
   print(f"{name:8s} average accuracy {summary['average_accuracy']:.3f}   "
         f"backward transfer {summary['backward_transfer']:+.3f}   "
         f"forgetting {summary['forgetting']:.3f}")
@@ -475,7 +475,7 @@ print(f"{'':24s}{'protected fraction':>21s}{'drift on task 0':>21s}"
       f"{'learned':>9s}{'ACC':>7s}{'BWT':>8s}")
 print(f"{'':24s}" + ' layer1 layer2   head' * 2)
 for label, run in runs.items():
-  summary = continual.summary(run['matrix'])
+  summary = continual.accuracy_summary(run['matrix'])
   print(f'{label:24s}' + ''.join(f'{v:7.2f}' for v in protected(run['states']))
         + ''.join(f'{v:7.3f}' for v in drift(run['states']))
         + f"{np.mean(np.diag(run['matrix'])):9.3f}"

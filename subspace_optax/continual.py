@@ -19,50 +19,51 @@ formula comes from.
 
 from subspace_optax._src import deprecation as _deprecation
 # Orthogonal updates and their memory.
-from subspace_optax._src.memory_updates import add_directions
-from subspace_optax._src.memory_updates import get_memory
-from subspace_optax._src.memory_updates import set_memory
-from subspace_optax._src.orthogonal import orthogonal_to
-from subspace_optax._src.orthogonal import project_out
-from subspace_optax._src.protected import empty_memory
-from subspace_optax._src.protected import OrthogonalState
-from subspace_optax._src.protected import protected_fraction
-from subspace_optax._src.protected import ProtectedSubspace
+from subspace_optax._src.continual.memory_updates import add_directions
+from subspace_optax._src.continual.memory_updates import get_memory
+from subspace_optax._src.continual.memory_updates import set_memory
+from subspace_optax._src.continual.orthogonal import orthogonal_to
+from subspace_optax._src.continual.orthogonal import project_out
+from subspace_optax._src.continual.protected import empty_memory
+from subspace_optax._src.continual.protected import OrthogonalState
+from subspace_optax._src.continual.protected import protected_fraction
+from subspace_optax._src.continual.protected import ProtectedSubspace
 # Memory builders (task boundaries).
-from subspace_optax._src.memories import activation_importance
-from subspace_optax._src.memories import gpm_memory
-from subspace_optax._src.memories import gradient_memory
-from subspace_optax._src.memories import RankClampedWarning
-from subspace_optax._src.memories import released_rank
-from subspace_optax._src.capture import layer_inputs
-from subspace_optax._src.memories import sculpt_memory
+from subspace_optax._src.continual.sculpt_memory import activation_importance
+from subspace_optax._src.continual.gpm_memory import gpm_memory
+from subspace_optax._src.continual.gpm_memory import gradient_memory
+from subspace_optax._src.continual.sculpt_memory import RankClampedWarning
+from subspace_optax._src.continual.sculpt_memory import released_rank
+from subspace_optax._src.continual.capture import layer_inputs
+from subspace_optax._src.continual.sculpt_memory import sculpt_memory
 # Presets.
-from subspace_optax._src.continual import gpm
-from subspace_optax._src.continual import gpm_ewc
-from subspace_optax._src.continual import sculpt
-from subspace_optax._src.continual import sculpt_capacity
+from subspace_optax._src.continual.presets import gpm
+from subspace_optax._src.continual.presets import gpm_ewc
+from subspace_optax._src.continual.presets import sculpt
+from subspace_optax._src.continual.presets import sculpt_capacity
 # Baselines and schedules.
-from subspace_optax._src.regularizers import AnchorState
-from subspace_optax._src.regularizers import consolidate_ewc
-from subspace_optax._src.regularizers import ewc
-from subspace_optax._src.regularizers import EwcState
-from subspace_optax._src.regularizers import fisher_diagonal
-from subspace_optax._src.regularizers import l2_to_anchor
-from subspace_optax._src.regularizers import rewarm_schedule
+from subspace_optax._src.continual.regularizers import AnchorState
+from subspace_optax._src.continual.regularizers import consolidate_ewc
+from subspace_optax._src.continual.regularizers import ewc
+from subspace_optax._src.continual.regularizers import EwcState
+from subspace_optax._src.continual.regularizers import fisher_diagonal
+from subspace_optax._src.continual.regularizers import l2_to_anchor
+from subspace_optax._src.continual.regularizers import rewarm_schedule
 # Metrics.
-from subspace_optax._src.metrics import accuracy_matrix
-from subspace_optax._src.metrics import average_accuracy
-from subspace_optax._src.metrics import backward_transfer
-from subspace_optax._src.metrics import forgetting
-from subspace_optax._src.metrics import forward_transfer
-from subspace_optax._src.metrics import record
-from subspace_optax._src.metrics import summary
+from subspace_optax._src.continual.metrics import accuracy_matrix
+from subspace_optax._src.continual.metrics import average_accuracy
+from subspace_optax._src.continual.metrics import backward_transfer
+from subspace_optax._src.continual.metrics import forgetting
+from subspace_optax._src.continual.metrics import forward_transfer
+from subspace_optax._src.continual.metrics import record
+from subspace_optax._src.continual.metrics import accuracy_summary
 
 __all__ = (
     'accuracy_matrix',
     'activation_importance',
     'add_directions',
     'AnchorState',
+    'accuracy_summary',
     'average_accuracy',
     'backward_transfer',
     'consolidate_ewc',
@@ -92,12 +93,9 @@ __all__ = (
     'sculpt_capacity',
     'sculpt_memory',
     'set_memory',
-    'summary',
 )
 
-# Internals that left the public namespace in 0.2.0 (removed in the next one).
-__getattr__ = _deprecation.moved_attributes('subspace_optax.continual', {
-    'check_memory': 'subspace_optax._src.protected',
-    'clear': 'subspace_optax._src.protected',
-    'MODES': 'subspace_optax._src.protected',
+# Renamed before the first release; the old name warns, and goes in 0.2.0.
+__getattr__ = _deprecation.renamed_attributes('subspace_optax.continual', {
+    'summary': 'subspace_optax.continual:accuracy_summary',
 })

@@ -9,16 +9,16 @@ before the sign as in Online Subspace Descent, AdamP's Nesterov Adam), for
 composing a method from the same parts.
 """
 
-from subspace_optax._src.adam import scale_by_torch_adam
-from subspace_optax._src.adam import ScaleByTorchAdamState
-from subspace_optax._src.bias_correction import scale_by_adam_moments
-from subspace_optax._src.bias_correction import scale_by_bias_correction
-from subspace_optax._src.bias_correction import ScaleByAdamMomentsState
-from subspace_optax._src.bias_correction import ScaleByBiasCorrectionState
-from subspace_optax._src.frugal import scale_by_resettable_adam
-from subspace_optax._src.frugal import ScaleByResettableAdamState
-from subspace_optax._src.online_pca import scale_by_lion_momentum
-from subspace_optax._src.radial import scale_by_torch_nesterov_adam
+from subspace_optax._src.transforms.adam import scale_by_torch_adam
+from subspace_optax._src.transforms.adam import ScaleByTorchAdamState
+from subspace_optax._src.transforms.adam import scale_by_adam_moments
+from subspace_optax._src.transforms.adam import scale_by_bias_correction
+from subspace_optax._src.transforms.adam import ScaleByAdamMomentsState
+from subspace_optax._src.transforms.adam import ScaleByBiasCorrectionState
+from subspace_optax._src.transforms.adam import scale_by_resettable_adam
+from subspace_optax._src.transforms.adam import ScaleByResettableAdamState
+from subspace_optax._src.transforms.lion import scale_by_lion_momentum
+from subspace_optax._src.transforms.adam import scale_by_torch_nesterov_adam
 
 __all__ = (
     'scale_by_adam_moments',

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import subspace_optax as so
-from subspace_optax._src import adam
+from subspace_optax._src.transforms import adam
 
 B1, B2, EPS = 0.8, 0.95, 1e-3
 STEPS = 4

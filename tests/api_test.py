@@ -1,7 +1,7 @@
 """The public namespace and the presets' signatures.
 
-One curated name per object (``__all__`` everywhere), the renamed and moved
-names of 0.2.0 still working with a ``DeprecationWarning``, keyword-only
+One curated name per object (``__all__`` everywhere), the two names renamed
+before the first release still working with a ``DeprecationWarning``, keyword-only
 arguments after ``learning_rate`` and ``rank``, one name (``refresh``, ``mask``)
 per concept, static arguments declared once, and error messages that name real
 arguments.
@@ -21,7 +21,7 @@ import pytest
 import registry
 import subspace_optax as so
 
-MODULES = (so, so.bases, so.continual, so.memory, so.refresh, so.transforms)
+MODULES = (so, so.bases, so.continual, so.state_sizes, so.refresh, so.transforms)
 
 PARAMS = {'w': jnp.arange(48.0).reshape(8, 6) / 48.0, 'b': jnp.ones(6)}
 
@@ -97,8 +97,8 @@ def test_reference_adam_variants_live_in_transforms():
 def test_memory_formulas_live_in_memory():
   assert not [name for name in so.__all__ if name.endswith('_bytes')
               and name != 'state_bytes']
-  assert 'state_bytes' not in so.memory.__all__
-  assert so.memory.galore_bytes(PARAMS, 2) == so.state_bytes(
+  assert 'state_bytes' not in so.state_sizes.__all__
+  assert so.state_sizes.galore_bytes(PARAMS, 2) == so.state_bytes(
       so.galore(1e-3, 2).init(PARAMS))
 
 
@@ -113,69 +113,20 @@ def test_public_names_import_without_warnings():
 # ----------------------------------------------------- deprecated names
 
 
-def _moved():
-  """``(module, old name, new module)`` for every name moved in 0.2.0."""
-  moves = [(so, name, target) for name, target in so._MOVED.items()]
-  internal = {
-      so.bases: ('resolve',), so.refresh: ('resolve',),
-      so.continual: ('MODES', 'check_memory', 'clear')}
-  for module, names in internal.items():
-    for name in names:
-      moves.append((module, name, None))
-  return moves
-
-
-@pytest.mark.parametrize(
-    'module,name,target', _moved(),
-    ids=lambda x: x if isinstance(x, str) else getattr(x, '__name__', ''))
-def test_moved_names_warn_and_still_work(module, name, target):
-  advice = f'use {target}.{name}' if target else 'internal'
-  with pytest.warns(DeprecationWarning, match=re.escape(advice)):
-    value = getattr(module, name)
-  if target:
-    assert value is getattr(__import__(target, fromlist=[name]), name)
-  assert name not in module.__all__
+@pytest.mark.parametrize('module,old,new', [
+    (so, 'memory', 'state_sizes'),
+    (so.continual, 'summary', 'accuracy_summary'),
+])
+def test_renamed_names_warn_and_still_work(module, old, new):
+  with pytest.warns(DeprecationWarning, match=re.escape(f'use {module.__name__}.{new}')):
+    value = getattr(module, old)
+  assert value is getattr(module, new)
+  assert old not in module.__all__
 
 
 def test_unknown_attribute_is_still_an_attribute_error():
   with pytest.raises(AttributeError, match='no_such_name'):
     so.no_such_name  # pylint: disable=pointless-statement
-
-
-def _renamed_presets():
-  return [name for name, (factory, _) in PRESETS.items()
-          if getattr(factory, 'renamed_arguments', None)]
-
-
-@pytest.mark.parametrize('name', _renamed_presets())
-def test_renamed_arguments_warn_and_pass_the_value_on(name):
-  factory, kwargs = PRESETS[name]
-  for old, new in factory.renamed_arguments.items():
-    value = 7 if new == 'refresh' else {'w': False, 'b': True}
-    with pytest.warns(DeprecationWarning,
-                      match=f'`{old}` is deprecated.*use `{new}`'):
-      old_tx = factory(1e-3, **kwargs, weight_decay=0.5, **{old: value})
-    new_tx = factory(1e-3, **kwargs, weight_decay=0.5, **{new: value})
-    old_out = old_tx.update(PARAMS, old_tx.init(PARAMS), PARAMS)
-    new_out = new_tx.update(PARAMS, new_tx.init(PARAMS), PARAMS)
-    for a, b in zip(jax.tree.leaves(old_out), jax.tree.leaves(new_out)):
-      np.testing.assert_array_equal(a, b)
-    with pytest.raises(TypeError, match=f'both `{old}` and `{new}`'):
-      factory(1e-3, **kwargs, **{old: value, new: value})
-
-
-def test_the_renamed_mask_still_masks():
-  """The old ``weight_decay_mask`` reaches the decay (it is not dropped)."""
-  masked = {'w': False, 'b': True}
-  with pytest.warns(DeprecationWarning):
-    old = so.galore(1.0, 2, weight_decay=0.5, weight_decay_mask=masked)
-  plain = so.galore(1.0, 2, weight_decay=0.5)
-  zero = jax.tree.map(jnp.zeros_like, PARAMS)
-  old_updates, _ = old.update(zero, old.init(PARAMS), PARAMS)
-  plain_updates, _ = plain.update(zero, plain.init(PARAMS), PARAMS)
-  np.testing.assert_allclose(old_updates['w'], 0.0)
-  np.testing.assert_allclose(plain_updates['w'], -0.5 * PARAMS['w'])
-  np.testing.assert_allclose(old_updates['b'], plain_updates['b'])
 
 
 # ------------------------------------------------------------ signatures

@@ -94,12 +94,12 @@ def test_state_is_low_rank_moments_plus_scalars():
   for rank, tx in ((4, so.apollo(1e-3, rank=4, dimension_numbers=dims)),
                    (1, so.apollo_mini(1e-3, dimension_numbers=dims))):
     state = tx.init(params)
-    expected = so.memory.apollo_bytes(params, rank, dimension_numbers=dims)
+    expected = so.state_sizes.apollo_bytes(params, rank, dimension_numbers=dims)
     assert so.state_bytes(state) == expected
     assert so.state_bytes(state[0].basis) == 3 * 4  # one seed per matrix
     moments = 2 * 4 * rank * (40 + 2 * 14) + 2 * 4 * 16
     # + pipeline and bias-correction counts, refresh schedules, limiters.
     assert expected == moments + 2 * 4 + 2 * 2 * 4 + 3 * 4 + 3 * 4
   dense = so.apollo(1e-3, rank=4, basis='gaussian', dimension_numbers=dims)
-  assert so.state_bytes(dense.init(params)) == so.memory.apollo_bytes(
+  assert so.state_bytes(dense.init(params)) == so.state_sizes.apollo_bytes(
       params, 4, basis='gaussian', dimension_numbers=dims)

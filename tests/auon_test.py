@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import subspace_optax as so
-from subspace_optax._src import auon as auon_lib
+from subspace_optax._src.transforms import auon as auon_lib
 
 
 def _numpy_newton_schulz_step(x):
@@ -102,4 +102,4 @@ def test_auon_alias_scales_by_aspect_ratio_and_routes_vectors_to_adamw():
   np.testing.assert_allclose(norm(u['tall']), 0.1 / _numpy_brake(x, 1.0),
                              rtol=1e-5)
   np.testing.assert_allclose(np.abs(u['b']), 0.1, rtol=1e-4)  # Adam's 1st step
-  assert so.state_bytes(state) == so.memory.auon_bytes(params)
+  assert so.state_bytes(state) == so.state_sizes.auon_bytes(params)

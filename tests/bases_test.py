@@ -11,7 +11,7 @@ import pytest
 
 import spectra
 from subspace_optax import bases
-from subspace_optax._src import bases as bases_lib
+from subspace_optax._src.bases import registry
 
 K, L, RANK = 12, 7, 3
 DRAWS = 2000
@@ -31,9 +31,9 @@ def _draws(method, k=K, rank=RANK, count=DRAWS, align=False):
   return jax.jit(refresh)(keys)
 
 
-RANDOM_ORTHONORMAL = bases_lib.resolve('random_orthonormal')
-GAUSSIAN = bases_lib.resolve('gaussian')
-RANDOM_COLUMNS = bases_lib.resolve('random_columns')
+RANDOM_ORTHONORMAL = registry.resolve('random_orthonormal')
+GAUSSIAN = registry.resolve('gaussian')
+RANDOM_COLUMNS = registry.resolve('random_columns')
 
 
 # --------------------------------------------------------- dense operations

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import subspace_optax as so
-from subspace_optax._src import dct as dct_lib
+from subspace_optax._src.bases import dct as dct_lib
 
 
 def test_dct_matrix_is_orthonormal_and_matches_the_fast_transforms():
@@ -89,7 +89,7 @@ def test_dct_adamw_state_bytes_match_the_analytic_size():
   basis_leaves = jax.tree.leaves(state[0].basis)
   assert {leaf.dtype for leaf in basis_leaves} == {jnp.dtype(jnp.int32)}
   assert {leaf.shape for leaf in basis_leaves} == {(4,), (2, 4)}
-  assert so.state_bytes(state) == so.memory.dct_adamw_bytes(
+  assert so.state_bytes(state) == so.state_sizes.dct_adamw_bytes(
       params, 4, dimension_numbers=so.last_two_axes, side='compact')
 
 

@@ -16,7 +16,8 @@ import pytest
 
 import registry
 import subspace_optax as so
-from subspace_optax._src import bases as bases_lib
+from subspace_optax._src.bases import base as bases_lib
+from subspace_optax._src.bases import singular
 
 PARAMS = {'w': jnp.ones((8, 6)), 'stack': jnp.ones((2, 5, 9)), 'b': jnp.ones(4)}
 
@@ -61,7 +62,7 @@ def test_rank_above_matrix_size_is_clamped():
   state = jax.eval_shape(_low_rank(rank=100).init, PARAMS)
   assert state.basis['w'].shape == (8, 6)  # k = 8 rows, rank min(8, 6)
   assert state.basis['stack'].shape == (2, 9, 5)  # per layer: k = 9, rank 5
-  galore_bytes = so.memory.galore_bytes
+  galore_bytes = so.state_sizes.galore_bytes
   assert galore_bytes(PARAMS, 100, dimension_numbers=so.last_two_axes) == (
       galore_bytes(PARAMS, 1.0, dimension_numbers=so.last_two_axes))
 
@@ -142,7 +143,7 @@ def test_unknown_names_list_the_choices():
 
 
 def test_transport_needs_a_transition():
-  method = bases_lib.svd()._replace(name='no_transition', transition=None)
+  method = singular.svd()._replace(name='no_transition', transition=None)
   with _raises(ValueError, "on_refresh='transport'", 'no_transition', 'keep'):
     _low_rank(basis=method, on_refresh='transport')
 
@@ -268,7 +269,7 @@ def test_protected_memory_that_does_not_fit_names_the_leaf():
 
 def _nan_basis_method(trigger: float):
   """An SVD basis that returns NaN when the gradient's first entry > trigger."""
-  svd = bases_lib.svd()
+  svd = singular.svd()
 
   def refresh(g, old, key, align):
     new = svd.refresh(g, old, key, align)
@@ -299,7 +300,7 @@ def test_a_basis_method_that_returns_nan_is_ignored():
 def test_randomized_basis_does_not_depend_on_gradient_scale(magnitude):
   """Extreme but finite gradients give the same subspace (no under/overflow)."""
   g = jax.random.normal(jax.random.key(1), (12, 9))
-  method = bases_lib.randomized()
+  method = singular.randomized()
   key = jax.random.key(2)
   old = bases_lib.dense_init(12, 9, 3)
   unit = method.refresh(g, old, key, True)

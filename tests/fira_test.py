@@ -135,11 +135,11 @@ def test_fira_state_bytes_equal_analytic_size():
             'b': jnp.ones((16,))}
   tx = so.fira(1e-3, rank=4, dimension_numbers=so.last_two_axes)
   state = tx.init(params)
-  expected = so.memory.fira_bytes(params, 4, dimension_numbers=so.last_two_axes)
+  expected = so.state_sizes.fira_bytes(params, 4, dimension_numbers=so.last_two_axes)
   assert so.state_bytes(state) == expected
   # GaLore's state plus one limiter scalar per matrix (3) and Adam's count
   # moved to the bias correction.
-  assert expected == so.memory.galore_bytes(
+  assert expected == so.state_sizes.galore_bytes(
       params, 4, side='reference', dimension_numbers=so.last_two_axes) + 3 * 4
   limiter = state[0].residual_state[1]
   assert jax.tree.map(jnp.shape, limiter.norm) == {

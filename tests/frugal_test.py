@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import subspace_optax as so
-from subspace_optax._src import layout as layout_lib
+from subspace_optax._src.pipeline import layout as layout_lib
 
 DIMS = so.last_two_axes
 
@@ -81,7 +81,7 @@ def test_state_bytes_equal_analytic_size(basis):
   rank = 0.5 if basis == 'blocks' else 0.25
   state = so.frugal(1e-3, rank=rank, basis=basis,
                     dimension_numbers=DIMS).init(params)
-  assert so.state_bytes(state) == so.memory.frugal_bytes(
+  assert so.state_bytes(state) == so.state_sizes.frugal_bytes(
       params, rank, basis=basis, dimension_numbers=DIMS)
   inner = state[0].inner_state
   if basis == 'blocks':  # all-or-nothing: full-size moments (documented)

@@ -67,4 +67,4 @@ def test_sampling_frequencies_follow_the_singular_values():
 def test_i3s_state_bytes_match_galore_bytes():
   params = {'w': jnp.zeros((20, 12)), 'b': jnp.zeros((12,))}
   state = jax.eval_shape(so.i3s(1e-3, rank=4).init, params)
-  assert so.state_bytes(state) == so.memory.galore_bytes(params, 4)
+  assert so.state_bytes(state) == so.state_sizes.galore_bytes(params, 4)

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import subspace_optax as so
-from subspace_optax._src import layout as layout_lib
+from subspace_optax._src.pipeline import layout as layout_lib
 
 # A Flax kernel is (in, out): the reduction axis (rows) is the input side.
 SQUARE, TALL, WIDE = (5, 5), (7, 4), (3, 6)

@@ -9,8 +9,10 @@ import optax
 import pytest
 
 import subspace_optax as so
-from subspace_optax._src import bases as bases_lib
-from subspace_optax._src import layout as layout_lib
+from subspace_optax._src.bases import base as bases_lib
+from subspace_optax._src.bases import registry
+from subspace_optax._src.bases import singular
+from subspace_optax._src.pipeline import layout as layout_lib
 
 
 def _params():
@@ -99,14 +101,14 @@ def test_state_bytes_equal_analytic_size():
   for side in ('compact', 'reference'):
     tx = so.galore(1e-3, rank=4, side=side, dimension_numbers=so.last_two_axes)
     state = tx.init(params)
-    expected = so.memory.galore_bytes(params, 4, side=side,
+    expected = so.state_sizes.galore_bytes(params, 4, side=side,
                                dimension_numbers=so.last_two_axes)
     assert so.state_bytes(state) == expected
     assert so.state_bytes(jax.eval_shape(tx.init, params)) == expected
   # The compact side holds strictly smaller moments than the reference side.
-  assert so.memory.galore_bytes(
+  assert so.state_sizes.galore_bytes(
       params, 4, side='compact', dimension_numbers=so.last_two_axes) < (
-          so.memory.galore_bytes(params, 4, side='reference',
+          so.state_sizes.galore_bytes(params, 4, side='reference',
                                  dimension_numbers=so.last_two_axes))
 
 
@@ -199,7 +201,7 @@ def test_sign_alignment_makes_updates_independent_of_svd_sign_convention():
   differences = {}
   for align in (False, True):
     runs = []
-    for basis in (bases_lib.svd(), _flip_signs_svd()):
+    for basis in (singular.svd(), _flip_signs_svd()):
       tx = so.low_rank(optax.scale_by_adam(), rank=3, refresh=3, basis=basis,
                        align_signs=align, side='compact')
       outs, _ = _run(tx, params, 8)
@@ -373,8 +375,8 @@ def test_no_deprecation_warning_on_abstract_params():
 
 
 def test_every_built_in_basis_name_resolves_and_errors_list_them():
-  for name in bases_lib.BUILT_IN:
-    method = bases_lib.resolve(name)
+  for name in registry.BUILT_IN:
+    method = registry.resolve(name)
     assert method.name == name
     blocks = name == 'blocks'  # its coefficients are the whole matrix
     tx = so.low_rank(optax.scale_by_adam(), rank=1.0 if blocks else 2,
@@ -384,5 +386,5 @@ def test_every_built_in_basis_name_resolves_and_errors_list_them():
     assert bool(jnp.all(jnp.isfinite(u['w'])))
   with pytest.raises(ValueError) as error:
     so.low_rank(optax.scale_by_adam(), rank=2, basis='nope', side='compact')
-  for name in bases_lib.BUILT_IN:
+  for name in registry.BUILT_IN:
     assert name in str(error.value)

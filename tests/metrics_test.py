@@ -24,7 +24,7 @@ def test_average_accuracy_and_transfers():
   assert cl.forward_transfer(matrix, baseline) == pytest.approx(
       ((0.2 - 0.1) + (0.3 - 0.1)) / 2)
   assert cl.forgetting(matrix) == pytest.approx(((0.9 - 0.6) + (0.8 - 0.75)) / 2)
-  summary = cl.summary(matrix, baseline)
+  summary = cl.accuracy_summary(matrix, baseline)
   assert set(summary) == {'average_accuracy', 'backward_transfer', 'forgetting',
                           'forward_transfer'}
 

@@ -9,8 +9,8 @@ import pytest
 
 import registry
 import subspace_optax as so
-from subspace_optax._src import moments
-from subspace_optax._src import quantized_moments
+from subspace_optax._src.transforms import moments
+from subspace_optax._src.transforms import quantized_moments
 
 # State fields that hold floats but are not optimizer moments: bases,
 # anchors, memories, limiter norms, quantization scales, refresh statistics.

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import subspace_optax as so
-from subspace_optax._src import online_pca
+from subspace_optax._src.bases import online_pca as online_pca_lib
 
 # What an SVD or a symmetric eigendecomposition lowers to (jaxpr primitives,
 # LAPACK/cuSOLVER custom calls).
@@ -52,7 +52,7 @@ def test_closed_form_gradient_matches_autodiff():
     return jnp.sum(e * e) + weight * jnp.sum(d * d)
 
   closed, autodiff = jax.jit(lambda p: (
-      online_pca.online_pca_gradient(p, g, weight), jax.grad(loss)(p)))(p)
+      online_pca_lib.online_pca_gradient(p, g, weight), jax.grad(loss)(p)))(p)
   np.testing.assert_allclose(closed, autodiff, rtol=1e-4, atol=1e-5)
 
 
@@ -215,7 +215,7 @@ def test_state_bytes_match_the_analytic_size(inner, basis_optimizer, lagged):
       1e-3, rank=4, inner=inner, basis_optimizer=basis_optimizer,
       lagged=lagged, dimension_numbers=so.last_two_axes, side='compact')
   state = jax.eval_shape(tx.init, params)
-  assert so.state_bytes(state) == so.memory.online_subspace_descent_bytes(
+  assert so.state_bytes(state) == so.state_sizes.online_subspace_descent_bytes(
       params, 4, inner=inner, basis_optimizer=basis_optimizer, lagged=lagged,
       dimension_numbers=so.last_two_axes, side='compact')
 

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import subspace_optax as so
-from subspace_optax._src import protected
+from subspace_optax._src.continual import protected
 from subspace_optax import continual as cl
 
 

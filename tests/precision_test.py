@@ -7,8 +7,9 @@ import optax
 import pytest
 
 import subspace_optax as so
-from subspace_optax._src import bases as bases_lib
-from subspace_optax._src import precision as precision_lib
+from subspace_optax._src.bases import base as bases_lib
+from subspace_optax._src.bases import singular
+from subspace_optax._src.pipeline import precision as precision_lib
 
 BF16 = jnp.bfloat16
 # bfloat16 keeps 8 bits of mantissa: relative rounding 2⁻⁹ ≈ 2e-3.
@@ -145,7 +146,7 @@ def test_bf16_basis_is_stored_in_bf16_and_spans_the_top_subspace(basis):
 
 def test_bf16_basis_refresh_aligns_signs_and_transitions_in_float32():
   g, _ = _gapped_gradient()
-  method = precision_lib.with_precision(bases_lib.svd(), basis_dtype=BF16)
+  method = precision_lib.with_precision(singular.svd(), basis_dtype=BF16)
   fresh = method.refresh(g, method.init(16, 8, 2), jax.random.key(0), False)
   old = -fresh  # the same subspace, every column flipped
   new = method.refresh(g, old, jax.random.key(0), True)
@@ -196,15 +197,15 @@ def test_state_bytes_of_bf16_galore_match_the_formula():
   f32_entries = 2 * 6 + 3 * 2 * 4 + 6
   expected = 2 * bf16_entries + 4 * f32_entries + 2 * 8 + 2 * 4
   assert measured == expected
-  assert so.memory.galore_bytes(
+  assert so.state_sizes.galore_bytes(
       params, 2, dimension_numbers=dimension_numbers, mu_bytes=2,
       basis_bytes=2, side='compact') == expected
 
 
 @pytest.mark.parametrize('factory, formula, options', [
-    (so.fira, so.memory.fira_bytes, {}),
-    (so.frugal, so.memory.frugal_bytes, {}),
-    (so.frugal, so.memory.frugal_bytes, {'basis': 'columns'}),
+    (so.fira, so.state_sizes.fira_bytes, {}),
+    (so.frugal, so.state_sizes.frugal_bytes, {}),
+    (so.frugal, so.state_sizes.frugal_bytes, {'basis': 'columns'}),
 ])
 def test_state_bytes_of_bf16_fira_and_frugal_match_their_formulas(
     factory, formula, options):

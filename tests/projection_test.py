@@ -9,7 +9,7 @@ import pytest
 
 import spectra
 import subspace_optax as so
-from subspace_optax._src import bases as bases_lib
+from subspace_optax._src.bases import registry
 
 RANK = 2
 SHAPE = (9, 5)  # rows > columns
@@ -63,7 +63,7 @@ def test_unprojected_update_is_q_times_the_inner_update(basis):
   g = _gradient(2)
   tx = so.low_rank(optax.scale_by_adam(), rank=RANK, basis=basis, scale=0.5, side='compact')
   out, state = _step(tx, g)
-  method = bases_lib.resolve(basis)
+  method = registry.resolve(basis)
   q = np.asarray(method.unproject(jnp.eye(RANK, dtype=jnp.float32),
                                   state.basis['w']), np.float64)  # Q itself
   c = q.T @ np.asarray(g)

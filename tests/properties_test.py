@@ -23,7 +23,7 @@ import optax
 import pytest
 
 import subspace_optax as so
-from subspace_optax._src import layout as layout_lib
+from subspace_optax._src.pipeline import layout as layout_lib
 
 SETTINGS = dict(deadline=None, derandomize=True, print_blob=True,
                 suppress_health_check=list(hypothesis.HealthCheck))
@@ -157,35 +157,35 @@ def _formulas():
   formulas = {
       'galore': (lambda r, s, d: so.galore(1e-3, rank=r, side=s,
                                            dimension_numbers=d),
-                 lambda p, r, s, d: so.memory.galore_bytes(
+                 lambda p, r, s, d: so.state_sizes.galore_bytes(
                      p, r, side=s, dimension_numbers=d)),
       'dct_adamw': (lambda r, s, d: so.dct_adamw(1e-3, rank=r, side=s,
                                                  dimension_numbers=d),
-                    lambda p, r, s, d: so.memory.dct_adamw_bytes(
+                    lambda p, r, s, d: so.state_sizes.dct_adamw_bytes(
                         p, r, side=s, dimension_numbers=d)),
       'fira': (lambda r, s, d: so.fira(1e-3, rank=r, side=s, dimension_numbers=d),
-               lambda p, r, s, d: so.memory.fira_bytes(p, r, side=s,
+               lambda p, r, s, d: so.state_sizes.fira_bytes(p, r, side=s,
                                                 dimension_numbers=d)),
       'frugal': (lambda r, s, d: so.frugal(1e-3, rank=r, side=s,
                                            dimension_numbers=d),
-                 lambda p, r, s, d: so.memory.frugal_bytes(p, r, side=s,
+                 lambda p, r, s, d: so.state_sizes.frugal_bytes(p, r, side=s,
                                                     dimension_numbers=d)),
       'apollo': (lambda r, s, d: so.apollo(1e-3, rank=r, side=s,
                                            dimension_numbers=d),
-                 lambda p, r, s, d: so.memory.apollo_bytes(p, r, side=s,
+                 lambda p, r, s, d: so.state_sizes.apollo_bytes(p, r, side=s,
                                                     dimension_numbers=d)),
       'q_galore': (lambda r, s, d: so.q_galore(1e-3, rank=r, side=s,
                                                dimension_numbers=d),
-                   lambda p, r, s, d: so.memory.q_galore_bytes(p, r, side=s,
+                   lambda p, r, s, d: so.state_sizes.q_galore_bytes(p, r, side=s,
                                                         dimension_numbers=d)),
       'online_subspace_descent': (
           lambda r, s, d: so.online_subspace_descent(
               1e-3, rank=r, side=s, dimension_numbers=d),
-          lambda p, r, s, d: so.memory.online_subspace_descent_bytes(
+          lambda p, r, s, d: so.state_sizes.online_subspace_descent_bytes(
               p, r, side=s, dimension_numbers=d)),
       'adamp': (lambda r, s, d: so.adamp(1e-3),
-                lambda p, r, s, d: so.memory.adamp_bytes(p)),
-      'auon': (lambda r, s, d: so.auon(1e-3), lambda p, r, s, d: so.memory.auon_bytes(p)),
+                lambda p, r, s, d: so.state_sizes.adamp_bytes(p)),
+      'auon': (lambda r, s, d: so.auon(1e-3), lambda p, r, s, d: so.state_sizes.auon_bytes(p)),
   }
   return [(name, make, formula)
           for name, (make, formula) in formulas.items()]

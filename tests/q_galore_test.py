@@ -68,7 +68,7 @@ def test_state_bytes_shrink_with_bits():
                      dimension_numbers=dims, side='compact')
     state = jax.eval_shape(tx.init, params)
     sizes[bits] = so.state_bytes(state)
-    assert sizes[bits] == so.memory.q_galore_bytes(
+    assert sizes[bits] == so.state_sizes.q_galore_bytes(
         params, 4, bits=bits, group_size=32, dimension_numbers=dims, side='compact')
     codes = [b.codes for b in jax.tree.leaves(
         state[0].basis, is_leaf=lambda x: isinstance(x, so.QuantizedMatrix))]
@@ -79,7 +79,7 @@ def test_state_bytes_shrink_with_bits():
       codes8 = sum(np.prod(c.shape) for c in codes)
   assert codes4 * 2 == codes8  # int4 codes take half the bytes of int8
   assert sizes[8] - sizes[4] == codes8 - codes4
-  galore = so.memory.galore_bytes(params, 4, dimension_numbers=dims, side='compact')
+  galore = so.state_sizes.galore_bytes(params, 4, dimension_numbers=dims, side='compact')
   assert sizes[4] < galore
 
 

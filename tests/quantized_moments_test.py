@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import subspace_optax as so
-from subspace_optax._src import quantized_moments as qm
+from subspace_optax._src.transforms import quantized_moments as qm
 
 
 @pytest.mark.parametrize('signed', [True, False])
@@ -137,7 +137,7 @@ def test_8_bit_moments_shrink_galore_and_q_galore_states():
   q_galore32 = size(so.q_galore(1e-3, rank=0.25, eight_bit_moments=False, side='compact'))
   assert galore8 < 0.16 and galore32 - galore8 > 0.07
   assert q_galore8 <= 0.05 and q_galore32 > 2.5 * q_galore8
-  assert so.memory.q_galore_bytes(params, rank=0.25, side='compact') == q_galore8 * adamw
+  assert so.state_sizes.q_galore_bytes(params, rank=0.25, side='compact') == q_galore8 * adamw
 
 
 def test_update_close_to_float32_adam_and_traced_once():

@@ -141,4 +141,4 @@ def test_vectors_pass_through_and_params_are_required():
 def test_adamp_state_bytes_match_the_analytic_size():
   params = {'w': jnp.zeros((6, 4)), 'b': jnp.zeros((4,))}
   state = jax.eval_shape(so.adamp(1e-3).init, params)
-  assert so.state_bytes(state) == so.memory.adamp_bytes(params)
+  assert so.state_bytes(state) == so.state_sizes.adamp_bytes(params)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import subspace_optax as so
-from subspace_optax._src import bases as bases_lib
+from subspace_optax._src.bases import registry
 
 
 def _params():
@@ -79,9 +79,9 @@ def test_golore_state_bytes_match_galore_bytes():
   params = {'w': jnp.zeros((20, 12)), 'v': jnp.zeros((6, 14)),
             'b': jnp.zeros((12,))}
   state = jax.eval_shape(so.golore(1e-3, rank=4).init, params)
-  assert so.state_bytes(state) == so.memory.galore_bytes(params, 4)
+  assert so.state_bytes(state) == so.state_sizes.galore_bytes(params, 4)
 
 
 @pytest.mark.parametrize('name', ['random_orthonormal', 'gaussian'])
 def test_bases_are_registered_by_name(name):
-  assert bases_lib.resolve(name).name == name
+  assert registry.resolve(name).name == name

@@ -226,7 +226,7 @@ NAMES = sorted(REGISTRY)
 # through them; residual stages need the pipeline's extra args).
 NOT_METHODS = frozenset({
     # Layout, memory and tools on states.
-    'last_two_axes', 'conv_kernels', 'summary', 'FullSizeWarning',
+    'last_two_axes', 'conv_kernels', 'summary', 'accuracy_summary', 'FullSizeWarning',
     'state_bytes', 'check_compatible', 'state_shardings', 'static_args',
     # Functions on arrays, states and schedules.
     'dequantize', 'quantize', 'stochastic_round', 'refactorize',

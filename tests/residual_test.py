@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import subspace_optax as so
-from subspace_optax._src import residual as residual_lib
+from subspace_optax._src.pipeline import residual as residual_lib
 
 RANK = 2
 

@@ -32,7 +32,7 @@ def test_galore_leaves_have_their_analytic_sizes():
   # Everything is attributed: leaves + step counts = the whole state.
   assert report.state_bytes == so.state_bytes(
       jax.eval_shape(tx.init, PARAMS))
-  assert report.state_bytes == so.memory.galore_bytes(
+  assert report.state_bytes == so.state_sizes.galore_bytes(
       PARAMS, r, dimension_numbers=so.last_two_axes, side='compact')
   assert report.other_bytes == 8  # the pipeline's and Adam's counts
 

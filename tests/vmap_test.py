@@ -15,7 +15,7 @@ import optax
 import pytest
 
 import subspace_optax as so
-from subspace_optax._src import batching
+from subspace_optax._src.pipeline import batching
 
 MEMBERS = 3
 

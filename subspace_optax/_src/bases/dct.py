@@ -1,0 +1,107 @@
+"""SVD-free basis: columns of a fixed DCT matrix chosen by alignment.
+
+Modoranu et al., `SVD-Free Low-Rank Adaptive Gradient Optimization for Large
+Language Models <https://arxiv.org/abs/2505.17967>`_ (later "FFT-based Dynamic
+Subspace Selection"), 2025.
+
+Every matrix size ``k`` has one orthonormal DCT-II matrix ``D`` (``k x k``). It
+is never stored: the similarity ``S = DᵀG`` is a DCT of the gradient along the
+projected axis (FFT, ``O(k l log k)``), and the ``rank`` selected columns
+``D[:, I]`` are an inverse DCT of one-hot vectors (``O(k r log k)``). The state
+of a matrix is its ``rank`` int32 column indices.
+"""
+
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from subspace_optax._src.bases import base as bases_lib
+from subspace_optax._src.bases import index
+from subspace_optax._src.pipeline import sharding
+
+
+def dct_matrix(size: int) -> np.ndarray:
+  """The orthonormal DCT-II matrix ``D`` (float64 numpy), basis vectors as columns.
+
+  .. math::
+    D_{ij} = \\sqrt{2/k}\\; c_j \\cos\\frac{π (2i + 1) j}{2k},\\qquad
+    c_0 = 1/\\sqrt 2,\\ c_{j>0} = 1,
+
+  so ``DᵀD = I`` and ``Dᵀx`` is ``scipy.fft.dct(x, type=2, norm='ortho')``.
+  """
+  i = np.arange(size)[:, None]
+  j = np.arange(size)[None, :]
+  d = np.sqrt(2.0 / size) * np.cos(np.pi * (2 * i + 1) * j / (2 * size))
+  d[:, 0] /= np.sqrt(2.0)
+  return d
+
+
+def dct_columns(indices: jax.Array, size: int) -> jax.Array:
+  """``D[:, indices]`` (float32, ``size x len(indices)``) without forming ``D``."""
+  one_hot = jax.nn.one_hot(indices, size, dtype=jnp.float32, axis=0)
+  return jax.scipy.fft.idct(one_hot, type=2, axis=0, norm='ortho')
+
+
+def dct_similarity(g: jax.Array) -> jax.Array:
+  """``S = DᵀG`` for a ``(k, l)`` matrix: the orthonormal DCT-II of each column."""
+  return jax.scipy.fft.dct(g.astype(jnp.float32), type=2, axis=0, norm='ortho')
+
+
+def dct(norm_order: float = 1.0) -> bases_lib.BasisMethod:
+  """Columns of the DCT-II matrix that best align with the gradient.
+
+  At a refresh, with ``D`` the orthonormal DCT-II matrix of the projected size:
+
+  .. math::
+    S = DᵀG,\\qquad I = \\operatorname{top-}r_j\\ \\|S_{j,:}\\|_p,\\qquad
+    Q = D_{:, I},
+
+  (``p = 1`` in the paper). ``C = QᵀG = S_{I,:}`` and ``unproject(C) = QC``. The
+  transition between two selections is the partial permutation
+  ``R_{ab} = [I_{new,a} = I_{old,b}]`` (``= Q_newᵀ Q_old``): with
+  ``on_refresh='transport'`` moments of columns kept in both selections move to
+  their new slots and those of new columns start at 0 (DCT-AdamW's
+  ``rotate_subspace``). With ``'keep'`` slots are not matched; prefer
+  ``'transport'`` or ``'reset'``.
+
+  State: ``rank`` int32 indices per matrix (plus the static size). Signs are
+  fixed, so ``align_signs`` has no effect.
+
+  Args:
+    norm_order: ``p`` of the row norm ranking the columns (1 in the paper).
+  """
+
+  def init(k, l, rank):
+    del l
+    return index.SelectedColumns(jnp.arange(rank, dtype=jnp.int32), k)
+
+  def refresh(g, old, key, align):
+    del key, align
+    rank = old.indices.shape[-1]
+    s = dct_similarity(g)
+    if isinstance(norm_order, (int, float)) and norm_order == 1:
+      scores = jnp.sum(jnp.abs(s), axis=1)
+    else:
+      scores = jnp.sum(jnp.abs(s) ** norm_order, axis=1)
+    # top_k needs the whole score vector on every device (a 1 x k gather).
+    _, top = jax.lax.top_k(sharding.replicate_matrix(scores[None])[0], rank)
+    return index.SelectedColumns(jnp.sort(top).astype(jnp.int32), old.size)
+
+  def project(g, state):
+    q = dct_columns(state.indices, state.size)
+    return sharding.einsum('kr,kl->rl', q, g.astype(jnp.float32))
+
+  def unproject(c, state):
+    q = dct_columns(state.indices, state.size)
+    return sharding.einsum('kr,rl->kl', q, c.astype(jnp.float32))
+
+  def transition(old, new):
+    return (new.indices[:, None] == old.indices[None, :]).astype(jnp.float32)
+
+  return bases_lib.BasisMethod('dct', init, refresh, project, unproject,
+                               transition)
+
+

@@ -1,0 +1,124 @@
+"""Q-GaLore: GaLore with a quantized basis and lazy, layer-adaptive refreshes."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import optax
+
+from subspace_optax._src import arguments
+from subspace_optax._src.bases import base as bases_lib
+from subspace_optax._src.bases import quantized
+from subspace_optax._src.pipeline import low_rank as low_rank_lib
+from subspace_optax._src.refresh import every as refresh_lib
+from subspace_optax._src.refresh import lazy
+from subspace_optax._src.transforms import adam
+from subspace_optax._src.transforms import quantized_moments
+
+
+@arguments.declare_static_args('rank', 'refresh', 'bits', 'group_size', 'window',
+                             'mask', 'dimension_numbers')
+def q_galore(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: int | float = 128,
+    *,
+    refresh: int | refresh_lib.RefreshPolicy = 200,
+    stagger: bool = True,
+    basis: str | bases_lib.BasisMethod = 'svd',
+    side: str = 'reference',
+    on_refresh: str = 'keep',
+    align_signs: bool = True,
+    scale: float = 0.25,
+    bits: int = 4,
+    group_size: int = 256,
+    threshold: float = 0.4,
+    window: int = 5,
+    growth: float = 2.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    eps_before_bias_correction: bool = True,
+    weight_decay: float = 0.0,
+    mask: Optional[Any] = None,
+    dimension_numbers: Any = None,
+    seed: int = 0,
+    eight_bit_moments: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+  """Q-GaLore: GaLore with an INT4 basis refreshed lazily per layer.
+
+  Zhang et al., `Q-GaLore: Quantized GaLore with INT4 Projection and
+  Layer-Adaptive Low-Rank Gradients <https://arxiv.org/abs/2407.08296>`_, 2024.
+  :func:`~subspace_optax.galore`'s update with
+
+  * the basis stored in ``bits``-bit codes, per-group scales and zero points
+    (:func:`~subspace_optax.bases.quantized`; 4-bit codes packed two per byte,
+    so the basis takes half the bytes of an 8-bit one, unlike the reference);
+  * a per-leaf refresh period multiplied by ``growth`` once the mean similarity
+    of the last ``window`` successive bases reaches ``threshold``
+    (:func:`~subspace_optax.refresh.lazy`; sign-invariant similarity instead of
+    the reference's signed first-vector cosine).
+
+  * Adam's moments in 8 bits, block-wise (:func:`~subspace_optax.quantize_moments`,
+    the reference's ``QGaLoreAdamW8bit`` uses bitsandbytes' 8-bit Adam);
+    ``eight_bit_moments=False`` keeps them float32.
+
+  Q-GaLore's INT8 weights with stochastic rounding are a parameter-storage
+  concern, outside the optimizer: see :func:`~subspace_optax.stochastic_round`
+  and :func:`~subspace_optax.quantize`.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    rank: subspace rank (int, clamped per matrix) or a fraction of ``min(m, n)``.
+    refresh: initial updates between refreshes ``T`` (``update_proj_gap``) of
+      the lazy policy, or any :mod:`subspace_optax.refresh` policy (which then
+      replaces the lazy one: ``threshold``, ``window``, ``growth`` and
+      ``stagger`` are not used).
+    stagger: spread the first refreshes of different leaves over the period.
+    basis: the wrapped dense basis method (``'svd'``, reference).
+    side: ``'reference'`` (the reference's ``'std'``) or ``'compact'``.
+    on_refresh, align_signs: see :func:`~subspace_optax.low_rank`.
+    scale: ``α``, multiplies the unprojected update.
+    bits: 4 (reference) or 8.
+    group_size: rows of a basis column per quantization group.
+    threshold, window, growth: see :func:`~subspace_optax.refresh.lazy`
+      (reference: 0.4, 5, 2).
+    b1, b2, eps, eps_before_bias_correction: Adam, as
+      :func:`~subspace_optax.galore`.
+    weight_decay: decoupled weight decay ``λ``.
+    mask: optax mask for the weight decay.
+    dimension_numbers, seed: see :func:`~subspace_optax.low_rank`.
+    eight_bit_moments: store Adam's moments in 8 bits (reference) or float32.
+
+  State size: :func:`subspace_optax.state_sizes.q_galore_bytes`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> tx = so.q_galore(learning_rate=1e-3, rank=2, group_size=4)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+    >>> so.state_bytes(state) == so.state_sizes.q_galore_bytes(
+    ...     params, rank=2, group_size=4)
+    True
+  """
+  if isinstance(refresh, refresh_lib.RefreshPolicy):
+    policy = arguments.refresh_policy(refresh, stagger)
+  else:
+    refresh_lib.check_period(refresh, 'refresh')
+    policy = lazy.lazy(refresh, threshold, window, growth, stagger)
+  inner = (
+      adam.scale_by_torch_adam(b1, b2, eps) if eps_before_bias_correction
+      else optax.scale_by_adam(b1, b2, eps))
+  if eight_bit_moments:
+    inner = quantized_moments.quantize_moments(inner)
+  return optax.chain(
+      low_rank_lib.low_rank(
+          inner, rank=rank,
+          refresh=policy,
+          basis=quantized.quantized(basis, bits, group_size), side=side,
+          on_refresh=on_refresh, align_signs=align_signs, scale=scale,
+          dimension_numbers=dimension_numbers, seed=seed),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )

@@ -1,0 +1,137 @@
+"""Checks of :func:`~subspace_optax.low_rank`'s input, each a named error.
+
+They run while tracing, on shapes only: a transform that needs ``params``
+inside the pipeline, complex leaves, and gradients that do not fit the state
+(another tree, rank or dimension numbers than at ``init``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from subspace_optax._src import utils
+from subspace_optax._src.pipeline import layout as layout_lib
+
+
+def abstract(tree):
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(utils.shape_of(x), jnp.result_type(x))
+      if hasattr(x, 'dtype') else x, tree)
+
+
+def check_params_free(tx, role: str, updates, state, **extra_args) -> None:
+  """Fail at init, clearly, if ``tx`` needs ``params`` (it gets None here).
+
+  ``tx.update`` is traced abstractly with ``params=None``; if that fails but
+  succeeds with params, the transform uses params. Any other failure (e.g. a
+  missing extra argument) is left for the real update to report.
+  """
+  updates, state = abstract(updates), abstract(state)
+
+  def fails(params) -> Optional[Exception]:
+    try:
+      jax.eval_shape(
+          lambda u, s, p: tx.update(u, s, p, **extra_args), updates, state,
+          params)
+    except Exception as error:  # pylint: disable=broad-except
+      return error
+    return None
+
+  error = fails(None)
+  if error is None or fails(updates) is not None:
+    return
+  raise ValueError(
+      f'low_rank: the {role} transform uses `params`, but inside low_rank it '
+      'receives params=None: it works on the low-rank coefficients C = QᵀG '
+      '(or the residual G - QQᵀG), which have no parameters of their shape. '
+      'Transforms that use params, such as optax.add_decayed_weights, belong '
+      'outside low_rank, later in the chain: optax.chain(low_rank(inner, ...), '
+      'optax.add_decayed_weights(weight_decay), '
+      f'optax.scale_by_learning_rate(learning_rate)). ({error})') from error
+
+
+def owner_path(path, gradient_paths):
+  """The gradient leaf path that ``path`` (in the inner state) ends with."""
+  path = tuple(path)
+  matches = [p for p in gradient_paths
+             if 0 < len(p) <= len(path) and path[len(path) - len(p):] == p]
+  return max(matches, key=len, default=None)
+
+
+def check_state_fits(updates, layouts, basis_leaves, basis_shapes,
+                      inner_state, expected_inner_state) -> None:
+  """Each gradient leaf must fit the basis and inner state held for it.
+
+  The basis fixes the projected dimension ``k``; the other dimension ``l``
+  lives only in the inner state (coefficients are ``rank x l``), so the inner
+  state is compared with ``expected_inner_state`` (abstract, from the
+  gradients' shapes).
+  """
+  fix = ('The state was initialised for other params, rank or '
+         'dimension_numbers; call init again with params shaped like the '
+         'gradients, or restore a checkpoint saved with this configuration.')
+  gradients = jax.tree_util.tree_flatten_with_path(updates)[0]
+  for (path, g), lay, b in zip(gradients, layouts, basis_leaves):
+    has_basis = not isinstance(b, optax.MaskedNode)
+    name = layout_lib.path_name(path)
+    if lay is None and has_basis:
+      raise ValueError(
+          f'{name}: the gradient of shape {utils.shape_of(g)} is not projected, but '
+          f'the state holds a basis for it. {fix}')
+    if lay is None:
+      continue
+    if not has_basis:
+      raise ValueError(
+          f'{name}: the gradient of shape {utils.shape_of(g)} is projected, but the '
+          f'state holds no basis for it. {fix}')
+    expected = [lay.batch_shape + s for s in basis_shapes(
+        lay.projected_dim, lay.other_dim, lay.rank)]
+    actual = [utils.shape_of(a) for a in jax.tree.leaves(b)]
+    if expected != actual:
+      raise ValueError(
+          f'{name}: the gradient of shape {utils.shape_of(g)} (rank {lay.rank}) '
+          f'needs a basis of shape {expected}, but the state holds {actual}. '
+          f'{fix}')
+  expected = jax.tree_util.tree_flatten_with_path(expected_inner_state)[0]
+  actual = jax.tree.leaves(inner_state)
+  if len(expected) != len(actual):
+    return  # Another structure: left for the inner optimizer to report.
+  shapes = {tuple(path): utils.shape_of(g) for path, g in gradients}
+  for (path, e), a in zip(expected, actual):
+    if utils.shape_of(e) != utils.shape_of(a):
+      owner = owner_path(path, shapes)
+      leaf = ('' if owner is None else
+              f'{layout_lib.path_name(owner)}: the gradient of shape '
+              f'{shapes[owner]} needs ')
+      raise ValueError(
+          f'{leaf}inner optimizer state {layout_lib.path_name(path)} of shape '
+          f'{utils.shape_of(e)}, but the state holds {utils.shape_of(a)}. {fix}')
+
+
+def check_real(leaves, layouts) -> None:
+  """Projected leaves must be real: bases and moments are real matrices."""
+  for p, lay in zip(leaves, layouts):
+    if lay is not None and jnp.issubdtype(p.dtype, jnp.complexfloating):
+      raise ValueError(
+          f'{lay.path}: low_rank cannot project the complex leaf of shape '
+          f'{lay.shape} and dtype {p.dtype}; its bases and moments are real. '
+          'Exclude the leaf from projection (None at its place in '
+          '`dimension_numbers`; the inner optimizer then runs on it at full '
+          'size), or keep its real and imaginary parts as two real params.')
+
+
+def state_leaves(treedef, state) -> tuple[list, list]:
+  """The flat basis and refresh states, with a named error on a mismatch."""
+  try:
+    return (treedef.flatten_up_to(state.basis),
+            treedef.flatten_up_to(state.refresh))
+  except (ValueError, TypeError) as error:
+    raise ValueError(
+        'The updates do not have the structure of the params the state was '
+        'initialised with; call init again with params shaped like the '
+        f'gradients. ({error})') from error
+
+

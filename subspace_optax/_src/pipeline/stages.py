@@ -1,0 +1,308 @@
+"""The stages of one :func:`~subspace_optax.low_rank` update, in pipeline order.
+
+An update runs over a :class:`Leaf` record per projected leaf:
+
+1. :func:`refresh_bases` — a new basis where the refresh policy says so (or on
+   every step for online bases); never from a non-finite gradient;
+2. :func:`transitions` — ``R = Q_newᵀ Q_old`` and how far each basis moved;
+3. :func:`move_moments` — the inner moments follow a refreshed basis (keep,
+   reset or transport);
+4. the inner optimizer on ``C = QᵀG`` (in :func:`~subspace_optax.low_rank`),
+   then :func:`unproject`, ``α Q N``;
+5. :func:`residual_updates` — the residual path on ``G - QQᵀG``;
+6. :func:`leaf_updates` — every leaf back in its shape and dtype.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from subspace_optax._src import utils
+from subspace_optax._src.bases import base as bases_lib
+from subspace_optax._src.pipeline import batching
+from subspace_optax._src.pipeline import layout as layout_lib
+from subspace_optax._src.pipeline import sharding
+from subspace_optax._src.refresh import every as refresh_lib
+from subspace_optax._src.transforms import moments as moments_lib
+
+
+def batched_keys(key: jax.Array, batch_shape: tuple[int, ...]) -> jax.Array:
+  keys = jax.random.split(key, math.prod(batch_shape))
+  return keys.reshape(batch_shape) if batch_shape else keys[0]
+
+
+def is_zero(scale) -> bool:
+  return isinstance(scale, (int, float)) and scale == 0
+
+
+def all_finite(x: jax.Array) -> jax.Array:
+  return jnp.all(jnp.isfinite(x))
+
+
+def refresh_leaf(refresh, num_batch_axes: int, align_signs: bool,
+                  view: jax.Array, basis, keys: jax.Array):
+  """``refresh`` of one leaf's matrix view, vmapped over its batch axes.
+
+  A refresh of a non-finite gradient is discarded, but it may still run
+  (every-step bases, vmapped ensembles); LAPACK's SVD never returns on a
+  matrix mixing Inf with finite entries (Reference-LAPACK issue 1409), so it
+  sees the non-finite entries as zeros.
+  """
+  view = jnp.where(jnp.isfinite(view), view, 0.0)
+  return layout_lib.batched(
+      lambda g1, b1, k1: refresh(g1, b1, k1, align_signs), num_batch_axes)(
+          view, basis, keys)
+
+
+def finite_or_old(fresh, old, finite_input: jax.Array):
+  """``(fresh, True)`` if the input and every float of ``fresh`` are finite,
+  else ``(old, False)``: a NaN/Inf never becomes a basis."""
+  checks = [finite_input] + [
+      jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(fresh)
+      if jnp.issubdtype(x.dtype, jnp.inexact)]
+  ok = jnp.all(jnp.stack(checks))
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), fresh, old), ok
+
+
+def transport(carry: jax.Array, moment: jax.Array) -> jax.Array:
+  """``carry @ moment`` (``...rs,...sl``) where ``0 · ∞`` counts as 0.
+
+  A second moment overflows to Inf for gradients above ~1e19 (``g²`` in
+  float32); a plain matmul with a transition holding exact zeros (a partial
+  permutation: DCT, random columns) would turn that one Inf into NaN in every
+  slot. Infinite entries go only where the transition carries them.
+  """
+  infinite = jnp.isinf(moment)
+  finite_part = sharding.einsum(
+      '...rs,...sl->...rl', carry, jnp.where(infinite, 0, moment))
+  pull = sharding.einsum(
+      '...rs,...sl->...rl', carry, jnp.where(infinite, jnp.sign(moment), 0))
+  return finite_part + jnp.where(pull == 0, 0, pull * jnp.inf)
+
+
+def scatter(flat: list, leaves: list, values) -> list:
+  """A copy of ``flat`` with ``values`` at the positions of ``leaves``."""
+  flat = list(flat)
+  for leaf, value in zip(leaves, values):
+    flat[leaf.index] = value
+  return flat
+
+
+def compress(flat: list, keep: list[bool]) -> list:
+  return [x for x, k in zip(flat, keep) if k]
+
+
+def unzip(pairs: list[tuple], size: int) -> tuple[list, ...]:
+  """``[(a, b), ...] -> ([a, ...], [b, ...])``, also for an empty list."""
+  return tuple([pair[j] for pair in pairs] for j in range(size))
+
+
+def unproject(method: bases_lib.BasisMethod, scale, leaves: list,
+               bases: list, subspace_updates: list) -> list[jax.Array]:
+  """Stage 4: ``α Q N`` per projected leaf, in its oriented view.
+
+  With ``scale=0`` the unprojection is skipped (zeros).
+  """
+  if is_zero(scale):
+    return [jnp.zeros_like(leaf.view) for leaf in leaves]
+  return [
+      scale * layout_lib.batched(method.unproject, leaf.num_batch_axes)(
+          subspace_updates[leaf.index], basis)
+      for leaf, basis in zip(leaves, bases)]
+
+
+class Leaf(NamedTuple):
+  """One projected leaf of the gradient, as the stages of an update see it."""
+
+  index: int  # position in the flat gradient tree
+  layout: layout_lib.MatrixLayout
+  view: jax.Array  # the gradient's oriented (*batch, k, l) view, float32
+  basis: Any  # the basis state before this step
+  refresh: Any  # the refresh policy's state before this step
+  keys: jax.Array  # one PRNG key per matrix, of shape batch_shape
+
+  @property
+  def num_batch_axes(self) -> int:
+    return len(self.layout.batch_shape)
+
+
+def projected_leaves(flat: list, layouts: list, basis_leaves: list,
+                      refresh_leaves: list, step_key: jax.Array) -> list[Leaf]:
+  """A :class:`Leaf` per projected gradient leaf; the keys of leaf ``i``
+  come from ``fold_in(step_key, i)``."""
+  return [
+      Leaf(i, lay, layout_lib.matrix_view(g, lay).astype(jnp.float32), b, r,
+            batched_keys(jax.random.fold_in(step_key, i), lay.batch_shape))
+      for i, (g, lay, b, r) in enumerate(
+          zip(flat, layouts, basis_leaves, refresh_leaves))
+      if lay is not None]
+
+
+def refresh_every_step(method: bases_lib.BasisMethod, align_signs: bool,
+                        leaf: Leaf, count: jax.Array):
+  """``(basis, refreshed)`` of an online basis, which moves on every step.
+
+  At update 0 ``method.first_refresh`` (if any) gives the initial basis,
+  chosen by one conditional on the step count.
+  """
+  finite = all_finite(leaf.view)
+  refresh = functools.partial(
+      refresh_leaf, method.refresh, leaf.num_batch_axes, align_signs)
+  if method.first_refresh is None:
+    fresh = refresh(leaf.view, leaf.basis, leaf.keys)
+  else:
+    first = functools.partial(
+        refresh_leaf, method.first_refresh, leaf.num_batch_axes, align_signs)
+    fresh = batching.cond(
+        count == 0, first, refresh, leaf.view, leaf.basis, leaf.keys)
+  return finite_or_old(fresh, leaf.basis, finite)
+
+
+def refresh_bases(method: bases_lib.BasisMethod,
+                   policy: refresh_lib.RefreshPolicy, align_signs: bool,
+                   leaves: list[Leaf], count: jax.Array) -> list[tuple]:
+  """Stage 1: each leaf's basis for this step, and whether it was refreshed.
+
+  Online bases (``method.every_step``) move on every step. The others refresh
+  when their policy says so; all those refreshes sit inside one outer
+  conditional (is any leaf due?), each leaf's inside its own: a conditional
+  costs a device-to-host sync of its predicate on GPU, so a step without a
+  refresh pays one sync, not one per leaf. A refresh from a non-finite
+  gradient, or one that gives a non-finite basis, is dropped: the old basis
+  stays and the leaf stays due.
+
+  Returns:
+    A list over ``leaves`` of ``(basis, refreshed)``.
+  """
+  if method.every_step:
+    return [refresh_every_step(method, align_signs, leaf, count)
+            for leaf in leaves]
+  if not leaves:
+    return []
+  # The predicates are operands, not closed over (vmap needs that).
+  operands = [(policy.due(leaf.refresh, count) & all_finite(leaf.view),
+               leaf.view, leaf.basis, leaf.keys) for leaf in leaves]
+  batch_axes = [leaf.num_batch_axes for leaf in leaves]
+
+  def refresh_due(operands):
+    return [batching.cond(
+        predicate,
+        lambda v, b, k, nb=nb: finite_or_old(
+            refresh_leaf(method.refresh, nb, align_signs, v, b, k), b,
+            jnp.asarray(True)),
+        lambda v, b, k: (b, jnp.asarray(False)), view, basis, keys)
+            for nb, (predicate, view, basis, keys) in zip(batch_axes, operands)]
+
+  def keep(operands):
+    return [(basis, jnp.asarray(False)) for _, _, basis, _ in operands]
+
+  any_due = functools.reduce(
+      jnp.logical_or, [jnp.any(predicate) for predicate, *_ in operands])
+  # batching.cond: under jax.vmap (ensembles) the refreshes still run only on
+  # steps where some member is due, not on every step.
+  return batching.cond(any_due, refresh_due, keep, operands)
+
+
+def transitions(method: bases_lib.BasisMethod, leaves: list[Leaf],
+                 bases: list[Any], needed: bool) -> list[tuple]:
+  """Stage 2: how far each leaf's basis moved.
+
+  ``R = transition(old, new)`` (``rank x rank``; ``C_new ~= R C_old``) and the
+  similarity ``mean ‖R‖_F² / rank`` in [0, 1] that lazy refresh policies
+  use. Computed only when ``needed`` (otherwise ``(None, 1)``).
+
+  Returns:
+    A list over ``leaves`` of ``(R or None, similarity)``.
+  """
+  out = []
+  for leaf, basis in zip(leaves, bases):
+    if not needed:
+      out.append((None, jnp.ones([], jnp.float32)))
+      continue
+    transition = layout_lib.batched(method.transition, leaf.num_batch_axes)(
+        leaf.basis, basis)
+    similarity = jnp.mean(
+        jnp.sum(transition * transition, axis=(-2, -1)) / leaf.layout.rank)
+    out.append((transition, similarity))
+  return out
+
+
+def move_moments(inner_state, on_refresh: str, treedef, inner_tree,
+                  moves: list):
+  """Stage 3: the inner moments of refreshed leaves, into the new basis.
+
+  ``on_refresh='reset'`` zeroes them; ``'transport'`` maps first moments
+  ``m <- R m`` and second moments ``v <- (R∘R) v``. ``moves`` holds, per leaf
+  of ``treedef``, ``(refreshed, R)`` or None (not projected: unchanged);
+  ``inner_tree`` is the inner optimizer's input (``MaskedNode()`` at
+  zero-size leaves, which have no moments).
+  """
+  if on_refresh == 'keep' or all(move is None for move in moves):
+    return inner_state
+  inputs = treedef.flatten_up_to(inner_tree)
+  kept = [not isinstance(x, optax.MaskedNode) for x in inputs]
+  moves = compress(moves, kept)
+
+  def move(second, moment_leaves):
+    out = []
+    for m, how in zip(moment_leaves, moves):
+      if how is None:
+        out.append(m)
+        continue
+      refreshed, transition = how
+      if on_refresh == 'reset':
+        moved = jnp.zeros_like(m)
+      else:
+        carry = transition * transition if second else transition
+        moved = transport(carry, m.astype(jnp.float32)).astype(m.dtype)
+      out.append(jnp.where(refreshed, moved, m))
+    return out
+
+  return moments_lib.map_moments(
+      inner_state, jax.tree.structure(inner_tree),
+      [utils.shape_of(x) for x in compress(inputs, kept)], move)
+
+
+def leaf_updates(flat: list, subspace_updates: list, leaves: list,
+                  outputs: list) -> list:
+  """The flat output: each projected leaf's oriented ``outputs`` back in its
+  shape and dtype, the inner optimizer's output for the leaves not projected,
+  and zero-size leaves as they came."""
+  return scatter(
+      [g if utils.passes_through(g) else n.astype(g.dtype)
+       for g, n in zip(flat, subspace_updates)], leaves,
+      [layout_lib.leaf_from_matrix(o, leaf.layout).astype(
+          flat[leaf.index].dtype) for leaf, o in zip(leaves, outputs)])
+
+
+def residual_updates(residual_tx, residual_state, treedef,
+                      method: bases_lib.BasisMethod, leaves: list, bases: list,
+                      coefficients: list, subspace_updates: list):
+  """Stage 5: ``residual_tx`` on ``G - QQᵀG`` of every projected leaf.
+
+  The residual transform sees trees of the gradient's structure that hold
+  ``MaskedNode()`` at the leaves that are not projected, with the extra args
+  ``coefficients`` (``C``), ``subspace_updates`` (``N``) and ``gradients``
+  (the oriented ``G``).
+
+  Returns:
+    The residual's output per leaf of ``leaves``, and its new state.
+  """
+  tree = lambda values: treedef.unflatten(scatter(
+      [optax.MaskedNode()] * treedef.num_leaves, leaves, values))
+  views = [leaf.view for leaf in leaves]
+  outside = [
+      view - layout_lib.batched(method.unproject, leaf.num_batch_axes)(c, b)
+      for leaf, view, c, b in zip(leaves, views, coefficients, bases)]
+  out, residual_state = residual_tx.update(
+      tree(outside), residual_state, None, coefficients=tree(coefficients),
+      subspace_updates=tree(subspace_updates), gradients=tree(views))
+  out = treedef.flatten_up_to(out)
+  return [out[leaf.index] for leaf in leaves], residual_state
+
+

@@ -1,0 +1,344 @@
+"""Optimizer-state memory: measured bytes and the analytic size per method.
+
+:func:`state_bytes` measures any optimizer state. The ``*_bytes`` functions
+give the exact size each method's state must have (the tests compare the two),
+so a user can size a run before building it. The low-rank ones share one
+per-leaf sum, :func:`_low_rank_bytes`: per projected ``m x n`` matrix the basis
+spans ``k`` (``projected_dim``) and the coefficients keep ``l``
+(``other_dim``), with rank ``r`` clamped to ``min(m, n)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+
+from subspace_optax._src.pipeline import layout as layout_lib
+from subspace_optax._src.transforms import quantized_moments
+
+_INT32 = 4
+_FLOAT32 = 4
+# The refresh schedule of :func:`subspace_optax.refresh.every`: two int32.
+_EVERY_SCHEDULE = 2 * _INT32
+
+
+def _leaf_bytes(x) -> int:
+  if isinstance(x, jax.Array) and jax.dtypes.issubdtype(
+      x.dtype, jax.dtypes.prng_key):
+    return int(x.size * np.dtype(np.uint32).itemsize * 2)
+  if hasattr(x, 'shape') and hasattr(x, 'dtype'):
+    return int(math.prod(x.shape) * np.dtype(x.dtype).itemsize)
+  if isinstance(x, (int, float, bool, np.number)):
+    return int(np.asarray(x).nbytes)
+  return 0
+
+
+def state_bytes(opt_state: Any) -> int:
+  """Bytes held by every array leaf of an optimizer state.
+
+  Works on concrete states, on ``jax.eval_shape`` outputs (ShapeDtypeStruct)
+  and inside flax ``nnx.Optimizer`` states (Variables are unwrapped).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import subspace_optax as so
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> so.state_bytes(optax.adam(1e-3).init(params))  # 2 moments + a count
+    388
+  """
+  return sum(_leaf_bytes(x) for x in jax.tree.leaves(opt_state))
+
+
+def _low_rank_bytes(
+    params: Any,
+    rank: int | float,
+    side: str,
+    dimension_numbers: Any,
+    per_matrix: Callable[[layout_lib.MatrixLayout], int],
+    *,
+    per_projected_leaf: int | Callable[[layout_lib.MatrixLayout], int] = (
+        _EVERY_SCHEDULE),
+    per_other_element: int = 2 * _FLOAT32,
+    other_leaf: Optional[Callable[[tuple[int, ...]], int]] = None,
+    fixed: int = 2 * _INT32,
+) -> int:
+  """The state size of a :func:`subspace_optax.low_rank` method.
+
+  Args:
+    params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
+    rank, side, dimension_numbers: as given to the method.
+    per_matrix: bytes per projected matrix (each layer of a stacked leaf).
+    per_projected_leaf: bytes per projected leaf (its refresh schedule), or a
+      function of its layout (state kept per leaf, not per matrix).
+    per_other_element: bytes per element of a leaf that is not projected (the
+      inner optimizer at full size; Adam: two float32 moments).
+    other_leaf: bytes of a leaf that is not projected, from its shape, where
+      they are not proportional to its size (replaces ``per_other_element``).
+    fixed: bytes once per state (step counts).
+  """
+  total = fixed
+  for p, lay in zip(
+      jax.tree.leaves(params),
+      layout_lib.flat_layouts(params, dimension_numbers, side, rank)):
+    if lay is None:
+      total += (other_leaf(np.shape(p)) if other_leaf is not None
+                else per_other_element * math.prod(np.shape(p)))
+    else:
+      total += lay.num_matrices * per_matrix(lay) + (
+          per_projected_leaf(lay) if callable(per_projected_leaf)
+          else per_projected_leaf)
+  return total
+
+
+def galore_bytes(
+    params: Any,
+    rank: int | float,
+    *,
+    side: str = 'reference',
+    dimension_numbers: Any = None,
+    moment_bytes: int = 4,
+    basis_bytes: int = 4,
+    mu_bytes: Optional[int] = None,
+) -> int:
+  """Analytic state size of :func:`subspace_optax.galore` (Adam inner).
+
+  Per projected matrix: the basis ``k r`` plus two moments ``2 r l`` (compact
+  side: ``k = max(m, n)``, so ``2 r min(m, n) + r max(m, n)``; reference side
+  ``2 r max + r min``), plus the refresh schedule (two int32 per projected
+  leaf). Every other leaf keeps full Adam moments ``2 |p|``. Plus the step
+  counters (Adam's and the pipeline's, int32). Also the size of
+  :func:`subspace_optax.golore` and :func:`subspace_optax.i3s`.
+
+  Bytes per entry: ``basis_bytes`` for the basis (2 with
+  ``basis_dtype=jnp.bfloat16``), ``mu_bytes`` for the first moment (2 with
+  ``mu_dtype=jnp.bfloat16``; None: ``moment_bytes``) and ``moment_bytes`` for
+  the second.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> params = {'w': jnp.ones((8, 6))}  # r = 2: basis 6·2, moments 2·2·8
+    >>> so.state_sizes.galore_bytes(params, rank=2) == 4 * (12 + 32) + 8 + 8
+    True
+  """
+  moments = moment_bytes + (moment_bytes if mu_bytes is None else mu_bytes)
+  return _low_rank_bytes(
+      params, rank, side, dimension_numbers,
+      lambda lay: (basis_bytes * lay.projected_dim * lay.rank
+                   + moments * lay.rank * lay.other_dim),
+      per_other_element=moments)
+
+
+def q_galore_bytes(
+    params: Any,
+    rank: int | float = 128,
+    *,
+    bits: int = 4,
+    group_size: int = 256,
+    window: int = 5,
+    side: str = 'reference',
+    dimension_numbers: Any = None,
+    eight_bit_moments: bool = True,
+) -> int:
+  """Analytic state size of :func:`subspace_optax.q_galore`.
+
+  Per projected matrix (``k x r`` basis, ``r x l`` coefficients): basis codes
+  ``k r`` bytes (8 bits) or ``k ceil(r/2)`` (4 bits), a float32 scale and a
+  uint8 zero point per group (``5 ceil(k/g) r`` bytes). Per projected leaf the
+  lazy schedule: four int32 and ``window`` float32. Two Adam moments per leaf,
+  of the coefficients' shape (projected) or the leaf's (not projected): ``4 s``
+  bytes for ``s`` entries in float32; with ``eight_bit_moments``, a moment of
+  at least 4096 entries takes ``s + 4 s / b`` (codes and one float32 scale per
+  block of ``b``, :func:`subspace_optax.quantize_moments`). Plus the
+  pipeline's and Adam's step counts.
+  """
+  moment = (quantized_moments.moment_bytes if eight_bit_moments
+            else lambda shape: _FLOAT32 * math.prod(shape))
+
+  def per_matrix(lay):  # the quantized basis
+    k, r = lay.projected_dim, lay.rank
+    codes = k * r if bits == 8 else k * (-(-r // 2))
+    return codes + 5 * -(-k // group_size) * r
+
+  return _low_rank_bytes(
+      params, rank, side, dimension_numbers, per_matrix,
+      per_projected_leaf=lambda lay: (2 * moment(lay.coefficient_shape)
+                                      + 4 * _INT32 + _FLOAT32 * window),
+      other_leaf=lambda shape: 2 * moment(shape))
+
+
+def online_subspace_descent_bytes(
+    params: Any,
+    rank: int | float,
+    *,
+    inner: str = 'adam',
+    basis_optimizer: str = 'adam',
+    lagged: bool = False,
+    side: str = 'reference',
+    dimension_numbers: Any = None,
+) -> int:
+  """Analytic state size of :func:`subspace_optax.online_subspace_descent`.
+
+  Per projected matrix (basis on the ``k`` side, coefficients ``r x l``,
+  float32): the basis ``k r``, the inner moments (Adam ``2 r l``, Lion
+  ``r l``), the basis optimizer (AdamW: ``2 k r`` plus an int32 count; SGD:
+  nothing), ``k r`` more with ``lagged``, and the refresh schedule (two int32
+  per leaf). Every other leaf keeps full inner moments. Plus the pipeline's and
+  the inner's counts. Constant learning rates assumed (a schedule adds one int32
+  count per matrix for the basis optimizer).
+  """
+  moments = {'adam': 2, 'lion': 1}[inner]
+
+  def per_matrix(lay):
+    basis = lay.projected_dim * lay.rank
+    size = _FLOAT32 * basis + moments * _FLOAT32 * lay.rank * lay.other_dim
+    if basis_optimizer == 'adam':
+      size += 2 * _FLOAT32 * basis + _INT32
+    if lagged:
+      size += _FLOAT32 * basis
+    return size
+
+  return _low_rank_bytes(params, rank, side, dimension_numbers, per_matrix,
+                         per_other_element=moments * _FLOAT32)
+
+
+def frugal_bytes(
+    params: Any,
+    rank: int | float = 0.25,
+    *,
+    basis: str = 'svd',
+    side: str = 'reference',
+    dimension_numbers: Any = None,
+    mu_bytes: int = _FLOAT32,
+    basis_bytes: int = _FLOAT32,
+) -> int:
+  """Analytic state size of :func:`subspace_optax.frugal` (float32 moments).
+
+  Per projected matrix: two Adam moments ``2 · 4 r l`` bytes, plus the basis:
+  ``4 k r`` (svd, random), ``4 r`` (columns: int32 indices) or ``4`` (blocks:
+  one flag; the moments are then full size, ``r = k``). Per projected leaf the
+  refresh schedule (two int32). Every other leaf keeps full Adam moments
+  ``2 · 4 |p|``. Plus one int32 step count per leaf (the restartable bias
+  correction) and the pipeline's count. The signSGD/SGD residual holds nothing.
+  ``mu_bytes`` and ``basis_bytes`` are the bytes per entry of the first moment
+  and of a dense basis (2 for ``mu_dtype`` and ``basis_dtype`` bfloat16).
+  """
+  if basis == 'blocks':
+    rank, side = 1.0, 'reference'
+  basis_size = {
+      'svd': lambda lay: basis_bytes * lay.projected_dim * lay.rank,
+      'random': lambda lay: basis_bytes * lay.projected_dim * lay.rank,
+      'columns': lambda lay: _INT32 * lay.rank,
+      'blocks': lambda lay: _INT32,
+  }[basis]
+  moments = mu_bytes + _FLOAT32
+  return _low_rank_bytes(
+      params, rank, side, dimension_numbers,
+      lambda lay: moments * lay.rank * lay.other_dim + basis_size(lay),
+      per_other_element=moments,
+      fixed=_INT32 + _INT32 * len(jax.tree.leaves(params)))
+
+
+def fira_bytes(
+    params: Any,
+    rank: int | float = 128,
+    *,
+    side: str = 'reference',
+    limiter: bool = True,
+    dimension_numbers: Any = None,
+    mu_bytes: int = _FLOAT32,
+    basis_bytes: int = _FLOAT32,
+) -> int:
+  """Analytic state size of :func:`subspace_optax.fira` (float32, SVD basis).
+
+  GaLore's state (per projected matrix: basis ``4 k r`` and two moments
+  ``2 · 4 r l`` bytes; per projected leaf the refresh schedule, two int32) plus
+  the limiter's previous norm (one float32 per matrix). Other leaves keep full
+  Adam moments ``2 · 4 |p|``. Plus the pipeline's and the bias correction's
+  step counts (int32). ``mu_bytes`` and ``basis_bytes`` are the bytes per
+  entry of the first moment and the basis (2 for ``mu_dtype`` and
+  ``basis_dtype`` bfloat16).
+  """
+  limiter_bytes = _FLOAT32 if limiter else 0
+  moments = mu_bytes + _FLOAT32
+  return _low_rank_bytes(
+      params, rank, side, dimension_numbers,
+      lambda lay: (basis_bytes * lay.projected_dim * lay.rank
+                   + moments * lay.rank * lay.other_dim + limiter_bytes),
+      per_other_element=moments)
+
+
+def apollo_bytes(
+    params: Any,
+    rank: int | float = 256,
+    *,
+    side: str = 'reference',
+    basis: str = 'seeded_gaussian',
+    limiter: bool = True,
+    dimension_numbers: Any = None,
+) -> int:
+  """Analytic state size of :func:`subspace_optax.apollo` / ``apollo_mini``.
+
+  Per projected matrix (float32): two moments ``2 · 4 r l`` bytes, the basis
+  (4 bytes of seed for ``'seeded_gaussian'``, ``4 k r`` for a dense basis) and
+  the limiter's previous norm (4 bytes); per projected leaf the refresh
+  schedule (two int32). Other leaves keep full Adam moments ``2 · 4 |p|``. Plus
+  the pipeline's and the bias correction's step counts. ``apollo_mini`` is
+  ``rank=1``.
+  """
+  limiter_bytes = _FLOAT32 if limiter else 0
+
+  def per_matrix(lay):
+    basis_size = (_INT32 if basis == 'seeded_gaussian'
+                  else _FLOAT32 * lay.projected_dim * lay.rank)
+    return (2 * _FLOAT32 * lay.rank * lay.other_dim + basis_size
+            + limiter_bytes)
+
+  return _low_rank_bytes(params, rank, side, dimension_numbers, per_matrix)
+
+
+def dct_adamw_bytes(
+    params: Any,
+    rank: int | float,
+    *,
+    side: str = 'reference',
+    dimension_numbers: Any = None,
+) -> int:
+  """Analytic state size of :func:`subspace_optax.dct_adamw` (float32 moments).
+
+  Per projected matrix: two Adam moments ``2 r l`` and ``r`` int32 indices;
+  the refresh schedule (two int32 per projected leaf); full Adam moments for
+  every other leaf; the pipeline's and Adam's int32 counts.
+  """
+  return _low_rank_bytes(
+      params, rank, side, dimension_numbers,
+      lambda lay: 2 * _FLOAT32 * lay.rank * lay.other_dim + _INT32 * lay.rank)
+
+
+def adamp_bytes(params: Any) -> int:
+  """Analytic state size of :func:`subspace_optax.adamp` (float32 params).
+
+  Two float32 moments per element and one int32 count.
+  """
+  return _INT32 + 2 * _FLOAT32 * sum(
+      math.prod(np.shape(p)) for p in jax.tree.leaves(params))
+
+
+def auon_bytes(params: Any, *, matrix_mask: Optional[Any] = None) -> int:
+  """Analytic state size of :func:`subspace_optax.auon`.
+
+  AuON leaves: one momentum ``|w|``; AdamW leaves: ``2|w|`` (in the leaf's
+  dtype); plus AdamW's int32 count.
+  """
+  leaves = jax.tree.leaves(params)
+  if callable(matrix_mask):
+    matrix_mask = matrix_mask(params)
+  mask = (jax.tree.leaves(matrix_mask) if matrix_mask is not None
+          else [np.ndim(p) >= 2 for p in leaves])
+  return _INT32 + sum(
+      (1 if is_matrix else 2) * np.dtype(p.dtype).itemsize
+      * math.prod(np.shape(p)) for p, is_matrix in zip(leaves, mask))

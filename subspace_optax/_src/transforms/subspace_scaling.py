@@ -1,0 +1,80 @@
+"""APOLLO's scaling: a low-rank Adam only estimates how to scale the raw gradient.
+
+Zhu et al., `APOLLO: SGD-like Memory, AdamW-level Performance
+<https://arxiv.org/abs/2412.05270>`_, 2024.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import optax
+
+from subspace_optax._src.pipeline import residual as residual_lib
+from subspace_optax._src.transforms import norm_growth
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def scale_gradient_by_subspace(
+    granularity: str = 'channel',
+) -> optax.GradientTransformationExtraArgs:
+  """APOLLO's update direction: the raw gradient scaled, ``G ⊙ s``.
+
+  A residual path for :func:`~subspace_optax.low_rank` with ``scale=0``: it
+  ignores the residual and scales the full gradient ``G`` (extra arg
+  ``gradients``) by ``s`` = :func:`~subspace_optax.subspace_norm_ratio` of
+  the coefficients and the inner optimizer's update in the subspace, per
+  channel of the non-projected axis (``'channel'``) or per matrix
+  (``'tensor'``). State-free.
+  """
+  if granularity not in residual_lib.GRANULARITIES:
+    raise ValueError(
+        f'`granularity` must be one of {residual_lib.GRANULARITIES}, got '
+        f'{granularity!r}.')
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del updates, params
+    residual_lib.check_extra_args(
+        extra_args, ('coefficients', 'subspace_updates', 'gradients'),
+                'scale_gradient_by_subspace')
+    out = jax.tree.map(
+        lambda g, c, n: g * residual_lib.subspace_norm_ratio(c, n, granularity),
+        extra_args['gradients'], extra_args['coefficients'],
+        extra_args['subspace_updates'])
+    return out, state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def apollo_scaling(
+    scale_type: str = 'channel',
+    scale: float = 1.0,
+    scale_front: bool = False,
+    limiter: Optional[float] = 1.01,
+) -> optax.GradientTransformationExtraArgs:
+  """APOLLO's output path: ``√scale · limit(G ⊙ s)``.
+
+  :func:`scale_gradient_by_subspace`, the heuristic factor ``sqrt(scale)``
+  after the norm-growth limiter (or before it with ``scale_front``:
+  ``limit(√scale · G ⊙ s)``), and the limiter (per matrix; None disables it).
+  """
+  if scale_type not in residual_lib.GRANULARITIES:
+    raise ValueError(
+        f'`scale_type` must be one of {residual_lib.GRANULARITIES}, got '
+        f'{scale_type!r}.')
+  factor = optax.scale(scale**0.5)
+  parts = [scale_gradient_by_subspace(scale_type)]
+  if scale_front:
+    parts.append(factor)
+  if limiter is not None:
+    parts.append(norm_growth.clip_norm_growth(limiter, axes=(-2, -1)))
+  if not scale_front:
+    parts.append(factor)
+  return optax.chain(*parts)
+
+
