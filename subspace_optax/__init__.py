@@ -5,11 +5,13 @@ stages, and tools on states. Submodules: :mod:`~subspace_optax.bases` (how a
 subspace is chosen), :mod:`~subspace_optax.refresh` (when),
 :mod:`~subspace_optax.state_sizes` (analytic state sizes),
 :mod:`~subspace_optax.transforms` (reference Adam/Lion formulas to compose
-with) and :mod:`~subspace_optax.continual` (continual learning).
+with) and :mod:`~subspace_optax.continual` (continual learning) and
+:mod:`~subspace_optax.merging` (Sub-MoE expert merging).
 """
 
 from subspace_optax import bases
 from subspace_optax import continual
+from subspace_optax import merging
 from subspace_optax import state_sizes
 from subspace_optax import refresh
 from subspace_optax import transforms
@@ -34,6 +36,16 @@ from subspace_optax._src.methods.q_galore import q_galore
 from subspace_optax._src.methods.adamp import adamp
 from subspace_optax._src.methods.adamp import sgdp
 from subspace_optax._src.methods.golore import golore
+# --- fine-tuning in the weights' singular subspaces (exact reparameterisation) ---
+from subspace_optax._src.finetune.reparameterize import Factorization
+from subspace_optax._src.finetune.reparameterize import reparameterize
+from subspace_optax._src.finetune.reparameterize import ReparameterizeState
+from subspace_optax._src.methods.effort import effort
+from subspace_optax._src.methods.lora import lora
+from subspace_optax._src.methods.milora import milora
+from subspace_optax._src.methods.milora import pissa
+from subspace_optax._src.methods.salt import salt
+from subspace_optax._src.methods.svfit import svfit
 # --- stages of the named methods ---
 from subspace_optax._src.transforms.subspace_scaling import apollo_scaling
 from subspace_optax._src.transforms.subspace_scaling import scale_gradient_by_subspace
@@ -72,6 +84,7 @@ __all__ = (
     # Submodules.
     'bases',
     'continual',
+    'merging',
     'state_sizes',
     'refresh',
     'transforms',
@@ -96,6 +109,16 @@ __all__ = (
     'q_galore',
     'reset_moments_every',
     'sgdp',
+    # Fine-tuning in the weights' singular subspaces.
+    'effort',
+    'Factorization',
+    'lora',
+    'milora',
+    'pissa',
+    'reparameterize',
+    'ReparameterizeState',
+    'salt',
+    'svfit',
     # Stages of the named methods.
     'apollo_scaling',
     'clip_norm_growth',

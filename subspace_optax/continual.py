@@ -32,10 +32,11 @@ from subspace_optax._src.continual.protected import ProtectedSubspace
 from subspace_optax._src.continual.sculpt_memory import activation_importance
 from subspace_optax._src.continual.gpm_memory import gpm_memory
 from subspace_optax._src.continual.gpm_memory import gradient_memory
-from subspace_optax._src.continual.sculpt_memory import RankClampedWarning
 from subspace_optax._src.continual.sculpt_memory import released_rank
 from subspace_optax._src.continual.capture import layer_inputs
 from subspace_optax._src.continual.sculpt_memory import sculpt_memory
+from subspace_optax._src.finetune.weight_bases import weight_subspace_basis
+from subspace_optax._src.utils import RankClampedWarning
 # Presets.
 from subspace_optax._src.continual.presets import gpm
 from subspace_optax._src.continual.presets import gpm_ewc
@@ -93,6 +94,7 @@ __all__ = (
     'sculpt_capacity',
     'sculpt_memory',
     'set_memory',
+    'weight_subspace_basis',
 )
 
 # Renamed before the first release; the old name warns, and goes in 0.2.0.

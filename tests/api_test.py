@@ -21,7 +21,8 @@ import pytest
 import registry
 import subspace_optax as so
 
-MODULES = (so, so.bases, so.continual, so.state_sizes, so.refresh, so.transforms)
+MODULES = (so, so.bases, so.continual, so.merging, so.state_sizes, so.refresh,
+           so.transforms)
 
 PARAMS = {'w': jnp.arange(48.0).reshape(8, 6) / 48.0, 'b': jnp.ones(6)}
 

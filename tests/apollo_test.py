@@ -60,7 +60,9 @@ def test_update_is_gradient_scaled_per_channel():
 def test_apollo_mini_scales_the_whole_matrix_by_sqrt_128():
   params = {'w': jnp.ones((30, 12))}
   grads = {'w': _normal(1, (30, 12))}
-  u, state = _first_step(so.apollo_mini(0.1), params, grads)
+  # The reference side (apollo-torch's proj_type='std'): the sketch on the
+  # smaller dimension, its coefficients along the larger one.
+  u, state = _first_step(so.apollo_mini(0.1, side='reference'), params, grads)
   ratio = u / np.asarray(grads['w'])
   np.testing.assert_allclose(ratio, np.full_like(ratio, ratio[0, 0]), rtol=1e-5)
   c = np.asarray(so.bases.seeded_matrix(state[0].basis['w'])).T @ np.asarray(
@@ -92,7 +94,8 @@ def test_state_is_low_rank_moments_plus_scalars():
             'b': jnp.ones((16,))}
   dims = so.last_two_axes
   for rank, tx in ((4, so.apollo(1e-3, rank=4, dimension_numbers=dims)),
-                   (1, so.apollo_mini(1e-3, dimension_numbers=dims))):
+                   (1, so.apollo_mini(1e-3, side='reference',
+                                      dimension_numbers=dims))):
     state = tx.init(params)
     expected = so.state_sizes.apollo_bytes(params, rank, dimension_numbers=dims)
     assert so.state_bytes(state) == expected
@@ -100,6 +103,14 @@ def test_state_is_low_rank_moments_plus_scalars():
     moments = 2 * 4 * rank * (40 + 2 * 14) + 2 * 4 * 16
     # + pipeline and bias-correction counts, refresh schedules, limiters.
     assert expected == moments + 2 * 4 + 2 * 2 * 4 + 3 * 4 + 3 * 4
+  # APOLLO-Mini's default side is 'compact' (measured, benchmarks/results/
+  # quality_cpu_apollo_side_3seeds.json): moments along the smaller dimension.
+  mini = so.apollo_mini(1e-3, dimension_numbers=dims).init(params)
+  assert so.state_bytes(mini) == so.state_sizes.apollo_bytes(
+      params, 1, side='compact', dimension_numbers=dims)
+  reference = so.state_sizes.apollo_bytes(params, 1, dimension_numbers=dims)
+  assert so.state_bytes(mini) == reference - 2 * 4 * ((40 + 2 * 14)
+                                                      - (16 + 2 * 10))
   dense = so.apollo(1e-3, rank=4, basis='gaussian', dimension_numbers=dims)
   assert so.state_bytes(dense.init(params)) == so.state_sizes.apollo_bytes(
       params, 4, basis='gaussian', dimension_numbers=dims)

@@ -32,6 +32,27 @@ OVERRIDES = {
     'golore': dict(learning_rate=1e-1),
     'online_subspace_descent': dict(basis_learning_rate=2e-2),
     'online_subspace_descent_lagged_lion': dict(basis_learning_rate=2e-2),
+    # Fine-tuning presets train factors of the weights: at full rank the
+    # target is in their reach (W + AB, or every singular triplet trained).
+    'lora': dict(rank=1.0),
+    'milora': dict(rank=1.0),
+    'pissa': dict(rank=1.0),
+    'effort': dict(rank=1.0),
+    'effort_orthogonal': dict(rank=1.0),
+    'svfit': dict(rank=1.0),
+}
+# Entries whose reachable weights exclude the target at any rank: their loss
+# ratio must stay below the measured one (in parentheses) with a margin. A
+# sign-flipped update would raise the loss instead.
+RESTRICTED = {
+    # Only the singular values move: W = U diag(s) Vᵀ (measured 0.80).
+    'svfit': 0.85,
+    # U ReLU(M) Vᵀ with M block-diagonal in the singular basis (0.72).
+    'salt': 0.8,
+    # The registry's user factorisation W_0 diag(c) (0.69).
+    'reparameterize': 0.8,
+    # Its norm loss pulls ‖W'‖_F back to ‖W‖_F, away from the target (0.060).
+    'effort_orthogonal': 0.08,
 }
 
 
@@ -104,7 +125,8 @@ def _loss_ratio(tx) -> float:
 def test_every_method_reaches_the_loss_target(name):
   params, _ = _problem()
   ratio = _loss_ratio(_optimizer(name, params))
-  assert ratio < TARGET, f'{name}: loss went to {ratio:.3g} of its start'
+  target = RESTRICTED.get(name, TARGET)
+  assert ratio < target, f'{name}: loss went to {ratio:.3g} of its start'
 
 
 @pytest.mark.parametrize('name', ['galore', 'frugal', 'sgdp'])

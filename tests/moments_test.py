@@ -17,6 +17,9 @@ from subspace_optax._src.transforms import quantized_moments
 NOT_MOMENTS = frozenset({
     'anchor', 'fisher', 'basis', 'next_basis', 'left', 'right', 'norm',
     'scale', 'similarities',
+    # reparameterize: the trained factors (the inner optimizer's params, whose
+    # moments sit in its own state) and constants such as singular vectors.
+    'factors', 'frozen',
 })
 
 

@@ -141,6 +141,25 @@ _LR = 1e-2
 _SMALL = dict(rank=RANK, refresh=REFRESH, dimension_numbers=so.last_two_axes)
 
 
+def _column_scale() -> so.Factorization:
+  """A user-built factorisation for ``so.reparameterize``: one trained scale
+  per column, ``W(c) = W_0 diag(c)`` (``c_0 = 1``)."""
+
+  def init(w, key, path):
+    del key, path
+    return {'scale': jnp.ones(w.shape[:-2] + w.shape[-1:], w.dtype)}, {'w': w}
+
+  def reconstruct(factors, frozen):
+    return frozen['w'] * factors['scale']
+
+  return so.Factorization('column_scale', init, reconstruct)
+
+
+# The fine-tuning presets reparameterise every matrix and freeze the rest by
+# default; ``others`` trains the vector ``b`` so that every leaf moves.
+_FINETUNE = dict(learning_rate=_LR, rank=RANK, others=optax.adam(_LR))
+
+
 def _entries() -> list[Entry]:
   small = dict(learning_rate=_LR, **_SMALL)
   continual = so.continual
@@ -193,6 +212,18 @@ def _entries() -> list[Entry]:
             dict(inner=optax.adam(_LR), period=REFRESH)),
       Entry('project_radial', so.project_radial,
             dict(inner=optax.scale_by_adam(), weight_decay=0.1)),
+      # Fine-tuning a pre-trained model (exact reparameterisation).
+      Entry('reparameterize', so.reparameterize,
+            dict(factorization=_column_scale(), inner=optax.adam(_LR),
+                 others=optax.adam(_LR))),
+      Entry('svfit', so.svfit, _FINETUNE),
+      Entry('salt', so.salt, dict(lora_rank=2, **_FINETUNE)),
+      Entry('effort', so.effort, _FINETUNE),
+      Entry('effort_orthogonal', so.effort,
+            dict(constraint='orthogonal', **_FINETUNE)),
+      Entry('milora', so.milora, _FINETUNE),
+      Entry('pissa', so.pissa, _FINETUNE),
+      Entry('lora', so.lora, dict(alpha=4.0, **_FINETUNE)),
       # Continual learning.
       Entry('orthogonal_to', continual.orthogonal_to,
             dict(dimension_numbers=so.last_two_axes),
@@ -245,6 +276,8 @@ NOT_METHODS = frozenset({
     'sculpt_capacity', 'sculpt_memory', 'set_memory', 'accuracy_matrix',
     'average_accuracy', 'backward_transfer', 'forgetting', 'forward_transfer',
     'record', 'summary', 'layer_inputs', 'released_rank',
+    # continual: a memory from the weights' singular vectors (for orthogonal_to).
+    'weight_subspace_basis',
 })
 
 
@@ -279,7 +312,11 @@ def protected_states(state) -> list:
 # skipped.
 WITHOUT_BASIS = frozenset({
     'adamp', 'auon', 'ewc', 'l2_to_anchor', 'project_radial',
-    'reset_moments_every', 'sgdp'})
+    'reset_moments_every', 'sgdp',
+    # Reparameterised fine-tuning: the singular vectors are computed once at
+    # init from the weights and never refreshed from a gradient.
+    'reparameterize', 'svfit', 'salt', 'effort', 'effort_orthogonal',
+    'milora', 'pissa', 'lora'})
 
 
 def basis_and_memory(state) -> list:

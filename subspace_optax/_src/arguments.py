@@ -89,6 +89,15 @@ def static_args(factory: Callable[..., Any]) -> tuple[str, ...]:
 
   Raises:
     TypeError: ``factory`` is not a subspace_optax factory.
+
+  Examples:
+    >>> import optax
+    >>> import subspace_optax as so
+    >>> 'rank' in so.static_args(so.galore)
+    True
+    >>> tx = optax.inject_hyperparams(
+    ...     so.galore, static_args=so.static_args(so.galore))(
+    ...         learning_rate=1e-3, rank=2)
   """
   names = getattr(factory, 'static_args', None)
   if names is None:

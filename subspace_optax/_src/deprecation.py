@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import importlib
 from typing import Any, Callable
-import warnings
+
+from subspace_optax._src import utils
 
 
 def renamed_attributes(module_name: str,
@@ -29,9 +30,9 @@ def renamed_attributes(module_name: str,
       raise AttributeError(
           f'module {module_name!r} has no attribute {name!r}')
     target, _, new_name = renames[name].partition(':')
-    warnings.warn(
+    utils.warn_at_caller(
         f'{module_name}.{name} is deprecated and will be removed in 0.2.0; '
-        f'use {target}.{new_name} instead.', DeprecationWarning, stacklevel=2)
+        f'use {target}.{new_name} instead.', DeprecationWarning)
     return getattr(importlib.import_module(target), new_name)
 
   return __getattr__

@@ -83,6 +83,21 @@ def align_signs(new: jax.Array, old: jax.Array) -> jax.Array:
 
   Singular vectors are defined up to sign; without this, moments kept across
   a refresh are silently negated column by column.
+
+  Args:
+    new: the new basis ``(..., k, r)``.
+    old: the previous basis, same shape.
+
+  Returns:
+    ``new`` with each column negated where its dot with ``old``'s is
+    negative.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> so.bases.align_signs(-jnp.eye(2), jnp.eye(2))
+    Array([[1., 0.],
+           [0., 1.]], dtype=float32)
   """
   dots = jnp.sum(new * old, axis=0)
   return new * jnp.where(dots < 0, -1.0, 1.0).astype(new.dtype)
@@ -108,6 +123,23 @@ def orthonormalize(y: jax.Array, key: jax.Array, passes: int = 3) -> jax.Array:
   is still too ill-conditioned for plain Cholesky-QR passes, which then break
   down. On a mesh that QR gathers the sketch (``k x p``, the size of the basis),
   never the gradient.
+
+  Args:
+    y: a ``(k, p)`` matrix (float32), ``p <= k``.
+    key: PRNG key (fills columns of a rank-deficient ``y`` at random).
+    passes: Cholesky-QR passes.
+
+  Returns:
+    A ``(k, p)`` matrix with orthonormal columns spanning ``y``'s range.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> y = jax.random.normal(jax.random.key(0), (8, 3))
+    >>> q = so.bases.orthonormalize(y, jax.random.key(1))
+    >>> bool(jnp.allclose(q.T @ q, jnp.eye(3), atol=1e-5))
+    True
   """
   k, p = y.shape
   y = y.astype(jnp.float32)

@@ -13,7 +13,6 @@ of a matrix is its ``rank`` int32 column indices.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,6 +30,19 @@ def dct_matrix(size: int) -> np.ndarray:
     c_0 = 1/\\sqrt 2,\\ c_{j>0} = 1,
 
   so ``DᵀD = I`` and ``Dᵀx`` is ``scipy.fft.dct(x, type=2, norm='ortho')``.
+
+  Args:
+    size: ``k``.
+
+  Returns:
+    The float64 ``(k, k)`` numpy array ``D``.
+
+  Examples:
+    >>> import numpy as np
+    >>> import subspace_optax as so
+    >>> d = so.bases.dct_matrix(4)
+    >>> np.allclose(d.T @ d, np.eye(4))
+    True
   """
   i = np.arange(size)[:, None]
   j = np.arange(size)[None, :]
@@ -40,7 +52,23 @@ def dct_matrix(size: int) -> np.ndarray:
 
 
 def dct_columns(indices: jax.Array, size: int) -> jax.Array:
-  """``D[:, indices]`` (float32, ``size x len(indices)``) without forming ``D``."""
+  """``D[:, indices]`` (float32, ``size x len(indices)``) without forming ``D``.
+
+  Args:
+    indices: int array of column indices, each in ``[0, size)``.
+    size: ``k``, the size of the DCT.
+
+  Returns:
+    The float32 ``(size, len(indices))`` columns of the DCT-II matrix.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> import subspace_optax as so
+    >>> cols = so.bases.dct_columns(jnp.array([0, 3]), 8)
+    >>> np.allclose(cols, so.bases.dct_matrix(8)[:, [0, 3]], atol=1e-6)
+    True
+  """
   one_hot = jax.nn.one_hot(indices, size, dtype=jnp.float32, axis=0)
   return jax.scipy.fft.idct(one_hot, type=2, axis=0, norm='ortho')
 
@@ -72,6 +100,21 @@ def dct(norm_order: float = 1.0) -> bases_lib.BasisMethod:
 
   Args:
     norm_order: ``p`` of the row norm ranking the columns (1 in the paper).
+
+  Returns:
+    A :class:`BasisMethod`, for ``basis=`` of :func:`subspace_optax.low_rank`
+    and the presets.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import subspace_optax as so
+    >>> tx = so.low_rank(optax.scale_by_adam(), rank=2,
+    ...                  basis=so.bases.dct())
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> updates, state = tx.update(params, tx.init(params))
+    >>> so.bases.dct().name
+    'dct'
   """
 
   def init(k, l, rank):

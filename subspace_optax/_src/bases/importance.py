@@ -20,6 +20,22 @@ def gumbel_top_k(log_weights: jax.Array, k: int, key: jax.Array) -> jax.Array:
   ``log w_i + Gumbel_i`` are a draw of successive sampling without replacement
   (the first index has probability ``w_i / Σ w``, the next one is drawn from the
   rest, ...). Indices are returned ascending.
+
+  Args:
+    log_weights: ``(..., d)`` log of the (unnormalised) weights.
+    k: how many indices to draw (static).
+    key: PRNG key.
+
+  Returns:
+    int32 indices ``(..., k)``, ascending, without repeats.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> log_w = jnp.log(jnp.array([1.0, 1e-9, 1.0, 1e-9]))
+    >>> so.bases.gumbel_top_k(log_w, 2, jax.random.key(0))
+    Array([0, 2], dtype=int32)
   """
   noise = jax.random.gumbel(key, log_weights.shape, jnp.float32)
   _, top = jax.lax.top_k(log_weights + noise, k)
@@ -45,6 +61,21 @@ def importance_sampled(algorithm: Optional[Any] = None) -> bases_lib.BasisMethod
 
   Args:
     algorithm: optional ``jax.lax.linalg.SvdAlgorithm``; None uses JAX's default.
+
+  Returns:
+    A :class:`BasisMethod`, for ``basis=`` of :func:`subspace_optax.low_rank`
+    and the presets.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import subspace_optax as so
+    >>> tx = so.low_rank(optax.scale_by_adam(), rank=2,
+    ...                  basis=so.bases.importance_sampled())
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> updates, state = tx.update(params, tx.init(params))
+    >>> so.bases.importance_sampled().name
+    'importance_sampled'
   """
 
   def refresh(g, old, key, align):

@@ -52,6 +52,21 @@ def random_columns() -> bases_lib.BasisMethod:
   exactly the fraction ``ρ`` of the entries. The transition between two subsets
   is the partial permutation ``R_{ab} = [S_new[a] = S_old[b]]``, so
   ``on_refresh='transport'`` carries the moments of coordinates kept in both.
+
+  Returns:
+    A :class:`BasisMethod`, for ``basis=`` of :func:`subspace_optax.low_rank`
+    and the presets.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import subspace_optax as so
+    >>> tx = so.low_rank(optax.scale_by_adam(), rank=2,
+    ...                  basis=so.bases.random_columns())
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> updates, state = tx.update(params, tx.init(params))
+    >>> so.bases.random_columns().name
+    'random_columns'
   """
 
   def init(k: int, l: int, rank: int) -> SelectedColumns:
@@ -112,6 +127,21 @@ def blocks(density: float = 0.25) -> bases_lib.BasisMethod:
   Args:
     density: probability ``ρ`` in [0, 1] that a matrix is active after a
       refresh. ``1`` runs the inner optimizer everywhere, ``0`` nowhere.
+
+  Returns:
+    A :class:`BasisMethod`, for ``basis=`` of :func:`subspace_optax.low_rank`
+    and the presets.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import subspace_optax as so
+    >>> tx = so.low_rank(optax.scale_by_adam(), rank=1.0, on_refresh='reset',
+    ...                  basis=so.bases.blocks(density=0.5))
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> updates, state = tx.update(params, tx.init(params))
+    >>> updates['w'].shape
+    (8, 6)
   """
   if not 0.0 <= density <= 1.0:
     raise ValueError(f'`density` must lie in [0, 1], got {density}.')

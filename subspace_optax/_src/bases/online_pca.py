@@ -58,6 +58,25 @@ def online_pca_gradient(
   """Closed-form gradient of the online-PCA loss at ``P = basis`` (see module doc).
 
   A zero gradient gives ``G̃ = 0`` (only the orthogonality term acts).
+
+  Args:
+    basis: ``P``, ``(k, r)``.
+    g: the gradient ``G``, ``(k, l)`` (normalised here: ``G̃ = G/‖G‖_F``).
+    orthogonality_weight: ``λ``.
+
+  Returns:
+    ``∇_P L``, the shape of ``basis``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> p = jnp.eye(4, 2)  # spans the gradient's range: a stationary point
+    >>> g = jnp.eye(4, 3) * jnp.array([2.0, 1.0, 0.0])
+    >>> so.bases.online_pca_gradient(p, g, 0.1)
+    Array([[0., 0.],
+           [0., 0.],
+           [0., 0.],
+           [0., 0.]], dtype=float32)
   """
   g = g.astype(jnp.float32)
   norm = jnp.sqrt(jnp.sum(g * g))
@@ -99,6 +118,24 @@ def range_finder(
   ``Q = orth(G Ω)`` then ``power_iterations`` rounds of
   ``Q = orth(G orth(GᵀQ))`` (Halko, Martinsson & Tropp, arXiv 0909.4061), with
   Cholesky-QR only: no SVD and no eigendecomposition, in any order of columns.
+
+  Args:
+    g: a ``(k, l)`` matrix (``jax.vmap`` it over stacked layers).
+    rank: columns of the basis (static).
+    key: PRNG key of the Gaussian sketch ``Ω``.
+    power_iterations: subspace iterations.
+
+  Returns:
+    A ``(k, rank)`` matrix with orthonormal columns.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> g = jnp.diag(jnp.array([3.0, 2.0, 0.0, 0.0]))  # rank 2
+    >>> q = so.bases.range_finder(g, 2, jax.random.key(0))
+    >>> bool(jnp.allclose(q @ (q.T @ g), g, atol=1e-3))  # spans its range
+    True
   """
   g = g.astype(jnp.float32)
   keys = jax.random.split(key, 2 + 2 * power_iterations)
@@ -208,6 +245,21 @@ def online_pca(
       ``P_t``, then ``P_{t+1} = step(P_t, G_t)``), storing ``P_{t+1}`` too
       (``+ k r`` floats). At update 0 the initial basis is used and not stepped.
     weight_decay: decoupled weight decay on ``P`` for the built-in optimizers.
+
+  Returns:
+    A :class:`BasisMethod`, for ``basis=`` of :func:`subspace_optax.low_rank`
+    and the presets. Its basis moves at every update (``every_step``).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import subspace_optax as so
+    >>> tx = so.low_rank(optax.scale_by_adam(), rank=2,
+    ...                  basis=so.bases.online_pca())
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> updates, state = tx.update(params, tx.init(params))
+    >>> so.bases.online_pca().name
+    'online_pca'
   """
   if initial not in INITIAL_BASES:
     raise ValueError(f'`initial` must be one of {INITIAL_BASES}, got {initial!r}.')

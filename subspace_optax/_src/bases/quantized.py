@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 
-from subspace_optax._src.transforms import quantize as quantize_lib
 from subspace_optax._src.bases import base as bases_lib
 from subspace_optax._src.bases import registry
+from subspace_optax._src.transforms import quantize as quantize_lib
 
 
 def quantized(
@@ -31,6 +30,22 @@ def quantized(
       ``'randomized'``, ``'random_orthonormal'``, ...).
     bits: 8 or 4.
     group_size: rows per quantization group (Q-GaLore: 256 entries).
+
+  Returns:
+    A :class:`BasisMethod`, for ``basis=`` of :func:`subspace_optax.low_rank`
+    and the presets. whose state is :class:`~subspace_optax.QuantizedMatrix`
+    codes.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import subspace_optax as so
+    >>> method = so.bases.quantized('svd', bits=4, group_size=4)
+    >>> tx = so.low_rank(optax.scale_by_adam(), rank=2, basis=method)
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> updates, state = tx.update(params, tx.init(params))
+    >>> type(state.basis['w']).__name__
+    'QuantizedMatrix'
   """
   quantize_lib._check_bits(bits)
   method = registry.resolve(basis)

@@ -8,7 +8,6 @@ the matrix, not only its seed).
 """
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 
@@ -35,6 +34,21 @@ def random_orthonormal() -> bases_lib.BasisMethod:
   a row-sharded basis is never gathered. Unlike an SVD of a noisy small-batch
   gradient, the subspace is unbiased, which is what GoLore's convergence proof
   needs. Cost ``O(k r²)`` per refresh; the gradient is not read.
+
+  Returns:
+    A :class:`BasisMethod`, for ``basis=`` of :func:`subspace_optax.low_rank`
+    and the presets.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import subspace_optax as so
+    >>> tx = so.low_rank(optax.scale_by_adam(), rank=2,
+    ...                  basis=so.bases.random_orthonormal())
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> updates, state = tx.update(params, tx.init(params))
+    >>> so.bases.random_orthonormal().name
+    'random_orthonormal'
   """
 
   def refresh(g, old, key, align):
@@ -65,6 +79,21 @@ def gaussian() -> bases_lib.BasisMethod:
 
   so the back-projection ``QC = QQᵀG`` is an unbiased estimate of ``G``. The
   transition ``Q_newᵀ Q_old`` is Flora's moment transfer. Cost ``O(k r)``.
+
+  Returns:
+    A :class:`BasisMethod`, for ``basis=`` of :func:`subspace_optax.low_rank`
+    and the presets.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import subspace_optax as so
+    >>> tx = so.low_rank(optax.scale_by_adam(), rank=2,
+    ...                  basis=so.bases.gaussian())
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> updates, state = tx.update(params, tx.init(params))
+    >>> so.bases.gaussian().name
+    'gaussian'
   """
 
   def refresh(g, old, key, align):

@@ -31,7 +31,21 @@ class SeedState:
 
 
 def seeded_matrix(state: SeedState) -> jax.Array:
-  """The ``k x rank`` matrix with entries ``N(0, 1/rank)`` that ``state`` stands for."""
+  """The ``k x rank`` matrix of ``N(0, 1/rank)`` entries that ``state`` encodes.
+
+  Args:
+    state: a :class:`SeedState` (one seed, the static sizes).
+
+  Returns:
+    The float32 ``(..., k, rank)`` matrix, regenerated from the seed.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> state = so.bases.SeedState(jnp.uint32(7), 8, 2)
+    >>> so.bases.seeded_matrix(state).shape
+    (8, 2)
+  """
   return jax.random.normal(
       jax.random.key(state.seed), (state.size, state.rank), jnp.float32
   ) / math.sqrt(state.rank)
@@ -52,6 +66,21 @@ def seeded_gaussian() -> bases_lib.BasisMethod:
   price is drawing ``k r`` normals per use, cheap next to the ``k r l``
   projection. Same distribution as :func:`~subspace_optax.bases.gaussian`
   (which stores the dense matrix); ``align_signs`` is ignored.
+
+  Returns:
+    A :class:`BasisMethod`, for ``basis=`` of :func:`subspace_optax.low_rank`
+    and the presets.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import subspace_optax as so
+    >>> tx = so.low_rank(optax.scale_by_adam(), rank=2,
+    ...                  basis=so.bases.seeded_gaussian())
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> updates, state = tx.update(params, tx.init(params))
+    >>> so.bases.seeded_gaussian().name
+    'seeded_gaussian'
   """
 
   def init(k: int, l: int, rank: int) -> SeedState:

@@ -59,6 +59,21 @@ def svd(algorithm: Optional[Any] = None) -> bases_lib.BasisMethod:
   Args:
     algorithm: optional ``jax.lax.linalg.SvdAlgorithm`` (e.g. ``POLAR`` is much
       faster on GPU); None uses JAX's default.
+
+  Returns:
+    A :class:`BasisMethod`, for ``basis=`` of :func:`subspace_optax.low_rank`
+    and the presets.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import subspace_optax as so
+    >>> tx = so.low_rank(optax.scale_by_adam(), rank=2,
+    ...                  basis=so.bases.svd())
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> updates, state = tx.update(params, tx.init(params))
+    >>> so.bases.svd().name
+    'svd'
   """
 
   def refresh(g, old, key, align):
@@ -90,6 +105,21 @@ def randomized(oversample: int = 8, power_iterations: int = 1) -> bases_lib.Basi
   Args:
     oversample: extra sketch columns beyond the rank.
     power_iterations: subspace iterations sharpening the spectrum.
+
+  Returns:
+    A :class:`BasisMethod`, for ``basis=`` of :func:`subspace_optax.low_rank`
+    and the presets.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import subspace_optax as so
+    >>> tx = so.low_rank(optax.scale_by_adam(), rank=2,
+    ...                  basis=so.bases.randomized())
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> updates, state = tx.update(params, tx.init(params))
+    >>> so.bases.randomized().name
+    'randomized'
   """
   if oversample < 0 or power_iterations < 0:
     raise ValueError('`oversample` and `power_iterations` must be >= 0.')

@@ -102,6 +102,15 @@ def layer_inputs(model, *args, layer_types: Sequence[type] = None,
 
   Raises:
     ValueError: ``model`` is not an NNX module, or captured no input at all.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from subspace_optax import continual as cl
+    >>> model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    >>> inputs = cl.layer_inputs(model, jnp.ones((5, 4)))
+    >>> inputs['kernel'].shape, inputs['bias']
+    ((5, 4), None)
   """
   from flax import nnx  # pylint: disable=import-outside-toplevel
   if not isinstance(model, nnx.Module):

@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from subspace_optax._src import utils
 from subspace_optax._src.continual import memory_inputs
 from subspace_optax._src.continual import memory_updates
 from subspace_optax._src.continual import protected as protected_lib
 from subspace_optax._src.pipeline import layout as layout_lib
-from subspace_optax._src import utils
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -158,6 +158,15 @@ def gpm_memory(
 
   Returns:
     The grown memory (same shapes as ``memory``).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from subspace_optax import continual as cl
+    >>> params = {'w': jnp.ones((4, 3))}
+    >>> inputs = {'w': jnp.eye(4)[:2] * jnp.array([[3.0], [1.0]])}  # 2 samples
+    >>> memory = cl.gpm_memory(inputs, 0.8, params=params)
+    >>> int(memory['w'].left_count)  # 9 / 10 of the energy in one direction
+    1
   """
   memory = _fresh_memory(memory, params, 'left', capacity, dimension_numbers)
   memory_leaves, treedef = jax.tree.flatten(
@@ -219,6 +228,14 @@ def gradient_memory(
 
   Returns:
     The grown memory.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from subspace_optax import continual as cl
+    >>> grads = {'w': jnp.diag(jnp.array([3.0, 1.0, 0.0]))[None]}  # s = 1
+    >>> memory = cl.gradient_memory(grads, 0.8, mode='left')
+    >>> int(memory['w'].left_count)  # 9 / 10 of the energy in one direction
+    1
   """
   gradients = utils.unbox(gradients)
   shapes = jax.tree.map(

@@ -11,7 +11,6 @@ concrete values, instead of a memory that silently protects nothing.
 """
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import optax

@@ -9,19 +9,18 @@ of an optax (or flax ``nnx.Optimizer``) state.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from subspace_optax._src.continual import protected as protected_lib
-from subspace_optax._src.pipeline import layout as layout_lib
 from subspace_optax._src import utils
-from subspace_optax._src.continual.protected import clear
+from subspace_optax._src.continual import protected as protected_lib
 from subspace_optax._src.continual.protected import OrthogonalState
 from subspace_optax._src.continual.protected import ProtectedSubspace
+from subspace_optax._src.continual.protected import clear
+from subspace_optax._src.pipeline import layout as layout_lib
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _is_variable = utils.is_variable  # pylint: disable=protected-access
@@ -139,7 +138,7 @@ def _report_overflow(path, side, wanted, filled, capacity, on_overflow):
   if on_overflow == 'raise':
     raise ValueError(message)
   if on_overflow == 'warn':
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    utils.warn_at_caller(message, RuntimeWarning)
 
 
 def add_directions(
@@ -180,6 +179,16 @@ def add_directions(
 
   Returns:
     The grown memory (same shapes as ``memory``).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from subspace_optax import continual as cl
+    >>> g = jnp.eye(6, 4)[None] * jnp.array([4.0, 3.0, 2.0, 1.0])
+    >>> memory = cl.gradient_memory({'w': g}, 0.5, mode='left')  # e_1
+    >>> h = jnp.eye(6, 4)[None] * jnp.array([1.0, 1.0, 4.0, 1.0])
+    >>> new = cl.gradient_memory({'w': h}, 0.5, mode='left')  # e_3
+    >>> int(cl.add_directions(memory, new)['w'].left_count)
+    2
   """
   if on_overflow not in ('raise', 'warn', 'ignore'):
     raise ValueError(
@@ -248,6 +257,21 @@ def get_memory(opt_state):
 
   Works on plain optax states and on flax ``nnx.Optimizer.opt_state``
   (Variables are unwrapped).
+
+  Args:
+    opt_state: an optimizer state holding one :class:`OrthogonalState`.
+
+  Returns:
+    The memory, a pytree of :class:`ProtectedSubspace` (``MaskedNode`` at
+    leaves that are not matrices).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from subspace_optax import continual as cl
+    >>> params = {'w': jnp.ones((6, 4))}
+    >>> state = cl.gpm(1e-2).init(params)
+    >>> int(cl.get_memory(state)['w'].left_count)  # nothing protected yet
+    0
   """
   states = _find_states(opt_state)
   if len(states) != 1:
@@ -275,6 +299,29 @@ def set_memory(opt_state, memory, *, tolerance: float = 1e-4,
   with ``add_directions(clear(memory), memory)``). These checks need concrete
   values; under ``jax.jit`` they are skipped. Flax ``nnx.Optimizer`` states
   are supported (Variables keep their metadata).
+
+  Args:
+    opt_state: an optimizer state holding one :class:`OrthogonalState`.
+    memory: the new memory (the structure of :func:`get_memory`'s).
+    tolerance: relative energy below which a re-orthonormalised direction is
+      dropped (as :func:`add_directions`).
+    on_overflow: ``'raise'``, ``'warn'`` or ``'ignore'`` when ``memory`` holds
+      more directions than the state's capacity.
+
+  Returns:
+    ``opt_state`` with the memory replaced (same structure and, when the
+    shapes match, the same shapes).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from subspace_optax import continual as cl
+    >>> params = {'w': jnp.ones((6, 4))}
+    >>> state = cl.gpm(1e-2).init(params)
+    >>> g = jnp.eye(6, 4)[None] * jnp.array([4.0, 3.0, 2.0, 1.0])
+    >>> memory = cl.gradient_memory({'w': g}, 0.5, mode='left')
+    >>> state = cl.set_memory(state, memory)
+    >>> int(cl.get_memory(state)['w'].left_count)
+    1
   """
   states = _find_states(opt_state)
   if len(states) != 1:

@@ -44,14 +44,14 @@ import jax.numpy as jnp
 import optax
 
 from subspace_optax._src import arguments
+from subspace_optax._src import utils
 from subspace_optax._src.continual import memory_updates
 from subspace_optax._src.continual import protected as protected_lib
-from subspace_optax._src.pipeline import layout as layout_lib
-from subspace_optax._src.pipeline import sharding
-from subspace_optax._src import utils
 from subspace_optax._src.continual.protected import Capacity
 from subspace_optax._src.continual.protected import OrthogonalState
 from subspace_optax._src.continual.protected import ProtectedSubspace
+from subspace_optax._src.pipeline import layout as layout_lib
+from subspace_optax._src.pipeline import sharding
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -71,7 +71,27 @@ def _remove_right(view, basis):
 
 
 def project_out(view: jax.Array, memory: ProtectedSubspace, mode: str):
-  """Remove the protected components from an oriented ``(*batch, m, n)`` view."""
+  """Remove the protected components from an oriented ``(*batch, m, n)`` view.
+
+  Args:
+    view: the update in the oriented ``(*batch, m, n)`` matrix view.
+    memory: the leaf's :class:`ProtectedSubspace`.
+    mode: ``'two_sided'``, ``'left'``, ``'right'`` or ``'block'``.
+
+  Returns:
+    ``view`` without its protected components (float32).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> from subspace_optax import continual as cl
+    >>> memory = cl.ProtectedSubspace(jnp.eye(3)[:, :1], optax.MaskedNode(),
+    ...                               jnp.array(1), optax.MaskedNode())
+    >>> cl.project_out(jnp.ones((3, 2)), memory, 'left')
+    Array([[0., 0.],
+           [1., 1.],
+           [1., 1.]], dtype=float32)
+  """
   def side(basis):
     return None if protected_lib.is_masked(basis) else basis.astype(jnp.float32)
   left, right = side(memory.left), side(memory.right)
@@ -183,6 +203,20 @@ def orthogonal_to(
   Returns:
     An ``optax.GradientTransformation`` whose state is an
     :class:`OrthogonalState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> from subspace_optax import continual as cl
+    >>> params = {'w': jnp.ones((3, 2))}
+    >>> tx = optax.chain(optax.sgd(1.0), cl.orthogonal_to(mode='left'))
+    >>> memory = {'w': cl.ProtectedSubspace(
+    ...     jnp.eye(3)[:, :1], optax.MaskedNode(), jnp.array(1),
+    ...     optax.MaskedNode())}
+    >>> state = cl.set_memory(tx.init(params), memory)
+    >>> updates, state = tx.update(params, state, params)
+    >>> updates['w'][0]  # the protected row does not move
+    Array([0., 0.], dtype=float32)
   """
   protected_lib.mode_sides(mode)
   if unprotected not in UNPROTECTED:

@@ -26,7 +26,20 @@ from subspace_optax._src.continual import regularizers
 
 def sculpt_capacity(max_fraction: float = 0.8) -> Callable[[int, int], int]:
   """Capacity ``floor(max_fraction * min(m, n))`` per side, the largest rank
-  :func:`sculpt_memory` keeps (so its memories fit without overflow)."""
+  :func:`sculpt_memory` keeps (so its memories fit without overflow).
+
+  Args:
+    max_fraction: ``trr``, in (0, 1].
+
+  Returns:
+    A function ``(m, n) -> capacity`` for ``capacity=`` of
+    :func:`orthogonal_to` and :func:`empty_memory`.
+
+  Examples:
+    >>> import subspace_optax as so
+    >>> so.continual.sculpt_capacity(0.5)(8, 6)
+    3
+  """
   if not 0.0 < max_fraction <= 1.0:
     raise ValueError(f'`max_fraction` must lie in (0, 1], got {max_fraction}.')
   return lambda rows, columns: max(
@@ -34,7 +47,8 @@ def sculpt_capacity(max_fraction: float = 0.8) -> Callable[[int, int], int]:
 
 
 @arguments.declare_static_args(
-    'max_fraction', 'weight_decay', 'mask', 'dimension_numbers')
+    'max_fraction', 'weight_decay', 'mask', 'dimension_numbers', 'unprotected',
+    'mu_dtype')
 def sculpt(
     learning_rate: optax.ScalarOrSchedule,
     *,
@@ -47,6 +61,8 @@ def sculpt(
     weight_decay: float = 0.0,
     mask: Optional[Any] = None,
     dimension_numbers: Any = None,
+    unprotected: str = 'train',
+    mu_dtype: Optional[Any] = None,
 ) -> optax.GradientTransformation:
   """Constrained full fine-tuning for continual learning (Sculpting Subspaces).
 
@@ -81,6 +97,12 @@ def sculpt(
       Python 0 leaves the decay stage out, so it is a static argument).
     mask: optax mask for the decay.
     dimension_numbers: which leaves are matrices (default every 2-D leaf).
+    unprotected: what happens to the leaves without a memory (biases, norm
+      scales) once something is protected: ``'train'`` (default; full
+      fine-tuning trains them, as the reference) or ``'freeze'``; see
+      :func:`orthogonal_to`.
+    mu_dtype: dtype in which Adam's first moment is stored (as in
+      ``optax.adamw``); None: float32.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -99,14 +121,14 @@ def sculpt(
   if mode not in ('two_sided', 'block'):
     raise ValueError(f"sculpt's `mode` must be 'two_sided' or 'block', got "
                      f'{mode!r}.')
-  stages = [optax.scale_by_adam(b1=b1, b2=b2, eps=eps)]
+  stages = [optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)]
   # A traced weight_decay (optax.inject_hyperparams) keeps the decay stage.
   if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
     stages.append(optax.add_decayed_weights(weight_decay, mask))
   stages.append(optax.scale_by_learning_rate(learning_rate))
   stages.append(orthogonal.orthogonal_to(
       memory, mode=mode, capacity=sculpt_capacity(max_fraction),
-      dimension_numbers=dimension_numbers))
+      dimension_numbers=dimension_numbers, unprotected=unprotected))
   return optax.chain(*stages)
 
 
@@ -161,7 +183,8 @@ def gpm(
   )
 
 
-@arguments.declare_static_args('capacity', 'dimension_numbers', 'unprotected')
+@arguments.declare_static_args('capacity', 'dimension_numbers', 'unprotected',
+                               'mu_dtype')
 def gpm_ewc(
     learning_rate: optax.ScalarOrSchedule,
     *,
@@ -173,6 +196,7 @@ def gpm_ewc(
     capacity: Any = 1.0,
     dimension_numbers: Any = None,
     unprotected: str = 'freeze',
+    mu_dtype: Optional[Any] = None,
 ) -> optax.GradientTransformation:
   """GPM's projection on EWC-regularised Adam: the recommended recipe.
 
@@ -213,8 +237,10 @@ def gpm_ewc(
     b1, b2, eps: Adam's parameters.
     capacity: columns of the input-side memory (see :func:`empty_memory`).
     dimension_numbers: which leaves are matrices (default every 2-D leaf).
-    unprotected: ``'freeze'`` (default) or ``'train'``, see
-      :func:`orthogonal_to`.
+    unprotected: ``'freeze'`` (default, as GPM's reference) or ``'train'``,
+      see :func:`orthogonal_to`.
+    mu_dtype: dtype in which Adam's first moment is stored (as in
+      ``optax.adamw``); None: float32.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -234,6 +260,7 @@ def gpm_ewc(
       orthogonal.orthogonal_to(
           memory, mode='left', capacity=capacity,
           dimension_numbers=dimension_numbers, unprotected=unprotected,
-          inner=optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+          inner=optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=eps,
+                                                mu_dtype=mu_dtype),
                             optax.scale_by_learning_rate(learning_rate))),
   )

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from subspace_optax._src.pipeline import layout as layout_lib
 from subspace_optax._src import utils
+from subspace_optax._src.pipeline import layout as layout_lib
 
 MODES = ('two_sided', 'left', 'right', 'block')
 # Largest |QᵀQ - I| (float32) accepted for a memory that is stored as given.
@@ -126,6 +126,14 @@ def empty_memory(
   Returns:
     A pytree with the structure of ``params`` whose matrix leaves are
     :class:`ProtectedSubspace` with zero columns and zero counts.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from subspace_optax import continual as cl
+    >>> memory = cl.empty_memory({'w': jnp.ones((6, 4))}, mode='left',
+    ...                          capacity=2)
+    >>> memory['w'].left.shape, int(memory['w'].left_count)
+    ((6, 2), 0)
   """
   use_left, use_right = mode_sides(mode)
   params = utils.unbox(params)
@@ -222,7 +230,23 @@ def clear(memory):
 
 
 def protected_fraction(memory) -> dict:
-  """Per leaf path and side, the fill count over the side's dimension (host)."""
+  """Per leaf path and side, the fill count over the side's dimension (host).
+
+  Args:
+    memory: a memory (pytree of :class:`ProtectedSubspace`).
+
+  Returns:
+    A dict ``{'<path>.left' | '<path>.right': fraction}`` of floats in
+    [0, 1] (the mean over stacked layers).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from subspace_optax import continual as cl
+    >>> g = jnp.eye(4, 3)[None] * jnp.array([3.0, 1.0, 1.0])
+    >>> memory = cl.gradient_memory({'w': g}, 0.5, mode='left')
+    >>> cl.protected_fraction(memory)  # 1 of 4 input directions
+    {"['w'].left": 0.25}
+  """
   out = {}
   flat = jax.tree_util.tree_flatten_with_path(memory, is_leaf=is_memory_leaf)[0]
   for path, mem in flat:

@@ -72,6 +72,15 @@ def l2_to_anchor(
 
   Returns:
     An ``optax.GradientTransformation`` with an :class:`AnchorState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from subspace_optax import continual as cl
+    >>> tx = cl.l2_to_anchor(strength=0.5)
+    >>> state = tx.init({'w': jnp.zeros(2)})  # anchor at 0
+    >>> updates, _ = tx.update({'w': jnp.zeros(2)}, state, {'w': jnp.ones(2)})
+    >>> updates['w']
+    Array([0.5, 0.5], dtype=float32)
   """
 
   def init_fn(params):
@@ -111,6 +120,16 @@ def ewc(
 
   Returns:
     An ``optax.GradientTransformation`` with an :class:`EwcState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from subspace_optax import continual as cl
+    >>> tx = cl.ewc(fisher={'w': jnp.array([1.0, 0.0])}, strength=2.0)
+    >>> state = tx.init({'w': jnp.zeros(2)})  # anchor at 0
+    >>> grads = {'w': jnp.zeros(2)}
+    >>> updates, _ = tx.update(grads, state, {'w': jnp.ones(2)})
+    >>> updates['w']  # λ F (θ - θ*)
+    Array([2., 0.], dtype=float32)
   """
 
   def init_fn(params):
@@ -145,6 +164,21 @@ def consolidate_ewc(opt_state: Any, params: Any, fisher: Any,
     params: ``θ``, the params at the end of the task.
     fisher: ``F_t``, e.g. from :func:`fisher_diagonal`.
     decay: ``γ``.
+
+  Returns:
+    ``opt_state`` with the :class:`EwcState` updated (same structure and
+    shapes).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> from subspace_optax import continual as cl
+    >>> params = {'w': jnp.ones(2)}
+    >>> tx = optax.chain(cl.ewc(strength=1.0), optax.sgd(0.1))
+    >>> state = tx.init(params)
+    >>> state = cl.consolidate_ewc(state, params, {'w': jnp.array([1.0, 0.0])})
+    >>> state[0].fisher['w']
+    Array([1., 0.], dtype=float32)
   """
   total = jax.tree.map(lambda old, new: decay * old + new,
                        optax.tree.get(opt_state, 'fisher'), fisher)
@@ -175,8 +209,23 @@ def fisher_diagonal(
   EWC code uses); pass labels sampled from the model for the true Fisher.
   Per-example gradients are taken with ``vmap`` in chunks of ``batch_size``.
 
+  Args:
+    loss_fn: ``loss_fn(params, example) -> scalar``, the loss of one example.
+    params: the parameters ``θ``.
+    examples: a pytree of arrays with a leading axis of N examples.
+    batch_size: examples per ``vmap`` chunk (None: all at once).
+
   Returns:
     A pytree like ``params``: the mean of the squared per-example gradients.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from subspace_optax import continual as cl
+    >>> def loss(params, x):
+    ...   return 0.5 * jnp.sum((params['w'] * x) ** 2)
+    >>> cl.fisher_diagonal(loss, {'w': jnp.ones(2)}, jnp.array([[1.0, 0.0],
+    ...                                                      [1.0, 2.0]]))
+    {'w': Array([1., 8.], dtype=float32)}
   """
   params = utils.unbox(params)
   sizes = {int(jnp.shape(x)[0]) for x in jax.tree.leaves(examples)}
@@ -226,6 +275,12 @@ def rewarm_schedule(
 
   Returns:
     An ``optax.Schedule`` (a jittable function of the global step).
+
+  Examples:
+    >>> from subspace_optax import continual as cl
+    >>> schedule = cl.rewarm_schedule(1.0, steps_per_task=10, warmup_steps=2)
+    >>> [round(float(schedule(t)), 3) for t in (0, 1, 2, 10, 11)]
+    [0.0, 0.5, 1.0, 0.0, 0.5]
   """
   lengths = ([steps_per_task] if isinstance(steps_per_task, int)
              else list(steps_per_task))

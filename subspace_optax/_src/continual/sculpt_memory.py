@@ -12,16 +12,15 @@ from __future__ import annotations
 import functools
 import math
 from typing import Any, Optional
-import warnings
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from subspace_optax._src import utils
 from subspace_optax._src.continual import memory_inputs
 from subspace_optax._src.continual import protected as protected_lib
 from subspace_optax._src.pipeline import layout as layout_lib
-from subspace_optax._src import utils
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -37,6 +36,21 @@ def activation_importance(inputs: jax.Array, outputs: jax.Array) -> jax.Array:
   calibration data of the previous task, shaped ``(..., features)`` with the
   same feature size (a square layer or a residual block). Returns the mean
   cosine similarity over every leading index.
+
+  Args:
+    inputs: the layer's inputs ``x_i``, ``(..., samples, features)``.
+    outputs: its outputs ``y_i`` (same leading shape; same feature count).
+
+  Returns:
+    The importance, a float32 scalar (an array of the batch shape for
+    stacked layers).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> x = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+    >>> float(so.continual.activation_importance(x, 2 * x))  # aligned: 1
+    1.0
   """
   inputs = jnp.asarray(inputs, jnp.float32)
   outputs = jnp.asarray(outputs, jnp.float32)
@@ -111,11 +125,6 @@ def _top_singular(leaf, fraction, lay, capacity):
 RULES = ('importance', 'released')
 
 
-class RankClampedWarning(UserWarning):
-  """A rank asked of a memory builder exceeded what the matrix or the memory
-  holds and was clamped (the message names each leaf)."""
-
-
 def released_rank(rows: int, columns: int, task: int,
                   fraction_step: float = 0.07) -> int:
   """The released Sculpting Subspaces rank ``floor(max(m, n) · s_t)``.
@@ -123,6 +132,20 @@ def released_rank(rows: int, columns: int, task: int,
   ``s_t = fraction_step · t`` after ``t`` finished tasks (the released code
   grows the fraction by 0.07 per task; starting at one step after the first
   task is this library's reading). Not clamped: may exceed ``min(m, n)``.
+
+  Args:
+    rows: ``m``.
+    columns: ``n``.
+    task: finished tasks ``t``.
+    fraction_step: growth of ``s_t`` per task.
+
+  Returns:
+    The rank, an int.
+
+  Examples:
+    >>> import subspace_optax as so
+    >>> so.continual.released_rank(100, 40, task=2)  # floor(100 * 0.14)
+    14
   """
   return math.floor(max(rows, columns) * fraction_step * task + 1e-6)
 
@@ -167,7 +190,7 @@ def sculpt_memory(
     adaptive rank is commented out: ``k = floor(max(m, n) · s_t)`` with
     ``s_t = fraction_step · task`` (0.07 per finished task), the same for
     every matrix, clamped to ``min(m, n)`` and to the memory's capacity
-    ``floor(max_fraction · min(m, n))`` with a :class:`RankClampedWarning`
+    ``floor(max_fraction · min(m, n))`` with a :class:`~subspace_optax.continual.RankClampedWarning`
     (use ``max_fraction=1.0`` here and in :func:`sculpt`).
 
   Args:
@@ -188,6 +211,14 @@ def sculpt_memory(
   Returns:
     A memory whose capacity per leaf is ``floor(max_fraction * d)`` (static,
     whatever the importance), filled with ``k`` columns per matrix.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> params = {'w': jnp.diag(jnp.array([4.0, 3.0, 2.0, 1.0]))}
+    >>> memory = so.continual.sculpt_memory(params, max_fraction=0.5)
+    >>> int(memory['w'].left_count)  # floor(0.5 * 4) top directions
+    2
   """
   if not 0.0 <= min_fraction <= max_fraction <= 1.0:
     raise ValueError(
@@ -249,13 +280,13 @@ def _released_fractions(importance, task, fraction_step, layouts,
                      f'{capacity}')
     fractions.append(min(wanted, capacity) / smaller)
   if clamped:
-    warnings.warn(
+    utils.warn_at_caller(
         f"sculpt_memory(rule='released', task={task}): the rank "
         'floor(max(m, n) * s_t) exceeds min(m, n) or the capacity '
         'floor(max_fraction * min(m, n)) and was clamped for '
         f'{len(clamped)} matrices: {"; ".join(clamped)}. Those matrices keep '
         'no free direction on the clamped side when the rank reaches min(m, '
-        'n).', RankClampedWarning, stacklevel=3)
+        'n).', utils.RankClampedWarning)
   return fractions
 
 

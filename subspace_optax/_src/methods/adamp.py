@@ -12,15 +12,16 @@ step.
 
 from __future__ import annotations
 
+from typing import Any, Optional
 
 import optax
 
-from subspace_optax._src.transforms import radial as radial_lib
 from subspace_optax._src import arguments
 from subspace_optax._src.transforms import adam
+from subspace_optax._src.transforms import radial as radial_lib
 
 
-@arguments.declare_static_args('channel_axis')
+@arguments.declare_static_args('channel_axis', 'mu_dtype')
 def adamp(
     learning_rate: optax.ScalarOrSchedule,
     *,
@@ -32,6 +33,7 @@ def adamp(
     delta: float = 0.1,
     wd_ratio: float = 0.1,
     channel_axis: int = -1,
+    mu_dtype: Optional[Any] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """AdamP: Adam with the radial projection of :func:`project_radial`.
 
@@ -51,6 +53,13 @@ def adamp(
     b1, b2, eps: Adam's hyper-parameters.
     nesterov: use the Nesterov momentum of the reference.
     weight_decay, delta, wd_ratio, channel_axis: see :func:`project_radial`.
+    mu_dtype: dtype in which Adam's first moment is stored (as in
+      ``optax.adamw``), e.g. ``jnp.bfloat16``; computed in float32. None:
+      float32. The second moment stays float32.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; its ``update`` needs
+    ``params``.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -64,7 +73,8 @@ def adamp(
   """
   return optax.chain(
       radial_lib.project_radial(
-          adam.scale_by_torch_nesterov_adam(b1, b2, eps, nesterov), delta=delta,
+          adam.scale_by_torch_nesterov_adam(
+              b1, b2, eps, nesterov, mu_dtype=mu_dtype), delta=delta,
           wd_ratio=wd_ratio, weight_decay=weight_decay, eps=eps,
           channel_axis=channel_axis),
       optax.scale_by_learning_rate(learning_rate),
@@ -101,6 +111,10 @@ def sgdp(
     nesterov: Nesterov momentum.
     eps, weight_decay, delta, wd_ratio, channel_axis: see
       :func:`project_radial`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; its ``update`` needs
+    ``params``.
 
   Examples:
     >>> import jax.numpy as jnp

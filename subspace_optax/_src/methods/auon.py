@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from subspace_optax._src.transforms import auon as auon_lib
 from subspace_optax._src import arguments
+from subspace_optax._src.transforms import auon as auon_lib
 
 
 @arguments.declare_static_args('newton_schulz_steps', 'mask', 'matrix_mask')
@@ -65,6 +65,10 @@ def auon(
       leaves optimized by AuON.
     adam_learning_rate: AdamW's learning rate (default: ``learning_rate``).
     adam_b1, adam_b2, adam_eps, adam_weight_decay: AdamW's hyper-parameters.
+
+  Returns:
+    An ``optax.GradientTransformation`` (an ``optax.multi_transform`` of AuON
+    and AdamW); its ``update`` needs ``params``.
 
   Examples:
     >>> import jax.numpy as jnp

@@ -17,13 +17,14 @@ from typing import Any, Optional
 
 import optax
 
-from subspace_optax._src.bases import dct as dct_lib
 from subspace_optax._src import arguments
+from subspace_optax._src.bases import dct as dct_lib
 from subspace_optax._src.methods import galore
 from subspace_optax._src.refresh import every as refresh_lib
 
 
-@arguments.declare_static_args('rank', 'refresh', 'mask', 'dimension_numbers')
+@arguments.declare_static_args('rank', 'refresh', 'mask', 'dimension_numbers',
+                               'mu_dtype')
 def dct_adamw(
     learning_rate: optax.ScalarOrSchedule,
     rank: int | float = 128,
@@ -41,6 +42,7 @@ def dct_adamw(
     mask: Optional[Any] = None,
     dimension_numbers: Any = None,
     seed: int = 0,
+    mu_dtype: Optional[Any] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """DCT-AdamW: Adam in a subspace spanned by DCT columns, no SVD.
 
@@ -76,6 +78,13 @@ def dct_adamw(
     mask: optax mask for the weight decay.
     dimension_numbers: which leaves to project; see :func:`subspace_optax.low_rank`.
     seed: unused by this basis (kept for a uniform signature).
+    mu_dtype: dtype in which Adam's first moment is stored (as in
+      ``optax.adamw``), e.g. ``jnp.bfloat16``; computed in float32. None:
+      float32. The second moment stays float32.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; its ``update`` needs
+    ``params`` when ``weight_decay`` is used.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -92,7 +101,7 @@ def dct_adamw(
       basis=dct_lib.dct(norm_order), side=side, on_refresh=on_refresh,
       align_signs=False, scale=scale, b1=b1, b2=b2, eps=eps,
       eps_before_bias_correction=False, weight_decay=weight_decay, mask=mask,
-      dimension_numbers=dimension_numbers, seed=seed,
+      dimension_numbers=dimension_numbers, seed=seed, mu_dtype=mu_dtype,
   )
 
 

@@ -102,6 +102,10 @@ def fira(
 
   State size: :func:`subspace_optax.state_sizes.fira_bytes`.
 
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; its ``update`` needs
+    ``params`` when ``weight_decay`` is used.
+
   Examples:
     >>> import jax.numpy as jnp
     >>> import subspace_optax as so

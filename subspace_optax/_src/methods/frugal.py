@@ -9,23 +9,19 @@ import optax
 from subspace_optax._src import arguments
 from subspace_optax._src.bases import base as bases_lib
 from subspace_optax._src.bases import index
-from subspace_optax._src.bases import random_matrices
 from subspace_optax._src.bases import registry
 from subspace_optax._src.pipeline import low_rank as low_rank_lib
 from subspace_optax._src.pipeline import residual as residual_lib
 from subspace_optax._src.refresh import every as refresh_lib
 from subspace_optax._src.transforms import adam
 
+# FRUGAL's reference names; every name of the basis registry is accepted too.
 BASES = ('svd', 'random', 'columns', 'blocks')
 
 
 def _basis_method(basis, rank) -> bases_lib.BasisMethod:
-  if basis == 'random':
-    return random_matrices.random_orthonormal()
-  if basis == 'columns':
-    return index.random_columns()
-  if basis == 'blocks':
-    return index.blocks(rank)
+  if isinstance(basis, str) and basis == 'blocks':
+    return index.blocks(rank)  # ``rank`` is the density
   return registry.resolve(basis)
 
 
@@ -99,7 +95,8 @@ def frugal(
       :mod:`subspace_optax.refresh` policy.
     stagger: spread the refreshes of different leaves over the period (int
       ``refresh`` only).
-    basis: ``'svd'``, ``'random'``, ``'columns'``, ``'blocks'`` or a
+    basis: ``'svd'``, ``'random'``, ``'columns'``, ``'blocks'``, any other
+      name of the basis registry (as :func:`~subspace_optax.galore`), or a
       :class:`~subspace_optax.bases.BasisMethod`.
     side: ``'reference'`` (basis on the smaller side) or ``'compact'``.
     on_refresh: ``'reset'`` (reference), ``'transport'`` (paper), ``'keep'``.
@@ -122,6 +119,10 @@ def frugal(
       of the projections; see :func:`~subspace_optax.low_rank`.
 
   State size: :func:`subspace_optax.state_sizes.frugal_bytes`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; its ``update`` needs
+    ``params`` when ``weight_decay`` is used.
 
   Examples:
     >>> import jax.numpy as jnp

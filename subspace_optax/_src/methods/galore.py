@@ -69,7 +69,10 @@ def galore(
     basis: ``'svd'`` (default: the paper's and the reference code's exact SVD)
       or ``'randomized'`` (much cheaper refresh; on an H100 the slowest
       refresh step of LLaMA-130M, one weight stacked over 12 layers, took
-      69 ms with it and 1.1 s with JAX's GPU SVD), or any
+      69 ms with it and 1.1 s with JAX's GPU SVD), any other built-in name
+      (the same names as :func:`~subspace_optax.frugal` and
+      :func:`~subspace_optax.low_rank`: ``'random'`` is a random orthonormal
+      basis, ``'columns'`` random coordinates), or any
       :mod:`subspace_optax.bases` method.
     side: see :func:`low_rank`.
     on_refresh: see :func:`low_rank`.
@@ -93,6 +96,10 @@ def galore(
 
   State size: :func:`subspace_optax.state_sizes.galore_bytes` (``mu_bytes``,
   ``basis_bytes`` for other dtypes).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; its ``update`` needs
+    ``params`` when ``weight_decay`` is used.
 
   Examples:
     >>> import jax.numpy as jnp

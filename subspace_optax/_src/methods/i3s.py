@@ -6,8 +6,8 @@ from typing import Any, Optional
 
 import optax
 
-from subspace_optax._src.bases import importance as importance_lib
 from subspace_optax._src import arguments
+from subspace_optax._src.bases import importance as importance_lib
 from subspace_optax._src.methods import galore
 from subspace_optax._src.refresh import every as refresh_lib
 
@@ -51,6 +51,10 @@ def i3s(
   (:func:`subspace_optax.state_sizes.galore_bytes`).
 
   Args: as :func:`subspace_optax.galore`; ``seed`` drives the sampling.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; its ``update`` needs
+    ``params`` when ``weight_decay`` is used.
 
   Examples:
     >>> import jax.numpy as jnp

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-
 import jax.numpy as jnp
 import optax
 
-from subspace_optax._src.transforms import momentum_reset as momentum_reset_lib
 from subspace_optax._src import arguments
 from subspace_optax._src.transforms import moments as moments_lib
+from subspace_optax._src.transforms import momentum_reset as momentum_reset_lib
 
 
 @arguments.declare_static_args('period')
@@ -44,6 +43,10 @@ def reset_moments_every(
     second_moment: also zero ``nu``.
     reset_count: also zero the ``count`` of the states that hold the reset
       moments; defaults to ``second_moment``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state wraps ``inner``'s
+    with a step count.
 
   Examples:
     >>> import jax.numpy as jnp

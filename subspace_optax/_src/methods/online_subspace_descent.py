@@ -26,16 +26,17 @@ from typing import Any, Optional
 
 import optax
 
-from subspace_optax._src.transforms import lion
-from subspace_optax._src.bases import online_pca as online_pca_lib
 from subspace_optax._src import arguments
+from subspace_optax._src.bases import online_pca as online_pca_lib
 from subspace_optax._src.pipeline import low_rank as low_rank_lib
+from subspace_optax._src.pipeline import precision as precision_lib
 from subspace_optax._src.transforms import adam
+from subspace_optax._src.transforms import lion
 
 INNER_OPTIMIZERS = ('adam', 'lion')
 
 
-@arguments.declare_static_args('rank', 'mask', 'dimension_numbers')
+@arguments.declare_static_args('rank', 'mask', 'dimension_numbers', 'mu_dtype')
 def online_subspace_descent(
     learning_rate: optax.ScalarOrSchedule,
     rank: int | float = 128,
@@ -58,6 +59,7 @@ def online_subspace_descent(
     mask: Optional[Any] = None,
     dimension_numbers: Any = None,
     seed: int = 0,
+    mu_dtype: Optional[Any] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Online Subspace Descent with an Adam or Lion inner optimizer.
 
@@ -99,6 +101,14 @@ def online_subspace_descent(
     mask: optax mask for the weight decay.
     dimension_numbers: which leaves to project; see :func:`subspace_optax.low_rank`.
     seed: seed of the random initial basis.
+    mu_dtype: dtype in which the inner optimizer's first moment (Adam's or
+      Lion's momentum) is stored (as in ``optax.adamw``), e.g.
+      ``jnp.bfloat16``; computed in float32. None: float32. Adam's second
+      moment and the basis optimizer's state stay float32.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; its ``update`` needs
+    ``params`` when ``weight_decay`` is used.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -121,12 +131,16 @@ def online_subspace_descent(
         f'GradientTransformation, got {basis_optimizer!r}.')
   if sign_after_unproject and inner != 'lion':
     raise ValueError('`sign_after_unproject` applies to inner="lion" only.')
+  mu_dtype = precision_lib.float_dtype(mu_dtype, 'mu_dtype')
   if inner == 'adam':
-    inner_tx = adam.scale_by_torch_adam(b1, 0.999 if b2 is None else b2, eps)
+    inner_tx = adam.scale_by_torch_adam(
+        b1, 0.999 if b2 is None else b2, eps, mu_dtype=mu_dtype)
   elif sign_after_unproject:
-    inner_tx = lion.scale_by_lion_momentum(b1, 0.99 if b2 is None else b2)
+    inner_tx = lion.scale_by_lion_momentum(
+        b1, 0.99 if b2 is None else b2, mu_dtype=mu_dtype)
   else:
-    inner_tx = optax.scale_by_lion(b1, 0.99 if b2 is None else b2)
+    inner_tx = optax.scale_by_lion(
+        b1, 0.99 if b2 is None else b2, mu_dtype=mu_dtype)
   basis = online_pca_lib.online_pca(
       basis_learning_rate, orthogonality_weight, basis_optimizer,
       reorthonormalize, initial, lagged, basis_weight_decay)

@@ -10,6 +10,7 @@ from subspace_optax._src import arguments
 from subspace_optax._src.bases import base as bases_lib
 from subspace_optax._src.bases import quantized
 from subspace_optax._src.pipeline import low_rank as low_rank_lib
+from subspace_optax._src.pipeline import precision as precision_lib
 from subspace_optax._src.refresh import every as refresh_lib
 from subspace_optax._src.refresh import lazy
 from subspace_optax._src.transforms import adam
@@ -17,7 +18,7 @@ from subspace_optax._src.transforms import quantized_moments
 
 
 @arguments.declare_static_args('rank', 'refresh', 'bits', 'group_size', 'window',
-                             'mask', 'dimension_numbers')
+                             'mask', 'dimension_numbers', 'mu_dtype')
 def q_galore(
     learning_rate: optax.ScalarOrSchedule,
     rank: int | float = 128,
@@ -36,13 +37,14 @@ def q_galore(
     growth: float = 2.0,
     b1: float = 0.9,
     b2: float = 0.999,
-    eps: float = 1e-6,
-    eps_before_bias_correction: bool = True,
+    eps: float = 1e-8,
+    eps_before_bias_correction: bool = False,
     weight_decay: float = 0.0,
     mask: Optional[Any] = None,
     dimension_numbers: Any = None,
     seed: int = 0,
     eight_bit_moments: bool = True,
+    mu_dtype: Optional[Any] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Q-GaLore: GaLore with an INT4 basis refreshed lazily per layer.
 
@@ -82,14 +84,27 @@ def q_galore(
     group_size: rows of a basis column per quantization group.
     threshold, window, growth: see :func:`~subspace_optax.refresh.lazy`
       (reference: 0.4, 5, 2).
-    b1, b2, eps, eps_before_bias_correction: Adam, as
-      :func:`~subspace_optax.galore`.
+    b1, b2, eps: Adam's hyper-parameters; ``ε = 1e-8`` as the reference's
+      ``QGaLoreAdamW8bit`` (bitsandbytes' default; GaLore's is 1e-6).
+    eps_before_bias_correction: False (default) adds ``ε`` after the bias
+      correction (``optax.scale_by_adam``), as bitsandbytes' Adam kernels
+      (``sqrt(v) + ε·sqrt(1-β₂ᵗ)`` against the corrected step); True uses
+      GaLore's PyTorch formula
+      (:func:`subspace_optax.transforms.scale_by_torch_adam`).
     weight_decay: decoupled weight decay ``λ``.
     mask: optax mask for the weight decay.
     dimension_numbers, seed: see :func:`~subspace_optax.low_rank`.
     eight_bit_moments: store Adam's moments in 8 bits (reference) or float32.
+    mu_dtype: dtype in which Adam's first moment is stored (as in
+      ``optax.adamw``), e.g. ``jnp.bfloat16``; computed in float32. None:
+      float32. With ``eight_bit_moments`` it applies to the moments too small
+      to quantize (fewer than 4096 entries). The second moment stays float32.
 
   State size: :func:`subspace_optax.state_sizes.q_galore_bytes`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; its ``update`` needs
+    ``params`` when ``weight_decay`` is used.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -107,9 +122,11 @@ def q_galore(
   else:
     refresh_lib.check_period(refresh, 'refresh')
     policy = lazy.lazy(refresh, threshold, window, growth, stagger)
+  mu_dtype = precision_lib.float_dtype(mu_dtype, 'mu_dtype')
   inner = (
-      adam.scale_by_torch_adam(b1, b2, eps) if eps_before_bias_correction
-      else optax.scale_by_adam(b1, b2, eps))
+      adam.scale_by_torch_adam(b1, b2, eps, mu_dtype=mu_dtype)
+      if eps_before_bias_correction
+      else optax.scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype))
   if eight_bit_moments:
     inner = quantized_moments.quantize_moments(inner)
   return optax.chain(

@@ -38,6 +38,16 @@ def refactorize(b: jax.Array, a: jax.Array) -> tuple[jax.Array, jax.Array]:
 
   Returns:
     ``(b', a')`` with the shapes and dtypes of ``(b, a)``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> b, a = jnp.array([[2.0], [0.0]]), jnp.array([[1.0, 0.0, 0.0]]) / 2
+    >>> b2, a2 = so.refactorize(b, a)
+    >>> bool(jnp.allclose(b2 @ a2, b @ a, atol=1e-6))  # same product
+    True
+    >>> bool(jnp.allclose(b2.T @ b2, a2 @ a2.T, atol=1e-6))  # balanced
+    True
   """
   if b.shape[-1] != a.shape[-2] or b.shape[:-2] != a.shape[:-2]:
     raise ValueError(

@@ -21,8 +21,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 from jax.custom_batching import custom_vmap
+import jax.numpy as jnp
 
 
 def _broadcast(x, batched: bool, axis_size: int):

@@ -18,12 +18,12 @@ reported, once, when the state is built:
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
 
+from subspace_optax._src import utils
 from subspace_optax._src.pipeline import layout as layout_lib
 
 
@@ -76,6 +76,6 @@ def warn_full_size(params: Any,
   """Warn (:class:`FullSizeWarning`) naming every leaf kept at full size."""
   lines = full_size_leaves(params, layouts, dimension_numbers, rank)
   if lines:
-    warnings.warn(
+    utils.warn_at_caller(
         'low_rank: these leaves keep full-size optimizer state:\n  '
-        + '\n  '.join(lines), FullSizeWarning, stacklevel=3)
+        + '\n  '.join(lines), FullSizeWarning)

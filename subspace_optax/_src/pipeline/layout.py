@@ -258,6 +258,19 @@ def last_two_axes(params) -> Any:
 
   Leading axes are batch axes, so layers stacked by ``nnx.scan`` of shape
   ``(L, m, n)`` get one basis per layer. Leaves of rank < 2 are not projected.
+
+  Args:
+    params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
+
+  Returns:
+    A pytree like ``params`` of :class:`DimensionNumbers` (rank >= 2) or
+    None (not projected), for ``dimension_numbers=``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> so.last_two_axes({'stack': jnp.ones((4, 8, 6)), 'b': jnp.ones(6)})
+    {'b': None, 'stack': DimensionNumbers(reduction_axis=-2, output_axis=-1)}
   """
   _check_not_a_step_count(params, 'last_two_axes')
   return jax.tree.map(
@@ -276,6 +289,20 @@ def conv_kernels(params) -> Any:
   ``(m, n)`` view; leaves of rank < 2 are not projected. Do not use it for
   stacked ``(L, m, n)`` layers (use :func:`last_two_axes`): their layer axis
   would be merged into the rows.
+
+  Args:
+    params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
+
+  Returns:
+    A pytree like ``params`` of :class:`DimensionNumbers` (rank >= 2) or
+    None (not projected), for ``dimension_numbers=``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> dims = so.conv_kernels({'conv': jnp.ones((3, 3, 4, 8))})
+    >>> dims['conv'].reduction_axis  # H, W and I are contracted: 36 x 8
+    (0, 1, 2)
   """
   _check_not_a_step_count(params, 'conv_kernels')
   return jax.tree.map(

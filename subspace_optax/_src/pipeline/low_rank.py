@@ -30,16 +30,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from subspace_optax._src.pipeline import stages
-from subspace_optax._src import utils
-from subspace_optax._src.pipeline import checks
 from subspace_optax._src import arguments
+from subspace_optax._src import utils
 from subspace_optax._src.bases import base as bases_lib
 from subspace_optax._src.bases import registry
+from subspace_optax._src.pipeline import checks
 from subspace_optax._src.pipeline import coverage
 from subspace_optax._src.pipeline import layout as layout_lib
 from subspace_optax._src.pipeline import precision as precision_lib
 from subspace_optax._src.pipeline import sharding
+from subspace_optax._src.pipeline import stages
 from subspace_optax._src.refresh import every as refresh_lib
 
 ON_REFRESH = ('keep', 'reset', 'transport')
@@ -91,8 +91,13 @@ def low_rank(
       (a fraction of ``min(m, n)``). Static under ``inject_hyperparams``.
     refresh: an int ``T`` (refresh every ``T`` updates, staggered across leaves)
       or a :mod:`subspace_optax.refresh` policy.
-    basis: ``'randomized'`` (default; no SVD), ``'svd'`` (exact, GaLore), or a
-      :class:`~subspace_optax.bases.BasisMethod`.
+    basis: ``'randomized'`` (default; no SVD), ``'svd'`` (exact, GaLore), any
+      other name of a built-in basis (``'random_orthonormal'`` or its alias
+      ``'random'``, ``'random_columns'`` or ``'columns'``, ``'gaussian'``,
+      ``'seeded_gaussian'``, ``'dct'``, ``'online_pca'``,
+      ``'importance_sampled'``, ``'blocks'``; default arguments), or a
+      :class:`~subspace_optax.bases.BasisMethod`. An unknown name raises a
+      ``ValueError`` listing the valid ones.
     side: ``'reference'`` (default) puts the basis on the smaller dimension,
       and on a square matrix on the input side (galore-torch's
       ``proj_type='std'`` on the PyTorch ``(out, in)`` weight); ``'compact'``
@@ -146,6 +151,17 @@ def low_rank(
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
     :class:`SubspaceState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import subspace_optax as so
+    >>> params = {'w': jnp.ones((8, 6)), 'b': jnp.zeros(6)}
+    >>> tx = so.low_rank(optax.scale_by_adam(), rank=2, basis='svd')
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state)
+    >>> state.inner_state.mu['w'].shape  # low-rank moments: r x l
+    (2, 8)
   """
   layout_lib.validate_rank(rank)
   policy = refresh_lib.resolve(refresh)

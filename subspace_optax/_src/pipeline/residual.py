@@ -53,6 +53,21 @@ def subspace_norm_ratio(
   channel ``j`` of the non-projected axis (``'channel'``, shape
   ``(*batch, 1, l)``), or over the whole matrix (``'tensor'``, shape
   ``(*batch, 1, 1)``). Fira's ``φ`` and APOLLO's ``s``.
+
+  Args:
+    coefficients: ``C``, shape ``(*batch, rank, l)``.
+    subspace_update: ``N``, the inner optimizer's update of ``C`` (same shape).
+    granularity: ``'channel'`` (one factor per column) or ``'tensor'``.
+
+  Returns:
+    The factors, float32, shape ``(*batch, 1, l)`` or ``(*batch, 1, 1)``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> c = jnp.array([[3.0, 1.0], [4.0, 0.0]])
+    >>> so.subspace_norm_ratio(c, 2 * c)
+    Array([[2., 2.]], dtype=float32)
   """
   if granularity not in GRANULARITIES:
     raise ValueError(
@@ -73,6 +88,26 @@ def scale_residual_by_subspace(
   ``reference_residual=True`` the residual is the reference code's
   ``G - α QQᵀG`` (its back-projection already carries ``α``), i.e.
   ``S_ref - S_paper = (1-α) φ ⊙ QQᵀG``.
+
+  Args:
+    reference_residual: False: the paper's ``G - QQᵀG``; True: the reference
+      code's ``G - α QQᵀG``.
+    subspace_scale: ``α``, the pipeline's ``scale`` (``reference_residual``
+      only).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` (state-free; a residual path
+    for :func:`~subspace_optax.low_rank`).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> tx = so.low_rank(so.transforms.scale_by_adam_moments(), rank=2,
+    ...                  residual=so.scale_residual_by_subspace())
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> updates, state = tx.update(params, tx.init(params))
+    >>> updates['w'].shape
+    (8, 6)
   """
 
   def init_fn(params):
@@ -125,6 +160,20 @@ def fira_residual(
       gradient into the residual: 75 % at ``α = 0.25``).
     subspace_scale: ``α``, the pipeline's ``scale``; used only with
       ``reference_residual=True``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``. (a residual path for
+    :func:`~subspace_optax.low_rank`).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> tx = so.low_rank(so.transforms.scale_by_adam_moments(), rank=2,
+    ...                  residual=so.fira_residual(limiter=1.01))
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> updates, state = tx.update(params, tx.init(params))
+    >>> updates['w'].shape
+    (8, 6)
   """
   scaling = scale_residual_by_subspace(reference_residual, subspace_scale)
   if limiter is None:

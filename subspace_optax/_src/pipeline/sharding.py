@@ -18,11 +18,11 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 import optax
 
 from subspace_optax._src import utils
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec
 
 # (mesh, spec padded to the array's rank): where an array lives, when known.
 Placement = tuple[Any, tuple]
@@ -265,6 +265,18 @@ def state_shardings(
   Returns:
     A pytree like ``tx.init(params)`` of ``NamedSharding`` on the mesh of
     ``param_shardings``.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from jax.sharding import NamedSharding, PartitionSpec
+    >>> import subspace_optax as so
+    >>> mesh = jax.make_mesh((1,), ('data',))
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> shardings = {'w': NamedSharding(mesh, PartitionSpec('data', None))}
+    >>> tx = so.galore(1e-3, rank=2)
+    >>> out = so.state_shardings(tx, params, shardings)
+    >>> state = jax.jit(tx.init, out_shardings=out)(params)
   """
   params, param_shardings = utils.unbox(params), utils.unbox(param_shardings)
   leaves, treedef = jax.tree.flatten(params)

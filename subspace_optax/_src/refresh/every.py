@@ -73,6 +73,20 @@ def every(period: int, stagger: bool = True) -> RefreshPolicy:
   Args:
     period: updates between refreshes (GaLore's ``update_proj_gap``, T).
     stagger: spread the refreshes of different leaves over the period.
+
+  Returns:
+    A :class:`RefreshPolicy`, for ``refresh=``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import subspace_optax as so
+    >>> tx = so.low_rank(optax.scale_by_adam(), rank=2,
+    ...                  refresh=so.refresh.every(100, stagger=False))
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> state = tx.init(params)
+    >>> int(state.refresh['w'].next_refresh)
+    0
   """
   check_period(period, 'period')
 

@@ -74,6 +74,20 @@ def lazy(
     growth: factor applied to the period (``gamma_proj``).
     stagger: spread the refreshes of different leaves over the first period, as
       :func:`~subspace_optax.refresh.every`.
+
+  Returns:
+    A :class:`RefreshPolicy`, for ``refresh=``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import subspace_optax as so
+    >>> tx = so.low_rank(optax.scale_by_adam(), rank=2,
+    ...                  refresh=so.refresh.lazy(100, threshold=0.4))
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> updates, state = tx.update(params, tx.init(params))
+    >>> int(state.refresh['w'].period)
+    100
   """
   refresh_lib.check_period(period, 'period')
   _check_number('threshold', threshold, 0.0, 1.0,

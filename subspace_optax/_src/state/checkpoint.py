@@ -54,6 +54,22 @@ def check_compatible(abstract_state: Any, saved: Any) -> None:
     abstract = jax.eval_shape(tx.init, params)
     so.check_compatible(abstract, checkpointer.metadata(path))
     state = checkpointer.restore(path, abstract)
+
+  Returns:
+    None; raises ``ValueError`` listing each leaf that does not fit.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> tx = so.galore(1e-3, rank=2)
+    >>> abstract = jax.eval_shape(tx.init, {'w': jnp.ones((8, 6))})
+    >>> so.check_compatible(abstract, abstract)  # fits: returns None
+    >>> other = jax.eval_shape(tx.init, {'w': jnp.ones((8, 5))})
+    >>> so.check_compatible(abstract, other)
+    Traceback (most recent call last):
+    ...
+    ValueError: ...
   """
   for attribute in ('item_metadata', 'tree'):
     if hasattr(saved, attribute) and not _has_shape(saved):

@@ -42,6 +42,12 @@ def state_bytes(opt_state: Any) -> int:
   Works on concrete states, on ``jax.eval_shape`` outputs (ShapeDtypeStruct)
   and inside flax ``nnx.Optimizer`` states (Variables are unwrapped).
 
+  Args:
+    opt_state: any optimizer state (or pytree of arrays).
+
+  Returns:
+    The total bytes, an int.
+
   Examples:
     >>> import jax.numpy as jnp
     >>> import optax
@@ -118,6 +124,17 @@ def galore_bytes(
   ``mu_dtype=jnp.bfloat16``; None: ``moment_bytes``) and ``moment_bytes`` for
   the second.
 
+  Args:
+    params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
+    rank, side, dimension_numbers: as given to the method.
+    moment_bytes: bytes per entry of the second moment (and of the first when
+      ``mu_bytes`` is None).
+    basis_bytes: bytes per entry of the basis.
+    mu_bytes: bytes per entry of the first moment; None: ``moment_bytes``.
+
+  Returns:
+    The bytes of the state, an int.
+
   Examples:
     >>> import jax.numpy as jnp
     >>> import subspace_optax as so
@@ -143,6 +160,7 @@ def q_galore_bytes(
     side: str = 'reference',
     dimension_numbers: Any = None,
     eight_bit_moments: bool = True,
+    mu_bytes: int = _FLOAT32,
 ) -> int:
   """Analytic state size of :func:`subspace_optax.q_galore`.
 
@@ -154,10 +172,40 @@ def q_galore_bytes(
   bytes for ``s`` entries in float32; with ``eight_bit_moments``, a moment of
   at least 4096 entries takes ``s + 4 s / b`` (codes and one float32 scale per
   block of ``b``, :func:`subspace_optax.quantize_moments`). Plus the
-  pipeline's and Adam's step counts.
+  pipeline's and Adam's step counts. ``mu_bytes`` is the bytes per entry of a
+  first moment stored unquantized (2 for ``mu_dtype=jnp.bfloat16``).
+
+  Args:
+    params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
+    rank, side, dimension_numbers: as given to the method.
+    bits, group_size, window, eight_bit_moments: as given to
+      :func:`subspace_optax.q_galore`.
+    mu_bytes: bytes per entry of an unquantized first moment.
+
+  Returns:
+    The bytes of the state, an int (equal to
+    :func:`subspace_optax.state_bytes` of ``init(params)``).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> params = {'w': jnp.ones((8, 6)), 'b': jnp.ones(6)}
+    >>> tx = so.q_galore(1e-3, rank=2, group_size=4)
+    >>> so.state_sizes.q_galore_bytes(params, 2, group_size=4) == (
+    ...     so.state_bytes(tx.init(params)))
+    True
   """
   moment = (quantized_moments.moment_bytes if eight_bit_moments
             else lambda shape: _FLOAT32 * math.prod(shape))
+
+  def first_moment(shape):
+    if eight_bit_moments and quantized_moments.moment_bytes(shape) != (
+        _FLOAT32 * math.prod(shape)):
+      return moment(shape)  # quantized
+    return mu_bytes * math.prod(shape)
+
+  def moments(shape):
+    return first_moment(shape) + moment(shape)
 
   def per_matrix(lay):  # the quantized basis
     k, r = lay.projected_dim, lay.rank
@@ -166,9 +214,9 @@ def q_galore_bytes(
 
   return _low_rank_bytes(
       params, rank, side, dimension_numbers, per_matrix,
-      per_projected_leaf=lambda lay: (2 * moment(lay.coefficient_shape)
+      per_projected_leaf=lambda lay: (moments(lay.coefficient_shape)
                                       + 4 * _INT32 + _FLOAT32 * window),
-      other_leaf=lambda shape: 2 * moment(shape))
+      other_leaf=moments)
 
 
 def online_subspace_descent_bytes(
@@ -180,6 +228,7 @@ def online_subspace_descent_bytes(
     lagged: bool = False,
     side: str = 'reference',
     dimension_numbers: Any = None,
+    mu_bytes: int = _FLOAT32,
 ) -> int:
   """Analytic state size of :func:`subspace_optax.online_subspace_descent`.
 
@@ -189,13 +238,33 @@ def online_subspace_descent_bytes(
   nothing), ``k r`` more with ``lagged``, and the refresh schedule (two int32
   per leaf). Every other leaf keeps full inner moments. Plus the pipeline's and
   the inner's counts. Constant learning rates assumed (a schedule adds one int32
-  count per matrix for the basis optimizer).
+  count per matrix for the basis optimizer). ``mu_bytes`` is the bytes per
+  entry of the inner first moment (2 for ``mu_dtype=jnp.bfloat16``).
+
+  Args:
+    params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
+    rank, side, dimension_numbers: as given to the method.
+    inner, basis_optimizer, lagged: as given to the method.
+    mu_bytes: bytes per entry of the inner first moment.
+
+  Returns:
+    The bytes of the state, an int (equal to
+    :func:`subspace_optax.state_bytes` of ``init(params)``).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> params = {'w': jnp.ones((8, 6)), 'b': jnp.ones(6)}
+    >>> tx = so.online_subspace_descent(1e-3, rank=2)
+    >>> so.state_sizes.online_subspace_descent_bytes(params, 2) == (
+    ...     so.state_bytes(tx.init(params)))
+    True
   """
-  moments = {'adam': 2, 'lion': 1}[inner]
+  moments = {'adam': mu_bytes + _FLOAT32, 'lion': mu_bytes}[inner]
 
   def per_matrix(lay):
     basis = lay.projected_dim * lay.rank
-    size = _FLOAT32 * basis + moments * _FLOAT32 * lay.rank * lay.other_dim
+    size = _FLOAT32 * basis + moments * lay.rank * lay.other_dim
     if basis_optimizer == 'adam':
       size += 2 * _FLOAT32 * basis + _INT32
     if lagged:
@@ -203,7 +272,7 @@ def online_subspace_descent_bytes(
     return size
 
   return _low_rank_bytes(params, rank, side, dimension_numbers, per_matrix,
-                         per_other_element=moments * _FLOAT32)
+                         per_other_element=moments)
 
 
 def frugal_bytes(
@@ -226,13 +295,37 @@ def frugal_bytes(
   correction) and the pipeline's count. The signSGD/SGD residual holds nothing.
   ``mu_bytes`` and ``basis_bytes`` are the bytes per entry of the first moment
   and of a dense basis (2 for ``mu_dtype`` and ``basis_dtype`` bfloat16).
+
+  Args:
+    params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
+    rank, side, dimension_numbers: as given to the method.
+    basis: ``'svd'``, ``'random'``, ``'columns'`` or ``'blocks'`` (or the
+      registry's ``'random_orthonormal'``, ``'random_columns'``).
+    mu_bytes: bytes per entry of the first moment.
+    basis_bytes: bytes per entry of a dense basis.
+
+  Returns:
+    The bytes of the state, an int (equal to
+    :func:`subspace_optax.state_bytes` of ``init(params)``).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> params = {'w': jnp.ones((8, 6)), 'b': jnp.ones(6)}
+    >>> tx = so.frugal(1e-3, rank=0.5, basis='columns')
+    >>> so.state_sizes.frugal_bytes(params, 0.5, basis='columns') == (
+    ...     so.state_bytes(tx.init(params)))
+    True
   """
   if basis == 'blocks':
     rank, side = 1.0, 'reference'
   basis_size = {
       'svd': lambda lay: basis_bytes * lay.projected_dim * lay.rank,
       'random': lambda lay: basis_bytes * lay.projected_dim * lay.rank,
+      'random_orthonormal': lambda lay: (
+          basis_bytes * lay.projected_dim * lay.rank),
       'columns': lambda lay: _INT32 * lay.rank,
+      'random_columns': lambda lay: _INT32 * lay.rank,
       'blocks': lambda lay: _INT32,
   }[basis]
   moments = mu_bytes + _FLOAT32
@@ -262,6 +355,25 @@ def fira_bytes(
   step counts (int32). ``mu_bytes`` and ``basis_bytes`` are the bytes per
   entry of the first moment and the basis (2 for ``mu_dtype`` and
   ``basis_dtype`` bfloat16).
+
+  Args:
+    params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
+    rank, side, dimension_numbers: as given to the method.
+    limiter: whether the norm-growth limiter is on.
+    mu_bytes: bytes per entry of the first moment.
+    basis_bytes: bytes per entry of the basis.
+
+  Returns:
+    The bytes of the state, an int (equal to
+    :func:`subspace_optax.state_bytes` of ``init(params)``).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> params = {'w': jnp.ones((8, 6)), 'b': jnp.ones(6)}
+    >>> so.state_sizes.fira_bytes(params, 2) == so.state_bytes(
+    ...     so.fira(1e-3, rank=2).init(params))
+    True
   """
   limiter_bytes = _FLOAT32 if limiter else 0
   moments = mu_bytes + _FLOAT32
@@ -280,6 +392,7 @@ def apollo_bytes(
     basis: str = 'seeded_gaussian',
     limiter: bool = True,
     dimension_numbers: Any = None,
+    mu_bytes: int = _FLOAT32,
 ) -> int:
   """Analytic state size of :func:`subspace_optax.apollo` / ``apollo_mini``.
 
@@ -288,17 +401,39 @@ def apollo_bytes(
   the limiter's previous norm (4 bytes); per projected leaf the refresh
   schedule (two int32). Other leaves keep full Adam moments ``2 · 4 |p|``. Plus
   the pipeline's and the bias correction's step counts. ``apollo_mini`` is
-  ``rank=1``.
+  ``rank=1``. ``mu_bytes`` is the bytes per entry of the first moment (2 for
+  ``mu_dtype=jnp.bfloat16``).
+
+  Args:
+    params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
+    rank, side, dimension_numbers: as given to the method.
+    basis: ``'seeded_gaussian'`` (a seed) or the name of a dense basis.
+    limiter: whether the norm-growth limiter is on.
+    mu_bytes: bytes per entry of the first moment.
+
+  Returns:
+    The bytes of the state, an int (equal to
+    :func:`subspace_optax.state_bytes` of ``init(params)``).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> params = {'w': jnp.ones((8, 6)), 'b': jnp.ones(6)}
+    >>> so.state_sizes.apollo_bytes(params, 2) == so.state_bytes(
+    ...     so.apollo(1e-3, rank=2).init(params))
+    True
   """
   limiter_bytes = _FLOAT32 if limiter else 0
+  moments = mu_bytes + _FLOAT32
 
   def per_matrix(lay):
     basis_size = (_INT32 if basis == 'seeded_gaussian'
                   else _FLOAT32 * lay.projected_dim * lay.rank)
-    return (2 * _FLOAT32 * lay.rank * lay.other_dim + basis_size
+    return (moments * lay.rank * lay.other_dim + basis_size
             + limiter_bytes)
 
-  return _low_rank_bytes(params, rank, side, dimension_numbers, per_matrix)
+  return _low_rank_bytes(params, rank, side, dimension_numbers, per_matrix,
+                         per_other_element=moments)
 
 
 def dct_adamw_bytes(
@@ -307,24 +442,62 @@ def dct_adamw_bytes(
     *,
     side: str = 'reference',
     dimension_numbers: Any = None,
+    mu_bytes: int = _FLOAT32,
 ) -> int:
   """Analytic state size of :func:`subspace_optax.dct_adamw` (float32 moments).
 
   Per projected matrix: two Adam moments ``2 r l`` and ``r`` int32 indices;
   the refresh schedule (two int32 per projected leaf); full Adam moments for
-  every other leaf; the pipeline's and Adam's int32 counts.
+  every other leaf; the pipeline's and Adam's int32 counts. ``mu_bytes`` is
+  the bytes per entry of the first moment (2 for ``mu_dtype=jnp.bfloat16``).
+
+  Args:
+    params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
+    rank, side, dimension_numbers: as given to the method.
+    mu_bytes: bytes per entry of the first moment.
+
+  Returns:
+    The bytes of the state, an int (equal to
+    :func:`subspace_optax.state_bytes` of ``init(params)``).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> params = {'w': jnp.ones((8, 6)), 'b': jnp.ones(6)}
+    >>> so.state_sizes.dct_adamw_bytes(params, 2) == so.state_bytes(
+    ...     so.dct_adamw(1e-3, rank=2).init(params))
+    True
   """
+  moments = mu_bytes + _FLOAT32
   return _low_rank_bytes(
       params, rank, side, dimension_numbers,
-      lambda lay: 2 * _FLOAT32 * lay.rank * lay.other_dim + _INT32 * lay.rank)
+      lambda lay: moments * lay.rank * lay.other_dim + _INT32 * lay.rank,
+      per_other_element=moments)
 
 
-def adamp_bytes(params: Any) -> int:
+def adamp_bytes(params: Any, *, mu_bytes: int = _FLOAT32) -> int:
   """Analytic state size of :func:`subspace_optax.adamp` (float32 params).
 
-  Two float32 moments per element and one int32 count.
+  Two moments per element (``mu_bytes`` per entry for the first, 2 for
+  ``mu_dtype=jnp.bfloat16``; float32 for the second) and one int32 count.
+
+  Args:
+    params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
+    mu_bytes: bytes per entry of the first moment.
+
+  Returns:
+    The bytes of the state, an int (equal to
+    :func:`subspace_optax.state_bytes` of ``init(params)``).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> params = {'w': jnp.ones((8, 6)), 'b': jnp.ones(6)}
+    >>> so.state_sizes.adamp_bytes(params) == so.state_bytes(
+    ...     so.adamp(1e-3).init(params))
+    True
   """
-  return _INT32 + 2 * _FLOAT32 * sum(
+  return _INT32 + (mu_bytes + _FLOAT32) * sum(
       math.prod(np.shape(p)) for p in jax.tree.leaves(params))
 
 
@@ -333,6 +506,23 @@ def auon_bytes(params: Any, *, matrix_mask: Optional[Any] = None) -> int:
 
   AuON leaves: one momentum ``|w|``; AdamW leaves: ``2|w|`` (in the leaf's
   dtype); plus AdamW's int32 count.
+
+  Args:
+    params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
+    matrix_mask: as given to :func:`subspace_optax.auon` (None: leaves of
+      rank >= 2).
+
+  Returns:
+    The bytes of the state, an int (equal to
+    :func:`subspace_optax.state_bytes` of ``init(params)``).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> params = {'w': jnp.ones((8, 6)), 'b': jnp.ones(6)}
+    >>> so.state_sizes.auon_bytes(params) == so.state_bytes(
+    ...     so.auon(1e-3).init(params))
+    True
   """
   leaves = jax.tree.leaves(params)
   if callable(matrix_mask):

@@ -16,10 +16,10 @@ import jax
 import numpy as np
 import optax
 
+from subspace_optax._src import utils
 from subspace_optax._src.pipeline import layout as layout_lib
 from subspace_optax._src.pipeline import low_rank as low_rank_lib
 from subspace_optax._src.state import sizes
-from subspace_optax._src import utils
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +119,22 @@ def summary(tx: optax.GradientTransformation, params: Any) -> Summary:
   Example::
 
     print(subspace_optax.summary(subspace_optax.galore(1e-3, rank=64), params))
+
+  Args:
+    tx: the optax transformation.
+    params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
+
+  Returns:
+    A :class:`Summary`: one row per leaf (``.leaves``), the totals
+    ``.state_bytes`` and ``.adamw_bytes``; ``str()`` renders a table.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> params = {'w': jnp.ones((64, 32))}
+    >>> report = so.summary(so.galore(1e-3, rank=4), params)
+    >>> report.leaves[0].projected, report.leaves[0].rank
+    (True, 4)
   """
   params = utils.unbox(params)
   state = jax.eval_shape(tx.init, params)

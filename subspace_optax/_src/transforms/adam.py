@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import optax
 
 from subspace_optax._src.pipeline import precision
+
+
 def init_moment(params: optax.Params, dtype: Optional[Any] = None
                 ) -> optax.Updates:
   """A zero moment like ``params`` (same shapes and shardings), in ``dtype``
@@ -128,6 +130,25 @@ def scale_by_torch_adam(
   which the first moment is stored; it is computed, and the step taken, in
   float32. The second moment stays float32.
 
+  Args:
+    b1: decay of the first moment ``β_1``.
+    b2: decay of the second moment ``β_2``.
+    eps: ``ε``, added to ``sqrt(v)`` before the bias correction.
+    mu_dtype: dtype in which the first moment is stored; None: float32.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a
+    :class:`ScaleByTorchAdamState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> tx = so.transforms.scale_by_torch_adam()
+    >>> params = jnp.zeros(2)
+    >>> updates, state = tx.update(jnp.array([1.0, -2.0]), tx.init(params))
+    >>> updates
+    Array([ 0.999..., -0.999...], dtype=float32)
+
   References:
     Kingma & Ba, `Adam <https://arxiv.org/abs/1412.6980>`_, 2014 (Algorithm 1,
     "efficient version" in §2).
@@ -193,6 +214,25 @@ def scale_by_adam_moments(
   no step count, so the moments can sit inside a subspace pipeline.
   ``mu_dtype`` (None: float32) stores the first moment as in
   ``optax.scale_by_adam``: computed, and the step taken, in float32.
+
+  Args:
+    b1: decay of the first moment ``β_1``.
+    b2: decay of the second moment ``β_2``.
+    eps: ``ε``, added to ``sqrt(v)``.
+    mu_dtype: dtype in which the first moment is stored; None: float32.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a
+    :class:`ScaleByAdamMomentsState` (no count).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> tx = so.transforms.scale_by_adam_moments()
+    >>> params = jnp.zeros(2)
+    >>> updates, state = tx.update(jnp.array([1.0, -2.0]), tx.init(params))
+    >>> updates
+    Array([ 3.16..., -3.16...], dtype=float32)
   """
   mu_dtype = precision.float_dtype(mu_dtype, 'mu_dtype')
 
@@ -218,6 +258,23 @@ def scale_by_bias_correction(
 
   ``t`` counts the updates of this transform (1 at the first). See
   :func:`scale_by_adam_moments`.
+
+  Args:
+    b1: decay of the first moment ``β_1``.
+    b2: decay of the second moment ``β_2``.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a
+    :class:`ScaleByBiasCorrectionState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> tx = so.transforms.scale_by_bias_correction(b1=0.5, b2=0.75)
+    >>> params = jnp.zeros(2)
+    >>> updates, state = tx.update(jnp.array([1.0, -2.0]), tx.init(params))
+    >>> updates
+    Array([ 1., -2.], dtype=float32)
   """
 
   def init_fn(params):
@@ -264,6 +321,26 @@ def scale_by_resettable_adam(
   start keeps restarting, so its bias correction starts with its first nonzero
   gradient. ``mu_dtype`` (None: float32) stores the first moment as in
   ``optax.scale_by_adam``: computed, and the step taken, in float32.
+
+  Args:
+    b1: decay of the first moment ``β_1``.
+    b2: decay of the second moment ``β_2``.
+    eps: ``ε``, added after the bias correction.
+    eps_root: ``ε`` inside the square root (as ``optax.scale_by_adam``).
+    mu_dtype: dtype in which the first moment is stored; None: float32.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a
+    :class:`ScaleByResettableAdamState` (one count per leaf).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> tx = so.transforms.scale_by_resettable_adam()
+    >>> params = jnp.zeros(2)
+    >>> updates, state = tx.update(jnp.array([1.0, -2.0]), tx.init(params))
+    >>> updates
+    Array([ 1., -1.], dtype=float32)
   """
   mu_dtype = precision.float_dtype(mu_dtype, 'mu_dtype')
 
@@ -298,7 +375,8 @@ def scale_by_resettable_adam(
 
 
 def scale_by_torch_nesterov_adam(
-    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, nesterov: bool = False
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+    nesterov: bool = False, *, mu_dtype: Optional[Any] = None,
 ) -> optax.GradientTransformation:
   """Adam as AdamP computes it, with its Nesterov variant.
 
@@ -309,17 +387,38 @@ def scale_by_torch_nesterov_adam(
   Without Nesterov this equals ``optax.scale_by_adam``; optax's Nesterov
   (NAdam) bias-corrects the two terms separately, AdamP does not.
   State: ``optax.ScaleByAdamState``.
+
+  Args:
+    b1: decay of the first moment ``β_1``.
+    b2: decay of the second moment ``β_2``.
+    eps: ``ε``, added after the bias correction.
+    nesterov: use AdamP's Nesterov momentum.
+    mu_dtype: dtype in which the first moment is stored; None: float32.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is an
+    ``optax.ScaleByAdamState``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> tx = so.transforms.scale_by_torch_nesterov_adam()
+    >>> params = jnp.zeros(2)
+    >>> updates, state = tx.update(jnp.array([1.0, -2.0]), tx.init(params))
+    >>> updates
+    Array([ 1., -1.], dtype=float32)
   """
+  mu_dtype = precision.float_dtype(mu_dtype, 'mu_dtype')
 
   def init_fn(params):
     return optax.ScaleByAdamState(
-        count=jnp.zeros([], jnp.int32), mu=init_moment(params),
+        count=jnp.zeros([], jnp.int32), mu=init_moment(params, mu_dtype),
         nu=init_moment(params))
 
   def update_fn(updates, state, params=None):
     del params
     count = optax.safe_increment(state.count)
-    mu, nu = update_moments(updates, state.mu, state.nu, b1, b2)
+    mu, nu = moments_for_step(updates, state.mu, state.nu, b1, b2)
     correction1 = one_minus_power(b1, count)
     correction2 = one_minus_power(b2, count)
 
@@ -330,6 +429,6 @@ def scale_by_torch_nesterov_adam(
           jnp.result_type(g))
 
     return (jax.tree.map(step, directions, nu, updates),
-            optax.ScaleByAdamState(count, mu, nu))
+            optax.ScaleByAdamState(count, stored_like(mu, state.mu), nu))
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -93,6 +93,19 @@ def scale_by_auon(
     eps: added to ``‖M̂‖_F``.
     normalize: output ``X``-based (paper) or ``M̂``-based (packaged) steps.
     mu_dtype: dtype of the momentum (default: the params').
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a
+    :class:`ScaleByAuonState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> tx = so.scale_by_auon()
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> updates, state = tx.update(params, tx.init(params))
+    >>> float(jnp.linalg.norm(updates['w'])) < 1.0  # unit norm, then braked
+    True
   """
   if isinstance(newton_schulz_steps, bool) or not isinstance(
       newton_schulz_steps, int) or newton_schulz_steps < 0:
@@ -128,6 +141,17 @@ def scale_by_aspect_ratio() -> optax.GradientTransformation:
 
   For flax kernels ``(..., in, out)`` (the last two axes); AuON's and Muon's
   width scaling. Leaves of rank < 2 are unchanged.
+
+  Returns:
+    An ``optax.GradientTransformation`` (state-free).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> tx = so.scale_by_aspect_ratio()
+    >>> updates, _ = tx.update({'w': jnp.ones((2, 8))}, tx.init(None))
+    >>> float(updates['w'][0, 0])  # sqrt(8 / 2)
+    2.0
   """
 
   def update_fn(updates, state, params=None):

@@ -66,6 +66,17 @@ def master_weights(
   Returns:
     An ``optax.GradientTransformation`` whose state is a
     :class:`MasterWeightsState`; its ``update`` needs ``params``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import subspace_optax as so
+    >>> params = {'w': jnp.ones(3, jnp.bfloat16)}
+    >>> tx = optax.chain(optax.sgd(1e-4), so.master_weights())
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+    >>> updates['w'].dtype
+    dtype(bfloat16)
   """
 
   def init_fn(params):

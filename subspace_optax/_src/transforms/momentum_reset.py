@@ -32,6 +32,26 @@ def reset_moments(
   are untouched. ``where`` (a boolean scalar) makes the reset conditional
   without leaving ``jit``. Encoded moments (8-bit codes and scales) are
   zeroed as stored: every stored array zero stands for a zero moment.
+
+  Args:
+    state: any optax state (or a pytree holding states).
+    fields: names of the moment fields to zero.
+    reset_count: also zero the ``count`` of the states that hold such a field.
+    where: a boolean scalar (may be traced): reset only where True.
+
+  Returns:
+    ``state`` with the moments (and counts) zeroed, same structure.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import subspace_optax as so
+    >>> tx = optax.adam(1e-3)
+    >>> params = jnp.ones(3)
+    >>> _, state = tx.update(params, tx.init(params))
+    >>> state = so.reset_moments(state)
+    >>> state[0].mu
+    Array([0., 0., 0.], dtype=float32)
   """
   fields = tuple(fields)
   zero = lambda x: jnp.where(where, jnp.zeros_like(x), x)

@@ -42,6 +42,20 @@ def clip_norm_growth(
     max_ratio: ``γ``, the largest allowed growth of the norm per step.
     axes: axes the norm is taken over; None takes the whole leaf (one scalar
       state per leaf). ``(-2, -1)`` limits each matrix of a stack separately.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a
+    :class:`ClipNormGrowthState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> tx = so.clip_norm_growth(max_ratio=2.0)
+    >>> state = tx.init(jnp.zeros(2))
+    >>> _, state = tx.update(jnp.array([3.0, 4.0]), state)  # norm 5: passes
+    >>> updates, state = tx.update(jnp.array([30.0, 40.0]), state)
+    >>> float(jnp.linalg.norm(updates))  # at most 2x the last norm
+    10.0
   """
   if isinstance(max_ratio, (int, float)) and not max_ratio >= 1.0:
     raise ValueError(f'`max_ratio` must be >= 1, got {max_ratio}.')

@@ -84,6 +84,17 @@ def quantize(
     bits: 8, or 4 (two codes packed per byte).
     group_size: rows per group; the last group of a column may be shorter.
     key: optional PRNG key for stochastic rounding.
+
+  Returns:
+    A :class:`QuantizedMatrix` (uint8 codes, float32 scales, uint8 zero
+    points).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> q = so.quantize(jnp.ones((8, 2)), bits=4, group_size=4)
+    >>> q.codes.shape, q.codes.dtype  # two 4-bit codes per byte
+    ((8, 1), dtype('uint8'))
   """
   _check_bits(bits)
   if x.ndim != 2:
@@ -121,6 +132,22 @@ def dequantize(
 
   ``bits`` and ``group_size`` must be those given to :func:`quantize` (they are
   not stored: static values, not arrays).
+
+  Args:
+    q: a :class:`QuantizedMatrix`.
+    bits: the ``bits`` given to :func:`quantize`.
+    group_size: the ``group_size`` given to :func:`quantize`.
+
+  Returns:
+    The float32 ``(k, c)`` matrix.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> x = jnp.array([[0.0, 1.0], [0.5, 0.0]])  # each column's min and max
+    >>> so.dequantize(so.quantize(x, bits=8, group_size=2), 8, 2)
+    Array([[0. , 1. ],
+           [0.5, 0. ]], dtype=float32)
   """
   _check_bits(bits)
   k = q.codes.shape[0]
@@ -150,6 +177,18 @@ def stochastic_round(
     x: float array.
     dtype: the target dtype.
     key: PRNG key.
+
+  Returns:
+    ``x`` rounded to ``dtype`` (an array of that dtype and ``x``'s shape).
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> x = jnp.full(1000, 0.25)
+    >>> r = so.stochastic_round(x, jnp.int8, jax.random.key(0))
+    >>> sorted(set(r.tolist()))  # 0 or 1, about a quarter of ones
+    [0, 1]
   """
   dtype = jnp.dtype(dtype)
   x = jnp.asarray(x, jnp.float32)

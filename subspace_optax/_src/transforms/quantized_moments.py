@@ -46,10 +46,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
+import numpy as np
+import optax
 
 from subspace_optax._src.pipeline import sharding
 from subspace_optax._src.transforms import moments as moments_lib
@@ -253,6 +253,20 @@ def quantize_moments(
     block_size: entries per block along the last axis (a leaf's blocks are
       ``gcd(block_size, n)`` long).
     min_size: leaves with fewer entries stay float32 (bitsandbytes: 4096).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with ``inner``'s state, moments
+    encoded.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import subspace_optax as so
+    >>> tx = so.quantize_moments(optax.scale_by_adam(), min_size=256)
+    >>> params = jnp.ones((4, 256))
+    >>> updates, state = tx.update(params, tx.init(params))
+    >>> state[0].mu.codes.dtype  # int8 codes for the signed first moment
+    dtype('int8')
   """
   if isinstance(block_size, bool) or not isinstance(block_size, int) or (
       block_size <= 0):

@@ -97,6 +97,20 @@ def project_radial(
     eps: ``ε`` of the norms.
     channel_axis: the output-channel axis of the channel view: ``-1`` for flax
       kernels ``(..., in, out)``; ``0`` for PyTorch ``(out, in, ...)`` layouts.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    :class:`ProjectRadialState`; its ``update`` needs ``params``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import subspace_optax as so
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> tx = so.project_radial(optax.scale_by_adam(), weight_decay=1e-2)
+    >>> updates, state = tx.update(params, tx.init(params), params)
+    >>> updates['w'].shape
+    (8, 6)
   """
   inner = optax.with_extra_args_support(inner)
 

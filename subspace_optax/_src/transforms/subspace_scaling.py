@@ -27,6 +27,23 @@ def scale_gradient_by_subspace(
   the coefficients and the inner optimizer's update in the subspace, per
   channel of the non-projected axis (``'channel'``) or per matrix
   (``'tensor'``). State-free.
+
+  Args:
+    granularity: ``'channel'`` (one scale per channel) or ``'tensor'`` (one
+      per matrix).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` (state-free).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> tx = so.low_rank(so.transforms.scale_by_adam_moments(), rank=2,
+    ...                  scale=0.0, residual=so.scale_gradient_by_subspace())
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> updates, state = tx.update(params, tx.init(params))
+    >>> updates['w'].shape
+    (8, 6)
   """
   if granularity not in residual_lib.GRANULARITIES:
     raise ValueError(
@@ -62,6 +79,27 @@ def apollo_scaling(
   :func:`scale_gradient_by_subspace`, the heuristic factor ``sqrt(scale)``
   after the norm-growth limiter (or before it with ``scale_front``:
   ``limit(√scale · G ⊙ s)``), and the limiter (per matrix; None disables it).
+
+  Args:
+    scale_type: ``'channel'`` (APOLLO) or ``'tensor'`` (APOLLO-Mini).
+    scale: the heuristic scale, applied as ``sqrt(scale)``.
+    scale_front: apply ``sqrt(scale)`` before the limiter instead of after.
+    limiter: ``γ`` of the norm-growth limiter, None to disable it.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``. (a residual path for
+    :func:`~subspace_optax.low_rank` with ``scale=0``).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import subspace_optax as so
+    >>> tx = so.low_rank(so.transforms.scale_by_adam_moments(), rank=2,
+    ...                  scale=0.0,
+    ...                  residual=so.apollo_scaling(scale_type='tensor'))
+    >>> params = {'w': jnp.ones((8, 6))}
+    >>> updates, state = tx.update(params, tx.init(params))
+    >>> updates['w'].shape
+    (8, 6)
   """
   if scale_type not in residual_lib.GRANULARITIES:
     raise ValueError(
