@@ -48,7 +48,7 @@ from benchmarks import peak_memory
 from benchmarks import harness
 from benchmarks import step_times
 from examples.lm import model as model_lib
-from examples.lm import optimizers as lm_optimizers
+from benchmarks import methods as lm_optimizers
 
 
 @dataclasses.dataclass(frozen=True)

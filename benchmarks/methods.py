@@ -1,13 +1,16 @@
-"""The one table of optimizers, shared by the LM example and the benchmarks.
+"""The benchmarks' table of optimizers: every method they run, tuned.
 
-Every method the example trainer (``python -m examples.lm.train
---optimizer NAME``), the quality benchmark (``benchmarks/quality.py``) and the
-speed benchmark (``benchmarks/speed_memory.py``) run is one :class:`Method` in
-:data:`REGISTRY`: how to build it, its description, its peak learning rate
-relative to AdamW's, its rank rule and its analytic state size. The
-benchmarks select rows by name (``QUALITY_METHODS``, ``SPEED_METHODS`` in
-their modules); a missing name is a ``KeyError`` naming it, never a skipped
-row.
+Every method the quality benchmark (``benchmarks/quality.py``), the speed
+benchmarks (``benchmarks/speed_memory.py``, ``benchmarks/peak_memory.py``, ...)
+and the quality-drift check (``benchmarks/quality_drift.py``) run is one
+:class:`Method` in :data:`REGISTRY`: how to build it, its description, its
+peak learning rate relative to AdamW's, its rank rule and its analytic state
+size. The benchmarks select rows by name (``QUALITY_METHODS``,
+``SPEED_METHODS`` in their modules); a missing name is a ``KeyError`` naming
+it, never a skipped row. The benchmarks measure the LM example's model and data
+(``examples/lm/model.py``, ``data.py``) but import no optimizer from the
+example; the example trainer has its own small table
+(``examples/lm/methods.py``: AdamW, GaLore, any preset by name).
 
 ``make_optimizer(name, ...)`` returns
 ``optax.chain(clip_by_global_norm(1.0), <the method>)``; the method receives a
@@ -36,8 +39,8 @@ transform, and register it::
       _my_method, 'what it is, with the paper link', lr_ratio=10.0,
       rank='quarter'))
 
-It is then available as ``python -m examples.lm.train --optimizer my_method``
-and ``python -m benchmarks.quality --methods my_method``.
+It is then available as ``python -m benchmarks.quality --methods my_method``
+(and in the quality-drift check, ``python -m benchmarks.quality_drift``).
 """
 
 from __future__ import annotations
@@ -289,9 +292,10 @@ def _preset(preset: Callable[..., optax.GradientTransformation],
   return build
 
 
-def _apollo_mini(*, learning_rate, rank, refresh, weight_decay, seed):
+def _apollo_mini(*, learning_rate, rank, refresh, weight_decay, seed,
+                 **fixed):
   del rank  # rank 1 by definition
-  return so.apollo_mini(learning_rate, refresh=refresh, seed=seed,
+  return so.apollo_mini(learning_rate, refresh=refresh, seed=seed, **fixed,
                         **BLOCKS, **decay(weight_decay))
 
 
@@ -372,6 +376,24 @@ for _name, _method in {
     'apollo_mini': Method(
         _apollo_mini, 'subspace_optax.apollo_mini: rank 1, tensor-wise scale, '
         'scale 128 (arXiv 2412.05270)', 10.0, 1),
+    # The two sides of APOLLO and APOLLO-Mini, pinned (the rows above take
+    # the preset's default side): the measurement that chose the defaults.
+    'apollo_reference': Method(
+        _preset(so.apollo, side='reference'), 'subspace_optax.apollo, '
+        'reference side (sketch on the smaller dimension, as apollo-torch\'s '
+        "proj_type='std')", 10.0, 'match_budget',
+        _formula(so.state_sizes.apollo_bytes, side='reference')),
+    'apollo_compact': Method(
+        _preset(so.apollo, side='compact'), 'subspace_optax.apollo, compact '
+        'side (sketch on the larger dimension)', 10.0, 'match_budget',
+        _formula(so.state_sizes.apollo_bytes, side='compact')),
+    'apollo_mini_reference': Method(
+        functools.partial(_apollo_mini, side='reference'),
+        'subspace_optax.apollo_mini, reference side (apollo-torch\'s '
+        "proj_type='std')", 10.0, 1),
+    'apollo_mini_compact': Method(
+        functools.partial(_apollo_mini, side='compact'),
+        'subspace_optax.apollo_mini, compact side', 10.0, 1),
     'q_galore': Method(
         _preset(so.q_galore, scale=0.25, side='compact',
                 eight_bit_moments=False),

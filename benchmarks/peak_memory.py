@@ -68,7 +68,7 @@ import optax
 from flax import nnx
 
 from examples.lm import model as model_lib
-from examples.lm import optimizers as lm_optimizers
+from benchmarks import methods as lm_optimizers
 
 DEFAULT_OUT = 'benchmarks/results/peak_memory_cpu_aot.json'
 VOCAB_SIZE = 32_000  # LLaMA's tokenizer, not the example's 256 bytes
@@ -123,7 +123,7 @@ BUDGETS = {'h100_80gb': 81_559 * 2**20, 'h200_141gb': 143_771 * 2**20}
 def _from_table(name: str, **options) -> Callable[[int, int],
                                                  optax.GradientTransformation]:
   """``(rank, seed) -> transform``: row ``name`` of the shared method table
-  (:mod:`examples.lm.optimizers`: block matrices projected, no clipping, no
+  (:mod:`benchmarks.methods`: block matrices projected, no clipping, no
   weight decay)."""
   method = lm_optimizers.get(name)
   return lambda rank, seed: method.build(

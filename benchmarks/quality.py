@@ -16,12 +16,12 @@ Protocol (details in ``benchmarks/README.md``, section "Quality"):
 
 * Only the transformer block matrices (attention and MLP kernels) are
   projected, as in GaLore; the embedding, the output head and the norms keep
-  full Adam (``examples.lm.optimizers.block_matrices``).
+  full Adam (``benchmarks.methods.block_matrices``).
 * Every run is ``clip_by_global_norm(1.0)`` then the method, with the GaLore
   LLaMA schedule (10 % linear warm-up, cosine decay to 10 % of the peak) and no
   weight decay.
 * Learning rates follow each paper's recipe relative to AdamW's (the
-  ``lr_ratio`` of the row in ``examples.lm.optimizers.REGISTRY``: the GaLore
+  ``lr_ratio`` of the row in ``benchmarks.methods.REGISTRY``: the GaLore
   family, 0.01 with ``scale=0.25`` against AdamW's 0.001, is 10x; FRUGAL and
   DCT-AdamW, whose subspace step has scale 1, are 1x; Q-GaLore's 60M recipe
   0.015 is 15x). ``--lr-multipliers`` multiplies every method's rate by each
@@ -65,7 +65,7 @@ from flax import nnx
 import subspace_optax as so
 from examples.lm import data as data_lib
 from examples.lm import model as model_lib
-from examples.lm import optimizers as lm_optimizers
+from benchmarks import methods as lm_optimizers
 
 DEFAULT_OUT = 'benchmarks/results/quality_cpu.json'
 DEFAULT_MARKDOWN = 'benchmarks/results/quality_cpu.md'
@@ -73,7 +73,7 @@ BASELINE = 'adamw'
 BUDGET_METHOD = 'galore'
 
 # ----------------------------------------------------------------------------
-# Methods: rows of the one table, examples.lm.optimizers.REGISTRY (learning-rate
+# Methods: rows of the one table, benchmarks.methods.REGISTRY (learning-rate
 # ratio to AdamW, rank rule, description). The committed tables ran these rows,
 # in this order.
 
@@ -429,7 +429,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
       prog='python -m benchmarks.quality', description=__doc__.split('\n')[0],
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument('--methods', default=None,
-                 help=f'comma-separated names of examples.lm.optimizers '
+                 help=f'comma-separated names of benchmarks.methods '
                  f'(default: {", ".join(METHODS)}; adamw is always run)')
   p.add_argument('--model', default='tiny', choices=sorted(model_lib.PRESETS))
   p.add_argument('--steps', type=int, default=None, help='default 300')

@@ -54,7 +54,7 @@ import optax
 
 import subspace_optax as so
 from benchmarks import peak_memory
-from examples.lm import optimizers as lm_optimizers
+from benchmarks import methods as lm_optimizers
 
 ADAM_FLOPS = 12  # per element: two moment updates, sqrt, divide, scale, add
 TFLOPS = {'highest_f32': 66.9, 'highest_bf16x6': 989.4 / 6,

@@ -19,7 +19,7 @@ from benchmarks import quality
 from benchmarks import step_times
 from examples.lm import data as data_lib
 from examples.lm import model as model_lib
-from examples.lm import optimizers as lm_optimizers
+from benchmarks import methods as lm_optimizers
 
 LEARNING_RATE = 1e-3  # speed does not depend on it; one value for all
 

@@ -49,7 +49,7 @@ Reported per method (medians over the timed steps, milliseconds):
 
 Output: one JSON object on stdout, also written to ``--out``.
 
-Modules: the rows are ``examples.lm.optimizers.REGISTRY`` entries
+Modules: the rows are ``benchmarks.methods.REGISTRY`` entries
 (``SPEED_METHODS``); ``benchmarks/speed.py`` measures one method,
 ``benchmarks/harness.py`` holds the timing and memory helpers,
 ``benchmarks/torch_reference.py`` the galore-torch process and
@@ -85,7 +85,7 @@ from benchmarks import speed_report  # pylint: disable=g-import-not-at-top,wrong
 from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
 from examples.lm import data as data_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from examples.lm import model as model_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from examples.lm import optimizers as lm_optimizers  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import methods as lm_optimizers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DEFAULT_OUT = 'benchmarks/results/speed_memory_cpu.json'
 BASELINE, CONTRIB = speed_report.BASELINE, speed_report.CONTRIB

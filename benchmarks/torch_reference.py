@@ -16,7 +16,7 @@ import numpy as np
 
 from benchmarks import harness
 from benchmarks import speed
-from examples.lm import optimizers as lm_optimizers
+from benchmarks import methods as lm_optimizers
 
 
 def split_shapes(params) -> dict[str, list[list[int]]]:

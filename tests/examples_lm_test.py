@@ -16,7 +16,7 @@ from flax import nnx
 from examples.lm import checkpoint
 from examples.lm import data as data_lib
 from examples.lm import model as model_lib
-from examples.lm import optimizers
+from examples.lm import methods
 from examples.lm import plot
 from examples.lm import train
 
@@ -112,7 +112,7 @@ def test_corpus_errors(tmp_path):
 
 
 # ----------------------------------------------------------------------------
-# Model and optimizers.
+# Model and optimizers (examples/lm/methods.py).
 
 
 @pytest.mark.parametrize('scan_layers', [False, True])
@@ -148,66 +148,36 @@ def test_low_rank_projects_block_matrices_only(scan_layers):
                         nnx.state(abstract, nnx.Param))
   import subspace_optax as so
   selected = jax.tree_util.tree_flatten_with_path(
-      optimizers.block_matrices(params),
+      methods.block_matrices(params),
       is_leaf=lambda x: x is None or isinstance(x, so.DimensionNumbers))[0]
   chosen = {jax.tree_util.keystr(p) for p, n in selected if n is not None}
   assert len(chosen) == (7 if scan_layers else 14)
   assert not any(k in name for name in chosen
                  for k in ('embed', 'lm_head', 'norm'))
-  full = optimizers.state_bytes(
-      optimizers.make_optimizer('adamw', learning_rate_schedule=1e-3)
+  full = so.state_bytes(
+      methods.make_optimizer('adamw', learning_rate_schedule=1e-3)
       .init(params))
-  low = optimizers.state_bytes(optimizers.make_optimizer(
-      'galore', learning_rate_schedule=1e-3, rank=4).init(params))
-  assert low < 0.75 * full
-  contrib = optimizers.make_optimizer('optax_galore',
-                                      learning_rate_schedule=1e-3, rank=4)
-  if scan_layers:  # contrib galore cannot project (layers, m, n) kernels.
-    with pytest.raises(ValueError, match='no-scan-layers'):
-      contrib.init(params)
-  else:
-    assert optimizers.state_bytes(contrib.init(params)) < 0.75 * full
+  for name in ('galore', 'apollo_mini', 'fira'):
+    low = so.state_bytes(methods.make_optimizer(
+        name, learning_rate_schedule=1e-3, rank=4).init(params))
+    assert low < 0.75 * full, name
 
 
-def test_registry_errors():
+def test_optimizer_names_and_errors():
+  assert {'adamw', 'galore', 'fira', 'apollo_mini'} <= set(methods.names())
+  assert 'low_rank' not in methods.names()  # a combinator, not a preset
   with pytest.raises(KeyError, match="'nope'"):
-    optimizers.make_optimizer('nope', learning_rate_schedule=1e-3)
-  with pytest.raises(TypeError, match="'adamw' takes no option"):
-    optimizers.make_optimizer('adamw', learning_rate_schedule=1e-3,
-                              basis='svd')
-  with pytest.raises(ValueError, match='already registered'):
-    optimizers.register('adamw', optimizers.get('adamw'))
+    methods.make_optimizer('nope', learning_rate_schedule=1e-3)
   with pytest.raises(SystemExit):
     train.parse_args(['--optimizer', 'adamw,nope'])
+  with pytest.raises(SystemExit):  # no default learning rate: --lr needed
+    train.parse_args(['--optimizer', 'fira'])
+  assert train.parse_args(['--optimizer', 'fira', '--lr', '0.01']).optimizer == [
+      'fira']
   args = train.parse_args(['--optimizer', 'adamw', '--optimizer', 'galore,'])
   assert args.optimizer == ['adamw', 'galore']
-
-
-def test_analytic_state_bytes_match_the_measured_state():
-  """Every row's formula (``Method.state_bytes``) is its transform's state
-  size on the example model, unstacked and stacked: a formula that counted a
-  moment twice or missed the basis would fail here."""
-  for scan_layers in (False, True):
-    config = model_lib.Config(**{**TINY.__dict__, 'scan_layers': scan_layers})
-    abstract = nnx.eval_shape(lambda: model_lib.Llama(config,
-                                                      rngs=nnx.Rngs(0)))
-    params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
-    for name, method in optimizers.REGISTRY.items():
-      if method.state_bytes is None or (scan_layers and name == 'optax_galore'):
-        continue
-      rank = method.fixed_rank or (0.25 if isinstance(method.rank, float)
-                                   else 4)
-      tx = method.build(learning_rate=1e-3, rank=rank, refresh=5,
-                        weight_decay=0.0, seed=0)
-      measured = optimizers.state_bytes(jax.eval_shape(tx.init, params))
-      assert method.state_bytes(params, rank) == measured, (name, scan_layers)
-
-
-def test_default_learning_rates_are_the_ratios_to_adamw():
-  for method in optimizers.REGISTRY.values():
-    assert method.learning_rate == pytest.approx(
-        optimizers.ADAMW_LEARNING_RATE * method.lr_ratio)
-  assert optimizers.get('galore').learning_rate == pytest.approx(3e-2)
+  assert methods.get('galore').learning_rate == pytest.approx(3e-2)
+  assert methods.get('adamw').learning_rate == pytest.approx(3e-3)
 
 
 def test_fsdp_spec():
@@ -341,7 +311,7 @@ def test_loss_plot_has_a_log_axis(first_run, tmp_path, monkeypatch):
     'name', ['adamw', pytest.param('galore', marks=pytest.mark.slow)])
 def test_mesh_run_shards_params(name, tmp_path):
   if jax.device_count() < 8:
-    pytest.skip('needs 8 devices (tests/conftest.py sets XLA_FLAGS)')
+    pytest.skip('needs 8 devices (conftest.py sets XLA_FLAGS)')
   mesh = train.make_mesh('data=2,fsdp=4')
   model = nnx.eval_shape(lambda: model_lib.Llama(
       model_lib.Config(**{**TINY.__dict__, 'scan_layers': True}),
@@ -362,10 +332,10 @@ def test_optimizer_state_takes_the_shardings_the_transform_derives():
   derives it, not by the model's FSDP rule: GaLore's ``(r, n)`` moments are
   sharded only along an axis their parameter is sharded along."""
   if jax.device_count() < 8:
-    pytest.skip('needs 8 devices (tests/conftest.py sets XLA_FLAGS)')
+    pytest.skip('needs 8 devices (conftest.py sets XLA_FLAGS)')
   import subspace_optax as so
   mesh = train.make_mesh('data=2,fsdp=4')
-  tx = optimizers.make_optimizer('galore', learning_rate_schedule=1e-3, rank=4)
+  tx = methods.make_optimizer('galore', learning_rate_schedule=1e-3, rank=4)
   config = model_lib.Config(**{**TINY.__dict__, 'scan_layers': True})
 
   def create():

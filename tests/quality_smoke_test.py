@@ -93,7 +93,7 @@ def test_an_unknown_method_is_an_error_naming_it():
 
 
 def test_rows_are_those_of_the_committed_table():
-  """The shared table (examples.lm.optimizers) gives each committed row the
+  """The shared table (benchmarks.methods) gives each committed row the
   description, learning-rate ratio and rank rule it ran with."""
   path = (pathlib.Path(__file__).parents[1] / 'benchmarks' / 'results'
           / 'quality_cpu.json')

@@ -18,6 +18,12 @@ weights. Every run gets a new directory ``runs/lm/run-<N>`` (or ``--out DIR``):
 ``<optimizer>/checkpoints`` (about 14 MB per optimizer for the default model;
 ``--checkpoint-every 0`` writes none). ``--resume`` continues the latest run
 (or ``--out DIR``) bit-exactly.
+
+The optimizers are ``examples/lm/methods.py``: AdamW, GaLore, or any
+``subspace_optax`` preset by name with its own defaults (give ``--lr``). The
+benchmarks' tuned table of every method (learning-rate ratios, ranks at equal
+state bytes, variants) is ``benchmarks/methods.py``, run by
+``python -m benchmarks.quality``; this example does not import it.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ import subspace_optax as so
 from examples.lm import checkpoint
 from examples.lm import data as data_lib
 from examples.lm import model as model_lib
-from examples.lm import optimizers
+from examples.lm import methods
 
 DEFAULT_OPTIMIZERS = 'adamw,galore'
 RUNS_DIR = pathlib.Path('runs/lm')
@@ -56,9 +62,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
       prog='python -m examples.lm.train', description=__doc__.split('\n')[0],
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument('--optimizer', action='append', default=None,
-                 help='optimizer name(s), repeatable or comma-separated; '
-                 f'registered: {", ".join(sorted(optimizers.REGISTRY))} '
-                 f'(default {DEFAULT_OPTIMIZERS})')
+                 help='optimizer name(s), repeatable or comma-separated: '
+                 f'{", ".join(methods.names())} (default '
+                 f'{DEFAULT_OPTIMIZERS}; presets other than galore need '
+                 '--lr, see examples/lm/methods.py)')
   p.add_argument('--model', default='tiny', choices=sorted(model_lib.PRESETS))
   p.add_argument('--scan-layers', action=argparse.BooleanOptionalAction,
                  default=True,
@@ -84,9 +91,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument('--refresh', '--refresh-every', type=int, default=100)
   p.add_argument('--basis', default='auto',
                  choices=('auto', 'svd', 'randomized'),
-                 help="basis of subspace_optax methods; 'auto': svd on one "
-                 'device, randomized (no all-gather of sharded gradients) '
-                 'with --mesh')
+                 help="basis of the SVD-based presets (galore, fira, frugal, "
+                 "...); 'auto': svd on one device, randomized (no all-gather "
+                 'of sharded gradients) with --mesh; a given value also '
+                 'replaces the random sketch of apollo, golore, ...')
   p.add_argument('--data', nargs='+', default=None, metavar='PATH',
                  help='text files or directories (default: the Python stdlib '
                  'sources)')
@@ -120,10 +128,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   names = []
   for item in args.optimizer or [DEFAULT_OPTIMIZERS]:
     names.extend(n.strip() for n in item.split(',') if n.strip())
-  unknown = [n for n in names if n not in optimizers.REGISTRY]
+  unknown = [n for n in names if n not in methods.names()]
   if unknown:
-    p.error(f'unknown optimizer(s) {unknown}; registered: '
-            f'{sorted(optimizers.REGISTRY)}')
+    p.error(f'unknown optimizer(s) {unknown}; known: {methods.names()}')
+  no_rate = [n for n in names if methods.get(n).learning_rate is None]
+  if no_rate and args.lr is None:
+    p.error(f'{", ".join(no_rate)}: no default learning rate in the example; '
+            'give --lr (the tuned ratios to AdamW are in benchmarks/methods.py)')
   if len(set(names)) != len(names):
     p.error(f'optimizer listed twice: {names}')
   args.optimizer = names
@@ -186,7 +197,7 @@ def path_names(path) -> tuple[Any, ...]:
   """A key path as plain names, the same for an ``nnx.State`` (NamedTuple
   fields and tuple positions become dict keys, each leaf sits in a Variable's
   ``value``) and for the raw optax state it mirrors."""
-  names = tuple(optimizers.key_names(path))
+  names = tuple(methods.key_names(path))
   return names[:-1] if names[-1:] == ('value',) else names
 
 
@@ -244,17 +255,21 @@ class Run:
 
 def make_run(name: str, args: argparse.Namespace,
              model_config: model_lib.Config, corpus: data_lib.Corpus) -> Run:
-  entry = optimizers.get(name)
+  entry = methods.get(name)
   learning_rate = args.lr if args.lr is not None else entry.learning_rate
   rank = None
-  if isinstance(entry.rank, (int, float)):  # fixed by the method
-    rank = entry.rank
-  elif entry.low_rank:
+  if entry.takes_rank:
     rank = args.rank if args.rank is not None else model_config.dim // 4
     rank = int(rank) if float(rank).is_integer() else float(rank)
-  basis = {'basis': args.basis} if 'basis' in entry.options else {}
-  schedule = optimizers.warmup_cosine(learning_rate, args.steps)
-  tx = optimizers.make_optimizer(
+  # --basis applies to SVD-based presets ('auto': svd on one device,
+  # randomized with --mesh); a random-basis preset (apollo, golore) keeps its
+  # own unless --basis is given.
+  basis = {}
+  if entry.basis is not None and (entry.basis == 'svd'
+                                  or getattr(args, 'basis_given', False)):
+    basis = {'basis': args.basis}
+  schedule = methods.warmup_cosine(learning_rate, args.steps)
+  tx = methods.make_optimizer(
       name, learning_rate_schedule=schedule, rank=rank,
       refresh=args.refresh, weight_decay=args.weight_decay,
       seed=args.seed, **basis)
@@ -264,7 +279,7 @@ def make_run(name: str, args: argparse.Namespace,
       'optimizer': name,
       'learning_rate': learning_rate,
       'rank': rank,
-      'refresh': args.refresh if entry.low_rank else None,
+      'refresh': args.refresh if entry.takes_refresh else None,
       'basis': basis.get('basis'),
       'weight_decay': args.weight_decay,
       'steps': args.steps,
@@ -409,7 +424,7 @@ def train_one(run: Run, args, corpus, mesh, out: pathlib.Path) -> dict[str, Any]
   val_batches = data_lib.eval_batches(
       corpus.val, batches=args.eval_batches, batch_size=batch_size,
       seq_len=seq_len)
-  state_bytes = optimizers.state_bytes(optimizer.opt_state)
+  state_bytes = int(so.state_bytes(optimizer.opt_state))
   _write_state_summary(run, abstract[0], run_dir)
   end = args.steps if args.stop_at is None else min(args.stop_at, args.steps)
   tokens_per_step = batch_size * seq_len
@@ -587,6 +602,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   except data_lib.CorpusError as error:
     raise SystemExit(f'error: {error}') from error
   mesh = make_mesh(args.mesh)
+  args.basis_given = args.basis != 'auto'
   if args.basis == 'auto':
     args.basis = 'svd' if mesh is None else 'randomized'
   out = run_directory(args.out, args.resume)
