@@ -71,6 +71,7 @@ PUBLIC_MODULES = (
     'subspace_optax.transforms',
     'subspace_optax.continual',
     'subspace_optax.state_sizes',
+    'subspace_optax.merging',
 )
 
 

@@ -204,7 +204,7 @@ plt.show()
 # `so.state_bytes(state)` adds up the bytes of every array in an optimizer
 # state. It works on concrete states, on `jax.eval_shape` outputs and on
 # `nnx.Optimizer` states. For GaLore with the Adam inner optimizer, the size is
-# known in closed form (`so.memory.galore_bytes`). Each projected $m \times n$ matrix
+# known in closed form (`so.state_sizes.galore_bytes`). Each projected $m \times n$ matrix
 # holds a basis of $k r$ floats and two moments of $r l$ floats each, where $k$
 # is the projected side and $l$ the other one. Every other leaf keeps Adam's
 # $2|p|$.
@@ -214,7 +214,7 @@ mlp_params = nnx.state(runs['adamw']['model'], nnx.Param)
 rows = []
 for name, run in runs.items():
   rows.append((name, so.state_bytes(run['optimizer'].opt_state)))
-analytic = so.memory.galore_bytes(mlp_params, RANK)
+analytic = so.state_sizes.galore_bytes(mlp_params, RANK)
 parameter_bytes = so.state_bytes(mlp_params)
 
 print(f"{'optimizer':22s}{'state bytes':>14s}{'vs adamw':>10s}")
@@ -274,7 +274,7 @@ large_optimizers = {
 }
 large = {name: so.state_bytes(jax.eval_shape(tx.init, big_params))
          for name, tx in large_optimizers.items()}
-large_analytic = so.memory.galore_bytes(big_params, 128, dimension_numbers=projected)
+large_analytic = so.state_sizes.galore_bytes(big_params, 128, dimension_numbers=projected)
 assert large['galore r=128 (reference side)'] == large_analytic
 for name, size in large.items():
   print(f"{name:32s}{size / 2**20:9.1f} MiB   {size / large['adamw']:.2f}x adamw")
@@ -296,17 +296,21 @@ plt.show()
 # %% [markdown]
 # At this size the 32k-entry embedding and output head keep full Adam
 # moments, and they hold more than half of the parameters. The block matrices
-# alone shrink much more. For example, a $512 \times 1376$ matrix goes from
-# $2 \cdot 512 \cdot 1376$ moment floats to a $1376 \times 128$ basis plus two
-# $128 \times 512$ moments:
+# alone shrink much more. With the default reference side, a
+# $512 \times 1376$ matrix goes from $2 \cdot 512 \cdot 1376$ moment floats to
+# a $512 \times 128$ basis plus two $128 \times 1376$ moments (the compact side
+# would keep a $1376 \times 128$ basis and two $128 \times 512$ moments):
 
 # %%
 blocks = [s for k, s in shapes.items() if '/w' in k]
 adam_floats = sum(2 * m * n for m, n in blocks)
-galore_floats = sum(max(m, n) * 128 + 2 * 128 * min(m, n) for m, n in blocks)
+reference_floats = sum(min(m, n) * 128 + 2 * 128 * max(m, n) for m, n in blocks)
+compact_floats = sum(max(m, n) * 128 + 2 * 128 * min(m, n) for m, n in blocks)
 print(f'block matrices: adam {adam_floats * 4 / 2**20:.1f} MiB, '
-      f'galore {galore_floats * 4 / 2**20:.1f} MiB '
-      f'({adam_floats / galore_floats:.1f}x smaller)')
+      f'galore {reference_floats * 4 / 2**20:.1f} MiB with the reference side '
+      f'({adam_floats / reference_floats:.1f}x smaller), '
+      f'{compact_floats * 4 / 2**20:.1f} MiB with the compact side '
+      f'({adam_floats / compact_floats:.1f}x)')
 
 # %% [markdown]
 # Two more things to note. The Lion variant is smaller still, because Lion

@@ -28,7 +28,9 @@
 #    and how much of the gradient a stale basis still captures;
 # 3. **exact vs randomized SVD**: energy captured and time per refresh;
 # 4. **sign alignment**: singular vectors are defined only up to sign. Without
-#    alignment, Adam's first moment is negated at a refresh.
+#    alignment, Adam's first moment is negated at a refresh;
+# 5. **the weight's own basis**: fine-tuning methods such as SVFit work in the
+#    singular basis of the pre-trained weight instead of the gradient's.
 #
 # Set `SUBSPACE_OPTAX_SMOKE=1` to shrink every size (that is how CI runs it).
 
@@ -454,6 +456,58 @@ for name, curve in curves.items():
 # period. The cost grows with more frequent refreshes and larger $\beta_1$. The
 # replay is the cleaner measurement: right after a refresh, the updates differ
 # by as much as the updates themselves.
+
+# %% [markdown]
+# ## 5. Fine-tuning in the weight's own singular basis
+#
+# The optimizers above follow the subspace of the *gradient*. Fine-tuning
+# methods such as SVFit, MiLoRA, PiSSA, SALT and Effort work in the singular
+# basis of the pre-trained *weight* $W = U \Sigma V^\top$ instead. SVFit
+# (`so.svfit`) trains only the top $r$ singular values, so its update is
+# $\Delta = U_r\,\mathrm{diag}(\delta s)\,V_r^\top$: diagonal in that basis.
+# It runs on the dense weights, with no adapter in the model
+# (`so.reparameterize` keeps the factors in the optimizer state and emits the
+# weight's change). A few steps from the trained `params`, `layer2` only (the
+# `mask`), and the change $U^\top \Delta V$ next to AdamW's:
+
+# %%
+only_layer2 = jax.tree.map(lambda _: False, params)
+only_layer2['layer2']['w'] = True
+w0 = params['layer2']['w']
+u, s, vt = np.linalg.svd(np.asarray(w0))
+
+
+def change_in_weight_basis(tx, steps=5):
+  train_step = make_step(tx)
+  p, st = params, tx.init(params)
+  for x, y in zip(x_batches[:steps], y_batches[:steps]):
+    p, st, *_ = train_step(p, st, x, y)
+  return u.T @ np.asarray(p['layer2']['w'] - w0) @ vt.T  # Uᵀ Δ V
+
+
+in_basis = {
+    f'svfit, rank {RANK}': change_in_weight_basis(
+        so.svfit(1e-3, rank=RANK, mask=only_layer2)),
+    'adamw': change_in_weight_basis(optax.adamw(1e-3)),
+}
+fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
+for ax, (name, m) in zip(axes, in_basis.items()):
+  off = m - np.diag(np.diag(m))
+  print(f'{name:14s} off-diagonal share of |UᵀΔV|: '
+        f'{np.linalg.norm(off) / np.linalg.norm(m):.1e}')
+  block = np.abs(m[:2 * RANK, :2 * RANK])
+  ax.imshow(np.log10(np.maximum(block, 1e-12)), vmin=-9, cmap='viridis')
+  ax.set(title=f'{name}: log10 |UᵀΔV|', xlabel='j (V)', ylabel='i (U)')
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# SVFit's change has no off-diagonal entries beyond float32 rounding, and none
+# past the first $r$ diagonal ones: the singular vectors of `layer2` stay
+# exactly where they were. AdamW's change spreads over every pair of
+# directions. The fine-tuning benchmark (`python -m benchmarks.finetune`,
+# results in `docs/which_method.md`) compares the family
+# on a pre-trained model.
 #
 # **Next:** `03_continual_learning` keeps a subspace *fixed* on purpose, to
 # protect what earlier tasks learned.
