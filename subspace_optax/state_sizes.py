@@ -6,11 +6,11 @@ state for ``params`` (arrays or ``jax.ShapeDtypeStruct``), without building it;
 """
 
 from subspace_optax._src.state.sizes import adamp_bytes
-from subspace_optax._src.state.sizes import apollo_bytes
+from subspace_optax._src.state.residual_sizes import apollo_bytes
 from subspace_optax._src.state.sizes import auon_bytes
 from subspace_optax._src.state.sizes import dct_adamw_bytes
-from subspace_optax._src.state.sizes import fira_bytes
-from subspace_optax._src.state.sizes import frugal_bytes
+from subspace_optax._src.state.residual_sizes import fira_bytes
+from subspace_optax._src.state.residual_sizes import frugal_bytes
 from subspace_optax._src.state.sizes import galore_bytes
 from subspace_optax._src.state.sizes import online_subspace_descent_bytes
 from subspace_optax._src.state.sizes import q_galore_bytes

@@ -3,7 +3,7 @@
 :func:`state_bytes` measures any optimizer state. The ``*_bytes`` functions
 give the exact size each method's state must have (the tests compare the two),
 so a user can size a run before building it. The low-rank ones share one
-per-leaf sum, :func:`_low_rank_bytes`: per projected ``m x n`` matrix the basis
+per-leaf sum, :func:`low_rank_bytes`: per projected ``m x n`` matrix the basis
 spans ``k`` (``projected_dim``) and the coefficients keep ``l``
 (``other_dim``), with rank ``r`` clamped to ``min(m, n)``.
 """
@@ -19,10 +19,10 @@ import numpy as np
 from subspace_optax._src.pipeline import layout as layout_lib
 from subspace_optax._src.transforms import quantized_moments
 
-_INT32 = 4
-_FLOAT32 = 4
+INT32 = 4
+FLOAT32 = 4
 # The refresh schedule of :func:`subspace_optax.refresh.every`: two int32.
-_EVERY_SCHEDULE = 2 * _INT32
+EVERY_SCHEDULE = 2 * INT32
 
 
 def _leaf_bytes(x) -> int:
@@ -59,7 +59,7 @@ def state_bytes(opt_state: Any) -> int:
   return sum(_leaf_bytes(x) for x in jax.tree.leaves(opt_state))
 
 
-def _low_rank_bytes(
+def low_rank_bytes(
     params: Any,
     rank: int | float,
     side: str,
@@ -67,10 +67,10 @@ def _low_rank_bytes(
     per_matrix: Callable[[layout_lib.MatrixLayout], int],
     *,
     per_projected_leaf: int | Callable[[layout_lib.MatrixLayout], int] = (
-        _EVERY_SCHEDULE),
-    per_other_element: int = 2 * _FLOAT32,
+        EVERY_SCHEDULE),
+    per_other_element: int = 2 * FLOAT32,
     other_leaf: Optional[Callable[[tuple[int, ...]], int]] = None,
-    fixed: int = 2 * _INT32,
+    fixed: int = 2 * INT32,
 ) -> int:
   """The state size of a :func:`subspace_optax.low_rank` method.
 
@@ -143,7 +143,7 @@ def galore_bytes(
     True
   """
   moments = moment_bytes + (moment_bytes if mu_bytes is None else mu_bytes)
-  return _low_rank_bytes(
+  return low_rank_bytes(
       params, rank, side, dimension_numbers,
       lambda lay: (basis_bytes * lay.projected_dim * lay.rank
                    + moments * lay.rank * lay.other_dim),
@@ -160,7 +160,7 @@ def q_galore_bytes(
     side: str = 'reference',
     dimension_numbers: Any = None,
     eight_bit_moments: bool = True,
-    mu_bytes: int = _FLOAT32,
+    mu_bytes: int = FLOAT32,
 ) -> int:
   """Analytic state size of :func:`subspace_optax.q_galore`.
 
@@ -196,11 +196,11 @@ def q_galore_bytes(
     True
   """
   moment = (quantized_moments.moment_bytes if eight_bit_moments
-            else lambda shape: _FLOAT32 * math.prod(shape))
+            else lambda shape: FLOAT32 * math.prod(shape))
 
   def first_moment(shape):
     if eight_bit_moments and quantized_moments.moment_bytes(shape) != (
-        _FLOAT32 * math.prod(shape)):
+        FLOAT32 * math.prod(shape)):
       return moment(shape)  # quantized
     return mu_bytes * math.prod(shape)
 
@@ -212,10 +212,10 @@ def q_galore_bytes(
     codes = k * r if bits == 8 else k * (-(-r // 2))
     return codes + 5 * -(-k // group_size) * r
 
-  return _low_rank_bytes(
+  return low_rank_bytes(
       params, rank, side, dimension_numbers, per_matrix,
       per_projected_leaf=lambda lay: (moments(lay.coefficient_shape)
-                                      + 4 * _INT32 + _FLOAT32 * window),
+                                      + 4 * INT32 + FLOAT32 * window),
       other_leaf=moments)
 
 
@@ -228,7 +228,7 @@ def online_subspace_descent_bytes(
     lagged: bool = False,
     side: str = 'reference',
     dimension_numbers: Any = None,
-    mu_bytes: int = _FLOAT32,
+    mu_bytes: int = FLOAT32,
 ) -> int:
   """Analytic state size of :func:`subspace_optax.online_subspace_descent`.
 
@@ -260,179 +260,18 @@ def online_subspace_descent_bytes(
     ...     so.state_bytes(tx.init(params)))
     True
   """
-  moments = {'adam': mu_bytes + _FLOAT32, 'lion': mu_bytes}[inner]
+  moments = {'adam': mu_bytes + FLOAT32, 'lion': mu_bytes}[inner]
 
   def per_matrix(lay):
     basis = lay.projected_dim * lay.rank
-    size = _FLOAT32 * basis + moments * lay.rank * lay.other_dim
+    size = FLOAT32 * basis + moments * lay.rank * lay.other_dim
     if basis_optimizer == 'adam':
-      size += 2 * _FLOAT32 * basis + _INT32
+      size += 2 * FLOAT32 * basis + INT32
     if lagged:
-      size += _FLOAT32 * basis
+      size += FLOAT32 * basis
     return size
 
-  return _low_rank_bytes(params, rank, side, dimension_numbers, per_matrix,
-                         per_other_element=moments)
-
-
-def frugal_bytes(
-    params: Any,
-    rank: int | float = 0.25,
-    *,
-    basis: str = 'svd',
-    side: str = 'reference',
-    dimension_numbers: Any = None,
-    mu_bytes: int = _FLOAT32,
-    basis_bytes: int = _FLOAT32,
-) -> int:
-  """Analytic state size of :func:`subspace_optax.frugal` (float32 moments).
-
-  Per projected matrix: two Adam moments ``2 · 4 r l`` bytes, plus the basis:
-  ``4 k r`` (svd, random), ``4 r`` (columns: int32 indices) or ``4`` (blocks:
-  one flag; the moments are then full size, ``r = k``). Per projected leaf the
-  refresh schedule (two int32). Every other leaf keeps full Adam moments
-  ``2 · 4 |p|``. Plus one int32 step count per leaf (the restartable bias
-  correction) and the pipeline's count. The signSGD/SGD residual holds nothing.
-  ``mu_bytes`` and ``basis_bytes`` are the bytes per entry of the first moment
-  and of a dense basis (2 for ``mu_dtype`` and ``basis_dtype`` bfloat16).
-
-  Args:
-    params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
-    rank, side, dimension_numbers: as given to the method.
-    basis: ``'svd'``, ``'random'``, ``'columns'`` or ``'blocks'`` (or the
-      registry's ``'random_orthonormal'``, ``'random_columns'``).
-    mu_bytes: bytes per entry of the first moment.
-    basis_bytes: bytes per entry of a dense basis.
-
-  Returns:
-    The bytes of the state, an int (equal to
-    :func:`subspace_optax.state_bytes` of ``init(params)``).
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> import subspace_optax as so
-    >>> params = {'w': jnp.ones((8, 6)), 'b': jnp.ones(6)}
-    >>> tx = so.frugal(1e-3, rank=0.5, basis='columns')
-    >>> so.state_sizes.frugal_bytes(params, 0.5, basis='columns') == (
-    ...     so.state_bytes(tx.init(params)))
-    True
-  """
-  if basis == 'blocks':
-    rank, side = 1.0, 'reference'
-  basis_size = {
-      'svd': lambda lay: basis_bytes * lay.projected_dim * lay.rank,
-      'random': lambda lay: basis_bytes * lay.projected_dim * lay.rank,
-      'random_orthonormal': lambda lay: (
-          basis_bytes * lay.projected_dim * lay.rank),
-      'columns': lambda lay: _INT32 * lay.rank,
-      'random_columns': lambda lay: _INT32 * lay.rank,
-      'blocks': lambda lay: _INT32,
-  }[basis]
-  moments = mu_bytes + _FLOAT32
-  return _low_rank_bytes(
-      params, rank, side, dimension_numbers,
-      lambda lay: moments * lay.rank * lay.other_dim + basis_size(lay),
-      per_other_element=moments,
-      fixed=_INT32 + _INT32 * len(jax.tree.leaves(params)))
-
-
-def fira_bytes(
-    params: Any,
-    rank: int | float = 128,
-    *,
-    side: str = 'reference',
-    limiter: bool = True,
-    dimension_numbers: Any = None,
-    mu_bytes: int = _FLOAT32,
-    basis_bytes: int = _FLOAT32,
-) -> int:
-  """Analytic state size of :func:`subspace_optax.fira` (float32, SVD basis).
-
-  GaLore's state (per projected matrix: basis ``4 k r`` and two moments
-  ``2 · 4 r l`` bytes; per projected leaf the refresh schedule, two int32) plus
-  the limiter's previous norm (one float32 per matrix). Other leaves keep full
-  Adam moments ``2 · 4 |p|``. Plus the pipeline's and the bias correction's
-  step counts (int32). ``mu_bytes`` and ``basis_bytes`` are the bytes per
-  entry of the first moment and the basis (2 for ``mu_dtype`` and
-  ``basis_dtype`` bfloat16).
-
-  Args:
-    params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
-    rank, side, dimension_numbers: as given to the method.
-    limiter: whether the norm-growth limiter is on.
-    mu_bytes: bytes per entry of the first moment.
-    basis_bytes: bytes per entry of the basis.
-
-  Returns:
-    The bytes of the state, an int (equal to
-    :func:`subspace_optax.state_bytes` of ``init(params)``).
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> import subspace_optax as so
-    >>> params = {'w': jnp.ones((8, 6)), 'b': jnp.ones(6)}
-    >>> so.state_sizes.fira_bytes(params, 2) == so.state_bytes(
-    ...     so.fira(1e-3, rank=2).init(params))
-    True
-  """
-  limiter_bytes = _FLOAT32 if limiter else 0
-  moments = mu_bytes + _FLOAT32
-  return _low_rank_bytes(
-      params, rank, side, dimension_numbers,
-      lambda lay: (basis_bytes * lay.projected_dim * lay.rank
-                   + moments * lay.rank * lay.other_dim + limiter_bytes),
-      per_other_element=moments)
-
-
-def apollo_bytes(
-    params: Any,
-    rank: int | float = 256,
-    *,
-    side: str = 'reference',
-    basis: str = 'seeded_gaussian',
-    limiter: bool = True,
-    dimension_numbers: Any = None,
-    mu_bytes: int = _FLOAT32,
-) -> int:
-  """Analytic state size of :func:`subspace_optax.apollo` / ``apollo_mini``.
-
-  Per projected matrix (float32): two moments ``2 · 4 r l`` bytes, the basis
-  (4 bytes of seed for ``'seeded_gaussian'``, ``4 k r`` for a dense basis) and
-  the limiter's previous norm (4 bytes); per projected leaf the refresh
-  schedule (two int32). Other leaves keep full Adam moments ``2 · 4 |p|``. Plus
-  the pipeline's and the bias correction's step counts. ``apollo_mini`` is
-  ``rank=1``. ``mu_bytes`` is the bytes per entry of the first moment (2 for
-  ``mu_dtype=jnp.bfloat16``).
-
-  Args:
-    params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
-    rank, side, dimension_numbers: as given to the method.
-    basis: ``'seeded_gaussian'`` (a seed) or the name of a dense basis.
-    limiter: whether the norm-growth limiter is on.
-    mu_bytes: bytes per entry of the first moment.
-
-  Returns:
-    The bytes of the state, an int (equal to
-    :func:`subspace_optax.state_bytes` of ``init(params)``).
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> import subspace_optax as so
-    >>> params = {'w': jnp.ones((8, 6)), 'b': jnp.ones(6)}
-    >>> so.state_sizes.apollo_bytes(params, 2) == so.state_bytes(
-    ...     so.apollo(1e-3, rank=2).init(params))
-    True
-  """
-  limiter_bytes = _FLOAT32 if limiter else 0
-  moments = mu_bytes + _FLOAT32
-
-  def per_matrix(lay):
-    basis_size = (_INT32 if basis == 'seeded_gaussian'
-                  else _FLOAT32 * lay.projected_dim * lay.rank)
-    return (moments * lay.rank * lay.other_dim + basis_size
-            + limiter_bytes)
-
-  return _low_rank_bytes(params, rank, side, dimension_numbers, per_matrix,
+  return low_rank_bytes(params, rank, side, dimension_numbers, per_matrix,
                          per_other_element=moments)
 
 
@@ -442,7 +281,7 @@ def dct_adamw_bytes(
     *,
     side: str = 'reference',
     dimension_numbers: Any = None,
-    mu_bytes: int = _FLOAT32,
+    mu_bytes: int = FLOAT32,
 ) -> int:
   """Analytic state size of :func:`subspace_optax.dct_adamw` (float32 moments).
 
@@ -468,14 +307,14 @@ def dct_adamw_bytes(
     ...     so.dct_adamw(1e-3, rank=2).init(params))
     True
   """
-  moments = mu_bytes + _FLOAT32
-  return _low_rank_bytes(
+  moments = mu_bytes + FLOAT32
+  return low_rank_bytes(
       params, rank, side, dimension_numbers,
-      lambda lay: moments * lay.rank * lay.other_dim + _INT32 * lay.rank,
+      lambda lay: moments * lay.rank * lay.other_dim + INT32 * lay.rank,
       per_other_element=moments)
 
 
-def adamp_bytes(params: Any, *, mu_bytes: int = _FLOAT32) -> int:
+def adamp_bytes(params: Any, *, mu_bytes: int = FLOAT32) -> int:
   """Analytic state size of :func:`subspace_optax.adamp` (float32 params).
 
   Two moments per element (``mu_bytes`` per entry for the first, 2 for
@@ -497,7 +336,7 @@ def adamp_bytes(params: Any, *, mu_bytes: int = _FLOAT32) -> int:
     ...     so.adamp(1e-3).init(params))
     True
   """
-  return _INT32 + (mu_bytes + _FLOAT32) * sum(
+  return INT32 + (mu_bytes + FLOAT32) * sum(
       math.prod(np.shape(p)) for p in jax.tree.leaves(params))
 
 
@@ -529,6 +368,6 @@ def auon_bytes(params: Any, *, matrix_mask: Optional[Any] = None) -> int:
     matrix_mask = matrix_mask(params)
   mask = (jax.tree.leaves(matrix_mask) if matrix_mask is not None
           else [np.ndim(p) >= 2 for p in leaves])
-  return _INT32 + sum(
+  return INT32 + sum(
       (1 if is_matrix else 2) * np.dtype(p.dtype).itemsize
       * math.prod(np.shape(p)) for p, is_matrix in zip(leaves, mask))
