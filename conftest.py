@@ -17,10 +17,13 @@ The library's docstring examples run through pytest's own
 ``--doctest-modules`` (pyproject.toml).
 """
 
+import atexit
 import importlib
 import os
 import re
 import shlex
+import shutil
+import tempfile
 
 # 8 simulated CPU devices (the sharding tests and docs/multi_device.md). XLA
 # reads the flag when jax creates its backend, so it must be set before any
@@ -29,6 +32,18 @@ _FLAG = '--xla_force_host_platform_device_count=8'
 if _FLAG not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _FLAG).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+# One persistent compilation cache for the whole run, shared by the xdist
+# workers and by the fresh processes some tests start (resume, examples): the
+# registry's methods are compiled at the same shapes by many test files. Set
+# here, in the controller, before the workers start; removed at exit. A cache
+# the user configured is used as it is.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _CACHE = tempfile.mkdtemp(prefix='subspace-optax-jax-cache-')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '-1'
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest

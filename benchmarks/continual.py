@@ -16,18 +16,22 @@ every method (``naive``, ``l2``, ``ewc``, ``gpm``, ``sculpt``,
   Sculpting Subspaces paper's setting (continual fine-tuning of a pre-trained
   model).
 
-The recommended configuration (``examples.continual_common.RECOMMENDED``,
-declared with its grid before its test runs) is held to this bar on the mean
-test metrics over seeds: average accuracy at least that of naive, L2 and EWC
-(average loss at most theirs on the text sequences) and, on the digit
-sequences, backward transfer >= -2 percentage points. Its margin over the best
-of those baselines is reported per seed, and so is the difference between
-Sculpting Subspaces' released rank schedule and the paper's importance rule.
-Every number is on the test split; hyper-parameters come from the examples'
-``DEFAULTS``, chosen per method on the validation split by ``--tune`` (a
-small grid; the criterion is validation average accuracy, or average loss for
-the text sequences; for the recommended configuration on digits, among the
-grid points whose validation backward transfer is >= -2 pp)::
+The methods are the benchmarks' own table
+(``benchmarks/continual_methods.py``, handed to the examples' ``run_method``
+as ``make_method``; the examples provide the tasks, models and training
+loops). The recommended configuration
+(``benchmarks.continual_methods.RECOMMENDED``, declared with its grid before
+its test runs) is held to this bar on the mean test metrics over seeds:
+average accuracy at least that of naive, L2 and EWC (average loss at most
+theirs on the text sequences) and, on the digit sequences, backward transfer
+>= -2 percentage points. Its margin over the best of those baselines is
+reported per seed, and so is the difference between Sculpting Subspaces'
+released rank schedule and the paper's importance rule. Every number is on the
+test split; hyper-parameters come from the examples' ``DEFAULTS``, chosen per
+method on the validation split by ``--tune`` (a small grid; the criterion is
+validation average accuracy, or average loss for the text sequences; for the
+recommended configuration on digits, among the grid points whose validation
+backward transfer is >= -2 pp)::
 
   python -m benchmarks.continual --seeds 0,1,2       # writes results/continual_cpu.*
   python -m benchmarks.continual --tasks permuted --tune   # validation grid
@@ -55,9 +59,10 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 
-from examples.continual_common import BASELINES
-from examples.continual_common import METHODS
-from examples.continual_common import RECOMMENDED
+from benchmarks import continual_methods
+from benchmarks.continual_methods import BASELINES
+from benchmarks.continual_methods import METHODS
+from benchmarks.continual_methods import RECOMMENDED
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / 'benchmarks' / 'results'
@@ -221,7 +226,9 @@ def tune(example, sequence, config, methods, previous=None) -> dict[str, Any]:
       if key in done:
         runs[method].append(done[key])
         continue
-      result = example.run_method(method, hyper, tasks, config)
+      result = example.run_method(
+          method, hyper, tasks, config,
+          make_method=continual_methods.make_method)
       runs[method].append({'hyper': hyper, 'val': result['val_summary']})
       print(method, hyper, {k: round(v, 4) for k, v in
                             result['val_summary'].items()}, file=sys.stderr,
@@ -253,7 +260,7 @@ def diagnose(example, config) -> dict[str, Any]:
   tasks = example.load_tasks(one)
   params = example.run_method(
       'naive', example.DEFAULTS[config.tasks]['naive'], tasks, one,
-      return_params=True)['params']
+      return_params=True, make_method=continual_methods.make_method)['params']
   weights = np.asarray(params['inputs']['kernel'], np.float64)
   x = np.asarray(tasks.train_x[0][:int(tasks.train_size[0])], np.float64)
   total = np.sum(x * x)
@@ -323,9 +330,10 @@ def run_sequence(sequence: str, seeds: Sequence[int], methods, quick: bool
   """Every method on one sequence for every seed; JSON-ready."""
   example = _example(sequence)
   config = _config(example, sequence, quick)
-  methods = [m for m in methods if m in example.METHODS]
+  methods = [m for m in methods if m in METHODS]
   start = time.perf_counter()
-  reports = [example.run(dataclasses.replace(config, seed=s), methods)
+  reports = [example.run(dataclasses.replace(config, seed=s), methods,
+                         make_method=continual_methods.make_method)
              for s in seeds]
   per_seed = _per_seed(reports)
   out = {'config': dataclasses.asdict(config), 'tasks': reports[0]['tasks'],
@@ -478,7 +486,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     sequence = sequences[0]
     example = _example(sequence)
     config = _config(example, sequence, args.quick)
-    methods = [m for m in methods if m in example.METHODS]
+    methods = [m for m in methods if m in METHODS]
     path = pathlib.Path(args.out or RESULTS / f'continual_tuning_{sequence}.json')
     previous = json.loads(path.read_text()) if path.exists() else {}
     as_json = json.loads(json.dumps(dataclasses.asdict(config)))

@@ -8,8 +8,9 @@ fine-tuned in turn on ``english``, ``c`` and ``dectest``, and evaluated after
 each domain on every domain (the test loss matrix ``L[i, j]``, nats/byte).
 Every method starts from the same pre-trained weights and sees the same
 batches; the pre-training runs once (``continual_lm.pretrain`` is cached).
-Everything else is ``continual_lm``'s: the domains, the model, the methods
-(``examples/continual_common.py``), their validation-chosen
+The methods are the benchmarks' table (``benchmarks/continual_methods.py``,
+handed to ``continual_lm.run_method`` as ``make_method``); everything else is
+``continual_lm``'s: the domains, the model, the methods' validation-chosen
 hyper-parameters (``continual_lm.defaults``: ``PRETRAINED_DEFAULTS``, tuned
 on the small CPU setting and not re-tuned at this size; ``--hyper``
 overrides them) and the metrics.
@@ -109,8 +110,11 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 
+from benchmarks import continual_methods
 from benchmarks import harness
-from examples import continual_common as common
+from benchmarks.continual_methods import BASELINES
+from benchmarks.continual_methods import METHODS
+from benchmarks.continual_methods import RECOMMENDED
 from examples import continual_lm
 
 GPU_CONFIG = continual_lm.Config(
@@ -125,9 +129,8 @@ SMOKE_CONFIG = continual_lm.Config(
     eval_batches=1, memory_samples=8, pretrain_steps=30, seed=0)
 
 # The baselines and the recommendation first: a budget cut drops the rest.
-ORDER = (*common.BASELINES, common.RECOMMENDED) + tuple(
-    m for m in common.METHODS
-    if m not in common.BASELINES and m != common.RECOMMENDED)
+ORDER = (*BASELINES, RECOMMENDED) + tuple(
+    m for m in METHODS if m not in BASELINES and m != RECOMMENDED)
 MAX_SECONDS = 285.0
 ESTIMATED_SECONDS = 250.0  # GPU_CONFIG on one H100 (module docstring)
 SMOKE_MAX_SECONDS = 600.0
@@ -155,10 +158,10 @@ def config_from_args(args: argparse.Namespace) -> continual_lm.Config:
 
 def parse_methods(text: str) -> list[str]:
   methods = [m for m in text.split(',') if m]
-  unknown = [m for m in methods if m not in common.METHODS]
+  unknown = [m for m in methods if m not in METHODS]
   if unknown or not methods:
     raise ValueError(f'Unknown methods {unknown} (or none given); choose from '
-                     f'{common.METHODS}.')
+                     f'{METHODS}.')
   return methods
 
 
@@ -244,7 +247,8 @@ def run(config: continual_lm.Config, methods: Sequence[str],
            f' budget {max_seconds:.0f} s)')
       continue
     tick = time.perf_counter()
-    result = continual_lm.run_method(name, hyper[name], domains, config)
+    result = continual_lm.run_method(name, hyper[name], domains, config,
+                                     make_method=continual_methods.make_method)
     walls.append(time.perf_counter() - tick)
     results[name] = {**result, 'wall_seconds': walls[-1]}
     _log(f'{name}: {walls[-1]:.1f} s, test average loss '
@@ -326,18 +330,18 @@ def markdown(report: dict[str, Any]) -> str:
   ]
   for name, result in report['results'].items():
     s = result['test_summary']
-    label = f'{name} (recommended)' if name == common.RECOMMENDED else name
+    label = f'{name} (recommended)' if name == RECOMMENDED else name
     lines.append(
         f'| {label} | {s["average_loss"]:.3f} | {s["forgetting"]:+.3f} | '
         f'{s["learned_loss"]:.3f} | {result["wall_seconds"]:.1f} | '
         f'{_seconds(_median(result["boundary_seconds"]))} |')
   for skip in report['skipped']:
     lines.append(f'| {skip["method"]} | skipped ({skip["reason"]}) | | | | |')
-  lines += ['', f'## {common.RECOMMENDED}: test loss after training (row) '
+  lines += ['', f'## {RECOMMENDED}: test loss after training (row) '
             'on each domain (column)', '']
-  recommended = report['results'].get(common.RECOMMENDED)
+  recommended = report['results'].get(RECOMMENDED)
   if recommended is None:
-    lines.append(f'{common.RECOMMENDED} did not run.')
+    lines.append(f'{RECOMMENDED} did not run.')
   else:
     lines += ['| after \\ on | ' + ' | '.join(names) + ' |',
               '|---' * (len(names) + 1) + '|']
@@ -388,7 +392,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
       'command': shlex.join(['python', '-m', 'benchmarks.continual_gpu',
                              *argv]),
       **environment(), 'parameters': parameter_count(config),
-      'recommended': common.RECOMMENDED,
+      'recommended': RECOMMENDED,
       'load_average_start': harness.load_average(),
   }
   report.update(run(config, methods, hyper, max_seconds, start))

@@ -63,7 +63,7 @@ import json
 import pathlib
 import time
 import types
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -341,13 +341,19 @@ def network(width: int, depth: int, seed: int) -> types.SimpleNamespace:
 
 
 def run_method(name: str, hyper: dict[str, Any], tasks: Tasks,
-               config: Config, return_params: bool = False) -> dict[str, Any]:
+               config: Config, return_params: bool = False, *,
+               make_method: Callable[..., Any] = common.make_method
+               ) -> dict[str, Any]:
   """Train one method on the whole sequence; returns its accuracy matrices
-  (and the final params, not JSON-ready, with ``return_params``)."""
+  (and the final params, not JSON-ready, with ``return_params``).
+
+  ``make_method(name, hyper, model, learning_rate)`` builds the method
+  (default: the examples' table, ``continual_common.make_method``; the
+  benchmarks pass their own).
+  """
   net = network(config.width, config.depth, config.seed)
   params = net.initial
-  method = common.make_method(name, hyper, _model(net),
-                              learning_rate(hyper, config))
+  method = make_method(name, hyper, _model(net), learning_rate(hyper, config))
   tx = method.tx
   opt_state = tx.init(params)
 
@@ -406,11 +412,13 @@ def run_method(name: str, hyper: dict[str, Any], tasks: Tasks,
 
 
 def run(config: Config, methods: Sequence[str] = METHODS,
-        hyper: Optional[dict[str, dict[str, Any]]] = None) -> dict[str, Any]:
+        hyper: Optional[dict[str, dict[str, Any]]] = None, *,
+        make_method: Callable[..., Any] = common.make_method) -> dict[str, Any]:
   """Every method on the same task sequence; JSON-ready results."""
   tasks = load_tasks(config)
   hyper = {**DEFAULTS[config.tasks], **(hyper or {})}
-  results = {name: run_method(name, hyper[name], tasks, config)
+  results = {name: run_method(name, hyper[name], tasks, config,
+                              make_method=make_method)
              for name in methods}
   return {'config': dataclasses.asdict(config), 'tasks': tasks.names,
           'results': results}

@@ -4,9 +4,13 @@
 ``examples/continual_lm.py`` (text domains, a tiny LLaMA, loss) differ in
 their data, model and loss; this module holds the rest:
 
-* the methods (:func:`make_method`): an optax transform and what happens at
-  each task boundary (move the L2 anchor, consolidate EWC's Fisher, grow the
-  GPM or sculpt memory);
+* the examples' methods (:data:`METHODS`, :func:`make_method`): an optax
+  transform and what happens at each task boundary (move the L2 anchor,
+  consolidate EWC's Fisher, grow the GPM or sculpt memory). The benchmarks
+  own their table (``benchmarks/continual_methods.py``, with the recommended
+  configuration and the baselines it is held against) and pass its builder to
+  the examples' ``run_method(..., make_method=)``; this copy lets the
+  examples run without the benchmarks;
 * the task loop (:func:`run_tasks`) that fills the validation and test
   matrices ``M[i, j]``: after training task ``i``, on task ``j``;
 * the summary of a loss matrix (:func:`loss_summary`);
@@ -26,15 +30,12 @@ import optax
 
 from subspace_optax import continual
 
+# The examples' methods; ``gpm_ewc`` is the recommended one
+# (``continual.gpm_ewc``; see benchmarks/README.md, Continual).
 METHODS = ('naive', 'l2', 'ewc', 'gpm', 'sculpt', 'sculpt_released',
            'gpm_ewc')
-# The recommended configuration (declared before its test runs): GPM's
-# input projection at a low energy threshold on EWC-regularised Adam.
-RECOMMENDED = 'gpm_ewc'
 # The methods whose optimizer state holds a protected-subspace memory.
 PROTECTING = ('gpm', 'sculpt', 'sculpt_released', 'gpm_ewc')
-# The baselines the recommendation must match or beat on every sequence.
-BASELINES = ('naive', 'l2', 'ewc')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +173,8 @@ def run_tasks(count: int, method: Method, params, opt_state, *,
 
   Args:
     count: number of tasks.
-    method: its boundary runs after every task but the last.
+    method: its ``boundary`` runs after every task but the last (a
+      :class:`Method`, or the benchmarks' ``continual_methods.Method``).
     params, opt_state: the starting point.
     train: ``(t, params, opt_state) -> (params, opt_state, final loss)``.
     evaluate: ``params -> {split: one value per task}``.

@@ -368,10 +368,17 @@ def pretrain(config: Config, domains: Domains):
 
 
 def run_method(name: str, hyper: dict[str, Any], domains: Domains,
-               config: Config) -> dict[str, Any]:
-  """Train one method on every domain in turn; its loss matrices."""
+               config: Config, *,
+               make_method: Callable[..., Any] = common.make_method
+               ) -> dict[str, Any]:
+  """Train one method on every domain in turn; its loss matrices.
+
+  ``make_method(name, hyper, model)`` builds the method (default: the
+  examples' table, ``continual_common.make_method``; the benchmarks pass
+  their own).
+  """
   net = network(config)
-  method = common.make_method(name, hyper, _model(net, hyper))
+  method = make_method(name, hyper, _model(net, hyper))
   tx, params = method.tx, pretrain(config, domains)
   opt_state = tx.init(params)
 
@@ -436,11 +443,14 @@ def report_header(config: Config, domains: Domains) -> dict[str, Any]:
 
 
 def run(config: Config, methods: Sequence[str] = METHODS,
-        hyper: Optional[dict[str, dict[str, Any]]] = None) -> dict[str, Any]:
+        hyper: Optional[dict[str, dict[str, Any]]] = None, *,
+        make_method: Callable[..., Any] = common.make_method
+        ) -> dict[str, Any]:
   domains = load_domains(config)
   hyper = {**defaults(config), **(hyper or {})}
   return {**report_header(config, domains),
-          'results': {m: run_method(m, hyper[m], domains, config)
+          'results': {m: run_method(m, hyper[m], domains, config,
+                                    make_method=make_method)
                       for m in methods}}
 
 

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from benchmarks import continual_gpu
-from examples import continual_common as common
+from benchmarks import continual_methods
 from examples import continual_lm
 
 pytestmark = pytest.mark.slow
 
-METHODS = ('naive', common.RECOMMENDED)
+METHODS = ('naive', continual_methods.RECOMMENDED)
 # Used only for a method that continual_lm.defaults does not cover (yet).
 FALLBACK_HYPER = {
     'gpm_ewc': {'learning_rate': 1e-3, 'threshold': 0.9, 'strength': 1000.0},
@@ -41,8 +41,8 @@ def test_json_holds_every_method_with_finite_matrices(smoke):
   assert report['methods_requested'] == list(METHODS)
   assert report['methods_run'] == list(METHODS)
   assert report['skipped'] == []
-  assert report['recommended'] == common.RECOMMENDED
-  assert common.RECOMMENDED in report['results']
+  assert report['recommended'] == continual_methods.RECOMMENDED
+  assert continual_methods.RECOMMENDED in report['results']
   count = len(report['tasks'])
   assert report['tasks'][0] == 'python' and count >= 2
   for name in METHODS:
@@ -76,7 +76,7 @@ def test_markdown_has_the_summary_and_the_recommended_matrix(smoke):
   report, out = smoke
   table = out.with_suffix('.md').read_text()
   assert '| naive |' in table
-  assert f'| {common.RECOMMENDED} (recommended) |' in table
+  assert f'| {continual_methods.RECOMMENDED} (recommended) |' in table
   assert '| after \\ on | ' + ' | '.join(report['tasks']) + ' |' in table
 
 
@@ -85,9 +85,10 @@ def test_prediction_and_order():
   assert continual_gpu.predicted_seconds([2.0, 4.0]) == pytest.approx(
       continual_gpu.MARGIN * 4.0)
   order = continual_gpu.ORDER
-  assert sorted(order) == sorted(common.METHODS)
-  assert order[:len(common.BASELINES) + 1] == (*common.BASELINES,
-                                               common.RECOMMENDED)
+  assert sorted(order) == sorted(continual_methods.METHODS)
+  baselines = continual_methods.BASELINES
+  assert order[:len(baselines) + 1] == (*baselines,
+                                        continual_methods.RECOMMENDED)
 
 
 def test_budget_skips_the_remaining_methods_and_says_so(tmp_path, monkeypatch):
@@ -104,7 +105,7 @@ def test_budget_skips_the_remaining_methods_and_says_so(tmp_path, monkeypatch):
       True, False, False]
   table = out.with_suffix('.md').read_text()
   assert '| l2 | skipped (time budget) |' in table
-  assert f'{common.RECOMMENDED} did not run.' in table
+  assert f'{continual_methods.RECOMMENDED} did not run.' in table
 
 
 def test_missing_hyper_parameters_fail_before_running():
