@@ -90,7 +90,11 @@ def provenance(name: str) -> str:
             f"{data['machine']} CPU){jax_version}, {data['date']}")
   if data.get('backend') == 'gpu':
     return f"GPU run, {data['device_kind']}{jax_version}, {data['date']}"
-  machine = data.get('machine') or f"{data['cores']} CPU cores"
+  machine = data.get('machine') or (
+      f"{data['cores']} CPU cores" if 'cores' in data
+      else 'CPU (cores not recorded)')
+  if 'jax' in data and not jax_version:
+    jax_version = f", jax {data['jax']}"
   return f"CPU run, {machine}{jax_version}, {data['date']}"
 
 
@@ -1092,6 +1096,36 @@ def finetune_claims() -> str:
           '\n\n' + source(FT))
 
 
+SUB_MOE = 'sub_moe_cpu.json'
+_SUB_MOE_ROWS = (
+    ('prune/drop', 'keep the most-routed experts (frequency pruning)'),
+    ('average/lse', 'plain average per group'),
+    ('freq_average/lse', 'frequency-weighted average per group'),
+    ('sub_moe/lse', 'Sub-MoE: joint SVD per group, rank {rank}'),
+    ('freq_average_svd/lse', 'frequency-weighted average, then its own SVD, '
+     'rank {rank}'),
+)
+
+
+def sub_moe_results() -> str:
+  d = load(SUB_MOE)
+  sizes = sorted(d['by_experts'], key=int, reverse=True)
+  rows = []
+  for key, label in _SUB_MOE_ROWS:
+    cells = [label.format(rank=d['config']['rank'])]
+    for size in sizes:
+      r = d['by_experts'][size][key]
+      cells.append(f"{r['val_loss']:.3f} ({r['retained']:.3f})")
+    rows.append(cells)
+  header = ['merge (router: log-sum-exp of the group)'] + [
+      f"8 → {size}: val loss (retained)" for size in sizes]
+  return (table(header, rows) +
+          f"\n\nFull 8-expert model: validation loss {d['full_val_loss']:.3f}. "
+          f"Retained = {d['retained']}. Medians of seeds "
+          f"{', '.join(map(str, d['seeds']))}, {d['steps']} training steps. "
+          f"Command: `{d['command'].strip()}`. " + source(SUB_MOE))
+
+
 # ---------------------------------------------------------------------------
 # Sentences of the benchmarks' prose that quote a figure (each names its file)
 
@@ -1649,7 +1683,7 @@ TABLES: dict[str, Callable[[], str]] = {
         cpu_state, cpu_optimizer_only,
         peak_memory_7b, peak_memory_350m_1b, peak_memory_bf16,
         peak_memory_real_check, roofline, readme_continual,
-        finetune_results, finetune_claims,
+        finetune_results, finetune_claims, sub_moe_results,
         h100_before_fix, h100_compile, cpu_run, cpu_how_to_read, quality_bars,
         quality_3seeds_outcome, quality_adamw_seeds, quality_side_header,
         quality_side_notes, quality_bf16_note, quality_drift_tolerance,
@@ -1669,7 +1703,7 @@ PAGES: dict[str, tuple[str, ...]] = {
                              'continual_digits', 'continual_text',
                              'continual_margins', 'continual_split_note',
                              'continual_rules', 'finetune_results',
-                             'finetune_claims'),
+                             'finetune_claims', 'sub_moe_results'),
     'benchmarks/README.md': ('faithfulness_results', 'faithfulness_state',
                              'faithfulness_conditioning', 'h100_train_step',
                              'h100_vs_galore_torch', 'h100_goals', 'cpu_state',
@@ -1678,7 +1712,7 @@ PAGES: dict[str, tuple[str, ...]] = {
                              'peak_memory_real_check', 'peak_memory_7b',
                              'peak_memory_350m_1b', 'peak_memory_bf16',
                              'readme_fits', 'roofline', 'finetune_results',
-                             'finetune_claims',
+                             'finetune_claims', 'sub_moe_results',
                              # Sentences of the prose that quote a figure.
                              'h100_before_fix', 'h100_compile', 'cpu_run',
                              'cpu_how_to_read', 'quality_bars',

@@ -26,6 +26,7 @@ import argparse
 import datetime
 import functools
 import json
+import os
 import pathlib
 import platform
 import sys
@@ -298,7 +299,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   runs = [run_seed(args, corpus, seed) for seed in args.seeds]
   report = {
       'benchmark': 'Sub-MoE expert merging, byte-level top-2 MoE LM',
-      'device': 'cpu', 'date': datetime.date.today().isoformat(),
+      'device': 'cpu', 'cores': os.cpu_count(),
+      'date': datetime.date.today().isoformat(),
       'command': ' '.join(['python -m examples.moe', *(
           sys.argv[1:] if argv is None else argv)]),
       'seeds': args.seeds, 'steps': args.steps,
