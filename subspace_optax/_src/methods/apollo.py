@@ -162,10 +162,11 @@ def apollo_mini(
   :func:`subspace_optax.state_sizes.apollo_bytes` with ``rank=1``.
 
   Args:
-    learning_rate, refresh, stagger, basis, side, on_refresh, scale,
-      scale_front, limiter, b1, b2, eps, weight_decay, mask,
-      dimension_numbers, seed, mu_dtype: as :func:`apollo` (``scale``
-      defaults to 128 here).
+    learning_rate: as :func:`apollo`.
+    refresh: as :func:`apollo`; so are ``stagger``, ``basis``, ``side``,
+      ``on_refresh``, ``scale`` (128 here), ``scale_front``, ``limiter``,
+      ``b1``, ``b2``, ``eps``, ``weight_decay``, ``mask``,
+      ``dimension_numbers``, ``seed`` and ``mu_dtype``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
