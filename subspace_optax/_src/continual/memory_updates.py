@@ -23,7 +23,6 @@ from subspace_optax._src.continual.protected import clear
 from subspace_optax._src.pipeline import layout as layout_lib
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-_is_variable = utils.is_variable  # pylint: disable=protected-access
 
 
 def _grow_one(basis, count, candidates, candidate_count, tolerance, capacity):
@@ -248,10 +247,6 @@ def _find_states(opt_state) -> list:
           if _is_state(x)]
 
 
-def _value(x):
-  return x.get_value() if _is_variable(x) else x
-
-
 def get_memory(opt_state):
   """The memory held by the (single) :func:`orthogonal_to` stage of a state.
 
@@ -278,8 +273,7 @@ def get_memory(opt_state):
     raise ValueError(
         f'Expected exactly one OrthogonalState in the optimizer state, found '
         f'{len(states)}; use optax.tree.get/set to address one.')
-  return jax.tree.map(_value, states[0].memory,
-                      is_leaf=_is_variable)
+  return utils.unbox(states[0].memory)
 
 
 def set_memory(opt_state, memory, *, tolerance: float = 1e-4,
@@ -372,12 +366,12 @@ def set_memory(opt_state, memory, *, tolerance: float = 1e-4,
     if not _is_state(state):
       return state
     return state._replace(memory=jax.tree.map(
-        _rebox, state.memory, fitted, is_leaf=_is_variable))
+        _rebox, state.memory, fitted, is_leaf=utils.is_variable))
 
   return jax.tree.map(replace, opt_state, is_leaf=_is_state)
 
 
 def _rebox(old, new):
-  if _is_variable(old):
+  if utils.is_variable(old):
     return old.replace(new)
   return new

@@ -17,9 +17,6 @@ from subspace_optax._src import arguments
 from subspace_optax._src.finetune import reparameterize as reparameterize_lib
 from subspace_optax._src.methods import milora as milora_lib
 
-# PiSSA is LoRA from the top singular triplets; it lives with MiLoRA.
-from subspace_optax._src.methods.milora import pissa  # noqa: F401
-
 
 def lora_factorization(
     rank: int | float = 8, *, alpha: Optional[float] = None,

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from subspace_optax._src import utils
+
 Axes = Union[int, tuple[int, ...]]
 
 
@@ -233,11 +235,6 @@ def path_name(path) -> str:
   return jax.tree_util.keystr(path) or '<root>'
 
 
-def _shape(x) -> tuple[int, ...]:
-  """Shape of an array, a ``jax.ShapeDtypeStruct`` or a Python scalar."""
-  return tuple(x.shape) if hasattr(x, 'shape') else np.shape(x)
-
-
 def _is_numbers_leaf(x) -> bool:
   return x is None or isinstance(x, DimensionNumbers)
 
@@ -274,7 +271,7 @@ def last_two_axes(params) -> Any:
   """
   _check_not_a_step_count(params, 'last_two_axes')
   return jax.tree.map(
-      lambda p: DimensionNumbers(-2, -1) if len(_shape(p)) >= 2 else None,
+      lambda p: DimensionNumbers(-2, -1) if len(utils.shape_of(p)) >= 2 else None,
       params
   )
 
@@ -313,7 +310,7 @@ def conv_kernels(params) -> Any:
 def default_dimension_numbers(params) -> Any:
   """Every 2-D leaf is a matrix; leaves of any other rank are not projected."""
   return jax.tree.map(
-      lambda p: DimensionNumbers(0, 1) if len(_shape(p)) == 2 else None, params
+      lambda p: DimensionNumbers(0, 1) if len(utils.shape_of(p)) == 2 else None, params
   )
 
 
@@ -327,7 +324,7 @@ def leaf_layouts(params, dimension_numbers, side: str, rank: int | float):
     numbers = default_dimension_numbers(params)
   elif isinstance(dimension_numbers, DimensionNumbers):
     numbers = jax.tree.map(
-        lambda p: dimension_numbers if len(_shape(p)) >= 2 else None, params
+        lambda p: dimension_numbers if len(utils.shape_of(p)) >= 2 else None, params
     )
   elif callable(dimension_numbers):
     numbers = dimension_numbers(params)
@@ -352,8 +349,8 @@ def leaf_layouts(params, dimension_numbers, side: str, rank: int | float):
   # A zero-size leaf has nothing to project: it is left out (None).
   try:
     return jax.tree_util.tree_map_with_path(
-        lambda path, n, p: None if n is None or 0 in _shape(p) else make_layout(
-            path_name(path), _shape(p), n, side, rank),
+        lambda path, n, p: None if n is None or 0 in utils.shape_of(p) else make_layout(
+            path_name(path), utils.shape_of(p), n, side, rank),
         numbers, params, is_leaf=_is_numbers_leaf,
     )
   except ValueError as error:
