@@ -12,6 +12,11 @@ keeps the optimizer state's NamedTuples and ``optax.MaskedNode`` leaves, which a
 target-less restore would turn into dicts, lists and ``None``.
 Optimizer states hold no PRNG keys and batches are a pure function of the step,
 so resuming reproduces the uninterrupted run bit for bit.
+
+Saving and restoring go through the library's ``so.save_checkpoint`` and
+``so.restore_latest``: a process killed while saving leaves no step behind, and
+a step that cannot be read (truncated, corrupted) is skipped with a warning
+naming it, for the previous one.
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+import subspace_optax as so
+
 CONFIG_FILE = 'config.json'
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(so.CheckpointMismatchError):
   """The checkpoint directory was written by a run with another config."""
 
 
@@ -77,10 +84,7 @@ def save(mngr: ocp.CheckpointManager, step: int, model: nnx.Module,
          optimizer: nnx.Optimizer, progress: dict[str, Any]) -> None:
   """Save model and optimizer state and a JSON ``progress`` record."""
   state = {'model': nnx.state(model), 'optimizer': nnx.state(optimizer)}
-  mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      progress=ocp.args.JsonSave(progress)), force=True)
-  mngr.wait_until_finished()
+  so.save_checkpoint(mngr, step, state, progress=progress)
 
 
 def abstract_state(model_and_optimizer, shardings=None):
@@ -101,8 +105,13 @@ def abstract_state(model_and_optimizer, shardings=None):
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, target):
-  """``(state, progress)`` of checkpoint ``step``, restored onto ``target``."""
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target),
-      progress=ocp.args.JsonRestore()))
-  return restored['state'], restored['progress']
+  """``(state, progress)`` of checkpoint ``step``, restored onto ``target``;
+  ``so.CheckpointCorruptError`` if it cannot be read."""
+  return so.restore_checkpoint(mngr, step, target)
+
+
+def restore_latest(mngr: ocp.CheckpointManager, target):
+  """``(step, state, progress)`` of the newest readable checkpoint (an
+  unreadable one is skipped with ``so.CheckpointSkippedWarning``), or
+  ``(None, None, None)``."""
+  return so.restore_latest(mngr, target)
