@@ -10,6 +10,9 @@ the CPython standard library sources (``examples/lm/data.py``), then merges
   Sub-MoE group (same k-means groups as Sub-MoE);
 * ``sub_moe``: ``so.merging.sub_moe`` at rank ``--rank`` (joint SVD; without
   truncation it equals ``freq_average``, which the run checks);
+* ``sub_moe_whitened``: the same with ``whiten=`` (the joint SVD of the
+  weights whitened by their calibration inputs: the sampled tokens for
+  ``gate``/``up``, each expert's intermediate activations for ``down``);
 * ``freq_average_svd``: ``freq_average`` truncated by its own SVD to the same
   rank (same storage as ``sub_moe``),
 
@@ -148,7 +151,8 @@ def evaluate(model, batches) -> float:
 
 
 def calibrate(model, batches, tokens: int, seed: int):
-  """Per layer: expert outputs (E, N, d) on N sampled tokens, frequencies."""
+  """Per layer: expert outputs (E, N, d) on N sampled tokens, frequencies,
+  and the sampled tokens (N, d)."""
   hs = [jnp.concatenate([h.reshape(-1, h.shape[-1]) for h in layer])
         for layer in zip(*[moe_inputs(model, b[0]) for b in batches])]
   rng = np.random.default_rng(seed)
@@ -157,7 +161,8 @@ def calibrate(model, batches, tokens: int, seed: int):
     _, (_, index) = block.moe.route(h)
     counts = jnp.bincount(index.reshape(-1), length=block.moe.gate.shape[0])
     sample = h[rng.choice(h.shape[0], min(tokens, h.shape[0]), replace=False)]
-    stats.append((jnp.moveaxis(block.moe.experts(sample), -2, 0), counts))
+    stats.append((jnp.moveaxis(block.moe.experts(sample), -2, 0), counts,
+                  sample))
   return stats
 
 
@@ -197,12 +202,17 @@ def compress_all(model, stats, groups: int, rank: int, seed: int):
   ``(d, G)`` router with an identity remap (plain logits).
   """
   layers = {}
-  for block, (outputs, counts) in zip(model.blocks, stats):
+  for block, (outputs, counts, sample) in zip(model.blocks, stats):
     experts, router = weights_of(block.moe), block.moe.router[...]
     full = so.merging.sub_moe(
         experts, outputs, counts, groups, None, jax.random.key(seed))
     trunc = so.merging.sub_moe(
         experts, outputs, counts, groups, rank, groups=full.groups)
+    hidden = jax.nn.silu(jnp.einsum('nd,edf->enf', sample, experts['gate']))
+    hidden = hidden * jnp.einsum('nd,edf->enf', sample, experts['up'])
+    whitened = so.merging.sub_moe(
+        experts, outputs, counts, groups, rank, groups=full.groups,
+        whiten={'gate': sample, 'up': sample, 'down': hidden})
     member, freq = full.router_remap, full.weights
     for n, w in merge(experts, freq, 'avg', rank).items():  # the invariant
       np.testing.assert_allclose(full.experts[n], w, atol=1e-4, rtol=1e-4)
@@ -216,6 +226,7 @@ def compress_all(model, stats, groups: int, rank: int, seed: int):
         ('average', merge(experts, plain, 'avg', rank)),
         ('freq_average', merge(experts, freq, 'avg', rank)),
         ('sub_moe', trunc.experts),
+        ('sub_moe_whitened', whitened.experts),
         ('freq_average_svd', merge(experts, freq, 'svd', rank))):
       layers.setdefault((name, 'lse'), []).append((merged, router, member))
       layers.setdefault((name, 'linear'), []).append(
@@ -246,7 +257,7 @@ def run_seed(args, corpus, seed: int) -> dict:
   full = evaluate(model, val)
   result = {'seed': seed, 'train_seconds': round(train_s, 1),
             'full': full, 'frequencies': [np.asarray(c).tolist()
-                                          for _, c in stats], 'merged': {}}
+                                          for _, c, _ in stats], 'merged': {}}
   for groups in args.groups:
     models = compress_all(model, stats, groups, args.rank, seed)
     result['merged'][str(groups)] = {

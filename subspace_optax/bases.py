@@ -30,6 +30,8 @@ from subspace_optax._src.bases.index import BlockState
 from subspace_optax._src.bases.index import random_columns
 from subspace_optax._src.bases.index import SelectedColumns
 from subspace_optax._src.bases.quantized import quantized
+# A fixed basis from the weights themselves (fine-tuning).
+from subspace_optax._src.bases.weight_singular import weight_singular
 
 __all__ = (
     'align_signs',
@@ -56,4 +58,5 @@ __all__ = (
     'SeedState',
     'SelectedColumns',
     'svd',
+    'weight_singular',
 )

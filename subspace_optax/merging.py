@@ -15,12 +15,14 @@ from subspace_optax._src.merging.sub_moe import merge_group
 from subspace_optax._src.merging.sub_moe import MergeResult
 from subspace_optax._src.merging.sub_moe import remap_logits
 from subspace_optax._src.merging.sub_moe import sub_moe
+from subspace_optax._src.merging.whitening import input_cholesky
 
 __all__ = (
     'group_experts',
     'kmeans',
     'kmeans_plus_plus',
     'KMeansResult',
+    'input_cholesky',
     'merge_group',
     'MergeResult',
     'remap_logits',

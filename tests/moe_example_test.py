@@ -26,12 +26,14 @@ def test_tiny_run_reports_every_method(tmp_path, capsys):
       'python -m examples.moe')
   methods = {'prune/drop'} | {
       f'{m}/{r}' for m in ('average', 'freq_average', 'sub_moe',
-                           'freq_average_svd') for r in ('lse', 'linear')}
+                           'sub_moe_whitened', 'freq_average_svd')
+      for r in ('lse', 'linear')}
   for groups in ('4',):
     table = report['by_experts'][groups]
     assert set(table) == methods
     for row in table.values():
       assert math.isfinite(row['val_loss']) and row['retained'] > 0
     for remap in ('lse', 'linear'):
-      assert table[f'sub_moe/{remap}']['val_loss'] == pytest.approx(
-          table[f'freq_average/{remap}']['val_loss'], abs=1e-3)
+      for merged in ('sub_moe', 'sub_moe_whitened'):
+        assert table[f'{merged}/{remap}']['val_loss'] == pytest.approx(
+            table[f'freq_average/{remap}']['val_loss'], abs=1e-3)

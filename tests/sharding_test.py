@@ -334,14 +334,6 @@ UPDATES_NOT_SHARDED_LIKE_PARAMS = {
     # the projected axis, so the update comes out replicated.
     'dct_adamw',
 }
-# Known gap, skipped with this reason: the fine-tuning presets (an SVD of each
-# weight at init, factor gradients through a VJP) do not yet keep their
-# factors' shardings. Under an Explicit mesh the SVD needs the matrix
-# gathered and the VJP's cotangent the output's sharding; under Auto the
-# factors' shardings drift after the first update (a second compile).
-NOT_SHARDING_AWARE = frozenset({
-    'reparameterize', 'svfit', 'salt', 'effort', 'effort_orthogonal', 'milora',
-    'pissa', 'lora'})
 _COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
 _events = []
 jax.monitoring.register_event_duration_secs_listener(
@@ -363,9 +355,6 @@ def test_every_method_compiles_its_update_once(name, axis_type):
   second step, and the state's shardings after a step equal those of init
   (a moment started unsharded and sharded by its first update would compile
   the step twice)."""
-  if name in NOT_SHARDING_AWARE:
-    pytest.skip('fine-tuning presets: factor shardings not kept yet '
-                '(NOT_SHARDING_AWARE)')
   mesh = _mesh(axis_type)
   with jax.set_mesh(mesh):
     params, grads = _registry_tree(mesh, 0), _registry_tree(mesh, 1)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from subspace_optax._src.merging import sub_moe as sub_moe_lib
+from subspace_optax._src.merging import whitening
 
 E, D, F = 6, 5, 7
 GROUPS = np.array([0, 0, 0, 1, 2, 2])  # Unequal sizes: exercises the padding.
@@ -209,3 +210,84 @@ def test_non_finite_inputs_are_named(where):
     name = 'frequencies'
   with pytest.raises(ValueError, match=name + '.*non-finite'):
     _call(experts, outputs, frequencies)
+
+
+# ---------------------------------------------------- activation whitening
+
+
+def _inputs(shape, seed=0):
+  """Calibration inputs with a strongly anisotropic covariance, so the
+  whitened truncation differs from the plain one."""
+  x = np.random.default_rng(seed).normal(size=shape)
+  return jnp.asarray(x * np.geomspace(10.0, 0.1, shape[-1]), jnp.float32)
+
+
+def _whiten():
+  return {'up': _inputs((40, D)), 'down': _inputs((E, 40, F), 1)}
+
+
+def test_whitened_untruncated_merge_is_still_the_weighted_average():
+  """No truncation: S^{-ᵀ} undoes Sᵀ exactly (would be SᵀW̄ without it)."""
+  result = _merge(rank=None, whiten=_whiten())
+  for name, w in _experts().items():
+    for g in range(3):
+      np.testing.assert_allclose(
+          result.experts[name][g],
+          _weighted_average(w, np.flatnonzero(GROUPS == g)),
+          rtol=1e-4, atol=1e-4)
+
+
+def _calibration_error(x, merged, reference):
+  x = np.asarray(x, np.float64)
+  return np.linalg.norm(x @ (np.asarray(merged, np.float64) - reference))
+
+
+@pytest.mark.parametrize('rank', [1, 3])
+def test_whitening_gives_the_optimal_calibration_truncation(rank):
+  """One expert: the whitened merge is W U_r U_rᵀ with the output basis that
+  minimises ||X W (I - P)||, so its calibration error is the tail energy of
+  XW, and below the unwhitened merge's."""
+  w = np.asarray(_experts()['gate'][:1], np.float64)  # (1, D, F)
+  x = _inputs((40, D), 2)
+  cholesky = whitening.input_cholesky(x, ridge=0.0)[None]
+  whitened = sub_moe_lib.merge_group(jnp.asarray(w, jnp.float32),
+                                     jnp.ones(1), rank, cholesky)
+  plain = sub_moe_lib.merge_group(jnp.asarray(w, jnp.float32), jnp.ones(1),
+                                  rank)
+  tail = np.linalg.svd(np.asarray(x, np.float64) @ w[0],
+                       compute_uv=False)[rank:]
+  optimal = np.sqrt(np.sum(tail ** 2))
+  error = _calibration_error(x, whitened, w[0])
+  np.testing.assert_allclose(error, optimal, rtol=1e-3)
+  assert error < 0.9 * _calibration_error(x, plain, w[0])
+
+
+def test_whitened_group_merge_matches_the_whitened_joint_svd():
+  """Several experts, one input set each: W = (Σ w_i W_i) U_r U_rᵀ with U_r
+  the top right singular vectors of the whitened stack [S_iᵀ W_i]."""
+  rank = 2
+  x = _inputs((E, 40, F), 3)
+  result = _merge(rank=rank, whiten={'down': x})
+  cholesky = np.asarray(whitening.input_cholesky(x), np.float64)
+  w = np.asarray(_experts()['down'], np.float64)
+  for g in range(3):
+    members = np.flatnonzero(GROUPS == g)
+    stacked = np.concatenate([cholesky[i].T @ w[i] for i in members])
+    basis = np.linalg.svd(stacked, full_matrices=False)[2][:rank].T
+    expected = _weighted_average(w, members) @ basis @ basis.T
+    np.testing.assert_allclose(result.experts['down'][g], expected,
+                               rtol=1e-4, atol=1e-4)
+  # Unwhitened names are merged as before.
+  np.testing.assert_allclose(result.experts['up'],
+                             _merge(rank=rank).experts['up'], atol=1e-6)
+
+
+@pytest.mark.parametrize('whiten, message', [
+    ({'mlp': jnp.ones((4, D))}, r"whiten names \['mlp'\] are not experts"),
+    ({'up': jnp.ones((4, F))}, r"whiten\['up'\] must be .* m=5"),
+    ({'down': jnp.ones((E + 1, 4, F))}, r"whiten\['down'\] must be"),
+    ({'up': jnp.full((4, D), jnp.nan)}, r"whiten\['up'\].*non-finite"),
+])
+def test_bad_whitening_inputs_are_named(whiten, message):
+  with pytest.raises(ValueError, match=message):
+    _merge(rank=2, whiten=whiten)

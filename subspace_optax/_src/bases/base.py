@@ -9,7 +9,11 @@ over stacked layers. A method is a :class:`BasisMethod` of pure functions:
 * ``project(g, state)`` -> coefficients ``C`` of shape ``(rank, l)``;
 * ``unproject(c, state)`` -> the ``(k, l)`` matrix that ``c`` stands for;
 * ``transition(old, new)`` -> ``R`` (``rank x rank``) with ``C_new ~= R C_old``,
-  used to carry moments into a new basis (None if the method cannot say).
+  used to carry moments into a new basis (None if the method cannot say);
+* optionally ``init_from_weights(w, rank, path)`` -> the initial basis state
+  built from the param itself (``w``: the oriented ``(*batch, k, l)`` view of
+  the weight; the state has the batch axes), used by ``low_rank``'s init
+  instead of ``init`` (e.g. :func:`~subspace_optax.bases.weight_singular`).
 
 Dense bases store ``Q`` (``k x rank``, orthonormal columns, float32 unless
 ``low_rank(basis_dtype=...)`` stores them in another float dtype): ``C = QᵀG``
@@ -24,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from subspace_optax._src.pipeline import batching
+from subspace_optax._src.pipeline import layout as layout_lib
 from subspace_optax._src.pipeline import sharding
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -44,6 +49,47 @@ class BasisMethod(NamedTuple):
   # ``refresh`` (an initial basis from the first gradient), chosen by one
   # unbatched ``lax.cond`` on the step count. Same signature as ``refresh``.
   first_refresh: Optional[Callable[[jax.Array, Any, jax.Array, bool], Any]] = None
+  # ``(w, rank, path) -> state``: the initial state from the weight's oriented
+  # ``(*batch, k, l)`` view (with the batch axes); ``init`` still gives the
+  # shapes and dtypes of one matrix's state. None: ``init``.
+  init_from_weights: Optional[Callable[[jax.Array, int, str], Any]] = None
+
+
+def initial_state(method: BasisMethod, param: Any, layout: Any) -> Any:
+  """The basis state of one projected leaf, with its batch axes.
+
+  ``method.init`` broadcast over the batch axes, or, for a method with
+  ``init_from_weights``, the state built from the values of ``param`` (cast
+  to the dtypes of ``method.init``, e.g. ``low_rank(basis_dtype=...)``).
+
+  Raises:
+    TypeError: ``init_from_weights`` needs values and ``param`` is a
+      ``jax.ShapeDtypeStruct``.
+    ValueError: its state does not have the shapes of ``init``'s.
+  """
+  k, l, r = layout.projected_dim, layout.other_dim, layout.rank
+  batch = layout.batch_shape
+  if method.init_from_weights is None:
+    return jax.tree.map(lambda a: jnp.broadcast_to(a, batch + a.shape),
+                        method.init(k, l, r))
+  if isinstance(param, jax.ShapeDtypeStruct):
+    raise TypeError(
+        f'{layout.path}: the {method.name!r} basis is built from the values '
+        'of the weights, but init got a jax.ShapeDtypeStruct. Call init on '
+        'the (pre-trained) params, or trace it with jax.eval_shape/jax.jit.')
+  template = jax.eval_shape(lambda: method.init(k, l, r))
+  view = layout_lib.matrix_view(jnp.asarray(param), layout)
+  state = method.init_from_weights(view, r, layout.path)
+
+  def fit(a, t):
+    if tuple(a.shape) != batch + tuple(t.shape):
+      raise ValueError(
+          f'{layout.path}: init_from_weights of the {method.name!r} basis '
+          f'gave an array of shape {tuple(a.shape)}; expected '
+          f'{batch + tuple(t.shape)} (the batch axes, then init\'s shape).')
+    return a.astype(t.dtype)
+
+  return jax.tree.map(fit, state, template)
 
 
 # ---------------------------------------------------------------- dense bases

@@ -22,6 +22,8 @@ import numpy as np
 import optax
 
 from subspace_optax._src import arguments
+from subspace_optax._src.finetune import factor_sharding
+from subspace_optax._src.pipeline import sharding
 
 HIGHEST = jax.lax.Precision.HIGHEST
 # Raised when a value that a host check needs is traced (under jax.jit).
@@ -84,8 +86,9 @@ class ReparameterizeState(NamedTuple):
 
 
 def matmul(spec: str, *operands) -> jax.Array:
-  """``jnp.einsum`` at HIGHEST precision (no TF32 or bf16 passes on GPU/TPU)."""
-  return jnp.einsum(spec, *operands, precision=HIGHEST)
+  """``jnp.einsum`` at HIGHEST precision (no TF32 or bf16 passes on GPU/TPU);
+  under an Explicit mesh each output dim keeps its input's mesh axis."""
+  return sharding.einsum(spec, *operands, precision=HIGHEST)
 
 
 def compute_dtype(dtype) -> Any:
@@ -241,6 +244,12 @@ def reparameterize(
   to the weight, so the params drift from ``W(f_t)``: keep float32 params, or
   float32 master weights (``subspace_optax.master_weights``) for bfloat16.
 
+  **Sharding.** On a mesh the factors are sharded by rule from each weight's
+  sharding (factor matrices' axes of length ``m``/``n`` take the weight's
+  mesh axes; ranks and factor vectors are replicated); the
+  SVD at init gathers each weight once. The state keeps its shardings across
+  steps on Auto and Explicit meshes, and the updates are sharded like params.
+
   **Other leaves.** Leaves out of ``mask`` or not matrices get ``others``
   (default: a zero update, frozen, as PEFT freezes everything but the
   adapters); pass e.g. ``optax.adam(1e-4)`` to train biases and norms.
@@ -301,9 +310,12 @@ def reparameterize(
       w = jnp.asarray(p)
       w = w.astype(compute_dtype(w.dtype))
       check_finite(w, name, 'the weight')
-      f, c = factorization.init(w, jax.random.fold_in(key, i), name)
-      factors.append(f)
-      frozen.append(c)
+      # Factors are sharded by rule from the weight (see factor_sharding).
+      where = sharding.placement(p)
+      f, c = factorization.init(
+          factor_sharding.gathered(w), jax.random.fold_in(key, i), name)
+      factors.append(factor_sharding.place_factors(f, where, w.shape))
+      frozen.append(factor_sharding.place_factors(c, where, w.shape))
       rest.append(optax.MaskedNode())
     factors = treedef.unflatten(factors)
     return ReparameterizeState(
@@ -313,11 +325,11 @@ def reparameterize(
 
   def leaf_gradient(f, c, g):
     out, vjp = jax.vjp(lambda f: rebuild(f, c), f)
-    (gf,) = vjp(g.astype(out.dtype))
+    (gf,) = vjp(sharding.reshard_like(g.astype(out.dtype), out))
     if factorization.penalty is not None:
       extra = jax.grad(factorization.penalty)(f, c)
-      gf = jax.tree.map(jnp.add, gf, extra)
-    return gf
+      gf = jax.tree.map(jnp.add, gf, factor_sharding.like(extra, gf))
+    return factor_sharding.like(gf, f)
 
   def update_fn(updates, state, params=None, **extra_args):
     flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
@@ -364,6 +376,7 @@ def reparameterize(
         out.append(r)
         continue
       delta = _batched(difference, np.ndim(g) - 2)(f, step, c)
+      delta = sharding.reshard_like(delta, g if p is None else p)
       out.append(delta.astype(g.dtype if p is None else jnp.result_type(p)))
     new_state = ReparameterizeState(
         factors=new_factors, frozen=state.frozen, inner_state=inner_state,

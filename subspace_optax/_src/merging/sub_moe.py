@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from subspace_optax._src.merging import kmeans as kmeans_lib
+from subspace_optax._src.merging import whitening
 
 Rank = int | Mapping[str, int | None] | None
 
@@ -100,7 +101,8 @@ def remap_logits(logits: jax.Array, router_remap: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames='rank')
 def merge_group(
-    weights: jax.Array, frequencies: jax.Array, rank: int | None = None
+    weights: jax.Array, frequencies: jax.Array, rank: int | None = None,
+    cholesky: jax.Array | None = None,
 ) -> jax.Array:
   """One group's merged ``(m, n)`` matrix from its ``(k, m, n)`` experts.
 
@@ -127,10 +129,25 @@ def merge_group(
   A zero matrix with frequency 0 is padding: it changes neither ``U``, ``Σ``
   nor ``W`` (:func:`sub_moe` pads groups to one size to batch them).
 
+  **Activation whitening** (``cholesky``; SVD-LLM, Wang et al. 2024,
+  arXiv:2403.07378, as proposed by Sub-MoE): with expert ``i``'s calibration
+  inputs ``X_i`` (``N x m``) and ``X_iᵀX_i = S_i S_iᵀ`` (Cholesky, lower),
+  ``X_i S_i^{-ᵀ}`` has orthonormal columns, so
+  ``||X_i (W' - W_i)||_F = ||S_iᵀ (W' - W_i)||_F``. The joint SVD is taken of
+  the whitened stack ``[S_1ᵀW_1; …; S_kᵀW_k] = V Σ Uᵀ``, truncated, and
+  multiplied back: ``W = Σ_i w_i S_i^{-ᵀ} V_{i,:r} Σ_r U_rᵀ``
+  (``= (Σ_i w_i W_i) U_r U_rᵀ``). Untruncated it is still the weighted
+  average; truncated, ``U_r`` minimises the calibration error
+  ``Σ_i ||X_i W_i (I - U_rU_rᵀ)||_F²`` over rank-``r`` output bases (Eckart–
+  Young on the whitened stack) instead of ``Σ_i ||W_i (I - U_rU_rᵀ)||_F²``.
+
   Args:
     weights: ``(k, m, n)`` the experts of the group.
     frequencies: ``(k,)`` positive routing frequencies (any scale).
     rank: ``r``; ``None`` or at least ``min(k m, n)`` keeps every direction.
+    cholesky: optional ``(k, m, m)`` lower Cholesky factors ``S_i`` of each
+      expert's input covariance
+      (:func:`~subspace_optax.merging.input_cholesky`); None: no whitening.
 
   Returns:
     The merged ``(m, n)`` matrix, in the dtype of ``weights``.
@@ -148,12 +165,18 @@ def merge_group(
   """
   k, m, n = weights.shape
   compute = jnp.promote_types(weights.dtype, jnp.float32)
-  stacked = weights.astype(compute).reshape(k * m, n)
-  v, s, ut = jnp.linalg.svd(stacked, full_matrices=False)
+  mm = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
+  weights_c = weights.astype(compute)
+  if cholesky is not None:  # S_iᵀ W_i
+    weights_c = mm('kam,kan->kmn', cholesky.astype(compute), weights_c)
+  v, s, ut = jnp.linalg.svd(weights_c.reshape(k * m, n), full_matrices=False)
   r = s.shape[0] if rank is None else min(rank, s.shape[0])
   w = frequencies.astype(compute) / jnp.sum(frequencies.astype(compute))
-  merged_v = jnp.einsum('k,kmr->mr', w, v[:, :r].reshape(k, m, r))
-  return ((merged_v * s[:r]) @ ut[:r]).astype(weights.dtype)
+  v = v[:, :r].reshape(k, m, r) * s[:r]
+  if cholesky is not None:  # multiplied back: S_i^{-ᵀ} V_i Σ
+    v = jax.vmap(lambda c, x: jax.scipy.linalg.solve_triangular(
+        c, x, lower=True, trans='T'))(cholesky.astype(compute), v)
+  return mm('mr,rn->mn', mm('k,kmr->mr', w, v), ut[:r]).astype(weights.dtype)
 
 
 def group_experts(
@@ -294,6 +317,7 @@ def sub_moe(
     *,
     groups: jax.Array | None = None,
     restarts: int = 10,
+    whiten: Mapping[str, jax.Array] | None = None,
 ) -> MergeResult:
   """Merges ``E`` experts into ``num_groups`` by Sub-MoE (training-free).
 
@@ -309,9 +333,11 @@ def sub_moe(
         = \\Big(\\sum_{i \\in g} w_i W_i\\Big) U_r U_rᵀ.
 
   Without truncation this is the frequency-weighted average of the group; the
-  rank ``r`` is where it differs. The paper also proposes an
-  activation-whitened SVD and a second, intra-expert low-rank step; neither is
-  implemented here. Run this outside ``jit`` (inputs are validated on host).
+  rank ``r`` is where it differs. ``whiten`` gives the paper's
+  activation-whitened variant (SVD-LLM style, see :func:`merge_group`): the
+  truncation then keeps the output directions that matter on the calibration
+  inputs. The paper's second, intra-expert low-rank step is not implemented.
+  Run this outside ``jit`` (inputs are validated on host).
 
   Args:
     experts: ``{name: (E, m, n)}``, e.g. ``{'gate', 'up', 'down'}`` of SwiGLU
@@ -326,14 +352,21 @@ def sub_moe(
     key: the k-means key (default ``jax.random.key(0)``).
     groups: optional ``(E,)`` group indices to use instead of k-means.
     restarts: k-means restarts; the lowest inertia is kept.
+    whiten: optional ``{name: inputs}``: the calibration inputs of the named
+      weights, ``(N, m)`` shared by every expert (e.g. the tokens reaching
+      ``gate`` and ``up``) or ``(E, N, m)`` one set per expert (e.g. each
+      expert's intermediate activations, the inputs of ``down``); those
+      weights are merged with the whitened SVD
+      (:func:`~subspace_optax.merging.input_cholesky`, :func:`merge_group`).
+      Names left out are not whitened.
 
   Returns:
     A :class:`MergeResult`; route with :func:`remap_logits`.
 
   Raises:
     ValueError: mismatched shapes, ``num_groups`` outside ``[1, E]``, a rank
-      above a matrix's output size, non-finite inputs, or an expert with
-      routing frequency 0.
+      above a matrix's output size, non-finite inputs, an expert with routing
+      frequency 0, or ``whiten`` inputs of the wrong shape.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -348,6 +381,7 @@ def sub_moe(
   """
   e = _validate(experts, expert_outputs, frequencies, num_groups, groups)
   ranks = _ranks(experts, rank)
+  factors = whitening.cholesky_factors(experts, whiten or {}, e)
   if groups is None:
     key = jax.random.key(0) if key is None else key
     groups = group_experts(
@@ -364,10 +398,11 @@ def sub_moe(
   for g in range(num_groups):
     members = np.flatnonzero(groups == g)
     index[g, :len(members)], mask[g, :len(members)] = members, 1.0
-  merge = jax.vmap(merge_group, in_axes=(0, 0, None))
+  merge = jax.vmap(merge_group, in_axes=(0, 0, None, 0))
   merged = {
       name: merge(jnp.asarray(w)[index] * mask[..., None, None].astype(
-          jnp.asarray(w).dtype), frequencies[index] * mask, ranks[name])
+          jnp.asarray(w).dtype), frequencies[index] * mask, ranks[name],
+                  None if name not in factors else factors[name][index])
       for name, w in experts.items()}
   weights = membership * frequencies[None, :]
   weights = weights / weights.sum(1, keepdims=True)
