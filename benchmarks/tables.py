@@ -85,7 +85,8 @@ def provenance(name: str) -> str:
             'measurement (flop counts checked against XLA:CPU cost analysis)')
   versions = data.get('versions', {})
   jax_version = f", jax {versions['jax']}" if 'jax' in versions else ''
-  if data.get('benchmark', '').startswith('peak_memory (AOT'):
+  if data.get('benchmark', '').startswith(('peak_memory (AOT',
+                                            'per_layer_memory (AOT')):
     return (f"ahead-of-time XLA:CPU compile (compiled, never run; "
             f"{data['machine']} CPU){jax_version}, {data['date']}")
   if data.get('backend') == 'gpu':
@@ -1102,6 +1103,8 @@ _SUB_MOE_ROWS = (
     ('average/lse', 'plain average per group'),
     ('freq_average/lse', 'frequency-weighted average per group'),
     ('sub_moe/lse', 'Sub-MoE: joint SVD per group, rank {rank}'),
+    ('sub_moe_whitened/lse', 'Sub-MoE, activation-whitened joint SVD, '
+     'rank {rank}'),
     ('freq_average_svd/lse', 'frequency-weighted average, then its own SVD, '
      'rank {rank}'),
 )
@@ -1124,6 +1127,59 @@ def sub_moe_results() -> str:
           f"Retained = {d['retained']}. Medians of seeds "
           f"{', '.join(map(str, d['seeds']))}, {d['steps']} training steps. "
           f"Command: `{d['command'].strip()}`. " + source(SUB_MOE))
+
+
+SOAK = 'soak_cpu.json'
+
+
+def soak_results() -> str:
+  d = load(SOAK)
+  c, m, o = d['config'], d['memory'], d['orthonormality']
+  comp, cont = d['compilations'], d['continuation']
+
+  def growth(key, unit, scale):
+    q = m[key]
+    if q['first_quarter_median'] is None:
+      return 'not reported by this backend', '-'
+    return (f"{q['first_quarter_median'] / scale:.2f} → "
+            f"{q['last_quarter_median'] / scale:.2f} {unit}",
+            f"{q['growth_ratio']:.4f}")
+
+  rss, rss_ratio = growth('rss_bytes', 'MiB', 2**20)
+  live, live_ratio = growth('live_array_bytes', 'KiB', 2**10)
+  device, device_ratio = growth('device_bytes_in_use', 'MiB', 2**20)
+  rows = [
+      ['host RSS (first → last quarter median)', rss, rss_ratio],
+      ['live JAX arrays, after gc (first → last quarter median)', live,
+       live_ratio],
+      ['device memory in use (`memory_stats()`)', device, device_ratio],
+      ['executables compiled after the warm-up: steps per quarter; whole '
+       'loop, boundaries included',
+       ' / '.join(map(str, comp['during_train_steps_by_quarter'])) +
+       f"; {comp['in_loop_incl_boundaries']}", '-'],
+      ['traces of the jitted step (end of run)',
+       str(comp['train_step_traces_at_end']), '-'],
+      ['max \\|QᵀQ − I\\| of the bases / of the GPM memory',
+       f"{sci(o['basis_max_abs_QtQ_minus_I'])} / "
+       f"{sci(o['memory_max_abs_QtQ_minus_I'])}", '-'],
+      [f"{cont['steps']} more steps: run vs restored from the final checkpoint",
+       'bit-identical losses and params' if cont['equal'] else
+       f"max loss difference {sci(cont['max_abs_loss_difference'])}", '-'],
+  ]
+  return (table(['check', 'value', 'ratio'], rows) +
+          f"\n\n{c['steps']:,} steps of {c['model']}, {c['tasks']} tasks "
+          f"({d['task_boundaries']} boundaries), a refresh every "
+          f"{c['refresh']} steps ({d['refreshes']} refreshes), rank "
+          f"{c['rank']}, optimizer `{c['optimizer']}` with 8-bit moments "
+          f"({d['int8_moment_bytes']} bytes of int8/uint8 codes). Loss (half "
+          f"the squared error, unit-variance targets) {d['loss']['first']:.2f} "
+          "at the first step; at the end of each task "
+          f"{', '.join(f'{v:.2f}' for v in d['loss']['end_of_each_task'])} "
+          "(later tasks train only outside the protected input directions); "
+          f"{d['ms_per_step']:.2f} ms per step (sampling excluded), "
+          f"{d['seconds']:.0f} s for the loop, sampling included, on a shared "
+          "machine. Command: "
+          f"`{d['command'].strip()}`. " + source(SOAK))
 
 
 # ---------------------------------------------------------------------------
@@ -1669,6 +1725,50 @@ def gpu_check_estimate() -> str:
           f'{_from(AOT_BF16)}).')
 
 # ---------------------------------------------------------------------------
+# Per-layer updates (issue #25).
+
+PER_LAYER = 'per_layer_memory_cpu_aot.json'
+
+
+def per_layer_memory() -> str:
+  """Per-layer against whole-tree train steps at LLaMA-7B, bf16, 16 x 256."""
+  d = load(PER_LAYER)
+  rows = []
+  for r in d['rows']:
+    rows.append([
+        r['method'], 'per-layer' if r['per_layer'] else 'whole tree',
+        gb(r['peak_bytes']), gb(r['cpu_only_bytes']),
+        gb(r['compiled_peak_bytes']),
+        x(r['peak_vs_adamw_whole_tree']) if 'peak_vs_adamw_whole_tree' in r
+        else '–', gb(r['sizes']['optimizer_state']),
+        gb(r['optimizer_temp_bytes'])])
+  times = '; '.join(
+      f"{t['method']} {x(t['per_layer_over_whole_tree'])}"
+      for t in d.get('step_times', []))
+  return (table(['method', 'step', 'peak GB (GPU-valid)', 'CPU-only GB',
+                 'compiled peak GB', '× AdamW whole-tree', 'state GB',
+                 'optimizer temp GB'], rows)
+          + f"\n\nShape {d['rows'][0]['shape']}, "
+          f"{d['rows'][0]['param_dtype']} params, batch "
+          f"{d['rows'][0]['batch']} × {d['rows'][0]['seq_len']}, remat. "
+          f"GaLore's README figure: {gb(d['galore_readme_7b_bytes'])} GB. "
+          f"Step time, per-layer over whole-tree (median, CPU, small shape, "
+          f"one run): {times or 'not measured'}." + _per_layer_real(d)
+          + '\n\n' + source(PER_LAYER))
+
+
+def _per_layer_real(d: dict) -> str:
+  real = d.get('real_check')
+  if not real:
+    return ''
+  return (f" Real against compiled ({real['method']}, per-layer, dim "
+          f"{real['shape']['dim']}, {real['shape']['layers']} layers, run "
+          f"once on this CPU): resident-memory growth over the step "
+          f"{x(real['measured_over_predicted'])} the compiled "
+          f"temp + output - alias.")
+
+
+# ---------------------------------------------------------------------------
 # Registry: page -> table names. A name may appear on several pages.
 
 TABLES: dict[str, Callable[[], str]] = {
@@ -1683,7 +1783,7 @@ TABLES: dict[str, Callable[[], str]] = {
         cpu_state, cpu_optimizer_only,
         peak_memory_7b, peak_memory_350m_1b, peak_memory_bf16,
         peak_memory_real_check, roofline, readme_continual,
-        finetune_results, finetune_claims, sub_moe_results,
+        finetune_results, finetune_claims, sub_moe_results, soak_results,
         h100_before_fix, h100_compile, cpu_run, cpu_how_to_read, quality_bars,
         quality_3seeds_outcome, quality_adamw_seeds, quality_side_header,
         quality_side_notes, quality_bf16_note, quality_drift_tolerance,
@@ -1692,7 +1792,8 @@ TABLES: dict[str, Callable[[], str]] = {
         continual_earlier_replication, continual_earlier_rotated,
         continual_earlier_text_pretrained, continual_earlier_permuted,
         continual_earlier_text, peak_memory_goals, peak_memory_compile_times,
-        peak_memory_bf16_note, roofline_notes, gpu_check_estimate)
+        peak_memory_bf16_note, roofline_notes, gpu_check_estimate,
+        per_layer_memory)
 }
 
 PAGES: dict[str, tuple[str, ...]] = {
@@ -1713,6 +1814,7 @@ PAGES: dict[str, tuple[str, ...]] = {
                              'peak_memory_350m_1b', 'peak_memory_bf16',
                              'readme_fits', 'roofline', 'finetune_results',
                              'finetune_claims', 'sub_moe_results',
+                             'soak_results',
                              # Sentences of the prose that quote a figure.
                              'h100_before_fix', 'h100_compile', 'cpu_run',
                              'cpu_how_to_read', 'quality_bars',
@@ -1730,7 +1832,7 @@ PAGES: dict[str, tuple[str, ...]] = {
                              'continual_earlier_text', 'peak_memory_goals',
                              'peak_memory_compile_times',
                              'peak_memory_bf16_note', 'roofline_notes',
-                             'gpu_check_estimate'),
+                             'gpu_check_estimate', 'per_layer_memory'),
 }
 
 
