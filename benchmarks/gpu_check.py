@@ -19,6 +19,14 @@ refresh train step <= 2x the method's steady train step.
 
   python -m benchmarks.gpu_check                    # on the GPU
   python -m benchmarks.gpu_check --smoke            # CPU, tiny, seconds
+  python -m benchmarks.gpu_check --per-layer        # 1B and 7B per-layer peaks
+  python -m benchmarks.gpu_check --per-layer --smoke
+
+``--per-layer`` (issue #25): the per-layer train step
+(``subspace_optax.per_layer_train_step``, bfloat16 params, batch 16 x 256) of
+LLaMA-1B and 7B per method, three real steps; the device's
+``peak_bytes_in_use`` next to the AOT figure (the CPU table is
+``benchmarks/results/per_layer_memory_cpu_aot.json``).
 
 Writes ``benchmarks/results/gpu_check_<device>_<date>.json`` (or ``--out``).
 """
@@ -45,6 +53,7 @@ from flax import nnx
 
 import subspace_optax as so
 from benchmarks import peak_memory
+from benchmarks import per_layer_memory
 from benchmarks import harness
 from benchmarks import step_times
 from examples.lm import model as model_lib
@@ -68,6 +77,15 @@ CASES = {
 SMOKE_CASES = {'smoke': Case(peak_memory.SMOKE_SHAPES['smoke'], 256,
                              'float32', 3)}
 METHODS = ('adamw', 'galore_randomized')
+PER_LAYER_CASES = {
+    'llama_1b_per_layer': Case(per_layer_memory.SHAPES['llama_1b_b16x256'],
+                               peak_memory.VOCAB_SIZE, 'bfloat16', 200),
+    'llama_7b_per_layer': Case(per_layer_memory.SHAPES['llama_7b_b16x256'],
+                               peak_memory.VOCAB_SIZE, 'bfloat16', 200),
+}
+PER_LAYER_SMOKE_CASES = {'smoke_per_layer': Case(
+    per_layer_memory.SMOKE_SHAPES['smoke'], 256, 'bfloat16', 3)}
+PER_LAYER_METHODS = ('adamw', 'apollo_mini', 'galore_randomized_bf16')
 BOUNDS = {'optimizer_steady_vs_adamw': 1.0, 'train_mean_vs_adamw': 1.02,
           'refresh_max_vs_own_steady': 2.0}
 
@@ -146,6 +164,46 @@ def one(name: str, case_name: str, case: Case) -> dict[str, Any]:
   return result
 
 
+def per_layer_one(name: str, case_name: str, case: Case) -> dict[str, Any]:
+  """The per-layer step of one method: AOT peak, then three real steps and
+  the device's peak (own process)."""
+  config = peak_memory.model_config(case.shape, True, case.vocab_size)
+
+  @jax.jit
+  def init():  # only the cast params are ever allocated
+    state = nnx.split(model_lib.Llama(config, rngs=nnx.Rngs(0)))[1]
+    return jax.tree.map(lambda x: x.astype(case.param_dtype),
+                        nnx.as_pure(state))
+
+  params = init()
+  tx = per_layer_memory.build(name, case.shape.rank)
+  opt_state = jax.jit(tx.init)(params)
+  shape = case.shape
+  tokens = jax.random.randint(jax.random.key(0),
+                              (shape.batch_size, shape.seq_len + 1), 0,
+                              case.vocab_size)
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  start = time.perf_counter()
+  compiled = jax.jit(per_layer_memory.per_layer_step(config, tx),
+                     donate_argnums=(0, 1)).lower(
+                         params, opt_state, inputs, targets).compile()
+  compile_seconds = time.perf_counter() - start
+  predicted = peak_memory.memory_of(compiled)
+  times = []
+  for _ in range(3):
+    start = time.perf_counter()
+    params, opt_state, loss = jax.block_until_ready(
+        compiled(params, opt_state, inputs, targets))
+    times.append(1e3 * (time.perf_counter() - start))
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get('peak_bytes_in_use')
+  return {'method': name, 'case': case_name, 'per_layer': True,
+          'compile_seconds': compile_seconds, 'aot_memory': predicted,
+          'peak_bytes_in_use': peak,
+          'peak_over_aot': None if peak is None else peak / predicted['peak'],
+          'step_ms': times, 'loss': float(loss)}
+
+
 def _ratio(a, b):
   return None if a is None or b is None else a / b
 
@@ -177,13 +235,17 @@ def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_all(args) -> dict[str, Any]:
-  cases = SMOKE_CASES if args.smoke else {k: CASES[k]
-                                          for k in args.cases.split(',')}
+  if args.per_layer:
+    cases = PER_LAYER_SMOKE_CASES if args.smoke else PER_LAYER_CASES
+  else:
+    cases = SMOKE_CASES if args.smoke else {k: CASES[k]
+                                            for k in args.cases.split(',')}
   rows = []
   for case_name in cases:
     for name in args.methods.split(','):
       command = [sys.executable, '-m', 'benchmarks.gpu_check', '--one',
-                 f'{name}:{case_name}'] + (['--smoke'] if args.smoke else [])
+                 f'{name}:{case_name}'] + (['--smoke'] if args.smoke else []) + (
+                     ['--per-layer'] if args.per_layer else [])
       done = subprocess.run(command, capture_output=True, text=True,
                             timeout=args.timeout, check=False)
       if done.returncode:
@@ -199,7 +261,8 @@ def run_all(args) -> dict[str, Any]:
       'date': datetime.datetime.now(datetime.timezone.utc).isoformat(),
       'versions': {'jax': jax.__version__, 'optax': optax.__version__},
       'cases': {k: dataclasses.asdict(v) for k, v in cases.items()},
-      'bounds': BOUNDS, 'rows': rows, 'goals': goals(rows),
+      'bounds': BOUNDS, 'rows': rows,
+      'goals': {} if args.per_layer else goals(rows),
   }
 
 
@@ -207,18 +270,29 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--smoke', action='store_true')
   parser.add_argument('--cases', default=','.join(CASES))
-  parser.add_argument('--methods', default=','.join(METHODS))
+  parser.add_argument('--methods', default='',
+                      help=f'default {",".join(METHODS)} (--per-layer: '
+                      f'{",".join(PER_LAYER_METHODS)})')
   parser.add_argument('--timeout', type=float, default=300.0,
                       help='seconds per method and case')
+  parser.add_argument('--per-layer', action='store_true',
+                      help='per-layer peaks of LLaMA-1B and 7B (issue #25)')
   parser.add_argument('--one', default='', help=argparse.SUPPRESS)
   parser.add_argument('--out', default='')
   args = parser.parse_args(argv)
   if args.one:
     name, case_name = args.one.split(':')
-    case = (SMOKE_CASES if args.smoke else CASES)[case_name]
-    result = one(name, case_name, case)
+    if args.per_layer:
+      case = (PER_LAYER_SMOKE_CASES if args.smoke else PER_LAYER_CASES)[
+          case_name]
+      result = per_layer_one(name, case_name, case)
+    else:
+      case = (SMOKE_CASES if args.smoke else CASES)[case_name]
+      result = one(name, case_name, case)
     print(json.dumps(result))
     return result
+  args.methods = args.methods or ','.join(
+      PER_LAYER_METHODS if args.per_layer else METHODS)
   result = run_all(args)
   text = json.dumps(result, indent=1)
   out = args.out or (

@@ -58,6 +58,7 @@ import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -194,12 +195,26 @@ def resolve_ranks(names: Sequence[str], setup: Setup,
 
 
 def train(name: str, setup: Setup, corpus: data_lib.Corpus, *, rank, lr: float,
-          seed: int) -> dict[str, Any]:
-  """Train ``setup.steps`` steps; final validation loss, state bytes, times."""
+          seed: int, param_dtype: Optional[str] = None,
+          last: Optional[optax.GradientTransformation] = None,
+          ) -> dict[str, Any]:
+  """Train ``setup.steps`` steps; final validation loss, state bytes, times.
+
+  ``param_dtype`` (e.g. ``'bfloat16'``) stores the float params in that dtype
+  (the model still computes in its ``compute_dtype``); ``last`` is chained
+  after the method (e.g. ``so.stochastic_rounding()``), see
+  ``benchmarks/quality_bf16.py``.
+  """
   wall, cpu = time.perf_counter(), time.process_time()
   graphdef, params = init_params(setup, seed)
+  if param_dtype is not None:
+    params = jax.tree.map(
+        lambda x: x.astype(param_dtype)
+        if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
   schedule = lm_optimizers.warmup_cosine(lr, setup.steps)
   tx = make_tx(name, schedule, rank, setup.refresh, seed)
+  if last is not None:
+    tx = optax.chain(tx, last)
   opt_state = tx.init(params)
   state_size = int(so.state_bytes(opt_state))
 

@@ -21,6 +21,8 @@ from subspace_optax._src.pipeline.layout import DimensionNumbers
 from subspace_optax._src.pipeline.layout import last_two_axes
 from subspace_optax._src.pipeline.low_rank import low_rank
 from subspace_optax._src.pipeline.low_rank import SubspaceState
+from subspace_optax._src.pipeline.per_layer import NotLayerSeparableError
+from subspace_optax._src.pipeline.per_layer import per_layer_train_step
 # --- named methods ---
 from subspace_optax._src.methods.galore import galore
 from subspace_optax._src.methods.apollo import apollo
@@ -46,6 +48,7 @@ from subspace_optax._src.methods.milora import milora
 from subspace_optax._src.methods.milora import pissa
 from subspace_optax._src.methods.salt import salt
 from subspace_optax._src.methods.svfit import svfit
+from subspace_optax._src.finetune.weight_subspace import weight_subspace
 # --- stages of the named methods ---
 from subspace_optax._src.transforms.subspace_scaling import apollo_scaling
 from subspace_optax._src.transforms.subspace_scaling import scale_gradient_by_subspace
@@ -72,8 +75,17 @@ from subspace_optax._src.pipeline.layout import conv_kernels
 from subspace_optax._src.state.summary import summary
 from subspace_optax._src.transforms.quantized_moments import quantize_moments
 from subspace_optax._src.transforms.master_weights import master_weights
+from subspace_optax._src.transforms.stochastic_rounding import stochastic_rounding
+from subspace_optax._src.transforms.stochastic_rounding import StochasticRoundingState
 # --- tools on states ---
 from subspace_optax._src.state.checkpoint import check_compatible
+from subspace_optax._src.state.checkpoint import check_config
+from subspace_optax._src.state.checkpoint import CheckpointCorruptError
+from subspace_optax._src.state.checkpoint import CheckpointMismatchError
+from subspace_optax._src.state.checkpoint import CheckpointSkippedWarning
+from subspace_optax._src.state.checkpoint import restore_checkpoint
+from subspace_optax._src.state.checkpoint import restore_latest
+from subspace_optax._src.state.checkpoint import save_checkpoint
 from subspace_optax._src.state.sizes import state_bytes
 from subspace_optax._src.arguments import static_args
 from subspace_optax._src.pipeline.sharding import state_shardings
@@ -94,6 +106,8 @@ __all__ = (
     'last_two_axes',
     'low_rank',
     'SubspaceState',
+    'NotLayerSeparableError',
+    'per_layer_train_step',
     # Named methods.
     'adamp',
     'apollo',
@@ -119,6 +133,7 @@ __all__ = (
     'ReparameterizeState',
     'salt',
     'svfit',
+    'weight_subspace',
     # Stages of the named methods.
     'apollo_scaling',
     'clip_norm_growth',
@@ -142,10 +157,19 @@ __all__ = (
     'stochastic_round',
     'quantize_moments',
     'master_weights',
+    'stochastic_rounding',
+    'StochasticRoundingState',
     # Tools on states.
     'FullSizeWarning',
     'summary',
     'check_compatible',
+    'check_config',
+    'CheckpointCorruptError',
+    'CheckpointMismatchError',
+    'CheckpointSkippedWarning',
+    'restore_checkpoint',
+    'restore_latest',
+    'save_checkpoint',
     'state_bytes',
     'state_shardings',
     'static_args',

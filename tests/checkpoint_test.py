@@ -122,6 +122,28 @@ def test_an_unreadable_step_is_named_and_the_previous_one_restored(
   assert skipped[0].filename == __file__  # points at the caller's line
 
 
+def test_a_step_another_process_cannot_read_is_skipped_by_all(
+    tmp_path, monkeypatch):
+  """Multi-process: every process reads its own shards; they skip together."""
+  from subspace_optax._src.state import checkpoint as checkpoint_lib
+  tx = _galore()
+  _, states = _saved(tmp_path, tx)
+  reads = []
+
+  def every_process_read(read):  # process 1 cannot read step 3's shards
+    reads.append(read)
+    return read and len(reads) > 1
+
+  monkeypatch.setattr(checkpoint_lib, '_read_by_every_process',
+                      every_process_read)
+  with pytest.warns(so.CheckpointSkippedWarning,
+                    match='step 3.*another process could not read'):
+    step, state, _ = so.restore_latest(
+        _manager(tmp_path), jax.eval_shape(tx.init, PARAMS), config=CONFIG)
+  assert reads == [True, True]  # this process read step 3, then step 2
+  assert step == 2 and _bytes(state) == _bytes(states[2])
+
+
 def test_no_readable_step_raises_naming_every_step(tmp_path):
   tx = _galore()
   manager, _ = _saved(tmp_path, tx, steps=(1, 2))

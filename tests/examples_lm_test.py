@@ -360,3 +360,22 @@ def test_optimizer_state_takes_the_shardings_the_transform_derives():
              for path, spec in want.items())
   assert shardings['optimizer']['step'].get_value().spec == (
       jax.sharding.PartitionSpec())
+
+
+def test_bf16_params_with_stochastic_rounding(tmp_path):
+  with pytest.raises(SystemExit):  # --bf16-params needs --precision bf16
+    train.parse_args(['--bf16-params', 'stochastic'])
+  summary = train.main(TINY_FLAGS + [
+      '--optimizer', 'galore', '--precision', 'bf16', '--bf16-params',
+      'stochastic', '--steps', '3', '--eval-every', '3', '--max-bytes',
+      '60000', '--checkpoint-every', '0', '--no-plot', '--out',
+      str(tmp_path)])
+  assert np.isfinite(summary['runs'][0]['final_val_loss'])
+  args = train.parse_args(TINY_FLAGS + [
+      '--optimizer', 'galore', '--precision', 'bf16', '--bf16-params',
+      'stochastic', '--basis', 'svd'])
+  corpus = data_lib.load_corpus(None, max_bytes=60000, seq_len=32)
+  run = train.make_run('galore', args, TINY, corpus)
+  model, _ = train.create(run, 0)
+  dtypes = {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))}
+  assert dtypes == {jnp.dtype(jnp.bfloat16)}

@@ -268,7 +268,7 @@ NOT_METHODS = frozenset({
     'scale_residual_by_subspace',
     # Wrappers around any optimizer, tested in their own files (q_galore
     # above keeps its moments through quantize_moments by default).
-    'quantize_moments', 'master_weights',
+    'quantize_moments', 'master_weights', 'stochastic_rounding',
     # continual: memories, schedules and metrics.
     'activation_importance', 'add_directions', 'consolidate_ewc',
     'empty_memory', 'fisher_diagonal', 'get_memory', 'gpm_memory',
@@ -278,6 +278,14 @@ NOT_METHODS = frozenset({
     'record', 'summary', 'layer_inputs', 'released_rank',
     # continual: a memory from the weights' singular vectors (for orthogonal_to).
     'weight_subspace_basis',
+    # low_rank with a fixed basis from the weights' values (init needs concrete
+    # params): tests/weight_subspace_test.py.
+    'weight_subspace',
+    # Checkpoints (tests/checkpoint_test.py, tests/checkpoint_faults_test.py).
+    'check_config', 'save_checkpoint', 'restore_checkpoint', 'restore_latest',
+    # A train step, not a transform (tests/per_layer_test.py runs the registry
+    # through it).
+    'per_layer_train_step',
 })
 
 

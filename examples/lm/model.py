@@ -222,3 +222,41 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 def count_params(model: nnx.Module) -> int:
   return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def per_layer_functions(config: Config):
+  """``(embed, layer, head_loss)`` of a ``scan_layers`` model, as pure functions
+  of its params (``nnx.as_pure(nnx.state(model))``), for
+  :func:`subspace_optax.per_layer_train_step` (``stack='blocks'``).
+
+  ``embed(rest, (inputs, targets))``, ``layer(block_params, h)`` (one block,
+  no layer axis) and ``head_loss(rest, h, (inputs, targets))`` (the mean
+  cross entropy) compute what :class:`Llama` does, module by module.
+  """
+  if not config.scan_layers:
+    raise ValueError('per_layer_functions needs scan_layers=True (the blocks '
+                     'stacked under one leading layer axis).')
+  graphdef = lambda make: nnx.graphdef(nnx.eval_shape(make))
+  rngs = lambda: nnx.Rngs(0)
+  embed_def = graphdef(lambda: nnx.Embed(
+      config.vocab_size, config.dim, dtype=jnp.dtype(config.compute_dtype),
+      param_dtype=jnp.float32, rngs=rngs()))
+  block_def = graphdef(lambda: Block(config, rngs=rngs()))
+  norm_def = graphdef(lambda: RMSNorm(config.dim, config.norm_eps))
+  head_def = graphdef(lambda: _linear(config.dim, config.vocab_size, config,
+                                      rngs()))
+
+  def embed(rest, batch):
+    return nnx.merge(embed_def, rest['embed'])(batch[0])
+
+  def layer(block_params, h):
+    positions = jnp.broadcast_to(
+        jnp.arange(h.shape[1], dtype=jnp.int32), h.shape[:2])
+    return nnx.merge(block_def, block_params)(h, positions)
+
+  def head_loss(rest, h, batch):
+    h = nnx.merge(norm_def, rest['final_norm'])(h)
+    logits = nnx.merge(head_def, rest['lm_head'])(h).astype(jnp.float32)
+    return cross_entropy(logits, batch[1])
+
+  return embed, layer, head_loss

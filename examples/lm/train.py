@@ -8,6 +8,8 @@ Run from the repository root::
   python -m examples.lm.train --no-scan-layers   # blocks as a Python list
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
     python -m examples.lm.train --mesh data=2,fsdp=4
+  python -m examples.lm.train --mesh data=2,fsdp=4 \\
+    --coordinator-address HOST:PORT --num-processes 2 --process-id I  # I=0, 1
   python -m examples.lm.train --data my_notes/ --checkpoint-every 50
   python -m examples.lm.train ... --resume        # continue the latest run
 
@@ -33,6 +35,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
 import pathlib
 import sys
 import textwrap
@@ -42,7 +45,9 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 import subspace_optax as so
 from examples.lm import checkpoint
@@ -78,6 +83,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument('--precision', default='fp32', choices=('fp32', 'bf16'),
                  help='bf16: float32 params and optimizer state, bfloat16 '
                  'matmuls/attention')
+  p.add_argument('--bf16-params', default='off',
+                 choices=('off', 'stochastic', 'master', 'nearest'),
+                 help='with --precision bf16, store the params in bfloat16 '
+                 'too: stochastic applies the updates by stochastic '
+                 'rounding (so.stochastic_rounding, no float32 copy), master '
+                 'keeps float32 master weights (so.master_weights), nearest '
+                 'rounds to nearest; off keeps float32 params')
   p.add_argument('--steps', type=int, default=150)
   p.add_argument('--batch-size', type=int, default=16)
   p.add_argument('--seq-len', type=int, default=None,
@@ -106,6 +118,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument('--mesh', default=None,
                  help="device mesh, e.g. 'data=2,fsdp=4'; params are sharded "
                  "over 'fsdp', the batch over 'data' and 'fsdp'")
+  dist = p.add_argument_group(
+      'multiple processes',
+      'one process per host (or per GPU); every process runs the same command '
+      'with its own --process-id, and --mesh spans the devices of all of '
+      'them. The flags default to the environment variables named; with none '
+      'of them (and no --distributed) the run is a single process.')
+  dist.add_argument('--coordinator-address',
+                    default=os.environ.get('JAX_COORDINATOR_ADDRESS'),
+                    help='HOST:PORT of process 0 (env JAX_COORDINATOR_ADDRESS)')
+  dist.add_argument('--num-processes', type=int,
+                    default=_env_int('JAX_NUM_PROCESSES'),
+                    help='number of processes (env JAX_NUM_PROCESSES)')
+  dist.add_argument('--process-id', type=int,
+                    default=_env_int('JAX_PROCESS_ID'),
+                    help='this process, in [0, --num-processes) (env '
+                    'JAX_PROCESS_ID)')
+  dist.add_argument('--distributed', action='store_true',
+                    help='call jax.distributed.initialize() even without the '
+                    'flags above: it detects SLURM, Open MPI and Cloud TPU '
+                    'by itself')
   p.add_argument('--out', default=None,
                  help=f'output directory (default: a new {RUNS_DIR}/run-<N>, '
                  'or with --resume the latest one)')
@@ -144,7 +176,52 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
       p.error(f'--{flag.replace("_", "-")} must be positive')
   if args.checkpoint_every < 0:
     p.error('--checkpoint-every must be >= 0')
+  if args.bf16_params != 'off' and args.precision != 'bf16':
+    p.error('--bf16-params needs --precision bf16')
+  if args.num_processes is not None and args.num_processes < 1:
+    p.error('--num-processes must be positive')
+  if args.process_id is not None and not (
+      0 <= args.process_id < (args.num_processes or 1)):
+    p.error(f'--process-id {args.process_id} is not in [0, --num-processes '
+            f'{args.num_processes})')
+  if (args.num_processes or 1) > 1 and not args.mesh:
+    p.error('--num-processes > 1 needs --mesh (over the devices of every '
+            'process)')
   return args
+
+
+def _env_int(name: str) -> int | None:
+  value = os.environ.get(name)
+  return int(value) if value else None
+
+
+def initialize_distributed(args: argparse.Namespace) -> bool:
+  """``jax.distributed.initialize`` from the flags, if any asks for it.
+
+  Called before any other JAX call. The same code runs on CPU, GPU and TPU
+  hosts; only this initialisation differs: on CPU the processes exchange
+  data through gloo (set here; the setting does not affect GPUs and TPUs),
+  and auto-detection (``--distributed``) covers SLURM, Open MPI and Cloud
+  TPU. Returns whether it initialised.
+  """
+  if not (args.distributed or args.coordinator_address
+          or (args.num_processes or 1) > 1):
+    return False
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=args.coordinator_address,
+                             num_processes=args.num_processes,
+                             process_id=args.process_id)
+  return True
+
+
+def is_primary() -> bool:
+  """Process 0 writes the metrics, summary and plots and prints."""
+  return jax.process_index() == 0
+
+
+def log(*values, **kwargs) -> None:
+  if is_primary():
+    print(*values, **kwargs)
 
 
 # ----------------------------------------------------------------------------
@@ -273,6 +350,10 @@ def make_run(name: str, args: argparse.Namespace,
       name, learning_rate_schedule=schedule, rank=rank,
       refresh=args.refresh, weight_decay=args.weight_decay,
       seed=args.seed, **basis)
+  if args.bf16_params == 'stochastic':
+    tx = optax.chain(tx, so.stochastic_rounding(seed=args.seed))
+  elif args.bf16_params == 'master':
+    tx = optax.chain(tx, so.master_weights())
   config = {
       'model': args.model,
       'model_config': dataclasses.asdict(model_config),
@@ -288,12 +369,17 @@ def make_run(name: str, args: argparse.Namespace,
       'seed': args.seed,
       'data_fingerprint': corpus.fingerprint,
   }
+  if args.bf16_params != 'off':  # absent otherwise: older runs still resume
+    config['bf16_params'] = args.bf16_params
   return Run(name, model_config, learning_rate, rank, config, tx)
 
 
 def create(run: Run, seed: int):
   """Fresh ``(model, optimizer)``; the same weights for every optimizer."""
   model = model_lib.Llama(run.model_config, rngs=nnx.Rngs(seed))
+  if run.config.get('bf16_params', 'off') != 'off':
+    nnx.update(model, jax.tree.map(
+        lambda x: x.astype(jnp.bfloat16), nnx.state(model, nnx.Param)))
   optimizer = nnx.Optimizer(model, run.tx, wrt=nnx.Param)
   return model, optimizer
 
@@ -365,8 +451,9 @@ def _write_state_summary(run: Run, abstract_model, run_dir: pathlib.Path):
   params = nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param))
   report = so.summary(run.tx, params)
   run_dir.mkdir(parents=True, exist_ok=True)
-  (run_dir / 'state_summary.txt').write_text(str(report) + '\n')
-  print(f'[{run.name}] optimizer state {report.state_bytes / 2**20:.2f} MiB, '
+  if is_primary():
+    (run_dir / 'state_summary.txt').write_text(str(report) + '\n')
+  log(f'[{run.name}] optimizer state {report.state_bytes / 2**20:.2f} MiB, '
         f'{report.state_bytes / report.adamw_bytes:.3f}x AdamW\'s; per leaf: '
         f'{run_dir}/state_summary.txt')
 
@@ -381,7 +468,9 @@ def train_one(run: Run, args, corpus, mesh, out: pathlib.Path) -> dict[str, Any]
   if mesh is not None:
     shardings = state_shardings(run.tx, *abstract, mesh)
     data_sharding = batch_sharding(mesh, batch_size)
-    put = lambda b: tuple(jax.device_put(x, data_sharding) for x in b)
+    # Every process computes the same global batch and keeps its own shards.
+    put = lambda b: tuple(jax.make_array_from_callback(
+        x.shape, data_sharding, lambda index, x=x: x[index]) for x in b)
   else:
     put = lambda b: tuple(jnp.asarray(x) for x in b)
 
@@ -393,7 +482,8 @@ def train_one(run: Run, args, corpus, mesh, out: pathlib.Path) -> dict[str, Any]
   if latest is not None and args.resume:
     checkpoint.check_config(run_dir, run.config)
     target = checkpoint.abstract_state(abstract, shardings)
-    state, progress = checkpoint.restore(mngr, latest, target)
+    # The newest readable step: an unreadable one is skipped with a warning.
+    latest, state, progress = checkpoint.restore_latest(mngr, target)
     model = nnx.merge(nnx.graphdef(abstract[0]), state['model'])
     optimizer = nnx.merge(nnx.graphdef(abstract[1]), state['optimizer'])
     start = int(progress['data_position'])
@@ -401,8 +491,9 @@ def train_one(run: Run, args, corpus, mesh, out: pathlib.Path) -> dict[str, Any]
       raise RuntimeError(
           f'Checkpoint {latest}: data position {start} != optimizer step '
           f'{int(optimizer.step[...])}.')
-    _truncate_metrics(metrics_path, run.name, start)
-    print(f'[{run.name}] resumed from {run_dir}/checkpoints/{latest}')
+    if is_primary():
+      _truncate_metrics(metrics_path, run.name, start)
+    log(f'[{run.name}] resumed from {run_dir}/checkpoints/{latest}')
   else:
     if latest is not None:
       raise FileExistsError(
@@ -410,14 +501,17 @@ def train_one(run: Run, args, corpus, mesh, out: pathlib.Path) -> dict[str, Any]
           '--resume to continue them, choose another --out, or leave --out '
           f'out: every run then gets a new {RUNS_DIR}/run-<N>.')
     if args.resume:
-      print(f'[{run.name}] no checkpoint in {run_dir}; starting from step 0')
-    model, optimizer = create(run, args.seed)
-    if shardings is not None:
-      state = jax.device_put(_pair_state(model, optimizer), shardings)
-      nnx.update(model, state['model'])
-      nnx.update(optimizer, state['optimizer'])
-    _truncate_metrics(metrics_path, run.name, 0)
-  if mngr is not None:
+      log(f'[{run.name}] no checkpoint in {run_dir}; starting from step 0')
+    if shardings is None:
+      model, optimizer = create(run, args.seed)
+    else:  # created sharded: each process makes only its own shards
+      state = jax.jit(lambda: _pair_state(*create(run, args.seed)),
+                      out_shardings=shardings)()
+      model = nnx.merge(nnx.graphdef(abstract[0]), state['model'])
+      optimizer = nnx.merge(nnx.graphdef(abstract[1]), state['optimizer'])
+    if is_primary():
+      _truncate_metrics(metrics_path, run.name, 0)
+  if mngr is not None and is_primary():
     checkpoint.write_config(run_dir, run.config)
 
   train_step, eval_step = make_steps(shardings)
@@ -430,14 +524,15 @@ def train_one(run: Run, args, corpus, mesh, out: pathlib.Path) -> dict[str, Any]
   tokens_per_step = batch_size * seq_len
 
   bar = None
-  if not args.no_progress and end > start:
+  if not args.no_progress and end > start and is_primary():
     from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
 
     bar = tqdm(total=args.steps, initial=start, desc=f'{run.name:>12}',
                dynamic_ncols=True, leave=True)
   timed_steps, timed_seconds = 0, 0.0
   train_losses, val_loss, tokens_per_s = [], None, float('nan')
-  with metrics_path.open('a') as metrics:
+  with (metrics_path.open('a') if is_primary()
+        else open(os.devnull, 'w')) as metrics:
     for step in range(start, end):
       batch = put(data_lib.batch_at(
           corpus.train, seed=args.seed, step=step, batch_size=batch_size,
@@ -588,6 +683,10 @@ def explain(summary: dict[str, Any]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
+  initialize_distributed(args)  # before any other JAX call
+  if jax.process_count() > 1 and not args.mesh:
+    raise SystemExit(f'error: {jax.process_count()} processes need --mesh '
+                     '(over the devices of every process)')
   overrides = {f: getattr(args, f) for f in ('dim', 'layers', 'heads', 'ffn_dim')
                if getattr(args, f) is not None}
   model_config = model_lib.config_from_preset(
@@ -606,14 +705,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   if args.basis == 'auto':
     args.basis = 'svd' if mesh is None else 'randomized'
   out = run_directory(args.out, args.resume)
+  if jax.process_count() > 1 and args.out is None:
+    # Every process uses process 0's run-<N> (the others may see it created).
+    number = multihost_utils.broadcast_one_to_all(
+        np.int32(out.name[len('run-'):]))
+    out = RUNS_DIR / f'run-{int(number)}'
   out.mkdir(parents=True, exist_ok=True)
-  print(f'outputs: {out}/')
+  log(f'outputs: {out}/')
 
-  print(f'corpus: {corpus.description} (train {len(corpus.train):,} / val '
+  log(f'corpus: {corpus.description} (train {len(corpus.train):,} / val '
         f'{len(corpus.val):,} bytes)')
-  print(f'model: {args.model} {model_config}')
-  print(f'batch {args.batch_size} x {args.seq_len} bytes, {args.steps} steps, '
+  log(f'model: {args.model} {model_config}')
+  log(f'batch {args.batch_size} x {args.seq_len} bytes, {args.steps} steps, '
         f'devices {jax.device_count()} ({jax.default_backend()})'
+        + (f', {jax.process_count()} processes' if jax.process_count() > 1
+           else '')
         + (f', mesh {dict(mesh.shape)}' if mesh is not None else ''))
   runs = []
   began = time.perf_counter()
@@ -635,6 +741,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       'corpus': corpus.description, 'mesh': args.mesh,
       'wall_seconds': time.perf_counter() - began, 'runs': runs,
   }
+  if not is_primary():  # process 0 writes the outputs
+    return summary
   (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
   plots = write_plots(out) if args.plot else []
   print()

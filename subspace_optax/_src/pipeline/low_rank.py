@@ -227,12 +227,12 @@ def low_rank(
       # The state is sharded by rule from the param (see sharding.py).
       where = sharding.placement(p)
       spec = where[1] if where is not None else None
-      one = method.init(lay.projected_dim, lay.other_dim, lay.rank)
+      # With the batch axes; from the weight itself for init_from_weights.
+      batched_state = bases_lib.initial_state(method, p, lay)
       basis_leaves.append(jax.tree.map(
           lambda a, lay=lay, where=where, spec=spec: sharding.place(
-              jnp.broadcast_to(a, lay.batch_shape + a.shape), where,
-              spec and sharding.basis_leaf_spec(
-                  lay.batch_shape + a.shape, lay, spec)), one))
+              a, where, spec and sharding.basis_leaf_spec(a.shape, lay, spec)),
+          batched_state))
       refresh_leaves.append(policy.init(projected.index(i), len(projected)))
       placeholders.append(sharding.place(
           jnp.zeros(lay.coefficient_shape, jnp.float32), where,
@@ -288,9 +288,10 @@ def low_rank(
 
     # 3. Coefficients C = QᵀG (the full gradient of leaves not projected,
     # nothing for zero-size ones); the moments follow refreshed bases.
+    # Full-size work runs one matrix at a time (stages.project,
+    # stages.unproject_leaves; see per_matrix.py).
     coefficients = [
-        layout_lib.batched(method.project, leaf.num_batch_axes)(leaf.view, b)
-        for leaf, b in zip(leaves, bases)]
+        stages.project(method, leaf, b) for leaf, b in zip(leaves, bases)]
     inner_tree = treedef.unflatten(stages.scatter(
         [optax.MaskedNode() if utils.passes_through(g) else g for g in flat],
         leaves, coefficients))
@@ -302,14 +303,20 @@ def low_rank(
     subspace, inner_state = inner.update(
         inner_tree, inner_state, None, **extra_args)
     subspace = treedef.flatten_up_to(subspace)
-    outputs = stages.unproject(method, scale, leaves, bases, subspace)
     residual_state = state.residual_state
-    if residual_tx is not None:
+    if residual_tx is None:
+      out = stages.scatter(
+          stages.leaf_updates(flat, subspace, [], []), leaves,
+          stages.unproject_leaves(method, scale, leaves, bases, subspace))
+    else:
+      # The residual transform sees whole trees of full-size views.
+      outputs = stages.unproject(method, scale, leaves, bases, subspace)
       residuals, residual_state = stages.residual_updates(
           residual_tx, residual_state, treedef, method, leaves, bases,
           coefficients, [subspace[leaf.index] for leaf in leaves])
       outputs = [o + r for o, r in zip(outputs, residuals)]
-    return treedef.unflatten(stages.leaf_updates(flat, subspace, leaves, outputs)), (
+      out = stages.leaf_updates(flat, subspace, leaves, outputs)
+    return treedef.unflatten(out), (
         SubspaceState(
             count=optax.safe_increment(count),
             basis=treedef.unflatten(stages.scatter(basis_leaves, leaves, bases)),

@@ -25,13 +25,20 @@ import optax
 from subspace_optax._src import utils
 from subspace_optax._src.bases import base as bases_lib
 from subspace_optax._src.pipeline import batching
+from subspace_optax._src.pipeline import layer_index
 from subspace_optax._src.pipeline import layout as layout_lib
+from subspace_optax._src.pipeline import per_matrix
 from subspace_optax._src.pipeline import sharding
 from subspace_optax._src.refresh import every as refresh_lib
 from subspace_optax._src.transforms import moments as moments_lib
 
 
 def batched_keys(key: jax.Array, batch_shape: tuple[int, ...]) -> jax.Array:
+  where = layer_index.current()  # a one-layer update of a scanned stack
+  if where is not None and tuple(batch_shape[:1]) == (1,):
+    full = (where.size,) + tuple(batch_shape[1:])
+    keys = jax.random.split(key, math.prod(full)).reshape(full)
+    return jax.lax.dynamic_slice_in_dim(keys, where.index, 1, 0)
   keys = jax.random.split(key, math.prod(batch_shape))
   return keys.reshape(batch_shape) if batch_shape else keys[0]
 
@@ -44,19 +51,27 @@ def all_finite(x: jax.Array) -> jax.Array:
   return jnp.all(jnp.isfinite(x))
 
 
-def refresh_leaf(refresh, num_batch_axes: int, align_signs: bool,
-                  view: jax.Array, basis, keys: jax.Array):
-  """``refresh`` of one leaf's matrix view, vmapped over its batch axes.
+def refresh_leaf(refresh, layout: layout_lib.MatrixLayout,
+                  align_signs: bool, grad: jax.Array, basis,
+                  keys: jax.Array):
+  """``refresh`` of each matrix of a leaf, one matrix at a time.
 
-  A refresh of a non-finite gradient is discarded, but it may still run
-  (every-step bases, vmapped ensembles); LAPACK's SVD never returns on a
-  matrix mixing Inf with finite entries (Reference-LAPACK issue 1409), so it
-  sees the non-finite entries as zeros.
+  ``grad`` is the raw gradient leaf with its batch axes first
+  (:func:`~subspace_optax._src.pipeline.per_matrix.stacked`); each matrix is
+  cast to its float32 view only inside the loop. A refresh of a non-finite
+  gradient is discarded, but it may still run (every-step bases, vmapped
+  ensembles); LAPACK's SVD never returns on a matrix mixing Inf with finite
+  entries (Reference-LAPACK issue 1409), so it sees the non-finite entries as
+  zeros.
   """
-  view = jnp.where(jnp.isfinite(view), view, 0.0)
-  return layout_lib.batched(
-      lambda g1, b1, k1: refresh(g1, b1, k1, align_signs), num_batch_axes)(
-          view, basis, keys)
+
+  def one(g1, b1, k1):
+    view = per_matrix.view(g1, layout)
+    view = jnp.where(jnp.isfinite(view), view, 0.0)
+    return refresh(view, b1, k1, align_signs)
+
+  return per_matrix.over_matrices(
+      one, len(layout.batch_axes), grad, basis, keys)
 
 
 def finite_or_old(fresh, old, finite_input: jax.Array):
@@ -116,6 +131,33 @@ def unproject(method: bases_lib.BasisMethod, scale, leaves: list,
       for leaf, basis in zip(leaves, bases)]
 
 
+def project(method: bases_lib.BasisMethod, leaf: Leaf, basis) -> jax.Array:
+  """Stage 3: ``C = QᵀG`` of a leaf, one matrix at a time (each matrix cast
+  to float32 only there)."""
+  return per_matrix.over_matrices(
+      lambda g1, b1: method.project(per_matrix.view(g1, leaf.layout), b1),
+      leaf.num_batch_axes, leaf.stacked, basis)
+
+
+def unproject_leaves(method: bases_lib.BasisMethod, scale, leaves: list,
+                     bases: list, subspace_updates: list) -> list[jax.Array]:
+  """Stages 4 and 6 without a residual path: ``α Q N`` per projected leaf,
+  back in the leaf's shape and dtype, one matrix at a time (the float32
+  ``QN`` of a single matrix is the only full-size temporary)."""
+  out = []
+  for leaf, basis in zip(leaves, bases):
+    dtype = leaf.grad.dtype
+    if is_zero(scale):
+      out.append(jnp.zeros(leaf.grad.shape, dtype))
+      continue
+    one = lambda n1, b1, leaf=leaf, dtype=dtype: per_matrix.to_leaf(
+        scale * method.unproject(n1, b1), leaf.layout).astype(dtype)
+    out.append(per_matrix.unstacked(per_matrix.over_matrices(
+        one, leaf.num_batch_axes, subspace_updates[leaf.index], basis),
+        leaf.layout))
+  return out
+
+
 class Leaf(NamedTuple):
   """One projected leaf of the gradient, as the stages of an update see it."""
 
@@ -125,10 +167,16 @@ class Leaf(NamedTuple):
   basis: Any  # the basis state before this step
   refresh: Any  # the refresh policy's state before this step
   keys: jax.Array  # one PRNG key per matrix, of shape batch_shape
+  grad: jax.Array  # the raw gradient leaf (its shape and dtype)
 
   @property
   def num_batch_axes(self) -> int:
     return len(self.layout.batch_shape)
+
+  @property
+  def stacked(self) -> jax.Array:
+    """The raw gradient, batch axes first (per_matrix.stacked)."""
+    return per_matrix.stacked(self.grad, self.layout)
 
 
 def projected_leaves(flat: list, layouts: list, basis_leaves: list,
@@ -137,7 +185,8 @@ def projected_leaves(flat: list, layouts: list, basis_leaves: list,
   come from ``fold_in(step_key, i)``."""
   return [
       Leaf(i, lay, layout_lib.matrix_view(g, lay).astype(jnp.float32), b, r,
-            batched_keys(jax.random.fold_in(step_key, i), lay.batch_shape))
+            batched_keys(jax.random.fold_in(step_key, i), lay.batch_shape),
+            g)
       for i, (g, lay, b, r) in enumerate(
           zip(flat, layouts, basis_leaves, refresh_leaves))
       if lay is not None]
@@ -150,16 +199,16 @@ def refresh_every_step(method: bases_lib.BasisMethod, align_signs: bool,
   At update 0 ``method.first_refresh`` (if any) gives the initial basis,
   chosen by one conditional on the step count.
   """
-  finite = all_finite(leaf.view)
+  finite = all_finite(leaf.grad)
   refresh = functools.partial(
-      refresh_leaf, method.refresh, leaf.num_batch_axes, align_signs)
+      refresh_leaf, method.refresh, leaf.layout, align_signs)
   if method.first_refresh is None:
-    fresh = refresh(leaf.view, leaf.basis, leaf.keys)
+    fresh = refresh(leaf.stacked, leaf.basis, leaf.keys)
   else:
     first = functools.partial(
-        refresh_leaf, method.first_refresh, leaf.num_batch_axes, align_signs)
+        refresh_leaf, method.first_refresh, leaf.layout, align_signs)
     fresh = batching.cond(
-        count == 0, first, refresh, leaf.view, leaf.basis, leaf.keys)
+        count == 0, first, refresh, leaf.stacked, leaf.basis, leaf.keys)
   return finite_or_old(fresh, leaf.basis, finite)
 
 
@@ -185,18 +234,18 @@ def refresh_bases(method: bases_lib.BasisMethod,
   if not leaves:
     return []
   # The predicates are operands, not closed over (vmap needs that).
-  operands = [(policy.due(leaf.refresh, count) & all_finite(leaf.view),
-               leaf.view, leaf.basis, leaf.keys) for leaf in leaves]
-  batch_axes = [leaf.num_batch_axes for leaf in leaves]
+  operands = [(policy.due(leaf.refresh, count) & all_finite(leaf.grad),
+               leaf.stacked, leaf.basis, leaf.keys) for leaf in leaves]
+  layouts = [leaf.layout for leaf in leaves]
 
   def refresh_due(operands):
     return [batching.cond(
         predicate,
-        lambda v, b, k, nb=nb: finite_or_old(
-            refresh_leaf(method.refresh, nb, align_signs, v, b, k), b,
+        lambda g, b, k, lay=lay: finite_or_old(
+            refresh_leaf(method.refresh, lay, align_signs, g, b, k), b,
             jnp.asarray(True)),
-        lambda v, b, k: (b, jnp.asarray(False)), view, basis, keys)
-            for nb, (predicate, view, basis, keys) in zip(batch_axes, operands)]
+        lambda g, b, k: (b, jnp.asarray(False)), grad, basis, keys)
+            for lay, (predicate, grad, basis, keys) in zip(layouts, operands)]
 
   def keep(operands):
     return [(basis, jnp.asarray(False)) for _, _, basis, _ in operands]

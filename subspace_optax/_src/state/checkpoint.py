@@ -22,6 +22,7 @@ import pathlib
 from typing import Any, Mapping, Optional
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from subspace_optax._src import utils
@@ -321,6 +322,13 @@ def _corrupt(step: int, directory: pathlib.Path,
       step=step, directory=directory, reason=reason)
 
 
+def _read_by_every_process(read: bool) -> bool:
+  """Whether every process of a multi-process run could read the step."""
+  if jax.process_count() == 1:
+    return read
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(read))))
+
+
 def restore_latest(manager, target: Any, *,
                    config: Optional[Mapping[str, Any]] = None
                    ) -> tuple[Optional[int], Any, Optional[dict[str, Any]]]:
@@ -331,7 +339,10 @@ def restore_latest(manager, target: Any, *,
   :class:`CheckpointSkippedWarning` naming it, and the next older one is
   tried. A process killed while saving leaves no step at all (orbax renames
   a step's directory into place only once it is complete). A configuration
-  mismatch is raised at once: every step would have it.
+  mismatch is raised at once: every step would have it. In a multi-process
+  run every process reads its own shards, so the processes agree (one
+  all-gather per step tried) and skip a step together when any of them
+  cannot read it: all continue from the same step.
 
   Args:
     manager: the ``orbax.checkpoint.CheckpointManager`` of the run.
@@ -365,9 +376,19 @@ def restore_latest(manager, target: Any, *,
   """
   failures = []
   for step in sorted(manager.all_steps(), reverse=True):
+    error = None
     try:
       state, progress = restore_checkpoint(manager, step, target, config=config)
-    except CheckpointCorruptError as error:
+    except CheckpointCorruptError as raised:
+      error = raised
+    if not _read_by_every_process(error is None):
+      # Each process reads its own shards: a file only one of them reads may
+      # be the bad one. All skip the step together, or they would continue
+      # from different steps.
+      error = error or _corrupt(
+          step, _step_dir(manager, step),
+          RuntimeError('another process could not read its part of it'))
+    if error is not None:
       failures.append(str(error))
       utils.warn_at_caller(
           f'Skipping checkpoint step {step} ({error.directory}): it cannot be '

@@ -1,0 +1,53 @@
+"""Which layer of a scanned stack an update is for (trace-time context).
+
+:func:`~subspace_optax.per_layer_train_step` updates layer ``l`` of a stack of
+``L`` layers by calling the optimizer on a one-layer tree (leading axis of
+size 1). The random keys of a stacked leaf are ``L`` keys split from one leaf
+key (:func:`subspace_optax._src.pipeline.stages.batched_keys`); while a
+:func:`layer` context is active, a leading batch axis of size 1 takes key
+``l`` of those ``L``, so the one-layer update draws the same random bases as
+the whole-tree update. The context only exists while the update is traced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterator, NamedTuple, Optional
+
+import jax
+
+
+class LayerIndex(NamedTuple):
+  """Layer ``index`` (a traced int32 scalar) of a stack of ``size`` layers."""
+
+  index: jax.Array
+  size: int
+
+
+_STATE = threading.local()
+
+
+def current() -> Optional[LayerIndex]:
+  """The active :func:`layer` context, or None."""
+  return getattr(_STATE, 'layer', None)
+
+
+@contextlib.contextmanager
+def layer(index: jax.Array, size: int) -> Iterator[LayerIndex]:
+  """Within this context, one-layer updates are those of layer ``index``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> with layer(jnp.int32(2), 4) as where:
+    ...   where.size
+    4
+    >>> current() is None
+    True
+  """
+  previous = current()
+  _STATE.layer = LayerIndex(index, size)
+  try:
+    yield _STATE.layer
+  finally:
+    _STATE.layer = previous

@@ -1,0 +1,163 @@
+"""How the whole-tree optimizer state maps onto one-layer updates.
+
+The state of :func:`~subspace_optax.per_layer_train_step` is the ordinary
+``tx.init(params)``. :func:`plan` finds, from shapes alone
+(``jax.eval_shape``), which state leaves carry the stack axis (their leading
+axis grows with one more layer) and how the state of a one-layer update
+(stack leaves with a leading axis of 1, other leaves zero-size) and of the
+final update of the other leaves (stack leaves zero-size) are made of the
+whole state's leaves: a slice of a per-layer leaf, a shared leaf as it is, or
+a zero-size placeholder.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from subspace_optax._src.pipeline import separability
+
+
+def _is_masked(x) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+def _zero_size(x) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct((0,) + tuple(x.shape[1:]), x.dtype)
+
+
+class Plan(NamedTuple):
+  """How the whole-tree state maps onto the one-layer and final updates."""
+
+  treedef: Any  # of the whole state
+  carries: list[bool]  # per whole-state leaf: has the stack axis (axis 0)
+  layer_def: Any  # treedef of the one-layer state (MaskedNode as a leaf)
+  layer_map: list[Any]  # per one-layer leaf: whole-state index, or None
+  layer_shapes: list[Any]  # per one-layer leaf: its ShapeDtypeStruct/Masked
+  rest_def: Any
+  rest_map: list[Any]
+  rest_shapes: list[Any]
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x),
+                                                     jnp.result_type(x)), tree)
+
+
+class Split(NamedTuple):
+  """The flat leaves of ``params``: which are under ``params[stack]``."""
+
+  treedef: Any
+  is_stack: list[bool]
+
+  @classmethod
+  def of(cls, params, stack: str) -> 'Split':
+    paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+    first = lambda path: getattr(path[0], 'key', getattr(path[0], 'name', None))
+    is_stack = [first(path) == stack for path, _ in paths]
+    if sum(is_stack) != len(jax.tree.leaves(params[stack])):
+      raise ValueError(f'per_layer_train_step: cannot find the leaves of '
+                       f'params[{stack!r}] in the params tree.')
+    return cls(treedef, is_stack)
+
+  def build(self, stack_leaves, rest_leaves):
+    """A params-shaped tree from the stack's and the others' leaves."""
+    stack_leaves, rest_leaves = iter(stack_leaves), iter(rest_leaves)
+    return self.treedef.unflatten(
+        [next(stack_leaves) if s else next(rest_leaves) for s in self.is_stack])
+
+  def parts(self, tree):
+    flat = self.treedef.flatten_up_to(tree)
+    return ([x for x, s in zip(flat, self.is_stack) if s],
+            [x for x, s in zip(flat, self.is_stack) if not s])
+
+
+def with_leaves(params, stack: str, stack_fn, rest_fn):
+  """``params`` with ``stack_fn`` on the stack's leaves, ``rest_fn`` on the
+  others."""
+  split = Split.of(params, stack)
+  stacked, rest = split.parts(params)
+  return split.build(map(stack_fn, stacked), map(rest_fn, rest))
+
+
+def plan(tx, params, stack: str) -> Plan:
+  """The :class:`Plan` of ``tx`` on ``params`` (shapes only).
+
+  Raises:
+    NotLayerSeparableError: ``tx`` or its state cannot be split by layer.
+  """
+  params = _abstract(params)
+  sizes = {x.shape[0] for x in jax.tree.leaves(params[stack])}
+  if len(sizes) != 1:
+    raise ValueError(f'per_layer_train_step: the leaves of params[{stack!r}] '
+                     f'must share one leading (layer) axis; got sizes {sizes}.')
+  size = sizes.pop()
+  resized = lambda n: with_leaves(
+      params, stack, lambda x: jax.ShapeDtypeStruct((n,) + x.shape[1:],
+                                                   x.dtype), lambda x: x)
+  whole = jax.eval_shape(tx.init, params)
+  separability.check_separable(tx, whole)
+  leaves, treedef = jax.tree.flatten(whole)
+  grown = jax.tree.leaves(jax.eval_shape(tx.init, resized(size + 1)))
+  carries = []
+  for a, b in zip(leaves, grown, strict=True):
+    if a.shape == b.shape:
+      carries.append(False)
+    elif (a.shape[:1], b.shape[:1], a.shape[1:]) == (
+        (size,), (size + 1,), b.shape[1:]):
+      carries.append(True)
+    else:
+      raise separability.NotLayerSeparableError(
+          f'per_layer_train_step: a state leaf of shape {a.shape} grows to '
+          f'{b.shape} with one more layer; only a leading layer axis can be '
+          'sliced per layer. Use the whole-tree step.')
+  index_tree = treedef.unflatten(range(len(leaves)))
+
+  def mapping(sub_params):
+    try:
+      sub = jax.eval_shape(tx.init, sub_params)
+      jax.eval_shape(tx.update, sub_params, sub, sub_params)
+    except ZeroDivisionError as error:
+      raise separability.NotLayerSeparableError(
+          'per_layer_train_step: the transform fails on the zero-size '
+          'placeholders that stand for the leaves outside a one-layer update '
+          f'({error!r}); use the whole-tree step.') from error
+    shapes, sub_def = jax.tree.flatten(sub, is_leaf=_is_masked)
+    try:
+      where = sub_def.flatten_up_to(index_tree)
+    except (ValueError, TypeError) as error:
+      raise separability.NotLayerSeparableError(
+          'per_layer_train_step: the state of a one-layer tree is not a '
+          'part of the whole-tree state; use the whole-tree step. '
+          f'({error})') from error
+    return sub_def, [None if _is_masked(s) else w
+                     for s, w in zip(shapes, where)], shapes
+
+  layer_def, layer_map, layer_shapes = mapping(with_leaves(
+      params, stack, lambda x: jax.ShapeDtypeStruct((1,) + x.shape[1:],
+                                                   x.dtype), _zero_size))
+  rest_def, rest_map, rest_shapes = mapping(
+      with_leaves(params, stack, _zero_size, lambda x: x))
+  for shapes, where in ((layer_shapes, layer_map), (rest_shapes, rest_map)):
+    for s, i in zip(shapes, where):
+      if i is None or s.size == 0:
+        continue
+      expected = ((1,) + leaves[i].shape[1:] if carries[i]
+                  else leaves[i].shape)
+      if s.shape != expected:
+        raise separability.NotLayerSeparableError(
+            f'per_layer_train_step: a state leaf of shape {leaves[i].shape} '
+            f'is {s.shape} in a one-layer update (expected {expected}); use '
+            'the whole-tree step.')
+  return Plan(treedef, carries, layer_def, layer_map, layer_shapes,
+               rest_def, rest_map, rest_shapes)
+
+
+def placeholder(shape):
+  """Zeros of a zero-size ``ShapeDtypeStruct`` (a ``MaskedNode`` as is)."""
+  return shape if _is_masked(shape) else jnp.zeros(shape.shape, shape.dtype)
+
+

@@ -1,0 +1,94 @@
+"""One matrix at a time: the full-size stages of an update over a stacked leaf.
+
+A leaf with batch axes (the ``(L, m, n)`` kernels of ``nnx.scan`` stacks) is
+``L`` matrices, each with its own basis. ``jax.vmap`` over the stack axis
+computes every full-size intermediate of a stage (the float32 gradient view,
+an SVD's workspace, ``QN``) for the whole stack at once; at LLaMA-7B sizes
+these temporaries were tens of GB. The stages that touch full-size arrays
+(the refresh, ``C = QᵀG`` and ``α QN``) therefore run one matrix at a time
+with :func:`over_matrices` (``lax.map`` over the flattened batch axes), read
+their matrix from the raw gradient (:func:`stacked`, in its own dtype) and
+cast it to float32 only there (:func:`view`): the temporaries are those of
+one matrix. Small stages (transitions, ``r x r``) keep ``jax.vmap``.
+
+The maths is the same per matrix; only the schedule changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from subspace_optax._src.pipeline import layout as layout_lib
+
+
+def stacked(x: jax.Array, layout: layout_lib.MatrixLayout) -> jax.Array:
+  """The leaf with its batch axes first (transposed only if they are not),
+  in its own dtype; :func:`matrix_layout` describes one matrix of it."""
+  rest = tuple(a for a in range(x.ndim) if a not in layout.batch_axes)
+  order = layout.batch_axes + rest
+  return x if order == tuple(range(x.ndim)) else jnp.transpose(x, order)
+
+
+def unstacked(x: jax.Array, layout: layout_lib.MatrixLayout) -> jax.Array:
+  """Inverse of :func:`stacked`."""
+  rest = tuple(a for a in range(x.ndim) if a not in layout.batch_axes)
+  order = layout.batch_axes + rest
+  if order == tuple(range(x.ndim)):
+    return x
+  return jnp.transpose(x, tuple(order.index(a) for a in range(x.ndim)))
+
+
+@functools.lru_cache(maxsize=None)
+def matrix_layout(layout: layout_lib.MatrixLayout) -> layout_lib.MatrixLayout:
+  """The layout of one matrix of :func:`stacked` (no batch axes)."""
+  if not layout.batch_axes:
+    return layout
+  rest = [a for a in range(len(layout.shape)) if a not in layout.batch_axes]
+  position = {a: i for i, a in enumerate(rest)}
+  return dataclasses.replace(
+      layout, shape=tuple(layout.shape[a] for a in rest), batch_axes=(),
+      reduction_axes=tuple(position[a] for a in layout.reduction_axes),
+      output_axes=tuple(position[a] for a in layout.output_axes))
+
+
+def view(x: jax.Array, layout: layout_lib.MatrixLayout) -> jax.Array:
+  """One matrix of :func:`stacked` as its oriented float32 ``(k, l)`` view."""
+  return layout_lib.matrix_view(x, matrix_layout(layout)).astype(jnp.float32)
+
+
+def to_leaf(m: jax.Array, layout: layout_lib.MatrixLayout) -> jax.Array:
+  """One oriented ``(k, l)`` matrix back in the layout of :func:`stacked`."""
+  return layout_lib.leaf_from_matrix(m, matrix_layout(layout))
+
+
+def over_matrices(fn: Callable[..., Any], num_batch_axes: int,
+                  *args: Any) -> Any:
+  """``fn`` on each matrix of ``args`` (pytrees with ``num_batch_axes``
+  leading batch axes), one matrix at a time; outputs stacked the same way.
+
+  Without batch axes ``fn(*args)``; otherwise ``lax.map`` over the flattened
+  batch axes, so the temporaries of ``fn`` are those of one matrix.
+  """
+  if num_batch_axes == 0:
+    return fn(*args)
+  batch_shape = jax.tree.leaves(args)[0].shape[:num_batch_axes]
+  flat = jax.tree.map(
+      lambda x: x.reshape((-1,) + x.shape[num_batch_axes:]), args)
+  size = jax.tree.leaves(flat)[0].shape[0]
+
+  def body(stacks, i):
+    # The stacks are carried through a barrier, not closed over: XLA would
+    # otherwise hoist a conversion of the whole stack (e.g. bfloat16 ->
+    # float32) out of the loop as loop-invariant code.
+    stacks = jax.lax.optimization_barrier(stacks)
+    one = jax.tree.map(
+        lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), stacks)
+    return stacks, fn(*one)
+
+  _, out = jax.lax.scan(body, flat, jnp.arange(size))
+  return jax.tree.map(lambda y: y.reshape(batch_shape + y.shape[1:]), out)
