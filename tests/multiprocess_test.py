@@ -5,7 +5,8 @@ stage does) runs three times:
 
 1. ``reference``: 1 process x 8 devices, every method (galore, q_galore with
    8-bit moments, apollo_mini, frugal, and gpm_ewc across a task boundary);
-   orbax checkpoints after ``SAVE_AT`` updates;
+   orbax checkpoints after ``SAVE_AT`` updates; galore by
+   ``so.per_layer_train_step`` on a scanned stack and by the whole-tree step;
 2. ``distributed``: 2 processes x 4 devices joined by ``jax.distributed``
    (a local coordinator on a free port, gloo collectives) over one global
    8-device mesh: the same runs, faults on one process only, a deliberately
@@ -212,6 +213,26 @@ def test_two_processes_train_like_one(stages, method):
   if method == 'gpm_ewc':  # the task boundary stored a memory and a Fisher
     assert reference["[1].inner_state[1].memory['w'].left_count"] > 0
     assert np.all(reference["[1].inner_state[0].fisher['w']"] > 0)
+
+
+@slow
+def test_per_layer_step_on_two_processes(stages):
+  """``so.per_layer_train_step`` (galore, a 2-layer scanned stack sharded on
+  its input dimension, refreshes at updates 0 and 2): 2 x 4 devices give the
+  params, state and losses of 1 x 8, which equal the whole-tree step's."""
+  reference = leaves(stages['reference'], 'per_layer/galore')
+  assert_close(leaves(stages['distributed'], 'per_layer/galore'), reference,
+               'per_layer')
+  assert_close(reference, leaves(stages['reference'], 'whole/galore'),
+               'per_layer vs whole-tree step')
+  for stage in ('reference', 'distributed'):  # the shared state agreed
+    assert all(leaves(stages[stage], 'per_layer/same').values()), stage
+  initial = worker.per_layer_initial_numpy()
+  assert not np.allclose(reference["['params']['blocks']['up']"],
+                         initial['blocks']['up'])
+  # Both refreshes ran: the next one is due at update 4.
+  assert reference[
+      "['state'][0].refresh['blocks']['up'].next_refresh"] == worker.STEPS
 
 
 @slow

@@ -15,10 +15,12 @@ give the same numbers. Stages:
 
 * ``reference`` (1 process): every method for ``STEPS`` updates, and an orbax
   checkpoint after ``SAVE_AT`` of them (the uninterrupted run continues);
-* ``distributed`` (2 processes): the same runs, the faults (a NaN gradient on
-  one process's shard only, a refresh whose basis is NaN on one shard only),
-  a deliberately diverged process, and the checkpoint restored onto 2 x 4
-  devices and continued;
+  galore by ``so.per_layer_train_step`` on a small scanned stack and by the
+  whole-tree step;
+* ``distributed`` (2 processes): the same runs (per-layer: that step
+  only), the faults (a NaN gradient on one process's shard only, a refresh
+  whose basis is NaN on one shard only), a deliberately diverged process,
+  and the checkpoint restored onto 2 x 4 devices and continued;
 * ``resume4`` (1 process, 4 devices): the checkpoint restored and continued.
 
 Each process writes ``OUT/<stage>.p<id>.npz``: the shards that its own
@@ -257,6 +259,87 @@ def diverge(state, process: int):
 
 
 # ----------------------------------------------------------------------------
+# Per-layer updates: so.per_layer_train_step on a tiny scanned stack (the
+# style of tests/per_layer_test.py). galore without apply_if_finite, which
+# needs the whole gradient first (NotLayerSeparableError).
+
+PER_LAYER_SHAPES = {'embed': (8, 16), 'head': (16, 8),
+                    'blocks': {'up': (2, 16, 32), 'down': (2, 32, 16)}}
+# The stacks sharded on their input dimension, the layer axis replicated.
+PER_LAYER_SPECS = {'embed': P('fsdp', None), 'head': P('fsdp', None),
+                   'blocks': {'up': P(None, 'fsdp', None),
+                              'down': P(None, 'fsdp', None)}}
+
+
+def pl_embed(rest, x):
+  return x @ rest['embed']
+
+
+def pl_layer(p, h):
+  return h + jnp.tanh(h @ p['up']) @ p['down']
+
+
+def pl_head_loss(rest, h, x):
+  return jnp.mean((h @ rest['head'] - x) ** 2)
+
+
+def pl_whole_loss(params, x):
+  rest = {k: v for k, v in params.items() if k != 'blocks'}
+  h, _ = jax.lax.scan(lambda h, p: (pl_layer(p, h), None),
+                      pl_embed(rest, x), params['blocks'])
+  return pl_head_loss(rest, h, x)
+
+
+def per_layer_initial_numpy() -> dict:
+  rng = np.random.default_rng(3)
+  return jax.tree.map(
+      lambda s: (0.5 * rng.standard_normal(s) / np.sqrt(s[-2])).astype(
+          np.float32), PER_LAYER_SHAPES,
+      is_leaf=lambda s: isinstance(s, tuple))
+
+
+def per_layer_runs(mesh, whole: bool) -> dict:
+  """galore (refresh=2: refreshes at updates 0 and 2) for ``STEPS`` updates
+  by ``so.per_layer_train_step`` (``'per_layer/galore'``: params, state and
+  losses; ``'per_layer/same'``: its separability check per update) and, if
+  ``whole``, by the whole-tree step (``'whole/galore'``)."""
+  tx = so.galore(1e-2, rank=4, refresh=2, dimension_numbers=so.last_two_axes)
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), PER_LAYER_SPECS,
+                           is_leaf=lambda s: isinstance(s, P))
+  params = jax.tree.map(global_array, per_layer_initial_numpy(), shardings)
+  state_shardings = so.state_shardings(tx, params, shardings)
+  init = jax.jit(tx.init, out_shardings=state_shardings)
+  out_shardings = (shardings, state_shardings, None)
+  per_layer = jax.jit(
+      so.per_layer_train_step(tx, embed=pl_embed, layer=pl_layer,
+                              head_loss=pl_head_loss, check_shared=True),
+      out_shardings=out_shardings + (None,))
+
+  def whole_step(params, state, x):
+    loss, grads = jax.value_and_grad(pl_whole_loss)(params, x)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, loss
+
+  steps = {'per_layer/galore': per_layer}
+  if whole:
+    steps['whole/galore'] = jax.jit(whole_step, out_shardings=out_shardings)
+  out = {}
+  for name, step in steps.items():
+    p, s, losses, same = params, init(params), [], []
+    for t in range(STEPS):
+      rng = np.random.default_rng(2000 + t)
+      x = rng.standard_normal((BATCH, 8)).astype(np.float32)
+      p, s, loss, *check = step(p, s, global_array(
+          x, NamedSharding(mesh, P('fsdp'))))
+      losses.append(loss)
+      same += check
+    out[name] = {'params': p, 'state': s, 'loss': losses}
+    if same:
+      out['per_layer/same'] = same
+  return out
+
+
+# ----------------------------------------------------------------------------
 # Outputs.
 
 
@@ -309,7 +392,9 @@ class Outputs:
 def stage_runs(mesh, outputs: Outputs, checkpoint_dir: str | None,
                save: bool, distributed: bool) -> dict[str, Trainer]:
   """Every method's run (and its checkpoint, or its resumed run); the
-  NaN-gradient runs of galore. Returns the trainers (compiled steps)."""
+  NaN-gradient runs of galore; galore by ``so.per_layer_train_step`` (and,
+  on 1 process, by the whole-tree step: :func:`per_layer_runs`). Returns
+  the trainers (compiled steps)."""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
   checkpointer = ocp.StandardCheckpointer()
@@ -345,6 +430,8 @@ def stage_runs(mesh, outputs: Outputs, checkpoint_dir: str | None,
       _, state = train(inner, inner.params, state, [0],
                        poison=lambda t, g: poison(g))
       outputs.add('nan_refresh/after', state)
+  for name, tree in per_layer_runs(mesh, whole=not distributed).items():
+    outputs.add(name, tree)
   return trainers
 
 
