@@ -6,7 +6,7 @@ computes every full-size intermediate of a stage (the float32 gradient view,
 an SVD's workspace, ``QN``) for the whole stack at once; at LLaMA-7B sizes
 these temporaries were tens of GB. The stages that touch full-size arrays
 (the refresh, ``C = QᵀG`` and ``α QN``) therefore run one matrix at a time
-with :func:`over_matrices` (``lax.map`` over the flattened batch axes), read
+with :func:`over_matrices` (a ``lax.scan`` over the flattened batch axes), read
 their matrix from the raw gradient (:func:`stacked`, in its own dtype) and
 cast it to float32 only there (:func:`view`): the temporaries are those of
 one matrix. Small stages (transitions, ``r x r``) keep ``jax.vmap``.
@@ -71,8 +71,10 @@ def over_matrices(fn: Callable[..., Any], num_batch_axes: int,
   """``fn`` on each matrix of ``args`` (pytrees with ``num_batch_axes``
   leading batch axes), one matrix at a time; outputs stacked the same way.
 
-  Without batch axes ``fn(*args)``; otherwise ``lax.map`` over the flattened
-  batch axes, so the temporaries of ``fn`` are those of one matrix.
+  Without batch axes ``fn(*args)``; otherwise a ``lax.scan`` over the
+  flattened batch axes that carries the stacks through an
+  ``optimization_barrier``, so the temporaries of ``fn`` are those of one
+  matrix.
   """
   if num_batch_axes == 0:
     return fn(*args)
