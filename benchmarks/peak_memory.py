@@ -392,7 +392,7 @@ def goals(rows: list[dict[str, Any]], shape: str) -> dict[str, Any]:
 REAL_CHECK_SHAPE = Shape(256, 4, 4, 688, 8, 256)
 
 
-def _proc_status_bytes(field: str) -> int:
+def proc_status_bytes(field: str) -> int:
   """``VmRSS`` / ``VmHWM`` of this process from /proc, in bytes."""
   for line in pathlib.Path('/proc/self/status').read_text().splitlines():
     if line.startswith(field + ':'):
@@ -426,9 +426,9 @@ def real_run_check(name: str = 'galore_randomized',
   jax.block_until_ready((params, opt_state))
   clear_refs = pathlib.Path('/proc/self/clear_refs')
   clear_refs.write_text('5')  # resets VmHWM to the current VmRSS
-  before = _proc_status_bytes('VmRSS')
+  before = proc_status_bytes('VmRSS')
   jax.block_until_ready(compiled(params, opt_state, inputs, inputs))
-  high_water = _proc_status_bytes('VmHWM')
+  high_water = proc_status_bytes('VmHWM')
   predicted = memory['temp'] + memory['output'] - memory['alias']
   return {
       'method': name, 'shape': dataclasses.asdict(shape),

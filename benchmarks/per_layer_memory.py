@@ -308,14 +308,6 @@ def step_time_ratio(name: str, shape=TIME_SHAPE, vocab_size: int = 256,
           / medians['whole_tree']}
 
 
-def _status_bytes(field: str) -> int:
-  """``VmRSS`` / ``VmHWM`` of this process, in bytes (Linux /proc)."""
-  for line in pathlib.Path('/proc/self/status').read_text().splitlines():
-    if line.startswith(field + ':'):
-      return int(line.split()[1]) * 1024
-  raise RuntimeError(f'{field} not in /proc/self/status')
-
-
 def real_check(name: str = 'galore_randomized_bf16',
                shape=peak_memory.REAL_CHECK_SHAPE,
                vocab_size: int = peak_memory.VOCAB_SIZE) -> dict[str, Any]:
@@ -334,9 +326,9 @@ def real_check(name: str = 'galore_randomized_bf16',
   memory = peak_memory.memory_of(compiled)
   jax.block_until_ready((params, opt_state))
   pathlib.Path('/proc/self/clear_refs').write_text('5')  # VmHWM := VmRSS
-  before = _status_bytes('VmRSS')
+  before = peak_memory.proc_status_bytes('VmRSS')
   jax.block_until_ready(compiled(params, opt_state, inputs, inputs))
-  measured = _status_bytes('VmHWM') - before
+  measured = peak_memory.proc_status_bytes('VmHWM') - before
   predicted = memory['temp'] + memory['output'] - memory['alias']
   return {'method': name, 'per_layer': True, 'shape': shape.__dict__,
           'memory_analysis': memory, 'measured_extra_bytes': measured,
