@@ -111,7 +111,38 @@ def _galore_randomized_bf16(*, learning_rate, rank, refresh, weight_decay,
                    **lm_optimizers.decay(weight_decay))
 
 
+# Micro-batches per update in the gradient-accumulation rows.
+ACCUMULATE_STEPS = 4
+
+
+def _galore_randomized_8bit_accumulate(*, learning_rate, rank, refresh,
+                                       weight_decay, seed):
+  """galore_randomized_8bit accumulating ``QᵀG`` over ACCUMULATE_STEPS
+  micro-batches (``low_rank(accumulate_steps=...)``; the stages after it
+  act once per update)."""
+  inner = so.quantize_moments(so.transforms.scale_by_torch_adam())
+  k = ACCUMULATE_STEPS
+  return optax.chain(
+      so.low_rank(inner, rank=rank, refresh=refresh, basis='randomized',
+                  scale=0.25, seed=seed, basis_dtype=jnp.bfloat16,
+                  dimension_numbers=lm_optimizers.block_matrices,
+                  accumulate_steps=k),
+      optax.conditionally_mask(optax.chain(
+          optax.add_decayed_weights(weight_decay, lm_optimizers.matrices),
+          optax.scale_by_learning_rate(learning_rate)),
+          lambda step: step % k == k - 1))
+
+
+def _galore_randomized_8bit_multisteps(**options):
+  """galore_randomized_8bit under optax.MultiSteps (a full-size sum of the
+  gradients; whole-tree only: it is not separable over layers)."""
+  return optax.MultiSteps(_galore_randomized_8bit(**options),
+                          ACCUMULATE_STEPS).gradient_transformation()
+
+
 BUILDERS = {
+    'galore_randomized_8bit_accumulate': _galore_randomized_8bit_accumulate,
+    'galore_randomized_8bit_multisteps': _galore_randomized_8bit_multisteps,
     'galore_randomized_bf16': _galore_randomized_bf16,
     'q_galore_8bit_every': _q_galore_every,
     'galore_randomized_8bit': _galore_randomized_8bit,
@@ -265,6 +296,9 @@ def row(name: str, shape_name: str, shape, param_dtype: str, per_layer: bool,
       'shape': shape_name, 'method': name, 'param_dtype': param_dtype,
       'per_layer': per_layer, 'batch': shape.batch_size,
       'seq_len': shape.seq_len, 'rank': shape.rank,
+      'accumulate_steps': ACCUMULATE_STEPS if name in (
+          'galore_randomized_8bit_accumulate',
+          'galore_randomized_8bit_multisteps') else 1,
       'peak_bytes': memory['peak'] - cpu['cpu_only_bytes'],
       'cpu_only_bytes': cpu['cpu_only_bytes'],
       'optimizer_temp_bytes': optimizer_temp(shape, param_dtype, vocab_size,

@@ -245,6 +245,29 @@ def test_resume_is_bit_exact(first_run):
     assert got[-1]['val_loss'] == expected[-1]['val_loss']
 
 
+def test_per_layer_run_equals_the_whole_tree_run(first_run, tmp_path):
+  """--per-layer: each block updated inside the backward scan, clipped to
+  the same global norm (a first backward pass), gives the whole-tree run."""
+  _, out, flags, _ = first_run
+  with pytest.raises(SystemExit):  # the layers must be stacked and scanned
+    train.parse_args(['--per-layer', '--no-scan-layers'])
+  per_layer = tmp_path / 'per_layer'
+  summary = train.main(flags + ['--per-layer', '--out', str(per_layer),
+                                '--no-plot'])
+  assert summary['per_layer']
+  for name in OPTIMIZERS:
+    expected, got = _records(out, name), _records(per_layer, name)
+    assert [r['step'] for r in got] == list(range(1, 7))
+    np.testing.assert_allclose([r['loss'] for r in got],
+                               [r['loss'] for r in expected], rtol=1e-4)
+    np.testing.assert_allclose(got[-1]['val_loss'], expected[-1]['val_loss'],
+                               rtol=1e-4)
+    assert got[-1]['opt_state_bytes'] == expected[-1]['opt_state_bytes']
+  # A per-layer run resumes only as a per-layer run.
+  with pytest.raises(checkpoint.ConfigMismatchError, match='per_layer'):
+    train.main(flags + ['--out', str(per_layer), '--resume'])
+
+
 def test_mismatched_config_is_refused(first_run, tmp_path):
   _, out, flags, _ = first_run
   copy = tmp_path / 'copy'

@@ -120,14 +120,22 @@ def warmup_cosine(peak: float, steps: int) -> optax.Schedule:
       decay_steps=max(steps, warmup + 1), end_value=0.1 * peak)
 
 
+# Every optimizer of the example clips the gradient to this global norm.
+CLIP_NORM = 1.0
+
+
 def make_optimizer(name: str, *, learning_rate_schedule: optax.ScalarOrSchedule,
                    rank: Optional[int | float] = 32, refresh: int = 200,
                    weight_decay: float = 0.0, seed: int = 0,
-                   basis: Optional[str] = None) -> optax.GradientTransformation:
-  """``clip_by_global_norm(1.0)`` then ``name`` (``'adamw'`` or a preset).
+                   basis: Optional[str] = None,
+                   clip_norm: Optional[float] = CLIP_NORM,
+                   ) -> optax.GradientTransformation:
+  """``clip_by_global_norm(clip_norm)`` then ``name`` (``'adamw'`` or a preset).
 
   ``rank``, ``refresh``, ``seed`` and ``basis`` (None: the preset's default)
   go to the presets that take them; weight decay applies to matrices only.
+  ``clip_norm=None`` leaves the clipping out (the per-layer step clips by
+  itself: ``so.per_layer_train_step(clip_norm=...)``).
   """
   get(name)  # a KeyError for an unknown name
   mask = matrices if weight_decay else None
@@ -142,4 +150,6 @@ def make_optimizer(name: str, *, learning_rate_schedule: optax.ScalarOrSchedule,
     accepted = inspect.signature(preset).parameters
     tx = preset(learning_rate_schedule, **{
         k: v for k, v in keywords.items() if k in accepted and v is not None})
-  return optax.chain(optax.clip_by_global_norm(1.0), tx)
+  if clip_norm is None:
+    return tx
+  return optax.chain(optax.clip_by_global_norm(clip_norm), tx)

@@ -6,6 +6,7 @@ Run from the repository root::
   python -m examples.lm.train --optimizer adamw,galore,optax_galore
   python -m examples.lm.train --model llama_60m --steps 2000 --batch-size 32
   python -m examples.lm.train --no-scan-layers   # blocks as a Python list
+  python -m examples.lm.train --per-layer   # update each layer in the backward
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
     python -m examples.lm.train --mesh data=2,fsdp=4
   python -m examples.lm.train --mesh data=2,fsdp=4 \\
@@ -90,6 +91,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  'rounding (so.stochastic_rounding, no float32 copy), master '
                  'keeps float32 master weights (so.master_weights), nearest '
                  'rounds to nearest; off keeps float32 params')
+  p.add_argument('--per-layer', action='store_true',
+                 help='update each layer inside the backward scan '
+                 '(so.per_layer_train_step): the full gradient tree never '
+                 'exists; the same result as the whole-tree step, one more '
+                 'backward pass for the global-norm clipping. Needs '
+                 '--scan-layers')
   p.add_argument('--steps', type=int, default=150)
   p.add_argument('--batch-size', type=int, default=16)
   p.add_argument('--seq-len', type=int, default=None,
@@ -176,6 +183,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
       p.error(f'--{flag.replace("_", "-")} must be positive')
   if args.checkpoint_every < 0:
     p.error('--checkpoint-every must be >= 0')
+  if args.per_layer and not args.scan_layers:
+    p.error('--per-layer needs --scan-layers (the layers stacked and '
+            'scanned; each is updated inside the backward scan)')
   if args.bf16_params != 'off' and args.precision != 'bf16':
     p.error('--bf16-params needs --precision bf16')
   if args.num_processes is not None and args.num_processes < 1:
@@ -328,6 +338,7 @@ class Run:
   rank: int | float | None
   config: dict[str, Any]  # the JSON run config (compared on resume)
   tx: Any
+  per_layer: bool = False  # tx has no clipping: the per-layer step clips
 
 
 def make_run(name: str, args: argparse.Namespace,
@@ -349,7 +360,8 @@ def make_run(name: str, args: argparse.Namespace,
   tx = methods.make_optimizer(
       name, learning_rate_schedule=schedule, rank=rank,
       refresh=args.refresh, weight_decay=args.weight_decay,
-      seed=args.seed, **basis)
+      seed=args.seed, clip_norm=None if args.per_layer else methods.CLIP_NORM,
+      **basis)
   if args.bf16_params == 'stochastic':
     tx = optax.chain(tx, so.stochastic_rounding(seed=args.seed))
   elif args.bf16_params == 'master':
@@ -369,9 +381,13 @@ def make_run(name: str, args: argparse.Namespace,
       'seed': args.seed,
       'data_fingerprint': corpus.fingerprint,
   }
-  if args.bf16_params != 'off':  # absent otherwise: older runs still resume
+  # Absent when off, so that older runs still resume.
+  if args.bf16_params != 'off':
     config['bf16_params'] = args.bf16_params
-  return Run(name, model_config, learning_rate, rank, config, tx)
+  if args.per_layer:
+    config['per_layer'] = True
+  return Run(name, model_config, learning_rate, rank, config, tx,
+             args.per_layer)
 
 
 def create(run: Run, seed: int):
@@ -395,16 +411,37 @@ def _constrain(model, optimizer, shardings):
   nnx.update(optimizer, state['optimizer'])
 
 
-def make_steps(shardings=None):
-  """``(train_step, eval_step)``, jitted with nnx.jit."""
+def make_steps(run: Run, shardings=None):
+  """``(train_step, eval_step)``, jitted with nnx.jit.
+
+  With ``run.per_layer`` the train step is
+  :func:`subspace_optax.per_layer_train_step` over the model's pure params and
+  the optimizer's state (the same state as the whole-tree step's): each
+  block's gradient is consumed inside the backward scan, and the global-norm
+  clipping of the whole-tree step is done by its ``clip_norm``.
+  """
+  per_layer_step = None
+  if run.per_layer:
+    embed, layer, head_loss = model_lib.per_layer_functions(run.model_config)
+    per_layer_step = so.per_layer_train_step(
+        run.tx, embed=embed, layer=layer, head_loss=head_loss, stack='blocks',
+        clip_norm=methods.CLIP_NORM)
 
   @nnx.jit
   def train_step(model, optimizer, inputs, targets):
-    def loss_fn(model):
-      return model_lib.cross_entropy(model(inputs), targets)
+    if per_layer_step is None:
+      def loss_fn(model):
+        return model_lib.cross_entropy(model(inputs), targets)
 
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    optimizer.update(model, grads)
+      loss, grads = nnx.value_and_grad(loss_fn)(model)
+      optimizer.update(model, grads)
+    else:
+      params, opt_state, loss = per_layer_step(
+          nnx.as_pure(nnx.state(model, nnx.Param)),
+          nnx.as_pure(optimizer.opt_state), (inputs, targets))
+      nnx.update(model, params)
+      nnx.update(optimizer.opt_state, nnx.state(opt_state))
+      optimizer.step[...] += 1
     if shardings is not None:  # Keep the state's layout fixed across steps.
       _constrain(model, optimizer, shardings)
     return loss
@@ -514,7 +551,7 @@ def train_one(run: Run, args, corpus, mesh, out: pathlib.Path) -> dict[str, Any]
   if mngr is not None and is_primary():
     checkpoint.write_config(run_dir, run.config)
 
-  train_step, eval_step = make_steps(shardings)
+  train_step, eval_step = make_steps(run, shardings)
   val_batches = data_lib.eval_batches(
       corpus.val, batches=args.eval_batches, batch_size=batch_size,
       seq_len=seq_len)
@@ -736,7 +773,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         else r['opt_state_bytes'] / baseline['opt_state_bytes'])
   summary = {
       'model': args.model, 'scan_layers': args.scan_layers,
-      'precision': args.precision, 'steps': args.steps,
+      'per_layer': args.per_layer, 'precision': args.precision, 'steps': args.steps,
       'batch_size': args.batch_size, 'seq_len': args.seq_len,
       'corpus': corpus.description, 'mesh': args.mesh,
       'wall_seconds': time.perf_counter() - began, 'runs': runs,

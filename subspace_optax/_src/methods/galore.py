@@ -8,6 +8,7 @@ import optax
 
 from subspace_optax._src import arguments
 from subspace_optax._src.bases import base as bases_lib
+from subspace_optax._src.pipeline import accumulation
 from subspace_optax._src.pipeline import low_rank as low_rank_lib
 from subspace_optax._src.pipeline import precision as precision_lib
 from subspace_optax._src.refresh import every as refresh_lib
@@ -16,7 +17,7 @@ from subspace_optax._src.transforms import adam
 
 @arguments.declare_static_args(
     'rank', 'refresh', 'mask', 'dimension_numbers', 'mu_dtype', 'basis_dtype',
-    'precision')
+    'precision', 'accumulate_steps')
 def galore(
     learning_rate: optax.ScalarOrSchedule,
     rank: int | float = 128,
@@ -39,6 +40,7 @@ def galore(
     mu_dtype: Optional[Any] = None,
     basis_dtype: Optional[Any] = None,
     precision: Optional[Any] = None,
+    accumulate_steps: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore: Adam in the top-``rank`` singular subspace of each gradient.
 
@@ -93,6 +95,10 @@ def galore(
       :func:`low_rank`.
     precision: matmul precision of the projections; None: JAX's default. See
       :func:`low_rank`.
+    accumulate_steps: micro-batches per update, accumulated in the subspace
+      (``r x n`` per matrix instead of ``optax.MultiSteps``' full-size copy);
+      the weight decay and learning rate act once per update. See
+      :func:`low_rank`.
 
   State size: :func:`subspace_optax.state_sizes.galore_bytes` (``mu_bytes``,
   ``basis_bytes`` for other dtypes).
@@ -124,7 +130,10 @@ def galore(
           basis=basis, side=side, on_refresh=on_refresh,
           align_signs=align_signs, scale=scale,
           dimension_numbers=dimension_numbers, seed=seed,
-          basis_dtype=basis_dtype, precision=precision),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
+          basis_dtype=basis_dtype, precision=precision,
+          accumulate_steps=accumulate_steps),
+      *accumulation.once_per_update([
+          optax.add_decayed_weights(weight_decay, mask),
+          optax.scale_by_learning_rate(learning_rate),
+      ], accumulate_steps),
   )

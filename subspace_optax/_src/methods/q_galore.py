@@ -9,6 +9,7 @@ import optax
 from subspace_optax._src import arguments
 from subspace_optax._src.bases import base as bases_lib
 from subspace_optax._src.bases import quantized
+from subspace_optax._src.pipeline import accumulation
 from subspace_optax._src.pipeline import low_rank as low_rank_lib
 from subspace_optax._src.pipeline import precision as precision_lib
 from subspace_optax._src.refresh import every as refresh_lib
@@ -18,7 +19,8 @@ from subspace_optax._src.transforms import quantized_moments
 
 
 @arguments.declare_static_args('rank', 'refresh', 'bits', 'group_size', 'window',
-                             'mask', 'dimension_numbers', 'mu_dtype')
+                             'mask', 'dimension_numbers', 'mu_dtype',
+                             'accumulate_steps')
 def q_galore(
     learning_rate: optax.ScalarOrSchedule,
     rank: int | float = 128,
@@ -45,6 +47,7 @@ def q_galore(
     seed: int = 0,
     eight_bit_moments: bool = True,
     mu_dtype: Optional[Any] = None,
+    accumulate_steps: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
   """Q-GaLore: GaLore with an INT4 basis refreshed lazily per layer.
 
@@ -99,6 +102,8 @@ def q_galore(
       ``optax.adamw``), e.g. ``jnp.bfloat16``; computed in float32. None:
       float32. With ``eight_bit_moments`` it applies to the moments too small
       to quantize (fewer than 4096 entries). The second moment stays float32.
+    accumulate_steps: micro-batches per update, accumulated in the subspace;
+      see :func:`~subspace_optax.galore`.
 
   State size: :func:`subspace_optax.state_sizes.q_galore_bytes`.
 
@@ -135,7 +140,10 @@ def q_galore(
           refresh=policy,
           basis=quantized.quantized(basis, bits, group_size), side=side,
           on_refresh=on_refresh, align_signs=align_signs, scale=scale,
-          dimension_numbers=dimension_numbers, seed=seed),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
+          dimension_numbers=dimension_numbers, seed=seed,
+          accumulate_steps=accumulate_steps),
+      *accumulation.once_per_update([
+          optax.add_decayed_weights(weight_decay, mask),
+          optax.scale_by_learning_rate(learning_rate),
+      ], accumulate_steps),
   )

@@ -34,6 +34,7 @@ from subspace_optax._src import arguments
 from subspace_optax._src import utils
 from subspace_optax._src.bases import base as bases_lib
 from subspace_optax._src.bases import registry
+from subspace_optax._src.pipeline import accumulation
 from subspace_optax._src.pipeline import checks
 from subspace_optax._src.pipeline import coverage
 from subspace_optax._src.pipeline import layout as layout_lib
@@ -56,7 +57,8 @@ class SubspaceState(NamedTuple):
 
 
 @arguments.declare_static_args(
-    'rank', 'refresh', 'dimension_numbers', 'basis_dtype', 'precision')
+    'rank', 'refresh', 'dimension_numbers', 'basis_dtype', 'precision',
+    'accumulate_steps')
 def low_rank(
     inner: optax.GradientTransformation,
     *,
@@ -72,6 +74,7 @@ def low_rank(
     seed: int = 0,
     basis_dtype: Any = None,
     precision: Any = None,
+    accumulate_steps: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
   """Run ``inner`` in a low-rank subspace of each matrix-shaped gradient.
 
@@ -147,6 +150,16 @@ def low_rank(
       matmuls (Gram matrices, orthonormalisation, eigen-solves,
       ``Q_newᵀQ_old``) keep ``HIGHEST``: their errors would compound into the
       basis.
+    accumulate_steps: ``k`` > 1 accumulates gradients over ``k`` calls (micro
+      batches) in the subspace: the coefficients ``QᵀG_j`` are summed (an
+      ``r x n`` buffer per matrix, where ``optax.MultiSteps`` keeps a copy of
+      every gradient) and the inner optimizer runs on their mean at the
+      ``k``-th call; the calls before emit zero updates. Bases refresh only
+      at a cycle's first call, from its gradient, and ``refresh`` periods
+      count cycles. Stages chained after ``low_rank`` must act once per
+      cycle too (the presets' ``accumulate_steps`` gate them;
+      :mod:`~subspace_optax._src.pipeline.accumulation`). Not with a
+      ``residual`` (it is full-size) nor a basis that moves every step.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -186,6 +199,21 @@ def low_rank(
           hasattr(seed, 'dtype') and seed.ndim == 0
           and jnp.issubdtype(seed.dtype, jnp.integer))):
     raise TypeError(f'`seed` must be an int, got {seed!r}.')
+  accumulate_steps = accumulation.check_accumulate_steps(accumulate_steps)
+  if accumulate_steps > 1:
+    if residual is not None:
+      raise ValueError(
+          f'accumulate_steps={accumulate_steps} with a residual path: the '
+          'residual G - QQᵀG is full-size, so accumulating it saves nothing. '
+          'Use optax.MultiSteps around the whole optimizer instead.')
+    if method.every_step:
+      raise ValueError(
+          f'accumulate_steps={accumulate_steps} with the {method.name!r} '
+          'basis, which moves on every call: the accumulated coefficients '
+          'would be in different bases. Use a basis that changes only at '
+          'refreshes, or optax.MultiSteps.')
+    inner = accumulation.accumulate_coefficients(inner, accumulate_steps)
+    policy = accumulation.at_cycle_start(policy, accumulate_steps)
   inner = optax.with_extra_args_support(inner)
   residual_tx = (
       None if residual is None else optax.with_extra_args_support(residual))
@@ -272,9 +300,11 @@ def low_rank(
                       state.inner_state,
                       expected_inner_state(flat, treedef, layouts))
     count = state.count
+    # Random bases draw from the optimizer step (the cycle, when
+    # accumulating), as they would under optax.MultiSteps.
     leaves = stages.projected_leaves(
         flat, layouts, basis_leaves, refresh_leaves,
-        jax.random.fold_in(jax.random.key(seed), count))
+        jax.random.fold_in(jax.random.key(seed), count // accumulate_steps))
 
     # 1-2. New bases, how far they moved, and the refresh policies' states.
     bases, refreshed = stages.unzip(
