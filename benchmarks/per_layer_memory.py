@@ -86,12 +86,20 @@ def _q_galore_every(*, learning_rate, rank, refresh, weight_decay, seed):
                      **lm_optimizers.decay(weight_decay))
 
 
+# Entries from which the 8-bit rows quantize a moment.
+MIN_QUANTIZED = 1024
+
+
 def _galore_randomized_8bit(*, learning_rate, rank, refresh, weight_decay,
                             seed):
   """GaLore's pipeline, randomized basis stored in bfloat16, Adam moments in
   8 bits (the GaLore README's 7B recipe, without an SVD: XLA:CPU's SVD of
-  4096 x 11008 matrices needs terabytes of temporaries there)."""
-  inner = so.quantize_moments(so.transforms.scale_by_torch_adam())
+  4096 x 11008 matrices needs terabytes of temporaries there). Moments of
+  1,024 entries or more are quantized (the default is 4,096): the stacked
+  norm scales' then are both in the whole tree and in one layer from 350M
+  on, as per_layer_train_step needs (at 7B every moment has 4,096 or more)."""
+  inner = so.quantize_moments(so.transforms.scale_by_torch_adam(),
+                              min_size=MIN_QUANTIZED)
   return optax.chain(
       so.low_rank(inner, rank=rank, refresh=refresh, basis='randomized',
                   scale=0.25, seed=seed, basis_dtype=jnp.bfloat16,
@@ -120,7 +128,8 @@ def _galore_randomized_8bit_accumulate(*, learning_rate, rank, refresh,
   """galore_randomized_8bit accumulating ``QᵀG`` over ACCUMULATE_STEPS
   micro-batches (``low_rank(accumulate_steps=...)``; the stages after it
   act once per update)."""
-  inner = so.quantize_moments(so.transforms.scale_by_torch_adam())
+  inner = so.quantize_moments(so.transforms.scale_by_torch_adam(),
+                              min_size=MIN_QUANTIZED)
   k = ACCUMULATE_STEPS
   return optax.chain(
       so.low_rank(inner, rank=rank, refresh=refresh, basis='randomized',

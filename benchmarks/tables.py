@@ -86,7 +86,8 @@ def provenance(name: str) -> str:
   versions = data.get('versions', {})
   jax_version = f", jax {versions['jax']}" if 'jax' in versions else ''
   if data.get('benchmark', '').startswith(('peak_memory (AOT',
-                                            'per_layer_memory (AOT')):
+                                            'per_layer_memory (AOT',
+                                            'per_layer_fits (AOT')):
     return (f"ahead-of-time XLA:CPU compile (compiled, never run; "
             f"{data['machine']} CPU){jax_version}, {data['date']}")
   if data.get('backend') == 'gpu':
@@ -1754,7 +1755,33 @@ def per_layer_memory() -> str:
           f"GaLore's README figure: {gb(d['galore_readme_7b_bytes'])} GB. "
           f"Step time, per-layer over whole-tree (median, CPU, small shape, "
           f"one run): {times or 'not measured'}." + _per_layer_real(d)
-          + '\n\n' + source(PER_LAYER))
+          + _per_layer_accumulation(d) + '\n\n' + source(PER_LAYER))
+
+
+def _per_layer_accumulation(d: dict) -> str:
+  steps = {r.get('accumulate_steps', 1) for r in d['rows']} - {1}
+  if not steps:
+    return ''
+  rows = {(r['method'], r['per_layer']): r for r in d['rows']}
+  text = (f" Gradient accumulation over {', '.join(map(str, steps))} "
+          "micro-batches of that batch: `_accumulate` sums `QᵀG` in the "
+          "subspace (`low_rank(accumulate_steps=...)`), `_multisteps` is "
+          "`optax.MultiSteps` (a full-size sum; whole tree only, it is not "
+          "separable over layers).")
+  base, summed = (rows.get(('galore_randomized_8bit' + suffix, True))
+                  for suffix in ('', '_accumulate'))
+  if base and summed:
+    state = lambda r: r['sizes']['optimizer_state']
+    text += (f" Per-layer, accumulating adds "
+             f"{gb(summed['peak_bytes'] - base['peak_bytes'])} GB to the "
+             f"peak (the float32 sums are "
+             f"{gb(state(summed) - state(base))} GB of state)")
+    multi = rows.get(('galore_randomized_8bit_multisteps', False))
+    if multi:
+      text += (f"; `optax.MultiSteps` adds {gb(state(multi) - state(base))} "
+               "GB of state")
+    text += '.'
+  return text
 
 
 def _per_layer_real(d: dict) -> str:
@@ -1766,6 +1793,45 @@ def _per_layer_real(d: dict) -> str:
           f"once on this CPU): resident-memory growth over the step "
           f"{x(real['measured_over_predicted'])} the compiled "
           f"temp + output - alias.")
+
+
+PER_LAYER_FITS = 'per_layer_fits_cpu_aot.json'
+
+
+def per_layer_fits() -> str:
+  """The largest LLaMA whose bf16 train step fits 24 / 80 / 141 GB."""
+  d = load(PER_LAYER_FITS)
+  peaks = {(r['method'], r['per_layer'], r['shape']): r['peak_bytes']
+           for r in d['rows']}
+  order = list(d['shapes'])
+  label = lambda name: name.split('_')[1].upper()  # llama_7b_b16x256 -> 7B
+
+  def cell(method, per_layer, fit):
+    following = (order[order.index(fit) + 1:] if fit else order) or [None]
+    following = following[0]
+    after = peaks.get((method, per_layer, following))
+    after = f'; {label(following)}: {gb(after)} GB' if after else ''
+    if fit is None:
+      return f'none{after}'
+    return f'{label(fit)} ({gb(peaks[(method, per_layer, fit)])} GB{after})'
+
+  budgets = d['budgets_bytes']
+  rows = [[method, 'per-layer' if form == 'per_layer' else 'whole tree'] + [
+      cell(method, form == 'per_layer', fits[budget]) for budget in budgets]
+          for method, forms in d['fits'].items()
+          for form, fits in forms.items()]
+  names = {'24gb': '24 GB', 'h100_80gb': '80 GB (an H100)',
+           'h200_141gb': '141 GB (an H200)'}
+  return (table(['method', 'step'] + [names.get(b, b) for b in budgets], rows)
+          + f"\n\nLargest LLaMA (of {', '.join(label(n) for n in order)}) "
+          f"whose train step's GPU-valid peak (CPU-only buffers excluded) is "
+          f"within the budget; in brackets its peak and the next size's. "
+          f"bfloat16 params, remat, batch {d['rows'][0]['batch']} × "
+          f"{d['rows'][0]['seq_len']}. Budgets: "
+          + ', '.join(f'{names.get(b, b)} = {v / 2**20:,.0f} MiB'
+                      for b, v in budgets.items())
+          + '. "Fits" is an ahead-of-time XLA:CPU compile, not a GPU run.'
+          + '\n\n' + source(PER_LAYER_FITS))
 
 
 # ---------------------------------------------------------------------------
@@ -1793,7 +1859,7 @@ TABLES: dict[str, Callable[[], str]] = {
         continual_earlier_text_pretrained, continual_earlier_permuted,
         continual_earlier_text, peak_memory_goals, peak_memory_compile_times,
         peak_memory_bf16_note, roofline_notes, gpu_check_estimate,
-        per_layer_memory)
+        per_layer_memory, per_layer_fits)
 }
 
 PAGES: dict[str, tuple[str, ...]] = {
@@ -1832,7 +1898,8 @@ PAGES: dict[str, tuple[str, ...]] = {
                              'continual_earlier_text', 'peak_memory_goals',
                              'peak_memory_compile_times',
                              'peak_memory_bf16_note', 'roofline_notes',
-                             'gpu_check_estimate', 'per_layer_memory'),
+                             'gpu_check_estimate', 'per_layer_memory',
+                             'per_layer_fits'),
 }
 
 

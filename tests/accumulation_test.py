@@ -113,6 +113,24 @@ def test_refresh_periods_count_updates_not_micro_batches():
   assert [i for i, c in enumerate(changed) if c] == [0, 2 * K, 4 * K]
 
 
+def test_a_skipped_refresh_waits_for_the_next_update():
+  """A refresh skipped on a non-finite first micro-batch is retried at the
+  next update's first micro-batch, never within the cycle (its other
+  coefficients would be in another basis)."""
+  tx = so.low_rank(optax.scale_by_adam(), rank=2, basis='svd', accumulate_steps=K,
+                   refresh=so.refresh.every(5, stagger=False))
+  state = tx.init(PARAMS)
+  step = jax.jit(tx.update)
+  grads = _gradients(2 * K, seed=4)
+  grads[0] = jax.tree.map(lambda g: g.at[0].set(jnp.nan), grads[0])
+  bases = []
+  for g in grads:
+    _, state = step(g, state)
+    bases.append(np.asarray(state.basis['w']))
+  assert all(np.array_equal(bases[0], b) for b in bases[1:K])
+  assert not np.array_equal(bases[K - 1], bases[K])
+
+
 def test_presets_keep_their_state_without_accumulation():
   """accumulate_steps=1 leaves galore's chain (and so its checkpoints) as
   it was: low_rank, weight decay, learning rate."""

@@ -1,12 +1,17 @@
 """A quick end-to-end run of examples/continual.py (digits, NNX MLP)."""
 
+import importlib.util
 import json
 
 import numpy as np
 import pytest
 
-pytest.importorskip('sklearn')
-pytest.importorskip('matplotlib')
+# Looked up, not imported (seconds at every test process's collection); the
+# example imports them when it runs.
+for _package in ('sklearn', 'matplotlib'):
+  if importlib.util.find_spec(_package) is None:
+    pytest.skip(f'needs {_package} (the examples extra)',
+                allow_module_level=True)
 
 from examples import continual as example  # pylint: disable=wrong-import-position
 

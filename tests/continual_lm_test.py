@@ -1,12 +1,15 @@
 """examples/continual_lm.py: text domains shipped with Python, a tiny run."""
 
 import dataclasses
+import importlib.util
 
 import jax
 import numpy as np
 import pytest
 
-pytest.importorskip('matplotlib')
+# Looked up, not imported (a second at every test process's collection).
+if importlib.util.find_spec('matplotlib') is None:
+  pytest.skip('needs matplotlib (the examples extra)', allow_module_level=True)
 
 from examples import continual_lm as example  # pylint: disable=wrong-import-position
 from examples.lm import data as data_lib  # pylint: disable=wrong-import-position

@@ -110,7 +110,7 @@ def test_inject_hyperparams_without_static_args_names_them_all():
   with _raises(TypeError, '`rank`, `refresh`',
                'subspace_optax.static_args(subspace_optax.galore)',
                "('rank', 'refresh', 'mask', 'dimension_numbers', 'mu_dtype', "
-               "'basis_dtype', 'precision')"):
+               "'basis_dtype', 'precision', 'accumulate_steps')"):
     tx.init(PARAMS)
   # With them it works, and the seed may stay dynamic.
   tx = optax.inject_hyperparams(

@@ -17,7 +17,6 @@ from examples.lm import checkpoint
 from examples.lm import data as data_lib
 from examples.lm import model as model_lib
 from examples.lm import methods
-from examples.lm import plot
 from examples.lm import train
 
 pytestmark = pytest.mark.slow
@@ -226,6 +225,7 @@ def test_plots_written(first_run, tmp_path):
   _, out, _, _ = first_run
   for name in ('loss.png', 'memory.png'):
     assert (out / name).read_bytes()[:4] == b'\x89PNG'
+  from examples.lm import plot  # pylint: disable=import-outside-toplevel
   plot.main([str(out / train.METRICS_FILE), '--out', str(tmp_path)])
   assert (tmp_path / 'loss.png').stat().st_size > 1000
 
@@ -323,6 +323,7 @@ def test_plots_are_skipped_with_a_message_without_matplotlib(
 def test_loss_plot_has_a_log_axis(first_run, tmp_path, monkeypatch):
   _, out, _, _ = first_run
   scales = []
+  from examples.lm import plot  # pylint: disable=import-outside-toplevel
   original = plot.plt.Axes.set_yscale
   monkeypatch.setattr(plot.plt.Axes, 'set_yscale', lambda self, value, **k: (
       scales.append(value), original(self, value, **k)))

@@ -4,12 +4,19 @@ A small version of ``benchmarks/faithfulness_galore.py``; skipped unless the
 ``reference`` extra (torch, galore-torch) is installed.
 """
 
+import importlib.util
+
 import jax
 import numpy as np
 import pytest
 
-pytest.importorskip('torch')
-pytest.importorskip('galore_torch')
+# Looked up, not imported: torch and galore-torch (which imports transformers)
+# take seconds to import, which every test process would pay at collection.
+# The tests import them when they run.
+for _package in ('torch', 'galore_torch'):
+  if importlib.util.find_spec(_package) is None:
+    pytest.skip(f'needs {_package} (the reference extra)',
+                allow_module_level=True)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import subspace_optax as so

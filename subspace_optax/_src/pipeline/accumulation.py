@@ -20,7 +20,10 @@ The result equals ``optax.MultiSteps(tx, k)`` whenever the basis does not
 depend on the gradient (random bases) and differs at refreshes otherwise:
 there the basis comes from the cycle's first micro-batch instead of the mean
 of all ``k`` (the residual ``G - QQᵀG`` of the other micro-batches is never
-seen, which is the memory saved).
+seen, which is the memory saved). A transform chained before the method,
+such as ``optax.clip_by_global_norm`` (or ``per_layer_train_step``'s
+``clip_norm``), acts on each micro-batch's gradient, where ``MultiSteps``
+around the whole chain would act on their mean.
 """
 
 from __future__ import annotations

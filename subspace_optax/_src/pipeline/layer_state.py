@@ -133,6 +133,19 @@ def plan(tx, params, stack: str) -> Plan:
           'per_layer_train_step: the state of a one-layer tree is not a '
           'part of the whole-tree state; use the whole-tree step. '
           f'({error})') from error
+    paths = jax.tree_util.tree_flatten_with_path(sub, is_leaf=_is_masked)[0]
+    for (path, shape), w in zip(paths, where):
+      # An array here but a subtree in the whole state.
+      if not (isinstance(w, int) or _is_masked(shape)):
+        raise separability.NotLayerSeparableError(
+            'per_layer_train_step: the optimizer state at '
+            f'{jax.tree_util.keystr(path)} is a {type(w).__name__} for '
+            'the whole tree but a single array for one layer: the transform '
+            'chooses the state by the leaf size (e.g. quantize_moments '
+            'keeps leaves under min_size entries in float32, and a stacked '
+            "leaf's size is L times one layer's). Make the choice the same "
+            "for one layer (quantize_moments(min_size=...) at most one "
+            "layer's size) or use the whole-tree step.")
     return sub_def, [None if _is_masked(s) else w
                      for s, w in zip(shapes, where)], shapes
 
