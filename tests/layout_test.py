@@ -51,6 +51,7 @@ def test_reference_side_puts_the_basis_where_galore_torch_does(
   assert lay.project_rows == input_side
 
 
+@pytest.mark.slow  # imports torch and transformers (faithfulness)
 @pytest.mark.skipif(
     importlib.util.find_spec('torch') is None
     or importlib.util.find_spec('galore_torch') is None,

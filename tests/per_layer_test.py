@@ -130,7 +130,10 @@ CORE = {
 FLOAT64 = {'q_galore_8bit', 'frugal'}
 
 
-@pytest.mark.parametrize('name', CORE)
+@pytest.mark.parametrize('name', [
+    # float64 and 8-bit moments: the slowest case to compile.
+    pytest.param(n, marks=pytest.mark.slow) if n == 'q_galore_8bit' else n
+    for n in CORE])
 def test_equals_whole_tree_step(name):
   tx = CORE[name]()
   if name in FLOAT64:
@@ -191,8 +194,8 @@ def test_every_registry_method(name):
     params = make_params()
     with pytest.raises(so.NotLayerSeparableError, match=NOT_SEPARABLE[name]):
       jax.jit(so.per_layer_train_step(
-          tx, embed=embed, layer=layer, head_loss=head_loss))(
-              params, tx.init(params), batches(1)[0])
+          tx, embed=embed, layer=layer, head_loss=head_loss)).trace(
+              params, jax.eval_shape(tx.init, params), batches(1)[0])
     return
   with jax.enable_x64(name in REGISTRY_FLOAT64):
     (params, state), (params_w, state_w), same = run_both(
@@ -255,8 +258,9 @@ def test_not_separable_transforms_get_a_named_error(tx, match):
   params = make_params()
   step = so.per_layer_train_step(tx, embed=embed, layer=layer,
                                  head_loss=head_loss)
-  with pytest.raises(so.NotLayerSeparableError, match=match):
-    jax.jit(step)(params, tx.init(params), batches(1)[0])
+  with pytest.raises(so.NotLayerSeparableError, match=match):  # when traced
+    jax.jit(step).trace(params, jax.eval_shape(tx.init, params),
+                        batches(1)[0])
 
 
 def test_shared_state_check_catches_a_non_separable_transform():
