@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import sys
 import time
@@ -103,10 +102,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   args = parse_args(argv)
-  if args.dump_dir:  # read when the backend starts, i.e. after this line
-    os.environ['XLA_FLAGS'] = (
-        os.environ.get('XLA_FLAGS', '') + f' --xla_dump_to={args.dump_dir}'
-        ' --xla_dump_hlo_module_re=.*step.*')
+  per_layer_memory.dump_buffer_assignments(args.dump_dir)
   shapes = SMOKE_SHAPES if args.smoke else SHAPES
   budgets = SMOKE_BUDGETS if args.smoke else BUDGETS
   vocab = peak_memory.SMOKE_VOCAB_SIZE if args.smoke else peak_memory.VOCAB_SIZE

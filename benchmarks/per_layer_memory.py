@@ -416,12 +416,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
+def dump_buffer_assignments(dump_dir: str) -> None:
+  """Have XLA dump each train step's buffer assignment into ``dump_dir``
+  (for :func:`cpu_only`); before the backend starts, which reads the flag."""
+  if dump_dir:
+    os.environ['XLA_FLAGS'] = (
+        os.environ.get('XLA_FLAGS', '') + f' --xla_dump_to={dump_dir}'
+        ' --xla_dump_hlo_module_re=.*step.*')
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   args = parse_args(argv)
-  if args.dump_dir:  # read when the backend starts, i.e. after this line
-    os.environ['XLA_FLAGS'] = (
-        os.environ.get('XLA_FLAGS', '') + f' --xla_dump_to={args.dump_dir}'
-        ' --xla_dump_hlo_module_re=.*step.*')
+  dump_buffer_assignments(args.dump_dir)
   shapes = SMOKE_SHAPES if args.smoke else SHAPES
   names = (args.methods.split(',') if args.methods
            else list(SMOKE_METHODS if args.smoke else METHODS))
