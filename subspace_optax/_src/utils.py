@@ -9,6 +9,7 @@ import warnings
 
 import jax
 import numpy as np
+import optax
 
 
 class RankClampedWarning(UserWarning):
@@ -35,6 +36,11 @@ def unbox(tree):
 def shape_of(x) -> tuple[int, ...]:
   """Shape of an array, a ``jax.ShapeDtypeStruct`` or a Python scalar."""
   return tuple(x.shape) if hasattr(x, 'shape') else np.shape(x)
+
+
+def is_masked(x) -> bool:
+  """``optax.MaskedNode()``: the placeholder of a leaf a transform skips."""
+  return isinstance(x, optax.MaskedNode)
 
 
 def passes_through(x) -> bool:

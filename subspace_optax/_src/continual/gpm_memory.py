@@ -89,7 +89,7 @@ def _grow_from_rows(memory, rows_per_leaf, threshold, tolerance, on_overflow):
     fields = dict(empty._asdict())
     for side, rows in rows_by_side.items():
       basis = getattr(mem, side)
-      if protected_lib.is_masked(basis):
+      if utils.is_masked(basis):
         continue
       candidates, count = _energy_batched(
           rows, basis.astype(jnp.float32), jnp.float32(thr), basis.ndim - 2)
@@ -178,7 +178,7 @@ def gpm_memory(
     if x is None or not isinstance(mem, protected_lib.ProtectedSubspace):
       rows_per_leaf.append(None)
       continue
-    if protected_lib.is_masked(mem.left):
+    if utils.is_masked(mem.left):
       raise ValueError(f'{path}: GPM needs a memory with a left (input) side.')
     x = jnp.asarray(x, jnp.float32)
     batch, rows = mem.left.shape[:-2], mem.left.shape[-2]
@@ -258,9 +258,9 @@ def gradient_memory(
     views = jnp.moveaxis(views, 0, len(batch))  # (*batch, s, m, n)
     s, m, n = views.shape[-3:]
     rows = {}
-    if not protected_lib.is_masked(mem.left):
+    if not utils.is_masked(mem.left):
       rows['left'] = jnp.swapaxes(views, -1, -2).reshape(batch + (s * n, m))
-    if not protected_lib.is_masked(mem.right):
+    if not utils.is_masked(mem.right):
       rows['right'] = views.reshape(batch + (s * m, n))
     rows_per_leaf.append(rows)
   del treedef

@@ -216,11 +216,11 @@ def add_directions(
       basis, count = getattr(mem, side), getattr(mem, side + '_count')
       candidates = getattr(add, side)
       candidate_count = getattr(add, side + '_count')
-      if protected_lib.is_masked(candidates) or (
+      if utils.is_masked(candidates) or (
           sides is not None and side not in sides):
         fields[side], fields[side + '_count'] = basis, count
         continue
-      if protected_lib.is_masked(basis):
+      if utils.is_masked(basis):
         raise ValueError(
             f'{path}: `new` has {side} directions but the memory holds no '
             f'{side} side; pass sides=("{"right" if side == "left" else "left"}",) '
@@ -341,13 +341,13 @@ def set_memory(opt_state, memory, *, tolerance: float = 1e-4,
       continue
     for side in ('left', 'right'):
       a, b = getattr(old, side), getattr(new, side)
-      if protected_lib.is_masked(a) and not protected_lib.is_masked(b):
+      if utils.is_masked(a) and not utils.is_masked(b):
         raise ValueError(
             f'{layout_lib.path_name(path)}: the memory has {side} directions '
             f'but the orthogonal_to stage holds no {side} side (its mode).')
-      if protected_lib.is_masked(a):
+      if utils.is_masked(a):
         continue
-      if protected_lib.is_masked(b):
+      if utils.is_masked(b):
         same = False
         continue
       protected_lib.check_side(

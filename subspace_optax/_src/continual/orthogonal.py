@@ -93,7 +93,7 @@ def project_out(view: jax.Array, memory: ProtectedSubspace, mode: str):
            [1., 1.]], dtype=float32)
   """
   def side(basis):
-    return None if protected_lib.is_masked(basis) else basis.astype(jnp.float32)
+    return None if utils.is_masked(basis) else basis.astype(jnp.float32)
   left, right = side(memory.left), side(memory.right)
   if mode == 'block':
     if left is None or right is None:
@@ -121,7 +121,7 @@ def _memory_in_use(memory_leaves) -> jax.Array:
   counts = [jnp.sum(getattr(mem, side)) for mem in memory_leaves
             if isinstance(mem, ProtectedSubspace)
             for side in ('left_count', 'right_count')
-            if not protected_lib.is_masked(getattr(mem, side))]
+            if not utils.is_masked(getattr(mem, side))]
   return sum(counts, jnp.zeros([], jnp.int32)) > 0
 
 

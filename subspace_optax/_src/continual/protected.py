@@ -53,10 +53,6 @@ class OrthogonalState(NamedTuple):
   inner: Any = optax.EmptyState()
 
 
-def is_masked(x) -> bool:
-  return isinstance(x, optax.MaskedNode)
-
-
 def is_memory_leaf(x) -> bool:
   return isinstance(x, (ProtectedSubspace, optax.MaskedNode)) or x is None
 
@@ -199,7 +195,7 @@ def check_memory(memory, params, dimension_numbers=None) -> list:
     for basis, count, dim, side in (
         (mem.left, mem.left_count, lay.rows, 'left'),
         (mem.right, mem.right_count, lay.columns, 'right')):
-      if is_masked(basis):
+      if utils.is_masked(basis):
         continue
       check_side(basis, batch, dim, lay.path, side)
       if tuple(jnp.shape(count)) != batch:
@@ -217,10 +213,10 @@ def check_mode(memory, params, mode, dimension_numbers=None):
       memory, treedef, 'memory')):
     if lay is None or not isinstance(mem, ProtectedSubspace):
       continue
-    if (use_left and is_masked(mem.left)) or (use_right and is_masked(mem.right)):
+    if (use_left and utils.is_masked(mem.left)) or (use_right and utils.is_masked(mem.right)):
       raise ValueError(
           f'{lay.path}: mode={mode!r} needs the '
-          f'{"left" if use_left and is_masked(mem.left) else "right"} side, which '
+          f'{"left" if use_left and utils.is_masked(mem.left) else "right"} side, which '
           'the memory does not hold; build it with that mode or give capacity=.')
 
 
@@ -254,7 +250,7 @@ def protected_fraction(memory) -> dict:
       continue
     for side in ('left', 'right'):
       basis = getattr(mem, side)
-      if is_masked(basis):
+      if utils.is_masked(basis):
         continue
       count = np.asarray(getattr(mem, side + '_count'))
       out[f'{layout_lib.path_name(path)}.{side}'] = float(
@@ -303,7 +299,7 @@ def check_finite_orthonormal(memory, *, orthonormal: bool = True,
       continue
     for side in ('left', 'right'):
       basis, count = getattr(mem, side), getattr(mem, side + '_count')
-      if is_masked(basis):
+      if utils.is_masked(basis):
         continue
       try:
         bad, deviation = _basis_errors(basis, count, orthonormal)

@@ -10,7 +10,6 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from subspace_optax._src import utils
 from subspace_optax._src.pipeline import layout as layout_lib
@@ -75,7 +74,7 @@ def check_state_fits(updates, layouts, basis_leaves, basis_shapes,
          'gradients, or restore a checkpoint saved with this configuration.')
   gradients = jax.tree_util.tree_flatten_with_path(updates)[0]
   for (path, g), lay, b in zip(gradients, layouts, basis_leaves):
-    has_basis = not isinstance(b, optax.MaskedNode)
+    has_basis = not utils.is_masked(b)
     name = layout_lib.path_name(path)
     if lay is None and has_basis:
       raise ValueError(

@@ -16,13 +16,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
+from subspace_optax._src import utils
 from subspace_optax._src.pipeline import separability
-
-
-def _is_masked(x) -> bool:
-  return isinstance(x, optax.MaskedNode)
 
 
 def _zero_size(x) -> jax.ShapeDtypeStruct:
@@ -125,7 +121,7 @@ def plan(tx, params, stack: str) -> Plan:
           'per_layer_train_step: the transform fails on the zero-size '
           'placeholders that stand for the leaves outside a one-layer update '
           f'({error!r}); use the whole-tree step.') from error
-    shapes, sub_def = jax.tree.flatten(sub, is_leaf=_is_masked)
+    shapes, sub_def = jax.tree.flatten(sub, is_leaf=utils.is_masked)
     try:
       where = sub_def.flatten_up_to(index_tree)
     except (ValueError, TypeError) as error:
@@ -133,10 +129,10 @@ def plan(tx, params, stack: str) -> Plan:
           'per_layer_train_step: the state of a one-layer tree is not a '
           'part of the whole-tree state; use the whole-tree step. '
           f'({error})') from error
-    paths = jax.tree_util.tree_flatten_with_path(sub, is_leaf=_is_masked)[0]
+    paths = jax.tree_util.tree_flatten_with_path(sub, is_leaf=utils.is_masked)[0]
     for (path, shape), w in zip(paths, where):
       # An array here but a subtree in the whole state.
-      if not (isinstance(w, int) or _is_masked(shape)):
+      if not (isinstance(w, int) or utils.is_masked(shape)):
         raise separability.NotLayerSeparableError(
             'per_layer_train_step: the optimizer state at '
             f'{jax.tree_util.keystr(path)} is a {type(w).__name__} for '
@@ -146,7 +142,7 @@ def plan(tx, params, stack: str) -> Plan:
             "leaf's size is L times one layer's). Make the choice the same "
             "for one layer (quantize_moments(min_size=...) at most one "
             "layer's size) or use the whole-tree step.")
-    return sub_def, [None if _is_masked(s) else w
+    return sub_def, [None if utils.is_masked(s) else w
                      for s, w in zip(shapes, where)], shapes
 
   layer_def, layer_map, layer_shapes = mapping(with_leaves(
@@ -171,6 +167,6 @@ def plan(tx, params, stack: str) -> Plan:
 
 def placeholder(shape):
   """Zeros of a zero-size ``ShapeDtypeStruct`` (a ``MaskedNode`` as is)."""
-  return shape if _is_masked(shape) else jnp.zeros(shape.shape, shape.dtype)
+  return shape if utils.is_masked(shape) else jnp.zeros(shape.shape, shape.dtype)
 
 

@@ -125,8 +125,8 @@ def per_layer_train_step(
     >>> params['blocks'].shape
     (4, 3, 3)
   """
-  if not isinstance(params_key := stack, str):
-    raise TypeError(f'`stack` must be a dict key (str), got {params_key!r}.')
+  if not isinstance(stack, str):
+    raise TypeError(f'`stack` must be a dict key (str), got {stack!r}.')
 
   def forward(rest, stacked, batch):
     h0, embed_vjp = jax.vjp(lambda r: embed(r, batch), rest)
@@ -139,9 +139,8 @@ def per_layer_train_step(
     rest_grad, g_h = head_vjp(jnp.ones_like(loss))
     return loss, saved, embed_vjp, rest_grad, g_h
 
-  def global_norm(params, batch):
-    rest = {k: v for k, v in params.items() if k != stack}
-    _, saved, embed_vjp, rest_grad, g_h = forward(rest, params[stack], batch)
+  def global_norm(stacked, saved, embed_vjp, rest_grad, g_h):
+    """``‖g‖`` by a backward pass over the saved inputs (no updates)."""
 
     def body(carry, xs):
       g, total = carry
@@ -151,7 +150,7 @@ def per_layer_train_step(
       return (g, total + optax.tree.norm(g_p, squared=True)), None
 
     (g_h0, total), _ = lax.scan(
-        body, (g_h, jnp.zeros([], jnp.float32)), (params[stack], saved),
+        body, (g_h, jnp.zeros([], jnp.float32)), (stacked, saved),
         reverse=True)
     rest_grad = jax.tree.map(jnp.add, rest_grad, embed_vjp(g_h0)[0])
     return jnp.sqrt(total + optax.tree.norm(rest_grad, squared=True))
@@ -172,13 +171,13 @@ def per_layer_train_step(
         jnp.shape(x) for x in rest_flat]:
       raise ValueError('per_layer_train_step: the leaves of the params '
                        f'outside {stack!r} are not in key order.')
+    loss, saved, embed_vjp, rest_grad, g_h = forward(rest, stacked, batch)
     scale = None
-    if clip_norm is not None:
-      norm = global_norm(params, batch)
+    if clip_norm is not None:  # the same forward; one more backward
+      norm = global_norm(stacked, saved, embed_vjp, rest_grad, g_h)
       scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-38))
     clip = (lambda g: g) if scale is None else (
         lambda g: jax.tree.map(lambda x: (x * scale).astype(x.dtype), g))
-    loss, saved, embed_vjp, rest_grad, g_h = forward(rest, stacked, batch)
 
     carried_index = [i for i, c in enumerate(plan.carries) if c]
     # Shared leaves of the one-layer updates: compared between layers.

@@ -163,7 +163,6 @@ class Leaf(NamedTuple):
 
   index: int  # position in the flat gradient tree
   layout: layout_lib.MatrixLayout
-  view: jax.Array  # the gradient's oriented (*batch, k, l) view, float32
   basis: Any  # the basis state before this step
   refresh: Any  # the refresh policy's state before this step
   keys: jax.Array  # one PRNG key per matrix, of shape batch_shape
@@ -172,6 +171,12 @@ class Leaf(NamedTuple):
   @property
   def num_batch_axes(self) -> int:
     return len(self.layout.batch_shape)
+
+  @property
+  def view(self) -> jax.Array:
+    """The gradient's oriented ``(*batch, k, l)`` view, float32, whole
+    (the residual path's input; the other stages use :attr:`stacked`)."""
+    return layout_lib.matrix_view(self.grad, self.layout).astype(jnp.float32)
 
   @property
   def stacked(self) -> jax.Array:
@@ -184,7 +189,7 @@ def projected_leaves(flat: list, layouts: list, basis_leaves: list,
   """A :class:`Leaf` per projected gradient leaf; the keys of leaf ``i``
   come from ``fold_in(step_key, i)``."""
   return [
-      Leaf(i, lay, layout_lib.matrix_view(g, lay).astype(jnp.float32), b, r,
+      Leaf(i, lay, b, r,
             batched_keys(jax.random.fold_in(step_key, i), lay.batch_shape),
             g)
       for i, (g, lay, b, r) in enumerate(
@@ -294,7 +299,7 @@ def move_moments(inner_state, on_refresh: str, treedef, inner_tree,
   if on_refresh == 'keep' or all(move is None for move in moves):
     return inner_state
   inputs = treedef.flatten_up_to(inner_tree)
-  kept = [not isinstance(x, optax.MaskedNode) for x in inputs]
+  kept = [not utils.is_masked(x) for x in inputs]
   moves = compress(moves, kept)
 
   def move(second, moment_leaves):
