@@ -321,6 +321,47 @@ def test_per_layer_temporaries_hold_no_full_gradient_tree():
   assert per_layer < 0.6 * stack_bytes
 
 
+def _wide_params(dtype, layers=16, dim=256, hidden=1024):
+  spec = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)
+  return {
+      'embed': {'kernel': spec(V, dim)},
+      'blocks': {'mlp': {'up': {'kernel': spec(layers, dim, hidden)},
+                         'down': {'kernel': spec(layers, hidden, dim)}},
+                 'norm': {'scale': spec(layers, dim)}},
+      'lm_head': {'kernel': spec(dim, 32)}}
+
+
+def test_state_stacks_are_updated_in_place():
+  # 8-bit Adam moments (16 MiB of int8/uint8 stacks for 16 layers); one
+  # layer's optimizer temporaries are ~1/16 of that. A step that reads a
+  # whole state stack while writing it in place makes XLA copy every stack
+  # (twice, per layer): temporaries >= the stacks.
+  params = _wide_params(jnp.float32)
+  tx = so.quantize_moments(optax.adam(1e-3), min_size=256)
+  state = jax.eval_shape(tx.init, params)
+  stacks = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)
+               if x.ndim == 3)
+  temp = temp_bytes(so.per_layer_train_step(
+      tx, embed=embed, layer=layer, head_loss=head_loss), params, state,
+                    jax.ShapeDtypeStruct((2, V), jnp.float32))
+  assert temp < 0.5 * stacks, (temp, stacks)
+
+
+def test_bfloat16_stacks_are_not_converted_whole():
+  # bfloat16 params: XLA:CPU computes their matmuls in float32 and, for a
+  # stack scanned over or closed over, converts the whole stack ahead of the
+  # loop. The step indexes barrier-carried stacks instead, so its
+  # temporaries stay well under one float32 copy of the stacks.
+  params = _wide_params(jnp.bfloat16)
+  tx = optax.sgd(1e-3)
+  state = jax.eval_shape(tx.init, params)
+  stacks_f32 = sum(2 * x.size for x in jax.tree.leaves(params['blocks']))
+  temp = temp_bytes(so.per_layer_train_step(
+      tx, embed=embed, layer=layer, head_loss=head_loss), params, state,
+                    jax.ShapeDtypeStruct((2, V), jnp.bfloat16))
+  assert temp < 0.5 * stacks_f32, (temp, stacks_f32)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('name', ['adamw', 'galore', 'golore'])
 def test_equals_whole_tree_step_on_the_fsdp_mesh(name):

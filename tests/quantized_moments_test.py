@@ -32,6 +32,25 @@ def test_codebook_is_the_dynamic_tree_map(signed):
   np.testing.assert_allclose(decoded, table, rtol=3e-7)
 
 
+@pytest.mark.parametrize('signed', [True, False])
+def test_encoding_picks_the_nearest_code(signed):
+  """The code is the number of midpoints between decoded neighbours below
+  ``y``: checked at every midpoint, one float32 step either side of it, at
+  every code value, and at random values over 9 decades; NaN gives 0."""
+  table = np.asarray(qm._decode_magnitude(jnp.arange(2 ** (7 if signed else 8)), signed))  # pylint: disable=protected-access
+  midpoints = ((table[:-1] + table[1:]) / np.float32(2)).astype(np.float32)
+  rng = np.random.default_rng(0)
+  y = np.concatenate([
+      midpoints, np.nextafter(midpoints, np.float32(2)),
+      np.nextafter(midpoints, np.float32(-1)), table,
+      rng.uniform(0, 1, 20000), 10.0 ** rng.uniform(-9, 0, 20000),
+      [np.nan]]).astype(np.float32)
+  expected = np.searchsorted(midpoints, y, side='left')
+  expected[np.isnan(y)] = 0
+  got = jax.jit(lambda y: qm._nearest_magnitude(y, signed))(y)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(got, expected)
+
+
 def _max_half_gap(signed):
   return np.max(np.diff(qm.dynamic_magnitudes(signed))) / 2
 

@@ -130,9 +130,11 @@ def plan(tx, params, stack: str) -> Plan:
           'part of the whole-tree state; use the whole-tree step. '
           f'({error})') from error
     paths = jax.tree_util.tree_flatten_with_path(sub, is_leaf=utils.is_masked)[0]
+    unused = lambda shape: utils.is_masked(shape) or shape.size == 0
     for (path, shape), w in zip(paths, where):
-      # An array here but a subtree in the whole state.
-      if not (isinstance(w, int) or utils.is_masked(shape)):
+      # An array here but a subtree in the whole state (a zero-size
+      # placeholder's state is never read: it may differ in kind).
+      if not (isinstance(w, int) or unused(shape)):
         raise separability.NotLayerSeparableError(
             'per_layer_train_step: the optimizer state at '
             f'{jax.tree_util.keystr(path)} is a {type(w).__name__} for '
@@ -142,7 +144,7 @@ def plan(tx, params, stack: str) -> Plan:
             "leaf's size is L times one layer's). Make the choice the same "
             "for one layer (quantize_moments(min_size=...) at most one "
             "layer's size) or use the whole-tree step.")
-    return sub_def, [None if utils.is_masked(s) else w
+    return sub_def, [None if unused(s) else w
                      for s, w in zip(shapes, where)], shapes
 
   layer_def, layer_map, layer_shapes = mapping(with_leaves(
@@ -152,7 +154,7 @@ def plan(tx, params, stack: str) -> Plan:
       with_leaves(params, stack, _zero_size, lambda x: x))
   for shapes, where in ((layer_shapes, layer_map), (rest_shapes, rest_map)):
     for s, i in zip(shapes, where):
-      if i is None or s.size == 0:
+      if i is None:
         continue
       expected = ((1,) + leaves[i].shape[1:] if carries[i]
                   else leaves[i].shape)

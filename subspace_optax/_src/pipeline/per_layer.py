@@ -60,6 +60,18 @@ from subspace_optax._src.pipeline import separability
 NotLayerSeparableError = separability.NotLayerSeparableError
 
 
+def _index(stacks, l: jax.Array):
+  """Layer ``l`` of every stack in ``stacks`` (the leading axis dropped).
+
+  The scans here carry the stacks through an ``optimization_barrier`` and
+  index them, instead of scanning over them: XLA:CPU would otherwise convert
+  each whole bfloat16 stack (params, saved inputs) to float32 ahead of the
+  loop, GBs that a GPU compile does not allocate.
+  """
+  return jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, l, 0, False),
+                      stacks)
+
+
 def _equal(a: jax.Array, b: jax.Array) -> jax.Array:
   same = a == b
   if jnp.issubdtype(a.dtype, jnp.inexact):
@@ -131,10 +143,12 @@ def per_layer_train_step(
   def forward(rest, stacked, batch):
     h0, embed_vjp = jax.vjp(lambda r: embed(r, batch), rest)
 
-    def body(h, p):
-      return layer(p, h), h
+    def body(carry, l):
+      h, stacked = lax.optimization_barrier(carry)
+      return (layer(_index(stacked, l), h), stacked), h
 
-    h, saved = lax.scan(body, h0, stacked)
+    size = jax.tree.leaves(stacked)[0].shape[0]
+    (h, _), saved = lax.scan(body, (h0, stacked), jnp.arange(size))
     loss, head_vjp = jax.vjp(lambda r, x: head_loss(r, x, batch), rest, h)
     rest_grad, g_h = head_vjp(jnp.ones_like(loss))
     return loss, saved, embed_vjp, rest_grad, g_h
@@ -142,16 +156,17 @@ def per_layer_train_step(
   def global_norm(stacked, saved, embed_vjp, rest_grad, g_h):
     """``‖g‖`` by a backward pass over the saved inputs (no updates)."""
 
-    def body(carry, xs):
-      g, total = carry
-      p, h = xs
-      _, vjp = jax.vjp(layer, p, h)
+    def body(carry, l):
+      g, total, stacked, saved = lax.optimization_barrier(carry)
+      _, vjp = jax.vjp(layer, _index(stacked, l), _index(saved, l))
       g_p, g = vjp(g)
-      return (g, total + optax.tree.norm(g_p, squared=True)), None
+      return (g, total + optax.tree.norm(g_p, squared=True), stacked,
+              saved), None
 
-    (g_h0, total), _ = lax.scan(
-        body, (g_h, jnp.zeros([], jnp.float32)), (stacked, saved),
-        reverse=True)
+    size = jax.tree.leaves(stacked)[0].shape[0]
+    (g_h0, total, _, _), _ = lax.scan(
+        body, (g_h, jnp.zeros([], jnp.float32), stacked, saved),
+        jnp.arange(size), reverse=True)
     rest_grad = jax.tree.map(jnp.add, rest_grad, embed_vjp(g_h0)[0])
     return jnp.sqrt(total + optax.tree.norm(rest_grad, squared=True))
 
@@ -181,62 +196,73 @@ def per_layer_train_step(
 
     carried_index = [i for i, c in enumerate(plan.carries) if c]
     # Shared leaves of the one-layer updates: compared between layers.
-    shared_index = [i for s, i in zip(plan.layer_shapes, plan.layer_map)
-                    if i is not None and not plan.carries[i] and s.size]
+    shared_index = [i for i in plan.layer_map
+                    if i is not None and not plan.carries[i]]
 
-    def one_layer_state(carried, l):
-      by_index = dict(zip(carried_index, carried))
+    def layer_slices(stacks, l):
+      return [lax.dynamic_slice_in_dim(x, l, 1, 0) for x in stacks]
+
+    def one_layer_state(slices):
+      by_index = dict(zip(carried_index, slices))
       leaves = []
       for s, i in zip(plan.layer_shapes, plan.layer_map):
-        if i is None or s.size == 0:
+        if i is None:
           leaves.append(layer_state.placeholder(s))
         elif plan.carries[i]:
-          leaves.append(lax.dynamic_slice_in_dim(by_index[i], l, 1, 0))
+          leaves.append(by_index[i])
         else:
           leaves.append(whole[i])
       return plan.layer_def.unflatten(leaves)
 
-    def body(carry, xs):
-      carry = lax.optimization_barrier(carry)
-      g_h, stacked, carried, shared, same = carry
-      l, h_in = xs
-      p_l = jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, l, 0, False),
-                         stacked)
-      _, vjp = jax.vjp(layer, p_l, h_in)
+    stack_leaves, stack_def = jax.tree.flatten(stacked)
+    num_params = len(stack_leaves)
+
+    # The stacks (the layer params, then the per-layer state leaves) are
+    # written in place, one layer per iteration. Layer l's slices are read at
+    # the end of the iteration before, after its writes, and carried: nothing
+    # reads a whole stack while it is written (XLA would copy every stack on
+    # every layer to keep the old value for a fused read).
+    def body(carry, l):
+      g_h, saved, stacks, slices, shared, same = carry
+      saved = lax.optimization_barrier(saved)
+      one_p = jax.tree.unflatten(stack_def, slices[:num_params])
+      p_l = jax.tree.map(lambda x: x[0], one_p)
+      _, vjp = jax.vjp(layer, p_l, _index(saved, l))
       g_p, g_h = vjp(g_h)
       one = lambda t: jax.tree.map(lambda x: x[None], t)
       others = [jnp.zeros((0,) + x.shape[1:], x.dtype) for x in rest_flat]
       grads = split.build(jax.tree.leaves(one(clip(g_p))), others)
-      layer_params = split.build(jax.tree.leaves(one(p_l)), others)
+      layer_params = split.build(slices[:num_params], others)
       with layer_index.layer(l, size):
         updates, new_state = tx.update(
-            grads, one_layer_state(carried, l), layer_params)
-      new_p = optax.apply_updates(one(p_l), jax.tree.unflatten(
-          jax.tree.structure(p_l), split.parts(updates)[0]))
-      stacked = jax.tree.map(
-          lambda s, x: lax.dynamic_update_slice_in_dim(s, x, l, 0),
-          stacked, new_p)
+            grads, one_layer_state(slices[num_params:]), layer_params)
+      new_p = optax.apply_updates(one_p, jax.tree.unflatten(
+          stack_def, split.parts(updates)[0]))
       new_leaves = plan.layer_def.flatten_up_to(new_state)
       by_index = {i: x for i, x in zip(plan.layer_map, new_leaves)
                   if i is not None}
-      carried = [lax.dynamic_update_slice_in_dim(
-          c, by_index[i].astype(c.dtype), l, 0)
-                 for c, i in zip(carried, carried_index)]
+      written = jax.tree.leaves(new_p) + [by_index[i] for i in carried_index]
+      stacks = [lax.dynamic_update_slice_in_dim(x, w.astype(x.dtype), l, 0)
+                for x, w in zip(stacks, written)]
+      slices = layer_slices(stacks, jnp.maximum(l - 1, 0))
       new_shared = [by_index[i] for i in shared_index]
       first = l == size - 1
       same = same & (first | _all(
           [_equal(a, b) for a, b in zip(shared, new_shared)]))
-      return (g_h, stacked, carried, new_shared, same), None
+      return (g_h, saved, stacks, slices, new_shared, same), None
 
-    init = (g_h, stacked, [whole[i] for i in carried_index],
+    stacks = stack_leaves + [whole[i] for i in carried_index]
+    init = (g_h, saved, stacks, layer_slices(stacks, size - 1),
             [whole[i] for i in shared_index], jnp.asarray(True))
-    (g_h0, stacked, carried, shared, same), _ = lax.scan(
-        body, init, (jnp.arange(size), saved), reverse=True)
+    (g_h0, _, stacks, _, shared, same), _ = lax.scan(
+        body, init, jnp.arange(size), reverse=True)
+    stacked = jax.tree.unflatten(stack_def, stacks[:num_params])
+    carried = stacks[num_params:]
 
     # The other leaves, once, with the stack zero-size.
     rest_grad = clip(jax.tree.map(jnp.add, rest_grad, embed_vjp(g_h0)[0]))
     zero_stack = lambda x: jnp.zeros((0,) + x.shape[1:], x.dtype)
-    rest_leaves = [layer_state.placeholder(s) if i is None or s.size == 0 else whole[i]
+    rest_leaves = [layer_state.placeholder(s) if i is None else whole[i]
                    for s, i in zip(plan.rest_shapes, plan.rest_map)]
     empty = [zero_stack(x) for x in jax.tree.leaves(stacked)]
     rest_grad = jax.tree.leaves(rest_grad)
@@ -253,7 +279,7 @@ def per_layer_train_step(
       out[i] = x
     for s, i, x in zip(plan.rest_shapes, plan.rest_map,
                        plan.rest_def.flatten_up_to(new_rest)):
-      if i is not None and s.size and not plan.carries[i]:
+      if i is not None and not plan.carries[i]:
         if i in shared_index:
           same = same & _equal(out[i], x)
         out[i] = x

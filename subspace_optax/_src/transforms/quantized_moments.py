@@ -90,16 +90,43 @@ def dynamic_magnitudes(signed: bool) -> np.ndarray:
 _MAGNITUDES = {signed: dynamic_magnitudes(signed) for signed in (True, False)}
 
 
+def _by_decade(fraction_bits: jax.Array, values) -> jax.Array:
+  """``values[fraction_bits]`` for a short list of constants, by selects.
+
+  Elementwise (a table lookup would be a gather, which an explicitly sharded
+  array does not support), and cheap enough for XLA to fuse wherever it is
+  used (``jnp.power``/``jnp.exp2`` are not: XLA:CPU materialises them, one
+  float32 buffer the size of the moment each).
+  """
+  out = jnp.full(fraction_bits.shape, values[0], jnp.float32)
+  for k, value in enumerate(values[1:], 1):
+    out = jnp.where(fraction_bits == k, jnp.float32(value), out)
+  return out
+
+
+def _decades(bits: int) -> list[float]:
+  """``10^{-E}`` of the values with ``f = 0 .. bits - 1`` fraction bits."""
+  return [float(np.float32(10.0**-(bits - 1 - f))) for f in range(bits)]
+
+
+def _inverse_power_of_two(exponent: jax.Array) -> jax.Array:
+  """``2^{-exponent}`` exactly (float32 bits), for ``0 <= exponent < 127``."""
+  return jax.lax.bitcast_convert_type(
+      ((127 - exponent) << 23).astype(jnp.int32), jnp.float32)
+
+
 def _decode_magnitude(index: jax.Array, signed: bool) -> jax.Array:
-  """``dynamic_magnitudes(signed)[index]`` from the bits (no table gather)."""
+  """``dynamic_magnitudes(signed)[index]`` from the bits (no table gather).
+
+  The indicator bit gives ``f``, the number of fraction bits, and the decade
+  ``10^{f - bits + 1}``; the bits below it give the position ``j``.
+  """
   bits = 7 if signed else 8
   index = index.astype(jnp.int32)
   fraction_bits = 31 - jax.lax.clz(jnp.maximum(index, 1))  # the indicator bit
   position = (index - (1 << fraction_bits)).astype(jnp.float32)
-  decade = jnp.power(jnp.float32(10.0), (fraction_bits - bits + 1).astype(
-      jnp.float32))
-  width = jnp.exp2(fraction_bits.astype(jnp.float32))
-  value = decade * (0.1 + 0.9 * (position + 0.5) / width)
+  value = _by_decade(fraction_bits, _decades(bits)) * (
+      0.1 + 0.9 * (position + 0.5) * _inverse_power_of_two(fraction_bits))
   value = jnp.where(index == 2**bits - 1, 1.0, value)
   return jnp.where(index == 0, 0.0, value)
 
@@ -107,25 +134,34 @@ def _decode_magnitude(index: jax.Array, signed: bool) -> jax.Array:
 def _nearest_magnitude(y: jax.Array, signed: bool) -> jax.Array:
   """Index of the nearest magnitude to ``y`` in ``[0, 1]`` (int32).
 
-  The number of midpoints ``(m[i-1] + m[i]) / 2`` of the decoded magnitudes
-  below ``y``, by a binary search unrolled over the index's bits: elementwise
-  work only, which XLA fuses into one loop over ``y``. (Comparing ``y`` with
-  all 255 midpoints at once builds an ``(entries, 255)`` array that XLA:CPU
-  materialises, 2.5 TB for a LLaMA-7B step; a table lookup is a gather,
-  which an explicitly sharded ``y`` does not support; a ``fori_loop`` over
-  the bits compiles faster but materialises its carry, GBs at LLaMA-7B.)
-  NaN gives 0.
+  Exactly the number of midpoints ``(m[i-1] + m[i]) / 2`` of the decoded
+  magnitudes below ``y``. The decade of ``y`` (compares with the constants
+  ``10^{-E}``) and the linear position inside it give a candidate index
+  ``c`` within one of the answer; comparing ``y`` with the two midpoints
+  around ``c`` corrects it. Elementwise work only, three decodes: XLA fuses
+  it into one loop over ``y``. (Comparing ``y`` with all 255 midpoints at
+  once builds an ``(entries, 255)`` array that XLA:CPU materialises, 2.5 TB
+  for a LLaMA-7B step; a table lookup is a gather, which an explicitly
+  sharded ``y`` does not support.) NaN gives 0.
   """
   bits = 7 if signed else 8
   last = 2**bits - 1  # the number of midpoints, and the largest index
-  count = jnp.zeros_like(y, jnp.int32)  # y's sharding
-  for step in (2**b for b in reversed(range(bits))):
-    candidate = count + step
-    below, above = (_decode_magnitude(jnp.minimum(i, last), signed)
-                    for i in (candidate - 1, candidate))
-    count = jnp.where((candidate <= last) & ((below + above) / 2 < y),
-                      candidate, count)
-  return count
+  y = jnp.where(y > 0, jnp.minimum(y, 1.0), 0.0)  # NaN -> 0
+  fraction_bits = jnp.zeros_like(y, jnp.int32)  # y's sharding
+  for f in range(1, bits):  # decade f starts at 10^{f - bits}
+    fraction_bits = fraction_bits + (y >= np.float32(10.0**(f - bits))).astype(
+        jnp.int32)
+  width = 1 << fraction_bits
+  position = (y / _by_decade(fraction_bits, _decades(bits)) - 0.1) / 0.9 * (
+      width.astype(jnp.float32)) - 0.5
+  position = jnp.clip(jnp.round(position), 0, width - 1).astype(jnp.int32)
+  candidate = width + position
+  below = (_decode_magnitude(jnp.maximum(candidate - 1, 0), signed)
+           + _decode_magnitude(candidate, signed)) / 2
+  above = (_decode_magnitude(candidate, signed)
+           + _decode_magnitude(jnp.minimum(candidate + 1, last), signed)) / 2
+  return (candidate + ((candidate < last) & (above < y)).astype(jnp.int32)
+          - ((candidate > 0) & ~(below < y)).astype(jnp.int32))
 
 
 def block_length(shape: tuple[int, ...], block_size: int) -> int:
