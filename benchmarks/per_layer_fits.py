@@ -21,15 +21,10 @@ CPU-only buffers excluded, is within the budget.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 import time
 from typing import Any, Optional, Sequence
-
-import jax
-import optax
 
 from benchmarks import peak_memory
 from benchmarks import per_layer_memory
@@ -107,13 +102,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   budgets = SMOKE_BUDGETS if args.smoke else BUDGETS
   vocab = peak_memory.SMOKE_VOCAB_SIZE if args.smoke else peak_memory.VOCAB_SIZE
   result: dict[str, Any] = {
-      'benchmark': 'per_layer_fits (AOT, XLA memory_analysis)',
-      'date': args.date or datetime.date.today().isoformat(),
-      'command': 'python -m benchmarks.per_layer_fits ' + ' '.join(
-          sys.argv[1:] if argv is None else argv),
-      'machine': platform.processor() or platform.machine(),
-      'device': str(jax.devices()[0]), 'backend': jax.default_backend(),
-      'versions': {'jax': jax.__version__, 'optax': optax.__version__},
+      **per_layer_memory.result_header('per_layer_fits', args.date, argv),
       'vocab_size': vocab, 'param_dtype': 'bfloat16',
       'shapes': {name: s.__dict__ for name, s in shapes.items()},
       'budgets_bytes': budgets, 'cpu_only_measured': bool(args.dump_dir)}

@@ -425,6 +425,19 @@ def dump_buffer_assignments(dump_dir: str) -> None:
         ' --xla_dump_hlo_module_re=.*step.*')
 
 
+def result_header(benchmark: str, date: str,
+                  argv: Optional[Sequence[str]]) -> dict[str, Any]:
+  """The keys every AOT result file here starts with: what, when, where."""
+  return {
+      'benchmark': f'{benchmark} (AOT, XLA memory_analysis)',
+      'date': date or datetime.date.today().isoformat(),
+      'command': f'python -m benchmarks.{benchmark} ' + ' '.join(
+          sys.argv[1:] if argv is None else argv),
+      'machine': platform.processor() or platform.machine(),
+      'device': str(jax.devices()[0]), 'backend': jax.default_backend(),
+      'versions': {'jax': jax.__version__, 'optax': optax.__version__}}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   args = parse_args(argv)
   dump_buffer_assignments(args.dump_dir)
@@ -434,13 +447,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   shape_names = list(shapes) if args.smoke else args.shapes.split(',')
   vocab = peak_memory.SMOKE_VOCAB_SIZE if args.smoke else peak_memory.VOCAB_SIZE
   result = {
-      'benchmark': 'per_layer_memory (AOT, XLA memory_analysis)',
-      'date': args.date or datetime.date.today().isoformat(),
-      'command': 'python -m benchmarks.per_layer_memory ' + ' '.join(
-          sys.argv[1:] if argv is None else argv),
-      'machine': platform.processor() or platform.machine(),
-      'device': str(jax.devices()[0]), 'backend': jax.default_backend(),
-      'versions': {'jax': jax.__version__, 'optax': optax.__version__},
+      **result_header('per_layer_memory', args.date, argv),
       'vocab_size': vocab, 'rows': [], 'step_times': [],
       'galore_readme_7b_bytes': GALORE_README_7B_BYTES}
   start = time.perf_counter()

@@ -297,31 +297,7 @@ def temp_bytes(step, *args):
   return compiled.memory_analysis().temp_size_in_bytes
 
 
-def test_per_layer_temporaries_hold_no_full_gradient_tree():
-  # Compiled ahead of time: 8 layers of 2 x 128 x 512 float32 weights
-  # (4 MiB of stack gradients) and a tiny batch, SGD (no state). The
-  # whole-tree step's temporaries hold the stack's gradient; the per-layer
-  # step's hold one layer's gradient and the saved layer inputs.
-  layers, dim, hidden = 8, 128, 512
-  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  params = {
-      'embed': {'kernel': f32(V, dim)},
-      'blocks': {'mlp': {'up': {'kernel': f32(layers, dim, hidden)},
-                         'down': {'kernel': f32(layers, hidden, dim)}},
-                 'norm': {'scale': f32(layers, dim)}},
-      'lm_head': {'kernel': f32(dim, 32)}}
-  tx = optax.sgd(1e-3)
-  state = jax.eval_shape(tx.init, params)
-  x = f32(2, V)
-  stack_bytes = 2 * layers * dim * hidden * 4
-  whole = temp_bytes(whole_step(tx).__wrapped__, params, state, x)
-  per_layer = temp_bytes(so.per_layer_train_step(
-      tx, embed=embed, layer=layer, head_loss=head_loss), params, state, x)
-  assert whole >= stack_bytes
-  assert per_layer < 0.6 * stack_bytes
-
-
-def _wide_params(dtype, layers=16, dim=256, hidden=1024):
+def _abstract_params(dtype, layers=16, dim=256, hidden=1024):
   spec = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)
   return {
       'embed': {'kernel': spec(V, dim)},
@@ -331,12 +307,30 @@ def _wide_params(dtype, layers=16, dim=256, hidden=1024):
       'lm_head': {'kernel': spec(dim, 32)}}
 
 
+def test_per_layer_temporaries_hold_no_full_gradient_tree():
+  # Compiled ahead of time: 8 layers of 2 x 128 x 512 float32 weights
+  # (4 MiB of stack gradients) and a tiny batch, SGD (no state). The
+  # whole-tree step's temporaries hold the stack's gradient; the per-layer
+  # step's hold one layer's gradient and the saved layer inputs.
+  layers, dim, hidden = 8, 128, 512
+  params = _abstract_params(jnp.float32, layers, dim, hidden)
+  tx = optax.sgd(1e-3)
+  state = jax.eval_shape(tx.init, params)
+  x = jax.ShapeDtypeStruct((2, V), jnp.float32)
+  stack_bytes = 2 * layers * dim * hidden * 4
+  whole = temp_bytes(whole_step(tx).__wrapped__, params, state, x)
+  per_layer = temp_bytes(so.per_layer_train_step(
+      tx, embed=embed, layer=layer, head_loss=head_loss), params, state, x)
+  assert whole >= stack_bytes
+  assert per_layer < 0.6 * stack_bytes
+
+
 def test_state_stacks_are_updated_in_place():
   # 8-bit Adam moments (16 MiB of int8/uint8 stacks for 16 layers); one
   # layer's optimizer temporaries are ~1/16 of that. A step that reads a
   # whole state stack while writing it in place makes XLA copy every stack
   # (twice, per layer): temporaries >= the stacks.
-  params = _wide_params(jnp.float32)
+  params = _abstract_params(jnp.float32)
   tx = so.quantize_moments(optax.adam(1e-3), min_size=256)
   state = jax.eval_shape(tx.init, params)
   stacks = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)
@@ -352,7 +346,7 @@ def test_bfloat16_stacks_are_not_converted_whole():
   # stack scanned over or closed over, converts the whole stack ahead of the
   # loop. The step indexes barrier-carried stacks instead, so its
   # temporaries stay well under one float32 copy of the stacks.
-  params = _wide_params(jnp.bfloat16)
+  params = _abstract_params(jnp.bfloat16)
   tx = optax.sgd(1e-3)
   state = jax.eval_shape(tx.init, params)
   stacks_f32 = sum(2 * x.size for x in jax.tree.leaves(params['blocks']))

@@ -140,20 +140,19 @@ def per_layer_train_step(
   if not isinstance(stack, str):
     raise TypeError(f'`stack` must be a dict key (str), got {stack!r}.')
 
-  def forward(rest, stacked, batch):
+  def forward(rest, stacked, size, batch):
     h0, embed_vjp = jax.vjp(lambda r: embed(r, batch), rest)
 
     def body(carry, l):
       h, stacked = lax.optimization_barrier(carry)
       return (layer(_index(stacked, l), h), stacked), h
 
-    size = jax.tree.leaves(stacked)[0].shape[0]
     (h, _), saved = lax.scan(body, (h0, stacked), jnp.arange(size))
     loss, head_vjp = jax.vjp(lambda r, x: head_loss(r, x, batch), rest, h)
     rest_grad, g_h = head_vjp(jnp.ones_like(loss))
     return loss, saved, embed_vjp, rest_grad, g_h
 
-  def global_norm(stacked, saved, embed_vjp, rest_grad, g_h):
+  def global_norm(stacked, size, saved, embed_vjp, rest_grad, g_h):
     """``‖g‖`` by a backward pass over the saved inputs (no updates)."""
 
     def body(carry, l):
@@ -163,7 +162,6 @@ def per_layer_train_step(
       return (g, total + optax.tree.norm(g_p, squared=True), stacked,
               saved), None
 
-    size = jax.tree.leaves(stacked)[0].shape[0]
     (g_h0, total, _, _), _ = lax.scan(
         body, (g_h, jnp.zeros([], jnp.float32), stacked, saved),
         jnp.arange(size), reverse=True)
@@ -186,10 +184,11 @@ def per_layer_train_step(
         jnp.shape(x) for x in rest_flat]:
       raise ValueError('per_layer_train_step: the leaves of the params '
                        f'outside {stack!r} are not in key order.')
-    loss, saved, embed_vjp, rest_grad, g_h = forward(rest, stacked, batch)
+    loss, saved, embed_vjp, rest_grad, g_h = forward(
+        rest, stacked, size, batch)
     scale = None
     if clip_norm is not None:  # the same forward; one more backward
-      norm = global_norm(stacked, saved, embed_vjp, rest_grad, g_h)
+      norm = global_norm(stacked, size, saved, embed_vjp, rest_grad, g_h)
       scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-38))
     clip = (lambda g: g) if scale is None else (
         lambda g: jax.tree.map(lambda x: (x * scale).astype(x.dtype), g))
@@ -256,29 +255,27 @@ def per_layer_train_step(
             [whole[i] for i in shared_index], jnp.asarray(True))
     (g_h0, _, stacks, _, shared, same), _ = lax.scan(
         body, init, jnp.arange(size), reverse=True)
-    stacked = jax.tree.unflatten(stack_def, stacks[:num_params])
-    carried = stacks[num_params:]
+    new_stack, carried = stacks[:num_params], stacks[num_params:]
 
     # The other leaves, once, with the stack zero-size.
     rest_grad = clip(jax.tree.map(jnp.add, rest_grad, embed_vjp(g_h0)[0]))
     zero_stack = lambda x: jnp.zeros((0,) + x.shape[1:], x.dtype)
     rest_leaves = [layer_state.placeholder(s) if i is None else whole[i]
                    for s, i in zip(plan.rest_shapes, plan.rest_map)]
-    empty = [zero_stack(x) for x in jax.tree.leaves(stacked)]
+    empty = [zero_stack(x) for x in new_stack]
     rest_grad = jax.tree.leaves(rest_grad)
     updates, new_rest = tx.update(
         split.build(empty, rest_grad), plan.rest_def.unflatten(rest_leaves),
         split.build(empty, rest_flat))
     new_rest_params = optax.apply_updates(rest_flat, split.parts(updates)[1])
-    new_params = split.build(jax.tree.leaves(stacked), new_rest_params)
+    new_params = split.build(new_stack, new_rest_params)
 
     out = list(whole)
     for c, i in zip(carried, carried_index):
       out[i] = c
     for x, i in zip(shared, shared_index):
       out[i] = x
-    for s, i, x in zip(plan.rest_shapes, plan.rest_map,
-                       plan.rest_def.flatten_up_to(new_rest)):
+    for i, x in zip(plan.rest_map, plan.rest_def.flatten_up_to(new_rest)):
       if i is not None and not plan.carries[i]:
         if i in shared_index:
           same = same & _equal(out[i], x)

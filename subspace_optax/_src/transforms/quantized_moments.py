@@ -87,9 +87,6 @@ def dynamic_magnitudes(signed: bool) -> np.ndarray:
   return magnitudes.astype(np.float32)
 
 
-_MAGNITUDES = {signed: dynamic_magnitudes(signed) for signed in (True, False)}
-
-
 def _by_decade(fraction_bits: jax.Array, values) -> jax.Array:
   """``values[fraction_bits]`` for a short list of constants, by selects.
 
@@ -156,10 +153,11 @@ def _nearest_magnitude(y: jax.Array, signed: bool) -> jax.Array:
       width.astype(jnp.float32)) - 0.5
   position = jnp.clip(jnp.round(position), 0, width - 1).astype(jnp.int32)
   candidate = width + position
-  below = (_decode_magnitude(jnp.maximum(candidate - 1, 0), signed)
-           + _decode_magnitude(candidate, signed)) / 2
-  above = (_decode_magnitude(candidate, signed)
-           + _decode_magnitude(jnp.minimum(candidate + 1, last), signed)) / 2
+  lower, value, upper = (
+      _decode_magnitude(i, signed) for i in (
+          jnp.maximum(candidate - 1, 0), candidate,
+          jnp.minimum(candidate + 1, last)))
+  below, above = (lower + value) / 2, (value + upper) / 2
   return (candidate + ((candidate < last) & (above < y)).astype(jnp.int32)
           - ((candidate > 0) & ~(below < y)).astype(jnp.int32))
 
