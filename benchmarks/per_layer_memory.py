@@ -86,8 +86,12 @@ def _q_galore_every(*, learning_rate, rank, refresh, weight_decay, seed):
                      **lm_optimizers.decay(weight_decay))
 
 
-# Entries from which the 8-bit rows quantize a moment.
-MIN_QUANTIZED = 1024
+# Entries from which the 8-bit rows quantize a moment: every leaf (with
+# blocks of >= 32 entries). A size threshold would quantize a stacked norm
+# (L x dim) but not one layer's (dim), and the per-layer step refuses that;
+# from LLaMA-350M up every leaf has >= 1024 entries, so the rows there are
+# those of min_size=1024.
+MIN_QUANTIZED = 0
 
 
 def _galore_randomized_8bit(*, learning_rate, rank, refresh, weight_decay,

@@ -23,13 +23,16 @@ def test_largest_fitting_is_the_last_shape_within_the_budget():
 
 @pytest.mark.slow
 def test_smoke_search_finds_the_boundary():
-  result = per_layer_fits.main(['--smoke', '--cases', 'adamw:per_layer'])
-  peaks = {r['shape']: r['peak_bytes'] for r in result['rows']}
+  result = per_layer_fits.main(
+      ['--smoke', '--cases', 'adamw:per_layer,galore_randomized_8bit:per_layer'])
   order = list(result['shapes'])
-  for budget, name in result['fits']['adamw']['per_layer'].items():
-    limit = result['budgets_bytes'][budget]
-    if name is not None:
-      assert peaks[name] <= limit
-    following = order[order.index(name) + 1:] if name else order
-    if following and following[0] in peaks:
-      assert peaks[following[0]] > limit, (budget, following[0])
+  for method in ('adamw', 'galore_randomized_8bit'):
+    peaks = {r['shape']: r['peak_bytes'] for r in result['rows']
+             if r['method'] == method}
+    for budget, name in result['fits'][method]['per_layer'].items():
+      limit = result['budgets_bytes'][budget]
+      if name is not None:
+        assert peaks[name] <= limit
+      following = order[order.index(name) + 1:] if name else order
+      if following and following[0] in peaks:
+        assert peaks[following[0]] > limit, (budget, method, following[0])
