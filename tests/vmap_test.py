@@ -71,6 +71,16 @@ def test_cond_outside_vmap_is_a_cond():
   assert [inside for _, inside in _find(jaxpr, 'sin')] == [True]
 
 
+def test_cond_with_a_concrete_predicate_runs_only_its_branch():
+  """Eager (no trace): the branch the predicate picks, and only that one."""
+
+  def never(x):
+    raise AssertionError(f'the branch not picked ran on {x}')
+
+  assert batching.cond(jnp.asarray(True), lambda x: x + 1, never, 1.0) == 2.0
+  assert batching.cond(jnp.asarray(False), never, lambda x: x - 1, 1.0) == 0.0
+
+
 def test_vmapped_update_keeps_the_svd_inside_a_cond():
   """Under vmap the SVD sits in a cond branch (runs only when some member is
   due), never in straight-line code (which would run every step)."""

@@ -27,6 +27,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from subspace_optax._src import utils
 from subspace_optax._src.pipeline import batching
 from subspace_optax._src.pipeline import layout as layout_lib
 from subspace_optax._src.pipeline import sharding
@@ -95,6 +96,7 @@ def initial_state(method: BasisMethod, param: Any, layout: Any) -> Any:
 # ---------------------------------------------------------------- dense bases
 
 
+@utils.compiled('k', 'l', 'rank')
 def dense_init(k: int, l: int, rank: int) -> jax.Array:
   """A valid orthonormal placeholder, ``I[:, :rank]``, until the first refresh."""
   del l
@@ -124,6 +126,7 @@ def dense_transition(old: jax.Array, new: jax.Array) -> jax.Array:
   return sharding.einsum('kr,ks->rs', new, old, precision=_HIGHEST)
 
 
+@utils.compiled()
 def align_signs(new: jax.Array, old: jax.Array) -> jax.Array:
   """Flip columns of ``new`` so each has a non-negative dot with ``old``'s.
 
@@ -149,6 +152,7 @@ def align_signs(new: jax.Array, old: jax.Array) -> jax.Array:
   return new * jnp.where(dots < 0, -1.0, 1.0).astype(new.dtype)
 
 
+@utils.compiled('passes')
 def orthonormalize(y: jax.Array, key: jax.Array, passes: int = 3) -> jax.Array:
   """Orthonormal basis of ``span(y)`` with only ``p x p`` factorisations.
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from subspace_optax._src import utils
 from subspace_optax._src.bases import base as bases_lib
 from subspace_optax._src.bases import index
 from subspace_optax._src.pipeline import sharding
@@ -51,6 +52,7 @@ def dct_matrix(size: int) -> np.ndarray:
   return d
 
 
+@utils.compiled('size')
 def dct_columns(indices: jax.Array, size: int) -> jax.Array:
   """``D[:, indices]`` (float32, ``size x len(indices)``) without forming ``D``.
 

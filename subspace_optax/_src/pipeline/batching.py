@@ -12,8 +12,12 @@ its own batching rule (``jax.custom_batching.custom_vmap``):
   whole batch at once, only on steps where some member needs it. Members whose
   predicate is false get ``false_fn``'s result, exactly as without vmap.
 
-Outside ``vmap`` it is ``lax.cond``. ``true_fn`` and ``false_fn`` must take
-every traced value they use as an operand (no closure over batched values).
+Outside ``vmap`` it is ``lax.cond``; with a concrete predicate (an eager call,
+outside any trace) it calls the branch the predicate picks, as Python's ``if``
+would: an eager ``lax.cond`` compiles both branches (a refresh's SVD included)
+on every call, since the library's branch functions are new closures each
+step. ``true_fn`` and ``false_fn`` must take every traced value they use as an
+operand (no closure over batched values).
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ def cond(
     *operands: Any,
 ) -> Any:
   """``lax.cond(pred, true_fn, false_fn, *operands)`` that vmaps lazily."""
+  if not isinstance(pred, jax.core.Tracer):
+    return true_fn(*operands) if pred else false_fn(*operands)
 
   @custom_vmap
   def run(pred, *operands):

@@ -25,6 +25,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from subspace_optax._src import utils
 from subspace_optax._src.pipeline import sharding
 
 BITS = (4, 8)
@@ -101,6 +102,11 @@ def quantize(
     raise ValueError(f'quantize takes a 2-D matrix, got shape {x.shape}.')
   if group_size <= 0:
     raise ValueError(f'`group_size` must be positive, got {group_size}.')
+  return _quantize(x, bits, group_size, key)
+
+
+@utils.compiled('bits', 'group_size')
+def _quantize(x, bits, group_size, key):
   k, c = x.shape
   x = x.astype(jnp.float32)
   # Group ranges from the whole matrix (a gather of the basis when sharded).
@@ -150,6 +156,11 @@ def dequantize(
            [0.5, 0. ]], dtype=float32)
   """
   _check_bits(bits)
+  return _dequantize(q, bits, group_size)
+
+
+@utils.compiled('bits', 'group_size')
+def _dequantize(q, bits, group_size):
   k = q.codes.shape[0]
   c = q.scale.shape[1]
   codes = q.codes
@@ -190,7 +201,11 @@ def stochastic_round(
     >>> sorted(set(r.tolist()))  # 0 or 1, about a quarter of ones
     [0, 1]
   """
-  dtype = jnp.dtype(dtype)
+  return _stochastic_round(x, jnp.dtype(dtype), key)
+
+
+@utils.compiled('dtype')
+def _stochastic_round(x, dtype, key):
   x = jnp.asarray(x, jnp.float32)
   draw = jax.random.uniform(key, x.shape, jnp.float32)
   if jnp.issubdtype(dtype, jnp.integer):

@@ -51,6 +51,7 @@ from jax.sharding import PartitionSpec
 import numpy as np
 import optax
 
+from subspace_optax._src import utils
 from subspace_optax._src.pipeline import sharding
 from subspace_optax._src.transforms import moments as moments_lib
 
@@ -203,6 +204,7 @@ def _block_specs(x: jax.Array, block: int):
   return x, lead + (None, None), lead + (None,)
 
 
+@utils.compiled('signed', 'block_size')
 def quantize_moment(
     x: jax.Array, signed: bool, block_size: int = 256
 ) -> QuantizedMoment:
@@ -223,6 +225,7 @@ def quantize_moment(
   return QuantizedMoment(_reshape(codes, shape, spec), scale)
 
 
+@utils.compiled()
 def dequantize_moment(q: QuantizedMoment) -> jax.Array:
   """The float32 moment ``scale · book[codes]`` of :func:`quantize_moment`."""
   shape = q.codes.shape
