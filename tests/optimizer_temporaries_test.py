@@ -23,7 +23,6 @@ What is compiled and why:
 
 import jax
 import jax.numpy as jnp
-import optax
 import pytest
 
 from benchmarks import methods as registry
