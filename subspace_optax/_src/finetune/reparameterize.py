@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from subspace_optax._src import arguments
+from subspace_optax._src import utils
 from subspace_optax._src.finetune import factor_sharding
 from subspace_optax._src.pipeline import sharding
 
@@ -343,7 +344,7 @@ def reparameterize(
           'reparameterize: the updates (or params) do not have the structure '
           'of the params given to init; give gradients of the same params '
           f'tree. ({error})') from error
-    is_matrix = [not isinstance(f, optax.MaskedNode) for f in factors]
+    is_matrix = [not utils.is_masked(f) for f in factors]
     grads, rest = [], []
     for (path, g), f, c, matrix in zip(flat, factors, frozen, is_matrix):
       if not matrix:

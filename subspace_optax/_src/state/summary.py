@@ -156,7 +156,7 @@ def summary(tx: optax.GradientTransformation, params: Any) -> Summary:
   def walk(node) -> None:
     if _is_subspace_state(node):
       for i, b in enumerate(treedef.flatten_up_to(node.basis)):
-        if not isinstance(b, optax.MaskedNode):
+        if not utils.is_masked(b):
           basis_of[i] = b
       attribute(node.basis, read_ranks=False)
       attribute(node.refresh, read_ranks=False)

@@ -94,7 +94,7 @@ def master_weights(
     masters = treedef.flatten_up_to(state.master)
     out, new_masters = [], []
     for u, master, p in zip(leaves, masters, treedef.flatten_up_to(params)):
-      if isinstance(master, optax.MaskedNode):
+      if utils.is_masked(master):
         out.append(u)
         new_masters.append(master)
         continue
