@@ -1,6 +1,5 @@
 """Tests of orthogonal_to and its memory: the invariant on the applied update."""
 
-
 import chex
 import jax
 import jax.numpy as jnp

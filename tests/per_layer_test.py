@@ -7,7 +7,6 @@ per-layer step and by ``jax.grad`` + ``tx.update`` on the whole tree; params
 and state must agree to float tolerance.
 """
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,6 +1,5 @@
 """8-bit block-wise moments (quantize_moments): format, accuracy, state, resume."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
