@@ -219,7 +219,23 @@ def optimizer_step(tx: optax.GradientTransformation):
   return step
 
 
+# Where compile_program compiles: None for JAX's default backend, or a
+# compile-only GPU device (benchmarks/gpu_target.py).
+COMPILE_DEVICE: Optional[jax.Device] = None
+
+
+def compiled_for() -> str:
+  """What compile_program compiles for: a GPU's kind, or the backend."""
+  if COMPILE_DEVICE is not None:
+    return COMPILE_DEVICE.device_kind
+  return jax.default_backend()
+
+
 def compile_program(fn, *args, donate=()):
+  if COMPILE_DEVICE is not None:
+    sharding = jax.sharding.SingleDeviceSharding(COMPILE_DEVICE)
+    args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        jnp.shape(x), x.dtype, sharding=sharding), args)
   start = time.perf_counter()
   compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
   return compiled, time.perf_counter() - start

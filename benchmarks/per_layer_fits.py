@@ -11,11 +11,14 @@ budget; every compiled row is kept (``rows``).
 Budgets: 24 GB (24·10⁹ bytes, a 24 GB consumer card), and an H100's and an
 H200's memory as nvidia-smi reports it (``peak_memory.BUDGETS``). Nothing is
 run on a GPU: "fits" means the ahead-of-time XLA:CPU compile's peak, with the
-CPU-only buffers excluded, is within the budget.
+CPU-only buffers excluded, is within the budget; with ``--target h100``, the
+peak of XLA's GPU compile for an H100 (``benchmarks/gpu_target.py``).
 
   python -m benchmarks.per_layer_fits --smoke
   python -m benchmarks.per_layer_fits --cases adamw:per_layer \\
       --dump-dir /tmp/xla_dump --out benchmarks/results/per_layer_fits_cpu_aot.json
+  python -m benchmarks.per_layer_fits --target h100 \\
+      --out benchmarks/results/per_layer_fits_h100_aot.json
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
+from benchmarks import gpu_target
 from benchmarks import peak_memory
 from benchmarks import per_layer_memory
 
@@ -90,6 +94,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       'per_layer')
   parser.add_argument('--dump-dir', default='',
                       help='XLA dump directory: subtract the CPU-only buffers')
+  parser.add_argument('--target', default='cpu',
+                      choices=['cpu', *gpu_target.TARGETS],
+                      help='compile for this device (a GPU: ahead of time, '
+                      'no GPU needed)')
   parser.add_argument('--date', default='')
   parser.add_argument('--out', default='')
   return parser.parse_args(argv)
@@ -97,6 +105,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   args = parse_args(argv)
+  if args.target != 'cpu':
+    peak_memory.COMPILE_DEVICE = gpu_target.compile_only_device(args.target)
   per_layer_memory.dump_buffer_assignments(args.dump_dir)
   shapes = SMOKE_SHAPES if args.smoke else SHAPES
   budgets = SMOKE_BUDGETS if args.smoke else BUDGETS

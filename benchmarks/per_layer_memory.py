@@ -31,18 +31,26 @@ one-layer model of the same widths (one layer's update plus the non-stack
 leaves'). ``largest_matrix_bytes``: the largest 2-D matrix of the model in
 the param dtype (one layer of a stack counts as one matrix).
 
+``--target h100`` compiles for an H100 instead, ahead of time on this
+machine (``benchmarks/gpu_target.py``: XLA's GPU compiler, no GPU needed):
+``peak_bytes`` is then the GPU compile's own peak and ``cpu_only_bytes`` is
+0. ``compiled_for`` says which compiler made a row.
+
 ``--time`` also runs both steps at a small CPU shape and records the median
 step times and their ratio (one run, interleaved).
 
   python -m benchmarks.per_layer_memory --smoke
   python -m benchmarks.per_layer_memory --shapes llama_7b_b16x256 \\
       --methods adamw,galore_8bit_moments --dump-dir /tmp/xla_dump
+  python -m benchmarks.per_layer_memory --target h100 \\
+      --out benchmarks/results/per_layer_memory_h100_aot.json
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import glob
 import json
 import os
@@ -60,6 +68,7 @@ import optax
 from flax import nnx
 
 import subspace_optax as so
+from benchmarks import gpu_target
 from benchmarks import methods as lm_optimizers
 from benchmarks import peak_memory
 from examples.lm import model as model_lib
@@ -94,18 +103,17 @@ def _q_galore_every(*, learning_rate, rank, refresh, weight_decay, seed):
 MIN_QUANTIZED = 0
 
 
-def _galore_randomized_8bit(*, learning_rate, rank, refresh, weight_decay,
-                            seed):
-  """GaLore's pipeline, randomized basis stored in bfloat16, Adam moments in
-  8 bits (the GaLore README's 7B recipe, without an SVD: XLA:CPU's SVD of
-  4096 x 11008 matrices needs terabytes of temporaries there). Moments of
-  1,024 entries or more are quantized (the default is 4,096): the stacked
-  norm scales' then are both in the whole tree and in one layer from 350M
-  on, as per_layer_train_step needs (at 7B every moment has 4,096 or more)."""
+def _galore_8bit(*, learning_rate, rank, refresh, weight_decay, seed,
+                 basis='randomized'):
+  """GaLore's pipeline, basis stored in bfloat16, Adam moments of every leaf
+  in 8 bits (``MIN_QUANTIZED``): the GaLore README's 7B recipe with
+  ``basis='svd'``. The randomized basis is the default here: XLA:CPU's SVD
+  of 4096 x 11008 matrices needs terabytes of temporaries (XLA:GPU's,
+  cuSOLVER's, does not: the ``galore_svd_8bit`` rows)."""
   inner = so.quantize_moments(so.transforms.scale_by_torch_adam(),
                               min_size=MIN_QUANTIZED)
   return optax.chain(
-      so.low_rank(inner, rank=rank, refresh=refresh, basis='randomized',
+      so.low_rank(inner, rank=rank, refresh=refresh, basis=basis,
                   scale=0.25, seed=seed, basis_dtype=jnp.bfloat16,
                   dimension_numbers=lm_optimizers.block_matrices),
       optax.add_decayed_weights(weight_decay, lm_optimizers.matrices),
@@ -149,7 +157,7 @@ def _galore_randomized_8bit_accumulate(*, learning_rate, rank, refresh,
 def _galore_randomized_8bit_multisteps(**options):
   """galore_randomized_8bit under optax.MultiSteps (a full-size sum of the
   gradients; whole-tree only: it is not separable over layers)."""
-  return optax.MultiSteps(_galore_randomized_8bit(**options),
+  return optax.MultiSteps(_galore_8bit(**options),
                           ACCUMULATE_STEPS).gradient_transformation()
 
 
@@ -158,11 +166,13 @@ BUILDERS = {
     'galore_randomized_8bit_multisteps': _galore_randomized_8bit_multisteps,
     'galore_randomized_bf16': _galore_randomized_bf16,
     'q_galore_8bit_every': _q_galore_every,
-    'galore_randomized_8bit': _galore_randomized_8bit,
+    'galore_randomized_8bit': _galore_8bit,
+    'galore_svd_8bit': functools.partial(_galore_8bit, basis='svd'),
 }
-# SVD-basis methods (galore, fira, frugal, q_galore) are left out of the 7B
-# rows: XLA:CPU's batched SVD at 4096 x 11008 compiles to terabytes of
-# temporaries, a CPU artifact (see benchmarks/README.md).
+# SVD-basis methods (galore, fira, frugal, q_galore, galore_svd_8bit) are
+# left out of the default 7B rows: XLA:CPU's batched SVD at 4096 x 11008
+# compiles to terabytes of temporaries, a CPU artifact. With --target h100
+# they compile (cuSOLVER): pass them with --methods.
 METHODS = ('adamw', 'galore_randomized_8bit', 'apollo_mini', 'golore',
            'galore_randomized')
 SMOKE_METHODS = ('adamw', 'galore_randomized_8bit')
@@ -302,7 +312,8 @@ def row(name: str, shape_name: str, shape, param_dtype: str, per_layer: bool,
   sizes = {'params': peak_memory.tree_bytes(params),
            'optimizer_state': peak_memory.tree_bytes(state),
            'tokens': 2 * peak_memory.tree_bytes(tokens)}
-  found = latest_dump(dump_dir, started) if dump_dir else None
+  on_gpu = peak_memory.COMPILE_DEVICE is not None
+  found = latest_dump(dump_dir, started) if dump_dir and not on_gpu else None
   cpu = cpu_only(found) if found else {'cpu_only_bytes': 0,
                                        'cpu_only_buffers': [], 'dump': None}
   return {
@@ -318,6 +329,7 @@ def row(name: str, shape_name: str, shape, param_dtype: str, per_layer: bool,
                                              name, per_layer),
       'largest_matrix_bytes': largest_matrix_bytes(params),
       'compiled_peak_bytes': memory['peak'],
+      'compiled_for': peak_memory.compiled_for(),
       'cpu_only_buffers': cpu['cpu_only_buffers'],
       'cpu_only_measured': found is not None, 'dump': cpu['dump'],
       'memory_analysis': memory, 'sizes': sizes,
@@ -410,6 +422,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument('--forms', default='whole_tree,per_layer')
   parser.add_argument('--dump-dir', default='',
                       help='XLA dump directory: measure the CPU-only buffers')
+  parser.add_argument('--target', default='cpu',
+                      choices=['cpu', *gpu_target.TARGETS],
+                      help='compile for this device (a GPU: ahead of time, '
+                      'no GPU needed; see benchmarks/gpu_target.py)')
   parser.add_argument('--time', default='',
                       help='comma list of methods to time at a small shape')
   parser.add_argument('--real-check', action='store_true',
@@ -439,11 +455,17 @@ def result_header(benchmark: str, date: str,
           sys.argv[1:] if argv is None else argv),
       'machine': platform.processor() or platform.machine(),
       'device': str(jax.devices()[0]), 'backend': jax.default_backend(),
+      'compiled_for': peak_memory.compiled_for(),
       'versions': {'jax': jax.__version__, 'optax': optax.__version__}}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   args = parse_args(argv)
+  if args.target != 'cpu':
+    if args.time or args.real_check:
+      raise SystemExit('--time and --real-check run steps: not with --target '
+                       f'{args.target} (a compile-only device).')
+    peak_memory.COMPILE_DEVICE = gpu_target.compile_only_device(args.target)
   dump_buffer_assignments(args.dump_dir)
   shapes = SMOKE_SHAPES if args.smoke else SHAPES
   names = (args.methods.split(',') if args.methods

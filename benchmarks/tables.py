@@ -70,6 +70,11 @@ def load(name: str) -> dict:
   return json.loads((RESULTS / name).read_text())
 
 
+def _on_gpu(data: dict) -> bool:
+  """Whether an AOT result file was compiled for a GPU (gpu_target.py)."""
+  return data.get('compiled_for', 'cpu') != 'cpu'
+
+
 def provenance(name: str) -> str:
   """How a result file's figures were obtained: kind, device, date."""
   data = load(name)
@@ -85,6 +90,10 @@ def provenance(name: str) -> str:
             'measurement (flop counts checked against XLA:CPU cost analysis)')
   versions = data.get('versions', {})
   jax_version = f", jax {versions['jax']}" if 'jax' in versions else ''
+  if _on_gpu(data):
+    return (f"ahead-of-time XLA:GPU compile for an {data['compiled_for']}, "
+            f"made on a CPU machine ({data['machine']}) without a GPU "
+            f"(compiled, never run){jax_version}, {data['date']}")
   if data.get('benchmark', '').startswith(('peak_memory (AOT',
                                             'per_layer_memory (AOT',
                                             'per_layer_fits (AOT')):
@@ -1685,7 +1694,6 @@ def roofline_notes() -> str:
   h = d['hardware']['H100_SXM_80GB']
   ridge = {k: h['tflops'][k] / h['hbm_tb_per_s'] for k in
            ('highest_f32', 'default_tf32', 'bf16')}
-  ck = lambda key, fmt='{:.4f}': [fmt.format(c['checks'][key]) for c in (c130, c7)]
   gb_ = sorted(c['checks']['galore_steady_bytes_xla_over_analytic'] for c in (c130, c7))
   return (
       f"- GaLore moves {c130['galore_bytes_vs_adamw']:.2f}× (130M) and "
@@ -1729,33 +1737,66 @@ def gpu_check_estimate() -> str:
 # Per-layer updates (issue #25).
 
 PER_LAYER = 'per_layer_memory_cpu_aot.json'
+PER_LAYER_H100 = 'per_layer_memory_h100_aot.json'
 
 
-def per_layer_memory() -> str:
+def _per_layer_table(name: str) -> str:
   """Per-layer against whole-tree train steps at LLaMA-7B, bf16, 16 x 256."""
-  d = load(PER_LAYER)
+  d = load(name)
+  gpu = _on_gpu(d)
   rows = []
   for r in d['rows']:
+    cpu_columns = [] if gpu else [gb(r['cpu_only_bytes']),
+                                  gb(r['compiled_peak_bytes'])]
     rows.append([
         r['method'], 'per-layer' if r['per_layer'] else 'whole tree',
-        gb(r['peak_bytes']), gb(r['cpu_only_bytes']),
-        gb(r['compiled_peak_bytes']),
+        gb(r['peak_bytes'])] + cpu_columns + [
         x(r['peak_vs_adamw_whole_tree']) if 'peak_vs_adamw_whole_tree' in r
         else '–', gb(r['sizes']['optimizer_state']),
         gb(r['optimizer_temp_bytes'])])
   times = '; '.join(
       f"{t['method']} {x(t['per_layer_over_whole_tree'])}"
       for t in d.get('step_times', []))
-  return (table(['method', 'step', 'peak GB (GPU-valid)', 'CPU-only GB',
-                 'compiled peak GB', '× AdamW whole-tree', 'state GB',
-                 'optimizer temp GB'], rows)
-          + f"\n\nShape {d['rows'][0]['shape']}, "
-          f"{d['rows'][0]['param_dtype']} params, batch "
-          f"{d['rows'][0]['batch']} × {d['rows'][0]['seq_len']}, remat. "
-          f"GaLore's README figure: {gb(d['galore_readme_7b_bytes'])} GB. "
-          f"Step time, per-layer over whole-tree (median, CPU, small shape, "
-          f"one run): {times or 'not measured'}." + _per_layer_real(d)
-          + _per_layer_accumulation(d) + '\n\n' + source(PER_LAYER))
+  peak = ['peak GB (H100 compile)'] if gpu else [
+      'peak GB (GPU-valid)', 'CPU-only GB', 'compiled peak GB']
+  first = d['rows'][0]
+  return (table(['method', 'step'] + peak + [
+      '× AdamW whole-tree', 'state GB', 'optimizer temp GB'], rows)
+          + f"\n\nShape {first['shape']}, {first['param_dtype']} params, "
+          f"batch {first['batch']} × {first['seq_len']}, remat. "
+          f"GaLore's README figure: {gb(d['galore_readme_7b_bytes'])} GB."
+          + ('' if gpu else
+             ' Step time, per-layer over whole-tree (median, CPU, small '
+             f"shape, one run): {times or 'not measured'}.")
+          + _per_layer_goals(d) + _per_layer_real(d)
+          + _per_layer_accumulation(d) + '\n\n' + source(name))
+
+
+def per_layer_memory() -> str:
+  """Per-layer against whole-tree, XLA:CPU compile, CPU-only buffers out."""
+  return _per_layer_table(PER_LAYER)
+
+
+def per_layer_memory_h100() -> str:
+  """Per-layer against whole-tree, XLA:GPU compile for an H100."""
+  return _per_layer_table(PER_LAYER_H100)
+
+
+# The 8-bit GaLore-class rows that issue #25's 7B goals are about.
+_GALORE_8BIT = ('galore_randomized_8bit', 'galore_svd_8bit',
+                'q_galore_8bit_every')
+
+
+def _per_layer_goals(d: dict) -> str:
+  """Issue #25's goals for each GaLore-class per-layer row at 7B."""
+  met = lambda ok: 'met' if ok else 'missed'
+  parts = [f"{key.split('/')[0]} {gb(goal['peak_bytes'])} GB "
+           f"(≤ 22.8 GB: {met(goal['le_galore_readme_22.8gb'])}; "
+           f"≤ 20 GB: {met(goal['le_20gb'])}; "
+           f"≤ 0.5× AdamW's whole-tree peak: {met(goal['le_half_adamw'])})"
+           for key, goal in d.get('goals', {}).items()
+           if key.split('/')[0] in _GALORE_8BIT]
+  return (' Goals, per-layer: ' + '; '.join(parts) + '.') if parts else ''
 
 
 def _per_layer_accumulation(d: dict) -> str:
@@ -1795,12 +1836,48 @@ def _per_layer_real(d: dict) -> str:
           f"temp + output - alias.")
 
 
+def readme_per_layer() -> str:
+  """README: LLaMA-7B bf16 peaks, whole-tree and per-layer, beside the state."""
+  d = load(PER_LAYER_H100)
+  by = {(r['method'], r['per_layer']): r for r in d['rows']}
+  adamw = by[('adamw', False)]['peak_bytes']
+  rows = []
+  for method in dict.fromkeys(r['method'] for r in d['rows']):
+    whole, layer = by.get((method, False)), by.get((method, True))
+    any_row = whole or layer
+    rows.append([
+        method, gb(any_row['sizes']['optimizer_state']),
+        gb(whole['peak_bytes']) if whole else '–',
+        gb(layer['peak_bytes']) if layer else '–',
+        x(layer['peak_bytes'] / adamw) if layer else '–'])
+  first = d['rows'][0]
+  return (table(['LLaMA-7B, bf16 params', 'optimizer state GB',
+                 'peak GB, whole-tree step', 'peak GB, per-layer step',
+                 "per-layer peak × AdamW's whole-tree peak"], rows)
+          + f"\n\nBatch {first['batch']} × {first['seq_len']}, remat, "
+          f"params {gb(first['sizes']['params'])} GB. GaLore's README: "
+          f"{gb(d['galore_readme_7b_bytes'])} GB for 8-bit GaLore with "
+          "per-layer updates." + _per_layer_goals(d) + '\n\n'
+          + source(PER_LAYER_H100))
+
+
 PER_LAYER_FITS = 'per_layer_fits_cpu_aot.json'
+PER_LAYER_FITS_H100 = 'per_layer_fits_h100_aot.json'
 
 
 def per_layer_fits() -> str:
+  """The largest LLaMA whose bf16 step fits, XLA:CPU compile."""
+  return _per_layer_fits(PER_LAYER_FITS)
+
+
+def per_layer_fits_h100() -> str:
+  """The largest LLaMA whose bf16 step fits, XLA:GPU compile for an H100."""
+  return _per_layer_fits(PER_LAYER_FITS_H100)
+
+
+def _per_layer_fits(name: str) -> str:
   """The largest LLaMA whose bf16 train step fits 24 / 80 / 141 GB."""
-  d = load(PER_LAYER_FITS)
+  d = load(name)
   peaks = {(r['method'], r['per_layer'], r['shape']): r['peak_bytes']
            for r in d['rows']}
   order = list(d['shapes'])
@@ -1815,6 +1892,10 @@ def per_layer_fits() -> str:
       return f'none{after}'
     return f'{label(fit)} ({gb(peaks[(method, per_layer, fit)])} GB{after})'
 
+  gpu = _on_gpu(d)
+  peak = ("peak in XLA's GPU compile" if gpu
+          else 'GPU-valid peak (CPU-only buffers excluded)')
+  compiler = f"XLA:GPU (for an {d['compiled_for']})" if gpu else 'XLA:CPU'
   budgets = d['budgets_bytes']
   rows = [[method, 'per-layer' if form == 'per_layer' else 'whole tree'] + [
       cell(method, form == 'per_layer', fits[budget]) for budget in budgets]
@@ -1824,14 +1905,14 @@ def per_layer_fits() -> str:
            'h200_141gb': '141 GB (an H200)'}
   return (table(['method', 'step'] + [names.get(b, b) for b in budgets], rows)
           + f"\n\nLargest LLaMA (of {', '.join(label(n) for n in order)}) "
-          f"whose train step's GPU-valid peak (CPU-only buffers excluded) is "
-          f"within the budget; in brackets its peak and the next size's. "
+          f"whose train step's {peak} is within the budget; in brackets its "
+          "peak and the next size's. "
           f"bfloat16 params, remat, batch {d['rows'][0]['batch']} × "
           f"{d['rows'][0]['seq_len']}. Budgets: "
           + ', '.join(f'{names.get(b, b)} = {v / 2**20:,.0f} MiB'
                       for b, v in budgets.items())
-          + '. "Fits" is an ahead-of-time XLA:CPU compile, not a GPU run.'
-          + '\n\n' + source(PER_LAYER_FITS))
+          + f'. "Fits" is an ahead-of-time {compiler} compile, not a GPU '
+          'run.\n\n' + source(name))
 
 
 # ---------------------------------------------------------------------------
@@ -1859,12 +1940,14 @@ TABLES: dict[str, Callable[[], str]] = {
         continual_earlier_text_pretrained, continual_earlier_permuted,
         continual_earlier_text, peak_memory_goals, peak_memory_compile_times,
         peak_memory_bf16_note, roofline_notes, gpu_check_estimate,
-        per_layer_memory, per_layer_fits)
+        per_layer_memory, per_layer_fits, per_layer_memory_h100,
+        per_layer_fits_h100, readme_per_layer)
 }
 
 PAGES: dict[str, tuple[str, ...]] = {
     'README.md': ('readme_quality', 'readme_faithfulness', 'readme_h100',
-                  'readme_peak_memory', 'readme_fits', 'readme_continual'),
+                  'readme_peak_memory', 'readme_fits', 'readme_per_layer',
+                  'per_layer_fits_h100', 'readme_continual'),
     'docs/which_method.md': ('which_short_answer', 'quality_seed0',
                              'quality_3seeds', 'quality_side', 'which_speed',
                              'continual_digits', 'continual_text',
@@ -1899,7 +1982,8 @@ PAGES: dict[str, tuple[str, ...]] = {
                              'peak_memory_compile_times',
                              'peak_memory_bf16_note', 'roofline_notes',
                              'gpu_check_estimate', 'per_layer_memory',
-                             'per_layer_fits'),
+                             'per_layer_fits', 'per_layer_memory_h100',
+                             'per_layer_fits_h100'),
 }
 
 

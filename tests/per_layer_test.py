@@ -355,6 +355,30 @@ def test_bfloat16_stacks_are_not_converted_whole():
   assert temp < 0.5 * stacks_f32, (temp, stacks_f32)
 
 
+@pytest.mark.parametrize('platform, pinned', [
+    ('cuda', True), ('rocm', True), ('cpu', False), ('tpu', False)])
+def test_gpu_lowering_pins_the_new_layer_params_row_major(platform, pinned):
+  # XLA's GPU layout assignment can give a layer's new params a column-major
+  # layout and then transpose every whole carried stack around the reverse
+  # scan (LLaMA-7B, H100 ahead-of-time compile: 27.8 GB against 22.0 GB).
+  # A GPU lowering pins each new >= 2-D layer param to row-major; the CPU
+  # lowering (where the pin would cost a copy) does not.
+  params = make_params()
+  tx = optax.adam(1e-3)
+  step = so.per_layer_train_step(tx, embed=embed, layer=layer,
+                                 head_loss=head_loss)
+  text = jax.jit(step).trace(params, tx.init(params), batches(1)[0]).lower(
+      lowering_platforms=(platform,)).as_text()
+  constraints = [line for line in text.splitlines()
+                 if '@LayoutConstraint' in line]
+  matrices = [x for x in jax.tree.leaves(params['blocks']) if x.ndim >= 3]
+  assert len(constraints) == (len(matrices) if pinned else 0)
+  for line in constraints:  # minor-to-major (n-1, ..., 0): row-major
+    rank = int(line.split('result_layouts = [dense<[')[1][0]) + 1
+    assert f"result_layouts = [dense<{list(range(rank))[::-1]}>".replace(
+        ' ', '') in line.replace(' ', '')
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('name', ['adamw', 'galore', 'golore'])
 def test_equals_whole_tree_step_on_the_fsdp_mesh(name):
