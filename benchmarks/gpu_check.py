@@ -85,7 +85,8 @@ PER_LAYER_CASES = {
 }
 PER_LAYER_SMOKE_CASES = {'smoke_per_layer': Case(
     per_layer_memory.SMOKE_SHAPES['smoke'], 256, 'bfloat16', 3)}
-PER_LAYER_METHODS = ('adamw', 'apollo_mini', 'galore_randomized_bf16')
+PER_LAYER_METHODS = ('adamw', 'galore_svd_8bit', 'galore_randomized_8bit',
+                     'apollo_mini')
 BOUNDS = {'optimizer_steady_vs_adamw': 1.0, 'train_mean_vs_adamw': 1.02,
           'refresh_max_vs_own_steady': 2.0}
 

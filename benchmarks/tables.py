@@ -96,7 +96,8 @@ def provenance(name: str) -> str:
             f"(compiled, never run){jax_version}, {data['date']}")
   if data.get('benchmark', '').startswith(('peak_memory (AOT',
                                             'per_layer_memory (AOT',
-                                            'per_layer_fits (AOT')):
+                                            'per_layer_fits (AOT',
+                                            'optimizer_temporaries (AOT')):
     return (f"ahead-of-time XLA:CPU compile (compiled, never run; "
             f"{data['machine']} CPU){jax_version}, {data['date']}")
   if data.get('backend') == 'gpu':
@@ -1861,6 +1862,31 @@ def readme_per_layer() -> str:
           + source(PER_LAYER_H100))
 
 
+OPTIMIZER_TEMPORARIES = ('optimizer_temporaries_cpu_aot.json',
+                         'optimizer_temporaries_h100_aot.json')
+
+
+def optimizer_temporaries() -> str:
+  """Each registry method's update temporaries / the largest matrix."""
+  cpu, h100 = (load(name) for name in OPTIMIZER_TEMPORARIES)
+  on_gpu = {r['method']: r for r in h100['rows']}
+  bound = cpu['bound']
+  cell = lambda v: x(v) if v <= bound else f'{x(v)} (over)'
+  rows = [[r['method']] + [cell(r[d]) for d in ('float32', 'bfloat16')] + [
+      cell(on_gpu[r['method']][d]) for d in ('float32', 'bfloat16')]
+          for r in cpu['rows']]
+  within = lambda d: sum(r['within_bound'] for r in d['rows'])
+  layers, m, n = cpu['params']['blocks']['mlp']['kernel']
+  return (table(['method', 'float32, XLA:CPU', 'bfloat16, XLA:CPU',
+                 'float32, H100 compile', 'bfloat16, H100 compile'], rows)
+          + f"\n\nTemporaries of `tx.update` alone (state donated) over the "
+          f"float32 bytes of the largest matrix, one {m} × {n} layer of a "
+          f"stack of {layers}; bound {x(bound, 1)}. Within it in both dtypes: "
+          f"{within(cpu)} of {len(cpu['rows'])} methods on XLA:CPU, "
+          f"{within(h100)} of {len(h100['rows'])} on the H100 compile.\n\n"
+          + source(*OPTIMIZER_TEMPORARIES))
+
+
 PER_LAYER_FITS = 'per_layer_fits_cpu_aot.json'
 PER_LAYER_FITS_H100 = 'per_layer_fits_h100_aot.json'
 
@@ -1941,7 +1967,7 @@ TABLES: dict[str, Callable[[], str]] = {
         continual_earlier_text, peak_memory_goals, peak_memory_compile_times,
         peak_memory_bf16_note, roofline_notes, gpu_check_estimate,
         per_layer_memory, per_layer_fits, per_layer_memory_h100,
-        per_layer_fits_h100, readme_per_layer)
+        per_layer_fits_h100, readme_per_layer, optimizer_temporaries)
 }
 
 PAGES: dict[str, tuple[str, ...]] = {
@@ -1983,7 +2009,7 @@ PAGES: dict[str, tuple[str, ...]] = {
                              'peak_memory_bf16_note', 'roofline_notes',
                              'gpu_check_estimate', 'per_layer_memory',
                              'per_layer_fits', 'per_layer_memory_h100',
-                             'per_layer_fits_h100'),
+                             'per_layer_fits_h100', 'optimizer_temporaries'),
 }
 
 
