@@ -684,7 +684,12 @@ _AOT_NOTE = (
     f"{COMPACT}: no compile of the reference side (the default now) exists, "
     'and the JSON records no side (derived from the date: the runs predate '
     "commit 008d339). Q-GaLore's row has float32 moments, its default then; "
-    'its default now is 8-bit moments, not compiled. ')
+    'its default now is 8-bit moments, not compiled. The APOLLO, FRUGAL and '
+    'Fira rows predate the residual path running one matrix at a time on the '
+    'CPU (2026-12-07) and were not recompiled; at LLaMA-7B bf16, batch 16 × '
+    '256, that change took APOLLO-Mini\'s whole-tree step from 60.1 to 73.1 GB '
+    'compiled, of which 0.9 and 20.3 GB are CPU-only float32 converts '
+    '(`results/per_layer_memory_cpu_aot.json`). ')
 
 
 def _aot_rows(name, methods=None):

@@ -44,15 +44,13 @@ def test_residual_is_the_gradient_outside_the_subspace():
   capture, seen = _capture()
   _, q, g = _step(capture)
   residual, extra_args = seen[-1]  # (init traces it abstractly first)
-  residual = residual['w']
   inside = q @ (q.T @ g)
   # Orthogonal to span Q, and residual + QQᵀG == G.
   np.testing.assert_allclose(q.T @ residual, 0.0, atol=1e-5)
   np.testing.assert_allclose(residual + inside, g, atol=1e-5)
   assert float(jnp.linalg.norm(inside)) > 0.3 * float(jnp.linalg.norm(g))
-  np.testing.assert_allclose(extra_args['coefficients']['w'], q.T @ g,
-                             atol=1e-5)
-  np.testing.assert_allclose(extra_args['gradients']['w'], g)
+  np.testing.assert_allclose(extra_args['coefficients'], q.T @ g, atol=1e-5)
+  np.testing.assert_allclose(extra_args['gradients'], g)
 
 
 def test_identity_inner_and_residual_give_back_the_gradient():
@@ -145,3 +143,44 @@ def test_residual_paths_outside_low_rank_say_where_they_belong(path):
   g = {'w': jnp.ones((4, 3))}
   with pytest.raises(ValueError, match='low_rank'):
     path.update(g, path.init(g))
+
+
+def test_residual_runs_on_each_matrix_with_its_own_state():
+  """A stacked leaf's residual path is that of each of its matrices alone:
+  Fira's limiter (a state per matrix: the previous residual norm) on a
+  (3, 6, 4) stack gives the updates and states of the same three matrices
+  as separate leaves, over two steps (the limiter acts from the second)."""
+  stack = jax.random.normal(jax.random.key(1), (3, 6, 4))
+  grads = [stack, 3.0 * stack[::-1]]
+  tx = so.low_rank(optax.scale_by_adam(), rank=RANK, refresh=1, basis='svd',
+                   residual=so.fira_residual(limiter=1.01),
+                   dimension_numbers=so.last_two_axes)
+  split = lambda x: {str(i): x[i] for i in range(3)}
+  stacked_state = tx.init({'w': stack})
+  split_state = tx.init(split(stack))
+  for g in grads:
+    stacked_update, stacked_state = tx.update({'w': g}, stacked_state)
+    split_update, split_state = tx.update(split(g), split_state)
+    for i in range(3):
+      np.testing.assert_allclose(stacked_update['w'][i], split_update[str(i)],
+                                 rtol=1e-5, atol=1e-6)
+  norms = stacked_state.residual_state['w'][1].norm
+  assert norms.shape == (3,)
+  for i in range(3):
+    np.testing.assert_allclose(
+        norms[i], split_state.residual_state[str(i)][1].norm, rtol=1e-5)
+  # The limiter bit on the second step (3x the gradient): the norms are
+  # at most 1.01x the first step's, not 3x.
+  first = tx.update({'w': grads[0]}, tx.init({'w': stack}))[1]
+  np.testing.assert_array_less(
+      norms, 1.0101 * first.residual_state['w'][1].norm)
+
+
+@pytest.mark.parametrize('residual, name', [
+    (optax.clip_by_global_norm(1.0), 'clip_by_global_norm'),
+    (optax.apply_if_finite(optax.identity(), 3), 'apply_if_finite'),
+])
+def test_a_whole_tree_residual_is_refused_by_name(residual, name):
+  tx = so.low_rank(optax.identity(), rank=RANK, residual=residual)
+  with pytest.raises(ValueError, match=f'{name}.*each matrix on its own'):
+    tx.init({'w': jnp.zeros((6, 4))})

@@ -13,12 +13,50 @@ import jax.numpy as jnp
 
 from subspace_optax._src import utils
 from subspace_optax._src.pipeline import layout as layout_lib
+from subspace_optax._src.pipeline import separability
 
 
 def abstract(tree):
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(utils.shape_of(x), jnp.result_type(x))
       if hasattr(x, 'dtype') else x, tree)
+
+
+# Optax transforms that need a whole tree, not one matrix, and what to do.
+_WHOLE_TREE = {
+    'clip_by_global_norm': 'clip the whole update after low_rank, '
+                           'optax.chain(low_rank(...), '
+                           'optax.clip_by_global_norm(max_norm)), or per '
+                           'matrix (optax.clip_by_block_rms)',
+    'apply_if_finite': 'wrap the whole optimizer in optax.apply_if_finite',
+    'MultiSteps': 'wrap the whole optimizer in optax.MultiSteps',
+}
+
+
+def check_residual(residual_tx, layouts: list) -> None:
+  """A named error for a residual path that cannot run one matrix at a time.
+
+  ``low_rank`` applies its residual transform to each matrix on its own (an
+  oriented ``(k, l)`` matrix with its own state), so the known whole-tree
+  optax transforms are refused rather than silently applied per matrix, and
+  one that uses ``params`` is refused as in :func:`check_params_free`.
+  """
+  names = separability.closure_names(residual_tx.update)
+  for wrapper, advice in _WHOLE_TREE.items():
+    if any(n == wrapper or n.startswith(wrapper + '.') for n in names):
+      raise ValueError(
+          f'low_rank: the residual transform contains {wrapper}, but the '
+          'residual path runs on each matrix on its own (one (k, l) matrix '
+          f'of G - QQᵀG at a time), not on the whole tree; {advice}.')
+  lay = next((lay for lay in layouts if lay is not None), None)
+  if lay is None:
+    return
+  matrix = jax.ShapeDtypeStruct((lay.projected_dim, lay.other_dim), jnp.float32)
+  coefficients = jax.ShapeDtypeStruct((lay.rank, lay.other_dim), jnp.float32)
+  check_params_free(
+      residual_tx, 'residual', matrix, jax.eval_shape(residual_tx.init, matrix),
+      coefficients=coefficients, subspace_updates=coefficients,
+      gradients=matrix)
 
 
 def check_params_free(tx, role: str, updates, state, **extra_args) -> None:

@@ -53,7 +53,9 @@ class SubspaceState(NamedTuple):
   basis: Any  # per leaf: the basis method's state (batched), or MaskedNode()
   refresh: Any  # per leaf: the refresh policy's state, or MaskedNode()
   inner_state: optax.OptState  # inner optimizer state on the coefficients
-  residual_state: optax.OptState  # residual path state (EmptyState if none)
+  # Per leaf: the residual path's state of each matrix (stacked over the
+  # batch axes), MaskedNode() at leaves not projected; EmptyState if none.
+  residual_state: optax.OptState
 
 
 @arguments.declare_static_args(
@@ -118,10 +120,16 @@ def low_rank(
     align_signs: flip the new basis columns to agree with the old ones, so kept
       moments are not negated by the SVD's arbitrary signs.
     residual: optional transform applied to the part of the gradient outside
-      the subspace, ``G - QQᵀG`` (in the oriented ``(*batch, k, l)`` view; other
-      leaves hold ``MaskedNode()``), e.g. ``optax.scale_by_sign()`` (FRUGAL). It
-      receives the extra args ``coefficients``, ``subspace_updates`` and
-      ``gradients`` (the trees of ``C``, ``N`` and the oriented ``G``).
+      the subspace, ``G - QQᵀG``, e.g. ``optax.scale_by_sign()`` (FRUGAL),
+      on each matrix on its own: its ``update`` gets one oriented ``(k, l)``
+      matrix and the extra args ``coefficients``, ``subspace_updates`` and
+      ``gradients`` (that matrix's ``C``, ``N`` and ``G``); its ``init`` one
+      ``(k, l)`` matrix, and each matrix keeps its own state (stacked over a
+      leaf's batch axes, like the basis). On the CPU the matrices of a stack
+      run one at a time (float32 temporaries of one matrix). Transforms that
+      need the whole tree (``optax.clip_by_global_norm``,
+      ``apply_if_finite``, ``MultiSteps``) raise a ``ValueError`` at
+      ``init``; put them around ``low_rank`` instead.
     scale: multiplies the unprojected update (GaLore's ``α``). With ``scale=0``
       the unprojection is skipped and the update is the residual path's output
       alone (APOLLO: the subspace only sets the scale of ``G``).
@@ -265,24 +273,20 @@ def low_rank(
       placeholders.append(sharding.place(
           jnp.zeros(lay.coefficient_shape, jnp.float32), where,
           spec and sharding.coefficient_spec(lay, spec)))
-      residual_leaves.append(None if residual_tx is None else sharding.place(
-          jnp.zeros(lay.batch_shape + (lay.projected_dim, lay.other_dim),
-                    jnp.float32), where, spec and sharding.view_spec(spec, lay)))
-    residual_state = optax.EmptyState()
-    if residual_tx is not None:
-      residual_state = residual_tx.init(treedef.unflatten(residual_leaves))
+      if residual_tx is not None:
+        # One state per matrix, stacked over the batch axes like the basis.
+        views = sharding.place(
+            jnp.zeros(lay.batch_shape + (lay.projected_dim, lay.other_dim),
+                      jnp.float32), where, spec and sharding.view_spec(spec, lay))
+        residual_leaves.append(
+            layout_lib.batched(residual_tx.init, len(lay.batch_shape))(views))
     inner_state = inner.init(treedef.unflatten(placeholders))
     checks.check_params_free(
         inner, 'inner', treedef.unflatten(placeholders), inner_state)
+    residual_state = optax.EmptyState()
     if residual_tx is not None:
-      projected_only = treedef.unflatten([
-          optax.MaskedNode() if lay is None else c
-          for lay, c in zip(layouts, placeholders)])
-      checks.check_params_free(
-          residual_tx, 'residual', treedef.unflatten(residual_leaves),
-          residual_state, coefficients=projected_only,
-          subspace_updates=projected_only,
-          gradients=treedef.unflatten(residual_leaves))
+      residual_state = treedef.unflatten(residual_leaves)
+      checks.check_residual(residual_tx, layouts)
     return SubspaceState(
         count=jnp.zeros([], jnp.int32),
         basis=treedef.unflatten(basis_leaves),
@@ -335,17 +339,17 @@ def low_rank(
     subspace = treedef.flatten_up_to(subspace)
     residual_state = state.residual_state
     if residual_tx is None:
-      out = stages.scatter(
-          stages.leaf_updates(flat, subspace, [], []), leaves,
-          stages.unproject_leaves(method, scale, leaves, bases, subspace))
+      outputs = stages.unproject_leaves(method, scale, leaves, bases, subspace)
     else:
-      # The residual transform sees whole trees of full-size views.
-      outputs = stages.unproject(method, scale, leaves, bases, subspace)
-      residuals, residual_state = stages.residual_updates(
-          residual_tx, residual_state, treedef, method, leaves, bases,
-          coefficients, [subspace[leaf.index] for leaf in leaves])
-      outputs = [o + r for o, r in zip(outputs, residuals)]
-      out = stages.leaf_updates(flat, subspace, leaves, outputs)
+      # The residual path runs on each matrix on its own, with its state.
+      residual_flat = treedef.flatten_up_to(residual_state)
+      outputs, residual_leaves = stages.residual_leaves(
+          residual_tx, scale, method, leaves, bases, coefficients,
+          [subspace[leaf.index] for leaf in leaves],
+          [residual_flat[leaf.index] for leaf in leaves])
+      residual_state = treedef.unflatten(
+          stages.scatter(residual_flat, leaves, residual_leaves))
+    out = stages.leaf_updates(flat, subspace, leaves, outputs)
     return treedef.unflatten(out), (
         SubspaceState(
             count=optax.safe_increment(count),

@@ -6,9 +6,10 @@ each projected gradient that the basis ``Q`` does not capture,
 .. math::
   G_\\perp = G - QQᵀG \\qquad (QᵀG_\\perp = 0,\\quad G_\\perp + QQᵀG = G),
 
-in the oriented ``(*batch, k, l)`` view, with the extra args ``coefficients``
-(``C = QᵀG``), ``subspace_updates`` (``N = inner(C)``) and ``gradients``
-(``G``). The paths here are state-free:
+one oriented ``(k, l)`` matrix at a time, with the extra args
+``coefficients`` (``C = QᵀG``), ``subspace_updates`` (``N = inner(C)``) and
+``gradients`` (``G``) of that matrix; each matrix keeps its own state. The
+paths here (state-free but for Fira's norm-growth limiter):
 
 * FRUGAL (Zmushko et al. 2024, arXiv 2411.07837): ``s · sign(G_⊥)`` or
   ``s · G_⊥`` (:func:`frugal_residual`);

@@ -45,7 +45,7 @@ _NOT_SEPARABLE = {
 }
 
 
-def _closure_names(obj: Any, depth: int = 0, seen=None) -> set[str]:
+def closure_names(obj: Any, depth: int = 0, seen=None) -> set[str]:
   """Qualified names of the functions reachable from ``obj``'s closures."""
   seen = set() if seen is None else seen
   if depth > 12 or id(obj) in seen:
@@ -67,7 +67,7 @@ def _closure_names(obj: Any, depth: int = 0, seen=None) -> set[str]:
   elif isinstance(obj, dict):
     children += list(obj.values())
   for child in children:
-    names |= _closure_names(child, depth + 1, seen)
+    names |= closure_names(child, depth + 1, seen)
   return names
 
 
@@ -86,7 +86,7 @@ def check_separable(tx: optax.GradientTransformation, state: Any) -> None:
     tx: the transform.
     state: its state (or its ``jax.eval_shape``).
   """
-  names = _closure_names(tx.update)
+  names = closure_names(tx.update)
   for wrapper, advice in _NOT_SEPARABLE.items():
     if any(n == wrapper or n.startswith(wrapper + '.') for n in names):
       raise NotLayerSeparableError(f'per_layer_train_step: {advice}')

@@ -8,9 +8,10 @@ An update runs over a :class:`Leaf` record per projected leaf:
 3. :func:`move_moments` — the inner moments follow a refreshed basis (keep,
    reset or transport);
 4. the inner optimizer on ``C = QᵀG`` (in :func:`~subspace_optax.low_rank`),
-   then :func:`unproject`, ``α Q N``;
-5. :func:`residual_updates` — the residual path on ``G - QQᵀG``;
-6. :func:`leaf_updates` — every leaf back in its shape and dtype.
+   then, per matrix and back in the leaf's shape and dtype,
+   :func:`unproject_leaves`, ``α Q N``, or, with a residual path,
+   :func:`residual_leaves`, ``α Q N + residual(G - QQᵀG)``;
+5. :func:`leaf_updates` — the flat output tree.
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from subspace_optax._src import utils
 from subspace_optax._src.bases import base as bases_lib
@@ -117,20 +117,6 @@ def unzip(pairs: list[tuple], size: int) -> tuple[list, ...]:
   return tuple([pair[j] for pair in pairs] for j in range(size))
 
 
-def unproject(method: bases_lib.BasisMethod, scale, leaves: list,
-               bases: list, subspace_updates: list) -> list[jax.Array]:
-  """Stage 4: ``α Q N`` per projected leaf, in its oriented view.
-
-  With ``scale=0`` the unprojection is skipped (zeros).
-  """
-  if is_zero(scale):
-    return [jnp.zeros_like(leaf.view) for leaf in leaves]
-  return [
-      scale * layout_lib.batched(method.unproject, leaf.num_batch_axes)(
-          subspace_updates[leaf.index], basis)
-      for leaf, basis in zip(leaves, bases)]
-
-
 def project(method: bases_lib.BasisMethod, leaf: Leaf, basis) -> jax.Array:
   """Stage 3: ``C = QᵀG`` of a leaf, one matrix at a time (each matrix cast
   to float32 only there)."""
@@ -141,9 +127,11 @@ def project(method: bases_lib.BasisMethod, leaf: Leaf, basis) -> jax.Array:
 
 def unproject_leaves(method: bases_lib.BasisMethod, scale, leaves: list,
                      bases: list, subspace_updates: list) -> list[jax.Array]:
-  """Stages 4 and 6 without a residual path: ``α Q N`` per projected leaf,
-  back in the leaf's shape and dtype, one matrix at a time (the float32
-  ``QN`` of a single matrix is the only full-size temporary)."""
+  """Stage 4 without a residual path: ``α Q N`` per projected leaf,
+  back in the leaf's shape and dtype; on the CPU one matrix at a time (the
+  float32 ``QN`` of a single matrix is the only full-size temporary), on
+  GPUs vectorised, to fuse with ``p + u``
+  (:func:`~subspace_optax._src.pipeline.per_matrix.over_matrices_on_cpu`)."""
   out = []
   for leaf, basis in zip(leaves, bases):
     dtype = leaf.grad.dtype
@@ -152,7 +140,7 @@ def unproject_leaves(method: bases_lib.BasisMethod, scale, leaves: list,
       continue
     one = lambda n1, b1, leaf=leaf, dtype=dtype: per_matrix.to_leaf(
         scale * method.unproject(n1, b1), leaf.layout).astype(dtype)
-    out.append(per_matrix.unstacked(per_matrix.over_matrices(
+    out.append(per_matrix.unstacked(per_matrix.over_matrices_on_cpu(
         one, leaf.num_batch_axes, subspace_updates[leaf.index], basis),
         leaf.layout))
   return out
@@ -171,12 +159,6 @@ class Leaf(NamedTuple):
   @property
   def num_batch_axes(self) -> int:
     return len(self.layout.batch_shape)
-
-  @property
-  def view(self) -> jax.Array:
-    """The gradient's oriented ``(*batch, k, l)`` view, float32, whole
-    (the residual path's input; the other stages use :attr:`stacked`)."""
-    return layout_lib.matrix_view(self.grad, self.layout).astype(jnp.float32)
 
   @property
   def stacked(self) -> jax.Array:
@@ -323,40 +305,48 @@ def move_moments(inner_state, on_refresh: str, treedef, inner_tree,
 
 
 def leaf_updates(flat: list, subspace_updates: list, leaves: list,
-                  outputs: list) -> list:
-  """The flat output: each projected leaf's oriented ``outputs`` back in its
-  shape and dtype, the inner optimizer's output for the leaves not projected,
-  and zero-size leaves as they came."""
+                 outputs: list) -> list:
+  """The flat output: ``outputs`` (already in their leaf's shape and dtype)
+  at the projected ``leaves``, the inner optimizer's output in the leaf's
+  dtype for the leaves not projected, and zero-size leaves as they came."""
   return scatter(
       [g if utils.passes_through(g) else n.astype(g.dtype)
-       for g, n in zip(flat, subspace_updates)], leaves,
-      [layout_lib.leaf_from_matrix(o, leaf.layout).astype(
-          flat[leaf.index].dtype) for leaf, o in zip(leaves, outputs)])
+       for g, n in zip(flat, subspace_updates)], leaves, outputs)
 
 
-def residual_updates(residual_tx, residual_state, treedef,
-                      method: bases_lib.BasisMethod, leaves: list, bases: list,
-                      coefficients: list, subspace_updates: list):
-  """Stage 5: ``residual_tx`` on ``G - QQᵀG`` of every projected leaf.
+def residual_leaves(residual_tx, scale, method: bases_lib.BasisMethod,
+                    leaves: list, bases: list, coefficients: list,
+                    subspace_updates: list, residual_states: list):
+  """Stages 4-5 with a residual path: ``α Q N + residual(G - QQᵀG)``.
 
-  The residual transform sees trees of the gradient's structure that hold
-  ``MaskedNode()`` at the leaves that are not projected, with the extra args
-  ``coefficients`` (``C``), ``subspace_updates`` (``N``) and ``gradients``
-  (the oriented ``G``).
+  Per matrix, in its oriented float32 view; the residual transform sees that
+  one ``(k, l)`` matrix, its own state, and the extra args ``coefficients``
+  (``C``), ``subspace_updates`` (``N``) and ``gradients`` (``G``) of the same
+  matrix. The output is cast to the leaf's dtype per matrix. On the CPU the
+  matrices of a stack run one at a time, so every full-size float32
+  temporary is one matrix's; on GPUs vectorised, to fuse with ``p + u``
+  (:func:`~subspace_optax._src.pipeline.per_matrix.over_matrices_on_cpu`).
 
   Returns:
-    The residual's output per leaf of ``leaves``, and its new state.
+    The update of each leaf of ``leaves`` (its shape and dtype) and each
+    leaf's new residual state (stacked over its batch axes).
   """
-  tree = lambda values: treedef.unflatten(scatter(
-      [optax.MaskedNode()] * treedef.num_leaves, leaves, values))
-  views = [leaf.view for leaf in leaves]
-  outside = [
-      view - layout_lib.batched(method.unproject, leaf.num_batch_axes)(c, b)
-      for leaf, view, c, b in zip(leaves, views, coefficients, bases)]
-  out, residual_state = residual_tx.update(
-      tree(outside), residual_state, None, coefficients=tree(coefficients),
-      subspace_updates=tree(subspace_updates), gradients=tree(views))
-  out = treedef.flatten_up_to(out)
-  return [out[leaf.index] for leaf in leaves], residual_state
+  updates, states = [], []
+  for leaf, basis, c, n, s in zip(leaves, bases, coefficients,
+                                  subspace_updates, residual_states):
 
+    def one(g1, b1, c1, n1, s1, leaf=leaf):
+      view = per_matrix.view(g1, leaf.layout)
+      outside = view - method.unproject(c1, b1)
+      out, s1 = residual_tx.update(
+          outside, s1, None, coefficients=c1, subspace_updates=n1,
+          gradients=view)
+      if not is_zero(scale):
+        out = out + scale * method.unproject(n1, b1)
+      return per_matrix.to_leaf(out, leaf.layout).astype(leaf.grad.dtype), s1
 
+    update, state = per_matrix.over_matrices_on_cpu(
+        one, leaf.num_batch_axes, leaf.stacked, basis, c, n, s)
+    updates.append(per_matrix.unstacked(update, leaf.layout))
+    states.append(state)
+  return updates, states
