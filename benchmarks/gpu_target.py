@@ -56,6 +56,13 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 TARGETS = {'h100': H100_SXM}
 
 
+def add_target_argument(parser) -> None:
+  """The ``--target`` option of the memory benchmarks: ``cpu`` or a GPU."""
+  parser.add_argument('--target', default='cpu', choices=['cpu', *TARGETS],
+                      help='compile for this device (a GPU: ahead of time, '
+                      'no GPU needed; see benchmarks/gpu_target.py)')
+
+
 def compile_only_device(name: str) -> jax.Device:
   """A compile-only device of the GPU ``name`` (a key of ``TARGETS``).
 

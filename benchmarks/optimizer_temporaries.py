@@ -76,8 +76,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--methods', default='',
                       help='comma list (default: the whole registry)')
-  parser.add_argument('--target', default='cpu',
-                      choices=['cpu', *gpu_target.TARGETS])
+  gpu_target.add_target_argument(parser)
   parser.add_argument('--date', default='')
   parser.add_argument('--out', default='')
   return parser.parse_args(argv)
@@ -85,8 +84,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   args = parse_args(argv)
-  if args.target != 'cpu':
-    peak_memory.COMPILE_DEVICE = gpu_target.compile_only_device(args.target)
+  peak_memory.compile_for(args.target)
   names = (args.methods.split(',') if args.methods else
            [n for n in registry.REGISTRY if n not in UNSTACKABLE])
   result: dict[str, Any] = {

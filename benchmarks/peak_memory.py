@@ -68,6 +68,7 @@ import optax
 from flax import nnx
 
 from examples.lm import model as model_lib
+from benchmarks import gpu_target
 from benchmarks import methods as lm_optimizers
 
 DEFAULT_OUT = 'benchmarks/results/peak_memory_cpu_aot.json'
@@ -222,6 +223,14 @@ def optimizer_step(tx: optax.GradientTransformation):
 # Where compile_program compiles: None for JAX's default backend, or a
 # compile-only GPU device (benchmarks/gpu_target.py).
 COMPILE_DEVICE: Optional[jax.Device] = None
+
+
+def compile_for(target: str) -> None:
+  """Compile for ``target``: ``'cpu'`` (this machine) or a GPU of
+  ``gpu_target.TARGETS`` (ahead of time, on a compile-only device)."""
+  global COMPILE_DEVICE  # pylint: disable=global-statement
+  if target != 'cpu':
+    COMPILE_DEVICE = gpu_target.compile_only_device(target)
 
 
 def compiled_for() -> str:

@@ -94,10 +94,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       'per_layer')
   parser.add_argument('--dump-dir', default='',
                       help='XLA dump directory: subtract the CPU-only buffers')
-  parser.add_argument('--target', default='cpu',
-                      choices=['cpu', *gpu_target.TARGETS],
-                      help='compile for this device (a GPU: ahead of time, '
-                      'no GPU needed)')
+  gpu_target.add_target_argument(parser)
   parser.add_argument('--date', default='')
   parser.add_argument('--out', default='')
   return parser.parse_args(argv)
@@ -105,8 +102,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   args = parse_args(argv)
-  if args.target != 'cpu':
-    peak_memory.COMPILE_DEVICE = gpu_target.compile_only_device(args.target)
+  peak_memory.compile_for(args.target)
   per_layer_memory.dump_buffer_assignments(args.dump_dir)
   shapes = SMOKE_SHAPES if args.smoke else SHAPES
   budgets = SMOKE_BUDGETS if args.smoke else BUDGETS

@@ -422,10 +422,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument('--forms', default='whole_tree,per_layer')
   parser.add_argument('--dump-dir', default='',
                       help='XLA dump directory: measure the CPU-only buffers')
-  parser.add_argument('--target', default='cpu',
-                      choices=['cpu', *gpu_target.TARGETS],
-                      help='compile for this device (a GPU: ahead of time, '
-                      'no GPU needed; see benchmarks/gpu_target.py)')
+  gpu_target.add_target_argument(parser)
   parser.add_argument('--time', default='',
                       help='comma list of methods to time at a small shape')
   parser.add_argument('--real-check', action='store_true',
@@ -465,7 +462,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     if args.time or args.real_check:
       raise SystemExit('--time and --real-check run steps: not with --target '
                        f'{args.target} (a compile-only device).')
-    peak_memory.COMPILE_DEVICE = gpu_target.compile_only_device(args.target)
+  peak_memory.compile_for(args.target)
   dump_buffer_assignments(args.dump_dir)
   shapes = SMOKE_SHAPES if args.smoke else SHAPES
   names = (args.methods.split(',') if args.methods

@@ -393,7 +393,7 @@ def markdown(result: dict[str, Any]) -> str:
   s = result['setup']
   m = s['model']
   lines = [
-      f"# Quality: final validation loss relative to AdamW",
+      "# Quality: final validation loss relative to AdamW",
       '',
       f"{result['date']}, {result['machine']}, backend {result['backend']}, "
       f"jax {result['versions']['jax']}, optax {result['versions']['optax']}.",
