@@ -24,9 +24,9 @@ refresh train step <= 2x the method's steady train step.
 
 ``--per-layer`` (issue #25): the per-layer train step
 (``subspace_optax.per_layer_train_step``, bfloat16 params, batch 16 x 256) of
-LLaMA-1B and 7B per method, three real steps; the device's
-``peak_bytes_in_use`` next to the AOT figure (the CPU table is
-``benchmarks/results/per_layer_memory_cpu_aot.json``).
+LLaMA-1B and 7B, and the whole-tree step of 7B, per method, three real steps;
+the device's ``peak_bytes_in_use`` next to the AOT figure (the H100 compile's
+table is ``benchmarks/results/per_layer_memory_h100_aot.json``).
 
 Writes ``benchmarks/results/gpu_check_<device>_<date>.json`` (or ``--out``).
 """
@@ -66,6 +66,7 @@ class Case:
   vocab_size: int
   param_dtype: str
   refresh: int
+  per_layer: bool = True  # --per-layer cases: the per-layer or whole-tree step
 
 
 CASES = {
@@ -82,9 +83,17 @@ PER_LAYER_CASES = {
                                peak_memory.VOCAB_SIZE, 'bfloat16', 200),
     'llama_7b_per_layer': Case(per_layer_memory.SHAPES['llama_7b_b16x256'],
                                peak_memory.VOCAB_SIZE, 'bfloat16', 200),
+    # The whole-tree step at 7B: GPU lowerings vectorise the unprojection so
+    # that QN fuses with p + u (AOT for an H100: 8-bit GaLore 36.6 GB).
+    'llama_7b_whole_tree': Case(per_layer_memory.SHAPES['llama_7b_b16x256'],
+                                peak_memory.VOCAB_SIZE, 'bfloat16', 200,
+                                per_layer=False),
 }
-PER_LAYER_SMOKE_CASES = {'smoke_per_layer': Case(
-    per_layer_memory.SMOKE_SHAPES['smoke'], 256, 'bfloat16', 3)}
+PER_LAYER_SMOKE_CASES = {
+    'smoke_per_layer': Case(per_layer_memory.SMOKE_SHAPES['smoke'], 256,
+                            'bfloat16', 3),
+    'smoke_whole_tree': Case(per_layer_memory.SMOKE_SHAPES['smoke'], 256,
+                             'bfloat16', 3, per_layer=False)}
 PER_LAYER_METHODS = ('adamw', 'galore_svd_8bit', 'galore_randomized_8bit',
                      'apollo_mini')
 BOUNDS = {'optimizer_steady_vs_adamw': 1.0, 'train_mean_vs_adamw': 1.02,
@@ -166,8 +175,9 @@ def one(name: str, case_name: str, case: Case) -> dict[str, Any]:
 
 
 def per_layer_one(name: str, case_name: str, case: Case) -> dict[str, Any]:
-  """The per-layer step of one method: AOT peak, then three real steps and
-  the device's peak (own process)."""
+  """The per-layer (or, for ``case.per_layer=False``, whole-tree) step of one
+  method: AOT peak, then three real steps and the device's peak (own
+  process)."""
   config = peak_memory.model_config(case.shape, True, case.vocab_size)
 
   @jax.jit
@@ -185,8 +195,10 @@ def per_layer_one(name: str, case_name: str, case: Case) -> dict[str, Any]:
                               case.vocab_size)
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   start = time.perf_counter()
-  compiled = jax.jit(per_layer_memory.per_layer_step(config, tx),
-                     donate_argnums=(0, 1)).lower(
+  step = (per_layer_memory.per_layer_step(config, tx) if case.per_layer else
+          peak_memory.train_step(
+              peak_memory.abstract_params(config, case.param_dtype)[0], tx))
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
                          params, opt_state, inputs, targets).compile()
   compile_seconds = time.perf_counter() - start
   predicted = peak_memory.memory_of(compiled)
@@ -198,7 +210,7 @@ def per_layer_one(name: str, case_name: str, case: Case) -> dict[str, Any]:
     times.append(1e3 * (time.perf_counter() - start))
   stats = jax.devices()[0].memory_stats() or {}
   peak = stats.get('peak_bytes_in_use')
-  return {'method': name, 'case': case_name, 'per_layer': True,
+  return {'method': name, 'case': case_name, 'per_layer': case.per_layer,
           'compile_seconds': compile_seconds, 'aot_memory': predicted,
           'peak_bytes_in_use': peak,
           'peak_over_aot': None if peak is None else peak / predicted['peak'],

@@ -55,6 +55,8 @@ def test_gpu_check_per_layer_runs_on_cpu(tmp_path):
   result = gpu_check.main(['--per-layer', '--smoke', '--methods', 'adamw',
                            '--out', str(out)])
   assert out.exists()
-  (row,) = result['rows']
-  assert 'error' not in row, row.get('error')
-  assert row['per_layer'] and row['aot_memory']['peak'] > 0
+  per_layer, whole_tree = result['rows']
+  for row in (per_layer, whole_tree):
+    assert 'error' not in row, row.get('error')
+    assert row['aot_memory']['peak'] > 0 and len(row['step_ms']) == 3
+  assert per_layer['per_layer'] and not whole_tree['per_layer']
