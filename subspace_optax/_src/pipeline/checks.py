@@ -22,7 +22,8 @@ def abstract(tree):
       if hasattr(x, 'dtype') else x, tree)
 
 
-# Optax transforms that need a whole tree, not one matrix, and what to do.
+# What to do instead of each whole-tree optax wrapper
+# (separability.whole_tree_wrapper) as a residual path.
 _WHOLE_TREE = {
     'clip_by_global_norm': 'clip the whole update after low_rank, '
                            'optax.chain(low_rank(...), '
@@ -41,13 +42,13 @@ def check_residual(residual_tx, layouts: list) -> None:
   optax transforms are refused rather than silently applied per matrix, and
   one that uses ``params`` is refused as in :func:`check_params_free`.
   """
-  names = separability.closure_names(residual_tx.update)
-  for wrapper, advice in _WHOLE_TREE.items():
-    if any(n == wrapper or n.startswith(wrapper + '.') for n in names):
-      raise ValueError(
-          f'low_rank: the residual transform contains {wrapper}, but the '
-          'residual path runs on each matrix on its own (one (k, l) matrix '
-          f'of G - QQᵀG at a time), not on the whole tree; {advice}.')
+  wrapper = separability.whole_tree_wrapper(residual_tx)
+  if wrapper is not None:
+    raise ValueError(
+        f'low_rank: the residual transform contains {wrapper}, but the '
+        'residual path runs on each matrix on its own (one (k, l) matrix '
+        f'of G - QQᵀG at a time), not on the whole tree; '
+        f'{_WHOLE_TREE[wrapper]}.')
   lay = next((lay for lay in layouts if lay is not None), None)
   if lay is None:
     return

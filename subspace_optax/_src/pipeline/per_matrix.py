@@ -119,7 +119,7 @@ def over_matrices_on_cpu(fn: Callable[..., Any], num_batch_axes: int,
   """
   if num_batch_axes == 0:
     return fn(*args)
-  vectorised = lambda *a: layout_lib.batched(fn, num_batch_axes)(*a)
-  looped = lambda *a: over_matrices(fn, num_batch_axes, *a)
+  vectorised = layout_lib.batched(fn, num_batch_axes)
+  looped = functools.partial(over_matrices, fn, num_batch_axes)
   return jax.lax.platform_dependent(
       *args, cuda=vectorised, rocm=vectorised, default=looped)

@@ -13,7 +13,7 @@ the functions the transform closes over, the rest by their state) and raises
 from __future__ import annotations
 
 import types
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import optax
@@ -45,7 +45,7 @@ _NOT_SEPARABLE = {
 }
 
 
-def closure_names(obj: Any, depth: int = 0, seen=None) -> set[str]:
+def _closure_names(obj: Any, depth: int = 0, seen=None) -> set[str]:
   """Qualified names of the functions reachable from ``obj``'s closures."""
   seen = set() if seen is None else seen
   if depth > 12 or id(obj) in seen:
@@ -67,7 +67,7 @@ def closure_names(obj: Any, depth: int = 0, seen=None) -> set[str]:
   elif isinstance(obj, dict):
     children += list(obj.values())
   for child in children:
-    names |= closure_names(child, depth + 1, seen)
+    names |= _closure_names(child, depth + 1, seen)
   return names
 
 
@@ -79,6 +79,14 @@ def _has_contents(cell) -> bool:
     return False
 
 
+def whole_tree_wrapper(tx: optax.GradientTransformation) -> Optional[str]:
+  """The first optax wrapper of ``_NOT_SEPARABLE`` that ``tx`` closes over
+  (it needs the whole gradient tree at once), or None."""
+  names = _closure_names(tx.update)
+  return next((wrapper for wrapper in _NOT_SEPARABLE if any(
+      n == wrapper or n.startswith(wrapper + '.') for n in names)), None)
+
+
 def check_separable(tx: optax.GradientTransformation, state: Any) -> None:
   """Raises :class:`NotLayerSeparableError` for the known non-separable parts.
 
@@ -86,10 +94,10 @@ def check_separable(tx: optax.GradientTransformation, state: Any) -> None:
     tx: the transform.
     state: its state (or its ``jax.eval_shape``).
   """
-  names = closure_names(tx.update)
-  for wrapper, advice in _NOT_SEPARABLE.items():
-    if any(n == wrapper or n.startswith(wrapper + '.') for n in names):
-      raise NotLayerSeparableError(f'per_layer_train_step: {advice}')
+  wrapper = whole_tree_wrapper(tx)
+  if wrapper is not None:
+    raise NotLayerSeparableError(
+        f'per_layer_train_step: {_NOT_SEPARABLE[wrapper]}')
   nodes = jax.tree.leaves(
       state, is_leaf=lambda x: isinstance(
           x, (lazy_lib.LazyState, optax.ApplyIfFiniteState,
