@@ -688,8 +688,10 @@ _AOT_NOTE = (
     'Fira rows predate the residual path running one matrix at a time on the '
     'CPU (2026-12-07) and were not recompiled; at LLaMA-7B bf16, batch 16 × '
     '256, that change took APOLLO-Mini\'s whole-tree step from 60.1 to 73.1 GB '
-    'compiled, of which 0.9 and 20.3 GB are CPU-only float32 converts '
-    '(`results/per_layer_memory_cpu_aot.json`). ')
+    'compiled, of which 0.9 and 20.3 GB are CPU-only float32 converts. Every '
+    'low-rank row predates the CPU\'s layer-by-layer update of a stack '
+    '(2026-12-07, not recompiled; its 7B whole-tree rows are in '
+    '`results/per_layer_memory_cpu_aot.json`). ')
 
 
 def _aot_rows(name, methods=None):
@@ -1877,19 +1879,24 @@ def optimizer_temporaries() -> str:
   on_gpu = {r['method']: r for r in h100['rows']}
   bound = cpu['bound']
   cell = lambda v: x(v) if v <= bound else f'{x(v)} (over)'
-  rows = [[r['method']] + [cell(r[d]) for d in ('float32', 'bfloat16')] + [
-      cell(on_gpu[r['method']][d]) for d in ('float32', 'bfloat16')]
-          for r in cpu['rows']]
+  deep = next(k for k in cpu['rows'][0] if k.endswith('_layers'))
+  deep_layers = deep.split('_')[1]
+  columns = ('float32', 'bfloat16', deep)
+  rows = [[r['method']] + [cell(r[d]) for d in columns] + [
+      cell(on_gpu[r['method']][d]) for d in columns] for r in cpu['rows']]
   within = lambda d: sum(r['within_bound'] for r in d['rows'])
   layers, m, n = cpu['params']['blocks']['mlp']['kernel']
-  return (table(['method', 'float32, XLA:CPU', 'bfloat16, XLA:CPU',
-                 'float32, H100 compile', 'bfloat16, H100 compile'], rows)
+  return (table(['method'] + [
+      f'{label}, {where}' for where in ('XLA:CPU', 'H100 compile')
+      for label in ('float32', 'bfloat16', f'float32, {deep_layers} layers')],
+                rows)
           + f"\n\nTemporaries of `tx.update` alone (state donated) over the "
           f"float32 bytes of the largest matrix, one {m} × {n} layer of a "
-          f"stack of {layers}; bound {x(bound, 1)}. Within it in both dtypes: "
-          f"{within(cpu)} of {len(cpu['rows'])} methods on XLA:CPU, "
-          f"{within(h100)} of {len(h100['rows'])} on the H100 compile.\n\n"
-          + source(*OPTIMIZER_TEMPORARIES))
+          f"stack of {layers} (and of {deep_layers}, in float32: a temporary "
+          f"the size of the stack grows with it); bound {x(bound, 1)}. "
+          f"Within it in every column: {within(cpu)} of {len(cpu['rows'])} "
+          f"methods on XLA:CPU, {within(h100)} of {len(h100['rows'])} on the "
+          "H100 compile.\n\n" + source(*OPTIMIZER_TEMPORARIES))
 
 
 PER_LAYER_FITS = 'per_layer_fits_cpu_aot.json'

@@ -151,9 +151,14 @@ def _sub_jaxprs(eqn):
 
 def _outermost(jaxpr, name: str, stop: str = '') -> list:
   """Equations of primitive ``name`` not nested inside another one (nor in a
-  ``stop`` primitive)."""
+  ``stop`` primitive). A ``cond`` on ``lax.platform_dependent``'s platform
+  index is skipped: it is resolved when the program is lowered."""
   found = []
+  platform = {v for e in jaxpr.eqns if e.primitive.name == 'platform_index'
+              for v in e.outvars}
   for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'cond' and eqn.invars[0] in platform:
+      continue
     if eqn.primitive.name == name:
       found.append(eqn)
     elif eqn.primitive.name != stop:

@@ -27,27 +27,28 @@ import pytest
 
 from benchmarks import methods as registry
 from benchmarks.optimizer_temporaries import BOUND
+from benchmarks.optimizer_temporaries import DEEP
+from benchmarks.optimizer_temporaries import DEEP_LAYERS
 from benchmarks.optimizer_temporaries import LAYERS
 from benchmarks.optimizer_temporaries import temp_ratio
 
 # Rows that cannot meet the bound, and why (strict xfail: a row that starts
-# to meet it must be moved out of here).
+# to meet it must be moved out of here). On the CPU a stack is updated one
+# layer at a time (layer_loop.py): its layer's gradient slice is a buffer of
+# its own beside each stage's work.
 SVD = ('an exact SVD refresh of one matrix holds LAPACK\'s copy of it and U '
-       'of its size (gesdd), plus the float32 view: about 2.5-3x one matrix '
-       'whatever the schedule')
-RESIDUAL = ('the residual loop holds one matrix\'s float32 view and '
-            'G - QQᵀG (2x), and the stacked C and N live beside it (half a '
-            'matrix each at this shape: rank 8 of 64 over 4 layers)')
-BLOCKS = ('the blocks basis projects onto the whole matrix: C and N of a '
-          'stack are stack-size, 4 matrices each')
+       'of its size (gesdd), plus the float32 view and the layer\'s gradient '
+       'slice: about 3.5-5x one matrix whatever the schedule')
+RESIDUAL = ('the residual path holds one matrix\'s float32 view and '
+            'G - QQᵀG (2x) beside the layer\'s gradient slice')
+BLOCKS = ('the blocks basis projects onto the whole matrix: C, N and the '
+          'moments of a layer are a matrix each')
 RANDOMIZED = ('the randomized range finder holds a sketch, its QR and the '
-              'power iterations\' products (k x (r + oversampling)) besides '
-              'the float32 view; at this small shape they are a quarter of a '
-              'matrix each')
-BF16_VIEW = ('bfloat16 params: the float32 view of a matrix (1x) plus the '
-             'float32 QN (1x) and the stacked state buffers')
+              'power iterations\' products (k x (r + oversampling)), and '
+              'threefry\'s buffers of the random matrices, beside the layer\'s '
+              'gradient slice; at this small shape a quarter of a matrix each')
 EXPECTED_OVER = {
-    # Exact SVD refreshes (measured 2.8-4.1x after the per-matrix schedule).
+    # Exact SVD refreshes (measured 3.0-5.1x).
     **{name: SVD for name in (
         'galore', 'galore_reference', 'galore_no_stagger', 'galore_bf16_state',
         'galore_momentum_reset', 'q_galore', 'q_galore_8bit_moments', 'i3s',
@@ -59,10 +60,11 @@ EXPECTED_OVER = {
     'frugal_blocks': BLOCKS,
     ('apollo', 'bfloat16'): RESIDUAL,
     ('apollo_reference', 'bfloat16'): RESIDUAL,
-    'apollo_compact': RESIDUAL,
+    ('apollo_mini_reference', 'bfloat16'): RESIDUAL,
+    ('apollo_compact', 'bfloat16'): RESIDUAL,
     'galore_randomized': RANDOMIZED,
     'galore_randomized_no_stagger': RANDOMIZED,
-    ('golore', 'bfloat16'): BF16_VIEW,
+    'golore': RANDOMIZED,
     'online_subspace_descent': (
         'the online-PCA basis step differentiates ‖G - QQᵀG‖² every step: '
         'full-size residual and its gradient per matrix'),
@@ -81,6 +83,25 @@ EXPECTED_OVER = {
             'leaf is a whole-tree chain of full-size float32 maps',
     'auon_hybrid': 'not a low_rank method: Newton-Schulz and the '
                    'normalisation hold several full-size float32 products',
+}
+
+# Rows whose temporaries grow with the stack (strict xfail, with why).
+STAGED = ('runs the staged update over the whole stack (its new bases, C '
+          'and N are stack-sized): ')
+GROWS = {
+    'q_galore': STAGED + 'a lazy refresh policy needs every layer\'s '
+                'similarity first',
+    'q_galore_8bit_moments': STAGED + 'a lazy refresh policy needs every '
+                             'layer\'s similarity first',
+    'galore_8bit_moments': STAGED + 'quantize_moments keeps a one-layer '
+                           'moment below its min_size in float32, so a '
+                           'layer\'s state is not a slice of the stack\'s',
+    'frugal_blocks': ('XLA:CPU copies the carried moment stacks, which are '
+                      'full-size for the blocks basis'),
+    'adamp': 'not a low_rank method (whole-tree maps)',
+    'sgdp': 'not a low_rank method (whole-tree maps)',
+    'auon': 'not a low_rank method (whole-tree maps)',
+    'auon_hybrid': 'not a low_rank method (whole-tree maps)',
 }
 
 SKIPPED = {
@@ -111,22 +132,27 @@ def test_temporaries_within_two_matrices(name, dtype):
       f'largest matrix (bound {BOUND}x)')
 
 
-@pytest.mark.parametrize('name, dtype', [
-    ('galore', 'bfloat16'),
-    pytest.param('galore_randomized', 'float32', marks=pytest.mark.slow),
-    pytest.param('q_galore', 'bfloat16', marks=pytest.mark.slow),
-    pytest.param('apollo', 'bfloat16', marks=pytest.mark.slow),
-    pytest.param('frugal', 'bfloat16', marks=pytest.mark.slow),
-])
-def test_temporaries_do_not_grow_with_the_stack(name, dtype):
-  # LAYERS more layers: a float32 temporary of the whole stack would add
-  # LAYERS matrices (a bfloat16 one LAYERS / 2); per-layer work adds only
-  # the stacked basis buffers (128 x 8: an eighth of a matrix per layer,
-  # about 2 copies).
-  growth = temp_ratio(name, dtype, 2 * LAYERS) - temp_ratio(name, dtype)
-  assert growth < 0.375 * LAYERS, (
-      f'{name} ({dtype}): {LAYERS} more layers add {growth:.2f} matrices of '
-      'temporaries')
+def _growth_cases():
+  fast = {'galore', 'galore_randomized', 'apollo_mini'}
+  for name in registry.REGISTRY:
+    marks = [] if name in fast else [pytest.mark.slow]
+    if name in SKIPPED:
+      marks.append(pytest.mark.skip(reason=SKIPPED[name]))
+    elif name in GROWS:
+      marks.append(pytest.mark.xfail(reason=GROWS[name], strict=True))
+    yield pytest.param(name, marks=marks, id=name)
+
+
+@pytest.mark.parametrize('name', list(_growth_cases()))
+def test_temporaries_do_not_grow_with_the_stack(name):
+  # DEEP_LAYERS instead of LAYERS layers: a temporary the size of the stack
+  # would add a matrix per layer (its C or N a quarter to an eighth of one);
+  # one layer at a time, the temporaries are the same.
+  growth = (temp_ratio(name, 'float32', DEEP_LAYERS)
+            - temp_ratio(name, 'float32'))
+  assert growth < 0.05, (
+      f'{name}: {DEEP_LAYERS - LAYERS} more layers add {growth:.2f} '
+      'matrices of temporaries')
 
 
 def test_the_benchmark_records_each_dtype_against_the_bound(tmp_path):
@@ -135,5 +161,7 @@ def test_the_benchmark_records_each_dtype_against_the_bound(tmp_path):
   result = optimizer_temporaries.main(['--methods', 'adamw', '--out', str(out)])
   (row,) = result['rows']
   assert out.exists() and result['compiled_for'] == 'cpu'
-  assert row['within_bound'] == (max(row['float32'], row['bfloat16']) <= BOUND)
+  assert row['within_bound'] == (
+      max(row['float32'], row['bfloat16'], row[DEEP]) <= BOUND)
   assert row['float32'] == temp_ratio('adamw', 'float32')
+  assert row[DEEP] == temp_ratio('adamw', 'float32', DEEP_LAYERS)

@@ -57,3 +57,14 @@ def test_low_rank_unprojects_the_whole_stack_at_once_only_on_gpus(residual):
     products = [line for line in text.splitlines() if 'dot_general' in line]
     assert any(line.endswith('-> tensor<4x6x8xf32>') for line in products) == (
         vectorised), (platform, products)
+
+
+def test_on_platform_called_eagerly_runs_the_branch_of_the_arrays_devices():
+  # This machine's devices are CPUs; an eager platform_dependent would
+  # compile both branches on every call.
+  calls = []
+  out = per_matrix.on_platform(
+      jnp.ones(3), cpu=lambda x: calls.append('cpu') or x + 1,
+      gpu=lambda x: calls.append('gpu') or x - 1)
+  assert calls == ['cpu']
+  np.testing.assert_array_equal(out, 2.0)

@@ -13,16 +13,23 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Iterator, NamedTuple, Optional
+from typing import Iterator, Mapping, NamedTuple, Optional
 
 import jax
 
 
 class LayerIndex(NamedTuple):
-  """Layer ``index`` (a traced int32 scalar) of a stack of ``size`` layers."""
+  """Layer ``index`` (a traced int32 scalar) of a stack of ``size`` layers.
+
+  ``finite`` maps a leaf's position in the flat gradient tree to whether
+  the whole stacked leaf (every layer) is finite, where the caller knows it
+  (:mod:`layer_loop`): a refresh is skipped for a non-finite leaf, as in the
+  whole-tree update. Leaves not in it are judged by their one layer.
+  """
 
   index: jax.Array
   size: int
+  finite: Optional[Mapping[int, jax.Array]] = None
 
 
 _STATE = threading.local()
@@ -34,7 +41,9 @@ def current() -> Optional[LayerIndex]:
 
 
 @contextlib.contextmanager
-def layer(index: jax.Array, size: int) -> Iterator[LayerIndex]:
+def layer(index: jax.Array, size: int,
+          finite: Optional[Mapping[int, jax.Array]] = None
+          ) -> Iterator[LayerIndex]:
   """Within this context, one-layer updates are those of layer ``index``.
 
   Examples:
@@ -46,7 +55,7 @@ def layer(index: jax.Array, size: int) -> Iterator[LayerIndex]:
     True
   """
   previous = current()
-  _STATE.layer = LayerIndex(index, size)
+  _STATE.layer = LayerIndex(index, size, finite)
   try:
     yield _STATE.layer
   finally:

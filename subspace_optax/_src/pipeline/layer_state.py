@@ -37,6 +37,46 @@ class Plan(NamedTuple):
   rest_map: list[Any]
   rest_shapes: list[Any]
 
+  @property
+  def carried_index(self) -> list[int]:
+    """The whole-state leaves with the stack axis."""
+    return [i for i, c in enumerate(self.carries) if c]
+
+  def layer_state(self, whole: list, slices: list):
+    """The state of a one-layer update: ``slices`` (one per
+    :attr:`carried_index` leaf) and the shared leaves of ``whole``."""
+    by_index = dict(zip(self.carried_index, slices))
+    return self.layer_def.unflatten([
+        placeholder(s) if i is None else by_index.get(i, whole[i])
+        for s, i in zip(self.layer_shapes, self.layer_map)])
+
+  @property
+  def shared_index(self) -> list[int]:
+    """The whole-state leaves a one-layer update reads and writes whole."""
+    return [i for i in self.layer_map if i is not None and not self.carries[i]]
+
+  def rest_state(self, whole: list):
+    """The state of the final update of the other leaves."""
+    return self.rest_def.unflatten([
+        placeholder(s) if i is None else whole[i]
+        for s, i in zip(self.rest_shapes, self.rest_map)])
+
+  def rest_values(self, new_rest) -> dict[int, Any]:
+    """The whole-state leaves the final update wrote, by index."""
+    return {i: x for i, x in zip(self.rest_map,
+                                 self.rest_def.flatten_up_to(new_rest))
+            if i is not None and not self.carries[i]}
+
+  def new_state(self, whole: list, carried: list, shared: list, new_rest):
+    """The whole state after a step: the carried stacks, the one-layer
+    updates' shared leaves, and the final update's leaves over them."""
+    out = list(whole)
+    for i, x in [*zip(self.carried_index, carried),
+                 *zip(self.shared_index, shared),
+                 *self.rest_values(new_rest).items()]:
+      out[i] = x
+    return self.treedef.unflatten(out)
+
 
 def _abstract(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x),
@@ -71,28 +111,34 @@ class Split(NamedTuple):
             [x for x, s in zip(flat, self.is_stack) if not s])
 
 
-def with_leaves(params, stack: str, stack_fn, rest_fn):
+def with_leaves(params, split: Split, stack_fn, rest_fn):
   """``params`` with ``stack_fn`` on the stack's leaves, ``rest_fn`` on the
   others."""
-  split = Split.of(params, stack)
   stacked, rest = split.parts(params)
   return split.build(map(stack_fn, stacked), map(rest_fn, rest))
 
 
-def plan(tx, params, stack: str) -> Plan:
+def plan(tx, params, stack: str | Split) -> Plan:
   """The :class:`Plan` of ``tx`` on ``params`` (shapes only).
+
+  Args:
+    tx: the transform.
+    params: its params (or their shapes).
+    stack: the key of ``params`` (a dict) holding the stacked layers, or a
+      :class:`Split` naming the stacked leaves.
 
   Raises:
     NotLayerSeparableError: ``tx`` or its state cannot be split by layer.
   """
   params = _abstract(params)
-  sizes = {x.shape[0] for x in jax.tree.leaves(params[stack])}
+  split = stack if isinstance(stack, Split) else Split.of(params, stack)
+  sizes = {x.shape[0] for x in split.parts(params)[0]}
   if len(sizes) != 1:
     raise ValueError(f'per_layer_train_step: the leaves of params[{stack!r}] '
                      f'must share one leading (layer) axis; got sizes {sizes}.')
   size = sizes.pop()
   resized = lambda n: with_leaves(
-      params, stack, lambda x: jax.ShapeDtypeStruct((n,) + x.shape[1:],
+      params, split, lambda x: jax.ShapeDtypeStruct((n,) + x.shape[1:],
                                                    x.dtype), lambda x: x)
   whole = jax.eval_shape(tx.init, params)
   separability.check_separable(tx, whole)
@@ -148,10 +194,10 @@ def plan(tx, params, stack: str) -> Plan:
                      for s, w in zip(shapes, where)], shapes
 
   layer_def, layer_map, layer_shapes = mapping(with_leaves(
-      params, stack, lambda x: jax.ShapeDtypeStruct((1,) + x.shape[1:],
+      params, split, lambda x: jax.ShapeDtypeStruct((1,) + x.shape[1:],
                                                    x.dtype), _zero_size))
   rest_def, rest_map, rest_shapes = mapping(
-      with_leaves(params, stack, _zero_size, lambda x: x))
+      with_leaves(params, split, _zero_size, lambda x: x))
   for shapes, where in ((layer_shapes, layer_map), (rest_shapes, rest_map)):
     for s, i in zip(shapes, where):
       if i is None:

@@ -37,7 +37,9 @@ from subspace_optax._src.bases import registry
 from subspace_optax._src.pipeline import accumulation
 from subspace_optax._src.pipeline import checks
 from subspace_optax._src.pipeline import coverage
+from subspace_optax._src.pipeline import layer_loop
 from subspace_optax._src.pipeline import layout as layout_lib
+from subspace_optax._src.pipeline import per_matrix
 from subspace_optax._src.pipeline import precision as precision_lib
 from subspace_optax._src.pipeline import sharding
 from subspace_optax._src.pipeline import stages
@@ -87,6 +89,16 @@ def low_rank(
   .. math::
     C = QᵀG,\\quad N = inner(C),\\quad U = scale \\cdot QN
     \\;+\\; residual(G - QQᵀG).
+
+  Memory: full-size work runs one matrix at a time. Lowered for the CPU (or
+  a TPU), a stack of scanned layers (the leaves whose first batch axis is
+  axis 0, as deep as the largest of them) is updated one layer at a time,
+  its state written in place, so no temporary of the update grows with the
+  number of layers; lowered for a GPU, the stages run over the whole stack
+  (the unprojection then fuses with ``p + u``). Same result on every
+  platform. An ``inner`` that needs every layer first
+  (``optax.clip_by_global_norm`` of the coefficients, a lazy ``refresh``
+  policy) keeps the stages over the whole stack everywhere.
 
   Args:
     inner: any optax transform that does not use ``params`` (``scale_by_adam``,
@@ -295,14 +307,22 @@ def low_rank(
         residual_state=residual_state,
     )
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del params  # The inner optimizer never sees params (shapes differ).
+  def state_leaves(updates, state):
+    """The basis and refresh leaves of ``state``, checked against the
+    gradients ``updates`` (named errors for a state of other params)."""
     flat, treedef = jax.tree.flatten(updates)
     layouts = layouts_for(updates)
     basis_leaves, refresh_leaves = checks.state_leaves(treedef, state)
     checks.check_state_fits(updates, layouts, basis_leaves, basis_shapes,
                       state.inner_state,
                       expected_inner_state(flat, treedef, layouts))
+    return basis_leaves, refresh_leaves
+
+  def staged_update(updates, state, params=None, **extra_args):
+    del params  # The inner optimizer never sees params (shapes differ).
+    flat, treedef = jax.tree.flatten(updates)
+    layouts = layouts_for(updates)
+    basis_leaves, refresh_leaves = state_leaves(updates, state)
     count = state.count
     # Random bases draw from the optimizer step (the cycle, when
     # accumulating), as they would under optax.MultiSteps.
@@ -359,5 +379,25 @@ def low_rank(
             inner_state=inner_state,
             residual_state=residual_state,
         ))
+
+  plans = layer_loop.Plans(
+      optax.GradientTransformationExtraArgs(init_fn, staged_update))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    # On the CPU a stack of layers is updated one layer at a time, so no
+    # temporary is stack-sized (layer_loop.py). GPUs keep the staged update
+    # over the whole stack: its unprojection fuses with ``p + u``, where the
+    # loop's output would be a materialised update tree
+    # (per_matrix.over_matrices_on_cpu).
+    split = layer_loop.stack_of(updates, layouts_for(updates))
+    if split is not None:
+      state_leaves(updates, state)  # errors name the whole tree's leaves
+    plan = None if split is None else plans.get(updates, split)
+    if plan is None:
+      return staged_update(updates, state, None, **extra_args)
+    staged = lambda u, s: staged_update(u, s, None, **extra_args)
+    looped = lambda u, s: layer_loop.update(
+        staged_update, split, plan, u, s, extra_args)
+    return per_matrix.on_platform(updates, state, cpu=looped, gpu=staged)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -212,25 +212,11 @@ def per_layer_train_step(
     clip = (lambda g: g) if scale is None else (
         lambda g: jax.tree.map(lambda x: (x * scale).astype(x.dtype), g))
 
-    carried_index = [i for i, c in enumerate(plan.carries) if c]
     # Shared leaves of the one-layer updates: compared between layers.
-    shared_index = [i for i in plan.layer_map
-                    if i is not None and not plan.carries[i]]
+    carried_index, shared_index = plan.carried_index, plan.shared_index
 
     def layer_slices(stacks, l):
       return [lax.dynamic_slice_in_dim(x, l, 1, 0) for x in stacks]
-
-    def one_layer_state(slices):
-      by_index = dict(zip(carried_index, slices))
-      leaves = []
-      for s, i in zip(plan.layer_shapes, plan.layer_map):
-        if i is None:
-          leaves.append(layer_state.placeholder(s))
-        elif plan.carries[i]:
-          leaves.append(by_index[i])
-        else:
-          leaves.append(whole[i])
-      return plan.layer_def.unflatten(leaves)
 
     stack_leaves, stack_def = jax.tree.flatten(stacked)
     num_params = len(stack_leaves)
@@ -253,7 +239,7 @@ def per_layer_train_step(
       layer_params = split.build(slices[:num_params], others)
       with layer_index.layer(l, size):
         updates, new_state = tx.update(
-            grads, one_layer_state(slices[num_params:]), layer_params)
+            grads, plan.layer_state(whole, slices[num_params:]), layer_params)
       new_p = optax.apply_updates(one_p, jax.tree.unflatten(
           stack_def, split.parts(updates)[0]))
       new_leaves = plan.layer_def.flatten_up_to(new_state)
@@ -280,27 +266,19 @@ def per_layer_train_step(
     # The other leaves, once, with the stack zero-size.
     rest_grad = clip(jax.tree.map(jnp.add, rest_grad, embed_vjp(g_h0)[0]))
     zero_stack = lambda x: jnp.zeros((0,) + x.shape[1:], x.dtype)
-    rest_leaves = [layer_state.placeholder(s) if i is None else whole[i]
-                   for s, i in zip(plan.rest_shapes, plan.rest_map)]
     empty = [zero_stack(x) for x in new_stack]
     rest_grad = jax.tree.leaves(rest_grad)
     updates, new_rest = tx.update(
-        split.build(empty, rest_grad), plan.rest_def.unflatten(rest_leaves),
+        split.build(empty, rest_grad), plan.rest_state(whole),
         split.build(empty, rest_flat))
     new_rest_params = optax.apply_updates(rest_flat, split.parts(updates)[1])
     new_params = split.build(new_stack, new_rest_params)
 
-    out = list(whole)
-    for c, i in zip(carried, carried_index):
-      out[i] = c
+    rest_values = plan.rest_values(new_rest)
     for x, i in zip(shared, shared_index):
-      out[i] = x
-    for i, x in zip(plan.rest_map, plan.rest_def.flatten_up_to(new_rest)):
-      if i is not None and not plan.carries[i]:
-        if i in shared_index:
-          same = same & _equal(out[i], x)
-        out[i] = x
-    new_state = plan.treedef.unflatten(out)
+      if i in rest_values:
+        same = same & _equal(x, rest_values[i])
+    new_state = plan.new_state(whole, carried, shared, new_rest)
     if check_shared:
       return new_params, new_state, loss, same
     return new_params, new_state, loss

@@ -15,7 +15,10 @@ The maths is the same per matrix; only the schedule changes. The stages
 whose output is the update itself (the unprojection, the residual path) are
 vectorised on GPUs (:func:`over_matrices_on_cpu`): there the whole stack's
 ``QN`` fuses with the cast and the caller's ``p + u``, while a loop's output
-is a materialised update tree.
+is a materialised update tree. Between the stages, a stack's new bases and
+its coefficients ``C`` and ``N`` are stack-sized; on the CPU
+:mod:`~subspace_optax._src.pipeline.layer_loop` removes them by running the
+whole update one layer at a time.
 """
 
 from __future__ import annotations
@@ -113,13 +116,32 @@ def over_matrices_on_cpu(fn: Callable[..., Any], num_batch_axes: int,
   H100, peaks at 36.6 GB vectorised against 50.1 GB looped
   (``benchmarks.per_layer_memory --target h100``), so GPUs vectorise. The
   CPU keeps the loop, which bounds the update's own temporaries
-  (``benchmarks.optimizer_temporaries``), although there too the vectorised
-  train step compiles to a lower peak (72.1 against 86.1 GB). TPUs, not
-  measured, take the loop. Same maths on every platform.
+  (``benchmarks.optimizer_temporaries``), although there the vectorised
+  train step compiled to a lower peak too (72.1 against 86.1 GB, before the
+  CPU's layer loop; 77.0 GB with it). TPUs, not measured, take the loop.
+  Same maths on every platform.
   """
   if num_batch_axes == 0:
     return fn(*args)
-  vectorised = layout_lib.batched(fn, num_batch_axes)
-  looped = functools.partial(over_matrices, fn, num_batch_axes)
-  return jax.lax.platform_dependent(
-      *args, cuda=vectorised, rocm=vectorised, default=looped)
+  return on_platform(
+      *args, cpu=functools.partial(over_matrices, fn, num_batch_axes),
+      gpu=layout_lib.batched(fn, num_batch_axes))
+
+
+def on_platform(*args: Any, cpu: Callable[..., Any],
+                gpu: Callable[..., Any]) -> Any:
+  """``gpu(*args)`` when lowered for cuda or rocm, else ``cpu(*args)``.
+
+  ``jax.lax.platform_dependent`` under a trace (the platform is the
+  lowering's, so ahead-of-time compiles for another target take its
+  branch); called eagerly on concrete arrays, the branch of their devices'
+  platform directly (an eager ``platform_dependent`` would compile both
+  branches on every call).
+  """
+  leaves = jax.tree.leaves(args)
+  if leaves and not any(isinstance(x, jax.core.Tracer) for x in leaves):
+    arrays = [x for x in leaves if isinstance(x, jax.Array)]
+    platform = (next(iter(arrays[0].devices())).platform if arrays
+                else jax.default_backend())
+    return (gpu if platform == 'gpu' else cpu)(*args)
+  return jax.lax.platform_dependent(*args, cuda=gpu, rocm=gpu, default=cpu)
