@@ -163,3 +163,32 @@ def test_an_inner_optimizer_of_the_whole_tree_keeps_the_staged_update():
   split = layer_loop.stack_of(params, layouts)
   assert split is not None
   assert layer_loop.Plans(tx).get(params, split) is None
+
+
+def _nan_on_large_layers(trigger):
+  """The SVD basis, NaN on a matrix with an entry above ``trigger``."""
+  svd = so.bases.svd()
+
+  def refresh(g, old, key, align):
+    new = svd.refresh(g, old, key, align)
+    return jnp.where(jnp.max(jnp.abs(g)) > trigger, jnp.nan, new)
+
+  return svd._replace(name='nan_on_large', refresh=refresh)
+
+
+def test_a_refresh_that_fails_on_one_layer_keeps_every_layers_basis():
+  # The new basis of layer 2 only is NaN: as in the staged update, no layer
+  # takes its new basis and the leaf stays due; the next refresh runs.
+  tx = so.low_rank(optax.scale_by_adam(), rank=2, refresh=100,
+                   basis=_nan_on_large_layers(100.0),
+                   dimension_numbers=so.last_two_axes)
+  params = {'s': jnp.zeros((L, 6, 4))}
+  good = gradients(0, params)
+  bad = {'s': good['s'].at[2].multiply(1e4)}
+  looped, looped_state = run(tx, params, [bad, good], staged=False)
+  staged, staged_state = run(tx, params, [bad, good], staged=True)
+  assert_trees_close(looped, staged)
+  assert_trees_close(looped_state, staged_state)
+  failed = run(tx, params, [bad], staged=False)[1]
+  np.testing.assert_array_equal(failed.basis['s'], tx.init(params).basis['s'])
+  assert not np.allclose(looped_state.basis['s'], tx.init(params).basis['s'])

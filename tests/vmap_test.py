@@ -5,7 +5,8 @@ both branches; the refresh goes through ``batching.cond`` so that an ensemble
 still refreshes only on steps where some member is due. Stacked ``(L, m, n)``
 leaves refresh each matrix once: one batched factorisation (a loop over
 ``L`` inside that one refresh on multi-device CPU, see
-``batching.loop_on_cpu``), or one per layer in the CPU's layer loop.
+``batching.loop_on_cpu``), or one per layer in the CPU's layer loop (after
+its check that every layer's new basis is finite).
 """
 
 import jax
@@ -127,7 +128,8 @@ def test_stacked_layers_refresh_in_one_batched_call(basis, factorisation):
   """A (L, m, n) leaf is refreshed by one factorisation batched over L, in
   each of the two schedules the update holds (``lax.platform_dependent``):
   the staged update of GPUs, and the layer loop of the CPU
-  (``layer_loop.py``: one matrix per call, in a loop of L)."""
+  (``layer_loop.py``: one matrix per call, in a loop of L), which checks
+  first, one matrix at a time, that every layer's new basis is finite."""
   layers = 5
   params = {'s': jnp.ones((layers, 24, 16))}
   tx = so.low_rank(optax.scale_by_adam(), rank=4, refresh=3, basis=basis,
@@ -135,6 +137,6 @@ def test_stacked_layers_refresh_in_one_batched_call(basis, factorisation):
   state = tx.init(params)
   jaxpr = jax.make_jaxpr(tx.update)(params, state)
   calls = _find(jaxpr, factorisation)
-  assert len(calls) == 2, len(calls)
+  assert len(calls) == 3, len(calls)
   assert all(inside for _, inside in calls)  # behind the refresh cond
-  assert _matrices_per_call(jaxpr, factorisation) == [layers, layers]
+  assert _matrices_per_call(jaxpr, factorisation) == [layers] * 3

@@ -21,15 +21,18 @@ import jax
 class LayerIndex(NamedTuple):
   """Layer ``index`` (a traced int32 scalar) of a stack of ``size`` layers.
 
-  ``finite`` maps a leaf's position in the flat gradient tree to whether
-  the whole stacked leaf (every layer) is finite, where the caller knows it
-  (:mod:`layer_loop`): a refresh is skipped for a non-finite leaf, as in the
-  whole-tree update. Leaves not in it are judged by their one layer.
+  Where the caller knows them (:mod:`layer_loop`), ``finite`` and
+  ``refresh_finite`` map a leaf's position in the flat gradient tree to
+  whether the whole stacked leaf (every layer) is finite, and whether this
+  step's refresh gives a finite basis for every layer of it: a refresh is
+  then kept or dropped for the whole leaf, as in the whole-tree update.
+  Leaves not in them are judged by their one layer.
   """
 
   index: jax.Array
   size: int
   finite: Optional[Mapping[int, jax.Array]] = None
+  refresh_finite: Optional[Mapping[int, jax.Array]] = None
 
 
 _STATE = threading.local()
@@ -42,7 +45,8 @@ def current() -> Optional[LayerIndex]:
 
 @contextlib.contextmanager
 def layer(index: jax.Array, size: int,
-          finite: Optional[Mapping[int, jax.Array]] = None
+          finite: Optional[Mapping[int, jax.Array]] = None,
+          refresh_finite: Optional[Mapping[int, jax.Array]] = None
           ) -> Iterator[LayerIndex]:
   """Within this context, one-layer updates are those of layer ``index``.
 
@@ -55,7 +59,7 @@ def layer(index: jax.Array, size: int,
     True
   """
   previous = current()
-  _STATE.layer = LayerIndex(index, size, finite)
+  _STATE.layer = LayerIndex(index, size, finite, refresh_finite)
   try:
     yield _STATE.layer
   finally:

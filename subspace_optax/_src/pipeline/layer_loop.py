@@ -14,13 +14,15 @@ are updated once at the end, with the stack zero-size. The state is the
 ordinary whole-tree state, split by :mod:`layer_state` (the same plan as
 :func:`~subspace_optax.per_layer_train_step`, so the result is the
 whole-tree update's for every transform that plan accepts; random bases draw
-the whole tree's keys through :mod:`layer_index`).
+the whole tree's keys through :mod:`layer_index`, and so do the whole
+stacked leaf's finiteness and whether every layer's new basis is finite,
+which the caller computes before the loop).
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +31,6 @@ from jax import lax
 from subspace_optax._src.pipeline import layer_index
 from subspace_optax._src.pipeline import layer_state
 from subspace_optax._src.pipeline import separability
-from subspace_optax._src.pipeline import stages
 
 
 def stack_of(updates, layouts: list) -> Optional[layer_state.Split]:
@@ -77,20 +78,22 @@ class Plans:
 
 
 def update(update_fn: Callable[..., Any], split: layer_state.Split,
-           plan: layer_state.Plan, updates, state, extra_args: dict):
+           plan: layer_state.Plan, updates, state, extra_args: dict,
+           finite: Mapping[int, jax.Array],
+           refresh_finite: Mapping[int, jax.Array]):
   """``update_fn(updates, state)`` with the stack of ``split`` one layer at a
-  time (``plan`` from :class:`Plans`); same outputs."""
+  time (``plan`` from :class:`Plans`); same outputs.
+
+  ``finite`` and ``refresh_finite`` hold, by position in the flat tree,
+  what a one-layer update must know of its whole stacked leaf
+  (:class:`~subspace_optax._src.pipeline.layer_index.LayerIndex`).
+  """
   whole = plan.treedef.flatten_up_to(state)
   stack_grads, rest_grads = split.parts(updates)
   size = stack_grads[0].shape[0]
   carried_index, shared_index = plan.carried_index, plan.shared_index
   zero_size = lambda xs: [jnp.zeros((0,) + x.shape[1:], x.dtype) for x in xs]
 
-  # Whether each whole stacked leaf is finite (a refresh of a non-finite
-  # leaf is skipped in every layer, as in the whole-tree update), by the
-  # leaf's position in the flat tree.
-  positions = [i for i, s in enumerate(split.is_stack) if s]
-  finite = {i: stages.all_finite(g) for i, g in zip(positions, stack_grads)}
   slice_at = lambda xs, l: [lax.dynamic_slice_in_dim(x, l, 1, 0) for x in xs]
 
   # The per-layer state stacks are written in place. Layer l's slices are
@@ -103,7 +106,7 @@ def update(update_fn: Callable[..., Any], split: layer_state.Split,
     # loop.
     grads, stacks, slices, _ = carry
     grads = lax.optimization_barrier(grads)
-    with layer_index.layer(l, size, finite):
+    with layer_index.layer(l, size, finite, refresh_finite):
       layer_updates, new_state = update_fn(
           split.build(slice_at(grads, l), zero_size(rest_grads)),
           plan.layer_state(whole, slices),

@@ -96,7 +96,10 @@ def low_rank(
   its state written in place, so no temporary of the update grows with the
   number of layers; lowered for a GPU, the stages run over the whole stack
   (the unprojection then fuses with ``p + u``). Same result on every
-  platform. An ``inner`` that needs every layer first
+  platform: the CPU first checks a due refresh's new bases one matrix at a
+  time, so that a refresh failing on one layer is dropped for every layer
+  (refreshes run twice on its refresh steps). An ``inner`` that needs every
+  layer first
   (``optax.clip_by_global_norm`` of the coefficients, a lazy ``refresh``
   policy) keeps the stages over the whole stack everywhere.
 
@@ -307,28 +310,29 @@ def low_rank(
         residual_state=residual_state,
     )
 
-  def state_leaves(updates, state):
-    """The basis and refresh leaves of ``state``, checked against the
-    gradients ``updates`` (named errors for a state of other params)."""
+  def projected_leaves(updates, state):
+    """The flat gradients, their treedef, the basis and refresh leaves of
+    ``state`` (checked against the gradients: named errors for a state of
+    other params) and a :class:`stages.Leaf` per projected leaf."""
     flat, treedef = jax.tree.flatten(updates)
     layouts = layouts_for(updates)
     basis_leaves, refresh_leaves = checks.state_leaves(treedef, state)
     checks.check_state_fits(updates, layouts, basis_leaves, basis_shapes,
                       state.inner_state,
                       expected_inner_state(flat, treedef, layouts))
-    return basis_leaves, refresh_leaves
-
-  def staged_update(updates, state, params=None, **extra_args):
-    del params  # The inner optimizer never sees params (shapes differ).
-    flat, treedef = jax.tree.flatten(updates)
-    layouts = layouts_for(updates)
-    basis_leaves, refresh_leaves = state_leaves(updates, state)
-    count = state.count
     # Random bases draw from the optimizer step (the cycle, when
     # accumulating), as they would under optax.MultiSteps.
     leaves = stages.projected_leaves(
         flat, layouts, basis_leaves, refresh_leaves,
-        jax.random.fold_in(jax.random.key(seed), count // accumulate_steps))
+        jax.random.fold_in(jax.random.key(seed),
+                           state.count // accumulate_steps))
+    return flat, treedef, basis_leaves, refresh_leaves, leaves
+
+  def staged_update(updates, state, params=None, **extra_args):
+    del params  # The inner optimizer never sees params (shapes differ).
+    flat, treedef, basis_leaves, refresh_leaves, leaves = projected_leaves(
+        updates, state)
+    count = state.count
 
     # 1-2. New bases, how far they moved, and the refresh policies' states.
     bases, refreshed = stages.unzip(
@@ -390,14 +394,24 @@ def low_rank(
     # loop's output would be a materialised update tree
     # (per_matrix.over_matrices_on_cpu).
     split = layer_loop.stack_of(updates, layouts_for(updates))
-    if split is not None:
-      state_leaves(updates, state)  # errors name the whole tree's leaves
     plan = None if split is None else plans.get(updates, split)
     if plan is None:
       return staged_update(updates, state, None, **extra_args)
+
+    def looped(updates, state):
+      # What each layer's update must know of its whole stacked leaf: is
+      # it finite, and does this step's refresh give a finite basis for
+      # every layer (else no layer takes its new basis).
+      *_, leaves = projected_leaves(updates, state)
+      leaves = [leaf for leaf in leaves if split.is_stack[leaf.index]]
+      finite = {leaf.index: stages.all_finite(leaf.grad) for leaf in leaves}
+      refresh_finite = dict(zip(
+          [leaf.index for leaf in leaves], stages.refreshes_are_finite(
+              method, policy, align_signs, leaves, state.count)))
+      return layer_loop.update(staged_update, split, plan, updates, state,
+                               extra_args, finite, refresh_finite)
+
     staged = lambda u, s: staged_update(u, s, None, **extra_args)
-    looped = lambda u, s: layer_loop.update(
-        staged_update, split, plan, u, s, extra_args)
     return per_matrix.on_platform(updates, state, cpu=looped, gpu=staged)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -50,27 +50,51 @@ def is_zero(scale) -> bool:
 def all_finite(x: jax.Array) -> jax.Array:
   """Whether every entry of ``x`` is finite.
 
-  On the CPU as ``isfinite(max |x|)`` (the maximum propagates NaN): one
-  reduction in ``x``'s dtype, with no temporary, where
-  ``jnp.all(jnp.isfinite(x))`` compiles on XLA:CPU to a boolean copy of the
-  whole leaf before its reduction (a quarter of a float32 stack) and a sum
-  of ``x · 0`` to a float32 copy of a bfloat16 one. GPU lowerings keep the
-  ``isfinite`` form, which XLA:GPU fuses into its reduction.
+  On the CPU a stack (3 or more axes) is tested one slice of its leading
+  axis at a time: ``jnp.all(jnp.isfinite(x))`` compiles on XLA:CPU to a
+  boolean copy of the whole leaf before its reduction (a quarter of a
+  float32 stack). A reduction that propagates NaN (``max |x|``, a sum of
+  ``x · 0``) would avoid the copy, but a cross-process all-reduce need not
+  propagate NaN, and a sum of a bfloat16 leaf accumulates in float32. GPU
+  lowerings fuse the test into its reduction.
   """
-  return per_matrix.on_platform(
-      x, cpu=lambda y: jnp.isfinite(jnp.max(jnp.abs(y), initial=0)),
-      gpu=lambda y: jnp.all(jnp.isfinite(y)))
+
+  def sliced(y):
+    def body(i, carry):
+      finite, y = carry
+      y = jax.lax.optimization_barrier(y)  # no whole-stack test hoisted
+      one = jax.lax.dynamic_index_in_dim(y, i, keepdims=False)
+      return finite & jnp.all(jnp.isfinite(one)), y
+
+    return jax.lax.fori_loop(0, y.shape[0], body, (jnp.asarray(True), y))[0]
+
+  whole = lambda y: jnp.all(jnp.isfinite(y))
+  if x.ndim < 3 or x.shape[0] < 2:
+    return whole(x)
+  return per_matrix.on_platform(x, cpu=sliced, gpu=whole)
+
+
+def _given(field: str, leaf: Leaf):
+  """The whole stacked leaf's ``field`` of the active
+  :class:`~subspace_optax._src.pipeline.layer_index.LayerIndex`, or None."""
+  where = layer_index.current()
+  given = None if where is None else getattr(where, field)
+  return None if given is None else given.get(leaf.index)
 
 
 def leaf_is_finite(leaf: Leaf) -> jax.Array:
   """Whether the gradient leaf is finite: the whole stacked leaf's, given
   by :mod:`~subspace_optax._src.pipeline.layer_loop` in a one-layer update,
   else :func:`all_finite` of ``leaf.grad``."""
-  where = layer_index.current()
-  if where is not None and where.finite is not None and (
-      leaf.index in where.finite):
-    return where.finite[leaf.index]
-  return all_finite(leaf.grad)
+  given = _given('finite', leaf)
+  return all_finite(leaf.grad) if given is None else given
+
+
+def refresh_is_finite(leaf: Leaf) -> jax.Array:
+  """True, or, in a one-layer update of the layer loop, whether this step's
+  refresh gives a finite basis for every layer of the whole stacked leaf."""
+  given = _given('refresh_finite', leaf)
+  return jnp.asarray(True) if given is None else given
 
 
 def refresh_leaf(refresh, layout: layout_lib.MatrixLayout,
@@ -87,23 +111,67 @@ def refresh_leaf(refresh, layout: layout_lib.MatrixLayout,
   zeros.
   """
 
+  return per_matrix.over_matrices(
+      _refresh_matrix(refresh, layout, align_signs), len(layout.batch_axes),
+      grad, basis, keys)
+
+
+def _refresh_matrix(refresh, layout: layout_lib.MatrixLayout,
+                    align_signs: bool):
   def one(g1, b1, k1):
     view = per_matrix.view(g1, layout)
     view = jnp.where(jnp.isfinite(view), view, 0.0)
     return refresh(view, b1, k1, align_signs)
+  return one
 
-  return per_matrix.over_matrices(
-      one, len(layout.batch_axes), grad, basis, keys)
+
+def floats_finite(tree) -> jax.Array:
+  """Whether every float of ``tree`` is finite."""
+  return jnp.all(jnp.stack([jnp.asarray(True)] + [
+      jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+      if jnp.issubdtype(x.dtype, jnp.inexact)]))
 
 
 def finite_or_old(fresh, old, finite_input: jax.Array):
   """``(fresh, True)`` if the input and every float of ``fresh`` are finite,
   else ``(old, False)``: a NaN/Inf never becomes a basis."""
-  checks = [finite_input] + [
-      jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(fresh)
-      if jnp.issubdtype(x.dtype, jnp.inexact)]
-  ok = jnp.all(jnp.stack(checks))
+  ok = finite_input & floats_finite(fresh)
   return jax.tree.map(lambda n, o: jnp.where(ok, n, o), fresh, old), ok
+
+
+def refreshes_are_finite(method: bases_lib.BasisMethod,
+                         policy: refresh_lib.RefreshPolicy, align_signs: bool,
+                         leaves: list[Leaf], count: jax.Array
+                         ) -> list[jax.Array]:
+  """Per leaf: whether this step's refresh (where one runs) gives a finite
+  basis for every matrix; one matrix at a time, keeping no basis.
+
+  For the layer loop (:mod:`~subspace_optax._src.pipeline.layer_loop`),
+  which refreshes one layer at a time but, as the whole-tree update, must
+  drop the refresh of every layer when one layer's new basis is not finite.
+  The refreshes of due leaves then run twice on the CPU.
+  """
+  out = []
+  for leaf in leaves:
+
+    def check(g, b, k, refresh):
+      return jnp.all(per_matrix.over_matrices(
+          lambda *a: floats_finite(
+              _refresh_matrix(refresh, leaf.layout, align_signs)(*a)),
+          leaf.num_batch_axes, g, b, k))
+
+    operands = (leaf.stacked, leaf.basis, leaf.keys)
+    every = functools.partial(check, refresh=method.refresh)
+    if method.every_step and method.first_refresh is not None:
+      first = functools.partial(check, refresh=method.first_refresh)
+      out.append(batching.cond(count == 0, first, every, *operands))
+    elif method.every_step:
+      out.append(every(*operands))
+    else:
+      out.append(batching.cond(
+          policy.due(leaf.refresh, count) & leaf_is_finite(leaf), every,
+          lambda *_: jnp.asarray(True), *operands))
+  return out
 
 
 def transport(carry: jax.Array, moment: jax.Array) -> jax.Array:
@@ -218,7 +286,7 @@ def refresh_every_step(method: bases_lib.BasisMethod, align_signs: bool,
         refresh_leaf, method.first_refresh, leaf.layout, align_signs)
     fresh = batching.cond(
         count == 0, first, refresh, leaf.stacked, leaf.basis, leaf.keys)
-  return finite_or_old(fresh, leaf.basis, finite)
+  return finite_or_old(fresh, leaf.basis, finite & refresh_is_finite(leaf))
 
 
 def refresh_bases(method: bases_lib.BasisMethod,
@@ -244,20 +312,21 @@ def refresh_bases(method: bases_lib.BasisMethod,
     return []
   # The predicates are operands, not closed over (vmap needs that).
   operands = [(policy.due(leaf.refresh, count) & leaf_is_finite(leaf),
-               leaf.stacked, leaf.basis, leaf.keys) for leaf in leaves]
+               leaf.stacked, leaf.basis, leaf.keys, refresh_is_finite(leaf))
+              for leaf in leaves]
   layouts = [leaf.layout for leaf in leaves]
 
   def refresh_due(operands):
     return [batching.cond(
         predicate,
-        lambda g, b, k, lay=lay: finite_or_old(
-            refresh_leaf(method.refresh, lay, align_signs, g, b, k), b,
-            jnp.asarray(True)),
-        lambda g, b, k: (b, jnp.asarray(False)), grad, basis, keys)
-            for lay, (predicate, grad, basis, keys) in zip(layouts, operands)]
+        lambda g, b, k, ok, lay=lay: finite_or_old(
+            refresh_leaf(method.refresh, lay, align_signs, g, b, k), b, ok),
+        lambda g, b, k, ok: (b, jnp.asarray(False)), grad, basis, keys, ok)
+            for lay, (predicate, grad, basis, keys, ok) in zip(
+                layouts, operands)]
 
   def keep(operands):
-    return [(basis, jnp.asarray(False)) for _, _, basis, _ in operands]
+    return [(basis, jnp.asarray(False)) for _, _, basis, _, _ in operands]
 
   any_due = functools.reduce(
       jnp.logical_or, [jnp.any(predicate) for predicate, *_ in operands])
