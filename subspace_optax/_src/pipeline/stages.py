@@ -110,7 +110,6 @@ def refresh_leaf(refresh, layout: layout_lib.MatrixLayout,
   entries (Reference-LAPACK issue 1409), so it sees the non-finite entries as
   zeros.
   """
-
   return per_matrix.over_matrices(
       _refresh_matrix(refresh, layout, align_signs), len(layout.batch_axes),
       grad, basis, keys)
@@ -154,7 +153,7 @@ def refreshes_are_finite(method: bases_lib.BasisMethod,
   out = []
   for leaf in leaves:
 
-    def check(g, b, k, refresh):
+    def check(g, b, k, refresh, leaf=leaf):
       return jnp.all(per_matrix.over_matrices(
           lambda *a: floats_finite(
               _refresh_matrix(refresh, leaf.layout, align_signs)(*a)),
