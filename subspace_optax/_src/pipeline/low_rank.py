@@ -99,9 +99,8 @@ def low_rank(
   platform: the CPU first checks a due refresh's new bases one matrix at a
   time, so that a refresh failing on one layer is dropped for every layer
   (refreshes run twice on its refresh steps). An ``inner`` that needs every
-  layer first
-  (``optax.clip_by_global_norm`` of the coefficients, a lazy ``refresh``
-  policy) keeps the stages over the whole stack everywhere.
+  layer first (``optax.clip_by_global_norm`` of the coefficients, a lazy
+  ``refresh`` policy) keeps the stages over the whole stack everywhere.
 
   Args:
     inner: any optax transform that does not use ``params`` (``scale_by_adam``,
@@ -404,12 +403,13 @@ def low_rank(
       # every layer (else no layer takes its new basis).
       *_, leaves = projected_leaves(updates, state)
       leaves = [leaf for leaf in leaves if split.is_stack[leaf.index]]
-      finite = {leaf.index: stages.all_finite(leaf.grad) for leaf in leaves}
-      refresh_finite = dict(zip(
-          [leaf.index for leaf in leaves], stages.refreshes_are_finite(
-              method, policy, align_signs, leaves, state.count)))
-      return layer_loop.update(staged_update, split, plan, updates, state,
-                               extra_args, finite, refresh_finite)
+      indices = [leaf.index for leaf in leaves]
+      finite = [stages.all_finite(leaf.grad) for leaf in leaves]
+      refresh_finite = stages.refreshes_are_finite(
+          method, policy, align_signs, leaves, finite, state.count)
+      return layer_loop.update(
+          staged_update, split, plan, updates, state, extra_args,
+          dict(zip(indices, finite)), dict(zip(indices, refresh_finite)))
 
     staged = lambda u, s: staged_update(u, s, None, **extra_args)
     return per_matrix.on_platform(updates, state, cpu=looped, gpu=staged)

@@ -140,10 +140,12 @@ def finite_or_old(fresh, old, finite_input: jax.Array):
 
 def refreshes_are_finite(method: bases_lib.BasisMethod,
                          policy: refresh_lib.RefreshPolicy, align_signs: bool,
-                         leaves: list[Leaf], count: jax.Array
-                         ) -> list[jax.Array]:
+                         leaves: list[Leaf], finite: list[jax.Array],
+                         count: jax.Array) -> list[jax.Array]:
   """Per leaf: whether this step's refresh (where one runs) gives a finite
-  basis for every matrix; one matrix at a time, keeping no basis.
+  basis for every matrix; one matrix at a time, keeping no basis. ``finite``
+  holds whether each leaf's gradient is finite (:func:`all_finite`); a
+  scheduled refresh runs only then.
 
   For the layer loop (:mod:`~subspace_optax._src.pipeline.layer_loop`),
   which refreshes one layer at a time but, as the whole-tree update, must
@@ -151,7 +153,7 @@ def refreshes_are_finite(method: bases_lib.BasisMethod,
   The refreshes of due leaves then run twice on the CPU.
   """
   out = []
-  for leaf in leaves:
+  for leaf, leaf_finite in zip(leaves, finite):
 
     def check(g, b, k, refresh, leaf=leaf):
       return jnp.all(per_matrix.over_matrices(
@@ -168,7 +170,7 @@ def refreshes_are_finite(method: bases_lib.BasisMethod,
       out.append(every(*operands))
     else:
       out.append(batching.cond(
-          policy.due(leaf.refresh, count) & leaf_is_finite(leaf), every,
+          policy.due(leaf.refresh, count) & leaf_finite, every,
           lambda *_: jnp.asarray(True), *operands))
   return out
 
