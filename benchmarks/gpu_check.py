@@ -13,11 +13,19 @@ in its own process so that the device allocator's peak is the method's own:
   (``harness.basis_fingerprint``), outside the timed region;
 * the optimizer alone (update + apply) on two cycled real gradients.
 
+``llama_60m_unstacked`` has one leaf per layer, as ``optax.contrib.galore``
+needs (its row runs only there): each unstacked leaf's refresh has its own
+conditional, so XLA may free its gradient once the leaf is updated, and a GPU
+waits on the host for each conditional's predicate; this case measures what
+those waits cost beside ``optax.contrib.galore``, which has the same
+structure.
+
 Goals checked against ``optax.adamw`` in the same run (``goals`` in the JSON):
 optimizer-only steady step <= 1.0x AdamW's; train step mean <= 1.02x; largest
 refresh train step <= 2x the method's steady train step.
 
   python -m benchmarks.gpu_check                    # on the GPU
+  python -m benchmarks.gpu_check --cases llama_60m_unstacked
   python -m benchmarks.gpu_check --smoke            # CPU, tiny, seconds
   python -m benchmarks.gpu_check --per-layer        # 1B and 7B per-layer peaks
   python -m benchmarks.gpu_check --per-layer --smoke
@@ -67,6 +75,7 @@ class Case:
   param_dtype: str
   refresh: int
   per_layer: bool = True  # --per-layer cases: the per-layer or whole-tree step
+  stacked: bool = True  # False: one leaf per layer (optax.contrib.galore's)
 
 
 CASES = {
@@ -74,10 +83,18 @@ CASES = {
                        'float32', 50),
     'llama_7b_bf16': Case(peak_memory.SHAPES['llama_7b'],
                           peak_memory.VOCAB_SIZE, 'bfloat16', 10),
+    # One leaf per layer (56 projected matrices), beside optax.contrib.galore:
+    # each leaf's refresh has its own conditional (a host sync per leaf on a
+    # GPU), which frees each gradient once its leaf is updated.
+    'llama_60m_unstacked': Case(peak_memory.Shape(512, 8, 8, 1376, 32, 256),
+                                256, 'float32', 50, stacked=False),
 }
+DEFAULT_CASES = ('llama_130m', 'llama_7b_bf16')
 SMOKE_CASES = {'smoke': Case(peak_memory.SMOKE_SHAPES['smoke'], 256,
-                             'float32', 3)}
-METHODS = ('adamw', 'galore_randomized')
+                             'float32', 3),
+               'smoke_unstacked': Case(peak_memory.SMOKE_SHAPES['smoke'], 256,
+                                       'float32', 3, stacked=False)}
+METHODS = ('adamw', 'galore_randomized', 'optax_galore')
 PER_LAYER_CASES = {
     'llama_1b_per_layer': Case(per_layer_memory.SHAPES['llama_1b_b16x256'],
                                peak_memory.VOCAB_SIZE, 'bfloat16', 200),
@@ -126,7 +143,8 @@ def _timed(step, carry, args_at, steps, state_of):
 
 def one(name: str, case_name: str, case: Case) -> dict[str, Any]:
   """Compile, time and measure one method on one case (own process)."""
-  config = peak_memory.model_config(case.shape, True, case.vocab_size)
+  config = peak_memory.model_config(case.shape, case.stacked,
+                                    case.vocab_size)
   graphdef, _ = peak_memory.abstract_params(config, case.param_dtype)
 
   @jax.jit
@@ -254,8 +272,10 @@ def run_all(args) -> dict[str, Any]:
     cases = SMOKE_CASES if args.smoke else {k: CASES[k]
                                             for k in args.cases.split(',')}
   rows = []
-  for case_name in cases:
+  for case_name, case in cases.items():
     for name in args.methods.split(','):
+      if case.stacked and name == 'optax_galore':
+        continue  # it refuses stacked kernels
       command = [sys.executable, '-m', 'benchmarks.gpu_check', '--one',
                  f'{name}:{case_name}'] + (['--smoke'] if args.smoke else []) + (
                      ['--per-layer'] if args.per_layer else [])
@@ -282,7 +302,8 @@ def run_all(args) -> dict[str, Any]:
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--smoke', action='store_true')
-  parser.add_argument('--cases', default=','.join(CASES))
+  parser.add_argument('--cases', default=','.join(DEFAULT_CASES),
+                      help=f'comma list of {", ".join(CASES)}')
   parser.add_argument('--methods', default='',
                       help=f'default {",".join(METHODS)} (--per-layer: '
                       f'{",".join(PER_LAYER_METHODS)})')

@@ -13,6 +13,7 @@ from subspace_optax._src.bases import base as bases_lib
 from subspace_optax._src.bases import registry
 from subspace_optax._src.bases import singular
 from subspace_optax._src.pipeline import layout as layout_lib
+from subspace_optax._src.pipeline import per_matrix
 
 
 def _params():
@@ -167,16 +168,28 @@ def _outermost(jaxpr, name: str, stop: str = '') -> list:
   return found
 
 
-def test_a_step_without_a_due_refresh_runs_one_conditional():
-  """All scheduled refreshes sit under one outer ``cond`` (a GPU conditional
-  waits for its predicate on the host, so one per leaf costs a sync each on
-  every step); inside it each leaf keeps its own ``cond``, so a staggered step
+def _staged_jaxpr(tx, params):
+  """The jaxpr of ``tx.update`` with the staged schedule (the GPU's) traced:
+  the CPU's layer loop runs it on one-layer trees."""
+  original = per_matrix.on_platform
+  per_matrix.on_platform = lambda *args, cpu, gpu: gpu(*args)
+  try:
+    return jax.make_jaxpr(tx.update)(params, tx.init(params), params).jaxpr
+  finally:
+    per_matrix.on_platform = original
+
+
+def test_stacked_leaves_share_one_conditional_around_their_refreshes():
+  """The scheduled refreshes of stacked leaves (one backward scan makes them
+  together) sit under one outer ``cond``: a GPU conditional waits for its
+  predicate on the host, so a step without a refresh pays one sync for all
+  of them; inside it each leaf keeps its own ``cond``, so a staggered step
   refreshes only the leaves that are due."""
-  params = {f'w{i}': jnp.ones((16, 8)) for i in range(5)}
+  params = {f'w{i}': jnp.ones((3, 16, 8)) for i in range(5)}
   params['bias'] = jnp.ones((8,))
-  tx = so.galore(1e-3, rank=2, refresh=4, side='compact')
-  state = tx.init(params)
-  jaxpr = jax.make_jaxpr(tx.update)(params, state, params).jaxpr
+  tx = so.galore(1e-3, rank=2, refresh=4, side='compact',
+                 dimension_numbers=so.last_two_axes)
+  jaxpr = _staged_jaxpr(tx, params)
   outer = _outermost(jaxpr, 'cond')
   assert len(outer) == 1
   inner = _outermost(outer[0].params['branches'][1].jaxpr, 'cond')
@@ -185,6 +198,29 @@ def test_a_step_without_a_due_refresh_runs_one_conditional():
   assert not _outermost(jaxpr, 'svd', stop='cond')
   assert [len(_outermost(e.params['branches'][1].jaxpr, 'svd'))
           for e in inner] == [1] * 5
+
+
+def test_each_unstacked_leaf_refreshes_in_its_own_conditional():
+  """A leaf without batch axes (one leaf per layer) has its refresh in a
+  ``cond`` whose only gradient operand is its own: a conditional over every
+  leaf would need the whole gradient tree first, where XLA can otherwise
+  update each leaf, and free its gradient, as soon as the backward pass has
+  made it."""
+  shapes = [(16, 8), (8, 12), (16, 12), (12, 8), (8, 16)]
+  params = {f'w{i}': jnp.ones(shape) for i, shape in enumerate(shapes)}
+  params['bias'] = jnp.ones((8,))
+  tx = so.galore(1e-3, rank=2, refresh=4, side='compact')
+  jaxpr = _staged_jaxpr(tx, params)
+  conds = _outermost(jaxpr, 'cond')
+  assert len(conds) == 5
+  operand_shapes = [[v.aval.shape for v in e.invars] for e in conds]
+  for shape in shapes:
+    assert sum(shape in shapes_of for shapes_of in operand_shapes) == 1
+  for shapes_of in operand_shapes:
+    assert len([s for s in shapes_of if s in shapes]) == 1
+  assert not _outermost(jaxpr, 'svd', stop='cond')
+  assert [len(_outermost(e.params['branches'][1].jaxpr, 'svd'))
+          for e in conds] == [1] * 5
 
 
 def _flip_signs_svd():

@@ -88,6 +88,10 @@ def test_gpu_check_runs_on_cpu(tmp_path):
   result = gpu_check.main(['--smoke', '--out', str(out)])
   assert out.exists()
   assert all('error' not in row for row in result['rows'])
+  # optax.contrib.galore runs only where layers are unstacked.
+  ran = {(row['case'], row['method']) for row in result['rows']}
+  assert ('smoke_unstacked', 'optax_galore') in ran
+  assert ('smoke', 'optax_galore') not in ran
   goal = result['goals']['smoke/galore_randomized']
   assert set(goal['ratios']) == set(gpu_check.BOUNDS)
   for row in result['rows']:

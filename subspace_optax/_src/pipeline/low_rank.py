@@ -101,6 +101,10 @@ def low_rank(
   (refreshes run twice on its refresh steps). An ``inner`` that needs every
   layer first (``optax.clip_by_global_norm`` of the coefficients, a lazy
   ``refresh`` policy) keeps the stages over the whole stack everywhere.
+  Each leaf without batch axes (one leaf per layer) refreshes inside its own
+  conditional, so XLA can update it, and free its gradient, before the
+  backward pass has made the other leaves'; stacked leaves share one (on a
+  GPU each conditional waits on the host for its predicate).
 
   Args:
     inner: any optax transform that does not use ``params`` (``scale_by_adam``,

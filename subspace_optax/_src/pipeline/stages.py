@@ -296,12 +296,17 @@ def refresh_bases(method: bases_lib.BasisMethod,
   """Stage 1: each leaf's basis for this step, and whether it was refreshed.
 
   Online bases (``method.every_step``) move on every step. The others refresh
-  when their policy says so; all those refreshes sit inside one outer
-  conditional (is any leaf due?), each leaf's inside its own: a conditional
-  costs a device-to-host sync of its predicate on GPU, so a step without a
-  refresh pays one sync, not one per leaf. A refresh from a non-finite
-  gradient, or one that gives a non-finite basis, is dropped: the old basis
-  stays and the leaf stays due.
+  when their policy says so, each leaf inside its own conditional. A
+  conditional's operands must all exist before it runs, so one conditional
+  over every leaf would keep the whole gradient tree alive: each leaf without
+  batch axes (one leaf per layer) has only its own, and XLA can update it,
+  and free its gradient, as soon as the backward pass has made it. The
+  leaves with batch axes (stacks of scanned layers, made together by the
+  backward scan) share one outer conditional (is any of them due?) around
+  theirs: a GPU conditional waits for its predicate on the host, so a step
+  without a refresh pays one sync for all of them. A refresh from a
+  non-finite gradient, or one that gives a non-finite basis, is dropped: the
+  old basis stays and the leaf stays due.
 
   Returns:
     A list over ``leaves`` of ``(basis, refreshed)``.
@@ -309,31 +314,38 @@ def refresh_bases(method: bases_lib.BasisMethod,
   if method.every_step:
     return [refresh_every_step(method, align_signs, leaf, count)
             for leaf in leaves]
-  if not leaves:
-    return []
   # The predicates are operands, not closed over (vmap needs that).
   operands = [(policy.due(leaf.refresh, count) & leaf_is_finite(leaf),
                leaf.stacked, leaf.basis, leaf.keys, refresh_is_finite(leaf))
               for leaf in leaves]
-  layouts = [leaf.layout for leaf in leaves]
 
-  def refresh_due(operands):
+  def refresh_due(group, operands):
     return [batching.cond(
         predicate,
-        lambda g, b, k, ok, lay=lay: finite_or_old(
+        lambda g, b, k, ok, lay=leaves[i].layout: finite_or_old(
             refresh_leaf(method.refresh, lay, align_signs, g, b, k), b, ok),
         lambda g, b, k, ok: (b, jnp.asarray(False)), grad, basis, keys, ok)
-            for lay, (predicate, grad, basis, keys, ok) in zip(
-                layouts, operands)]
+            for i, (predicate, grad, basis, keys, ok) in zip(group, operands)]
 
   def keep(operands):
     return [(basis, jnp.asarray(False)) for _, _, basis, _, _ in operands]
 
-  any_due = functools.reduce(
-      jnp.logical_or, [jnp.any(predicate) for predicate, *_ in operands])
-  # batching.cond: under jax.vmap (ensembles) the refreshes still run only on
-  # steps where some member is due, not on every step.
-  return batching.cond(any_due, refresh_due, keep, operands)
+  def shared(group):
+    """The refreshes of ``group`` under one outer conditional."""
+    group_operands = [operands[i] for i in group]
+    any_due = functools.reduce(jnp.logical_or, [
+        jnp.any(predicate) for predicate, *_ in group_operands])
+    # batching.cond: under jax.vmap (ensembles) the refreshes still run only
+    # on steps where some member is due, not on every step.
+    return batching.cond(any_due, functools.partial(refresh_due, group), keep,
+                         group_operands)
+
+  stacked = [i for i, leaf in enumerate(leaves) if leaf.num_batch_axes]
+  out = dict(zip(stacked, shared(stacked) if stacked else []))
+  for i, leaf in enumerate(leaves):
+    if not leaf.num_batch_axes:
+      out[i], = refresh_due([i], [operands[i]])
+  return [out[i] for i in range(len(leaves))]
 
 
 def transitions(method: bases_lib.BasisMethod, leaves: list[Leaf],
