@@ -45,9 +45,9 @@ float32, so the bf16 rows' temporaries are an upper bound (see the README).
   python -m benchmarks.peak_memory --smoke         # tiny shape, for tests
   python -m benchmarks.peak_memory --real-check    # run once, compare RSS
 
-Each compilation takes 10-70 s on two shared CPU cores, so the default (every
-method, three shapes, two dtypes, the fit search) takes over an hour there;
-benchmarks/README.md lists the subsets that were run.
+Each compilation takes seconds to a few minutes on two CPU cores (more with
+``--target h100`` and with one leaf per layer); benchmarks/README.md lists
+the subsets that were run and their wall times.
 """
 
 from __future__ import annotations
@@ -146,20 +146,29 @@ METHODS = {
     'optax_galore': Method(
         _from_table('optax_galore'),
         'optax.contrib.galore, scale 0.25 (layers unstacked)', stacked=False),
-    'galore_randomized': Method(_from_table('galore', basis='randomized'),
-                                'subspace_optax.galore, randomized basis'),
+    # optax.contrib.galore's layout, for a like-for-like row beside it.
+    'adamw_unstacked': Method(_from_table('adamw'),
+                              'optax.adamw (layers unstacked)', stacked=False),
+    'galore_randomized_unstacked': Method(
+        _from_table('galore', basis='randomized'),
+        'subspace_optax.galore, randomized basis, compact side (layers '
+        'unstacked)', stacked=False),
+    'galore_randomized': Method(
+        _from_table('galore', basis='randomized'),
+        'subspace_optax.galore, randomized basis, compact side'),
     'galore_svd': Method(_from_table('galore', basis='svd'),
-                         'subspace_optax.galore, SVD basis'),
+                         'subspace_optax.galore, SVD basis, compact side'),
     'frugal': Method(_from_table('frugal'), 'subspace_optax.frugal'),
     'fira': Method(_from_table('fira'), 'subspace_optax.fira'),
     'apollo': Method(_from_table('apollo'), 'subspace_optax.apollo'),
     'apollo_mini': Method(_from_table('apollo_mini'),
                           'subspace_optax.apollo_mini (rank 1)'),
     'q_galore': Method(_from_table('q_galore'),
-                       'subspace_optax.q_galore, its default formats'),
+                       'subspace_optax.q_galore: int4 basis, lazy refresh, '
+                       'float32 moments, compact side'),
     'online_subspace_descent': Method(
         _from_table('online_subspace_descent'),
-        'subspace_optax.online_subspace_descent, Adam inner'),
+        'subspace_optax.online_subspace_descent, Adam inner, compact side'),
 }
 SMOKE_METHODS = (BASELINE, 'galore_randomized')
 
@@ -261,11 +270,14 @@ def memory_of(compiled) -> dict[str, int]:
   return out
 
 
-def cost_of(compiled) -> dict[str, float]:
-  """XLA's flop and byte counts of a compiled program."""
+def cost_of(compiled) -> Optional[dict[str, float]]:
+  """XLA's flop and byte counts of a compiled program (None where the
+  backend has none: a compile-only GPU device)."""
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
     cost = cost[0]
+  if cost is None:
+    return None
   return {'flops': float(cost.get('flops', 0.0)),
           'bytes_accessed': float(cost.get('bytes accessed', 0.0)),
           'transcendentals': float(cost.get('transcendentals', 0.0))}
@@ -531,6 +543,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       'date': args.date or datetime.date.today().isoformat(),
       'machine': platform.processor() or platform.machine(),
       'backend': jax.default_backend(),
+      'compiled_for': compiled_for(),
+      'command': 'python -m benchmarks.peak_memory ' + ' '.join(sys.argv[1:]),
       'versions': {'jax': jax.__version__, 'optax': optax.__version__},
       'vocab_size': vocab_size,
       'shapes': {k: dataclasses.asdict(v) | {'rank': v.rank}
@@ -591,6 +605,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help='param dtypes of the fits-in-budget search ("" = '
                       'none)')
   parser.add_argument('--vocab-size', type=int, default=VOCAB_SIZE)
+  gpu_target.add_target_argument(parser)
   parser.add_argument('--real-check', action='store_true',
                       help='run the compiled step once at a small shape and '
                       'compare the resident memory with the prediction')
@@ -605,6 +620,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   args = parse_args(argv)
+  if args.real_check and args.target != 'cpu':
+    raise SystemExit('--real-check runs on this machine: drop --target.')
+  compile_for(args.target)
   result = run(args)
   write(result, args.out)
   print(json.dumps(result, indent=1))

@@ -46,9 +46,7 @@ _BLOCK = re.compile(
 # The side of GaLore-family rows: `side='reference'` became the default in
 # commit 008d339 (2026-12-04 10:45 UTC). Runs before it used the earlier default,
 # `side='compact'`; the quality and speed JSONs say so in each row's
-# description, the peak-memory JSONs (compiled at about 09:50 UTC that day
-# through examples/lm/optimizers.py, whose galore rows default to 'compact')
-# do not.
+# description.
 COMPACT = "`side='compact'` (the earlier default)"
 # continual_*.json record jax, backend and machine but no date or core count:
 # the date is the commit that added the file, the cores the runs' protocol.
@@ -666,7 +664,10 @@ def cpu_optimizer_only() -> str:
 AOT = 'peak_memory_cpu_aot.json'
 AOT_SMALL = 'peak_memory_cpu_aot_350m_1b.json'
 AOT_BF16 = 'peak_memory_cpu_aot_bf16.json'
-# Side and formats of each row as compiled (derived; see COMPACT above).
+AOT_H100 = 'peak_memory_h100_aot.json'
+AOT_H100_UNSTACKED = 'peak_memory_h100_aot_unstacked.json'
+# Side and formats of each row as compiled: the registry rows (benchmarks/methods.py)
+# that peak_memory.METHODS build, named in each row's description.
 _AOT_NAMES = {
     'adamw': 'adamw',
     'galore_randomized': 'galore, randomized basis, compact side',
@@ -678,20 +679,18 @@ _AOT_NAMES = {
     'frugal': 'frugal',
     'online_subspace_descent': 'online_subspace_descent, compact side',
     'optax_galore': 'optax.contrib.galore (layers unstacked)',
+    'adamw_unstacked': 'adamw (layers unstacked)',
+    'galore_randomized_unstacked': 'galore, randomized basis, compact side '
+                                   '(layers unstacked)',
 }
+_STACKED = ['adamw', 'galore_randomized', 'galore_svd', 'apollo', 'apollo_mini',
+            'q_galore', 'fira', 'frugal', 'online_subspace_descent']
+_UNSTACKED = ['adamw_unstacked', 'galore_randomized_unstacked', 'optax_galore']
 _AOT_NOTE = (
-    f'GaLore, Q-GaLore and Online Subspace Descent rows were compiled with '
-    f"{COMPACT}: no compile of the reference side (the default now) exists, "
-    'and the JSON records no side (derived from the date: the runs predate '
-    "commit 008d339). Q-GaLore's row has float32 moments, its default then; "
-    'its default now is 8-bit moments, not compiled. The APOLLO, FRUGAL and '
-    'Fira rows predate the residual path running one matrix at a time on the '
-    'CPU (2026-12-07) and were not recompiled; at LLaMA-7B bf16, batch 16 × '
-    '256, that change took APOLLO-Mini\'s whole-tree step from 60.1 to 73.1 GB '
-    'compiled, of which 0.9 and 20.3 GB are CPU-only float32 converts. Every '
-    'low-rank row predates the CPU\'s layer-by-layer update of a stack '
-    '(2026-12-07, not recompiled; its 7B whole-tree rows are in '
-    '`results/per_layer_memory_cpu_aot.json`). ')
+    "Rows are the benchmark registry's presets: GaLore, Q-GaLore and Online "
+    'Subspace Descent on the compact side, Q-GaLore with float32 moments. '
+    'On XLA:CPU, `low_rank` updates a stack of layers one layer at a time '
+    '(GPU lowerings update the whole stack: see the H100 compile below). ')
 
 
 def _aot_rows(name, methods=None):
@@ -703,25 +702,78 @@ def _aot_rows(name, methods=None):
   return rows
 
 
+def _h100_rows() -> dict[tuple[str, str], dict]:
+  """``(method, param dtype) -> row`` of both H100 whole-tree files, each
+  row's ``vs_adamw`` its peak over AdamW's with the same layout and dtype."""
+  rows = {}
+  for name, baseline in ((AOT_H100, 'adamw'),
+                         (AOT_H100_UNSTACKED, 'adamw_unstacked')):
+    by = {(r['method'], r['param_dtype']): r for r in load(name)['rows']}
+    for (method, dtype), r in by.items():
+      rows[method, dtype] = dict(
+          r, vs_adamw=r['peak_bytes'] / by[baseline, dtype]['peak_bytes'])
+  return rows
+
+
 def readme_peak_memory() -> str:
-  order = ['adamw', 'galore_randomized', 'galore_svd', 'apollo', 'apollo_mini',
-           'q_galore', 'fira', 'frugal', 'online_subspace_descent', 'optax_galore']
-  body = [[_AOT_NAMES[r['method']], gb(r['peak_bytes']), f"{r['peak_vs_adamw']:.2f}",
-           gb(r['sizes']['optimizer_state']), f"{r['state_vs_adamw']:.2f}"]
-          for r in _aot_rows(AOT, order)]
-  rows = {r['method']: r for r in load(AOT)['rows']}
-  temps = [rows[m]['optimizer_only']['temp'] for m in
-           ('galore_randomized', 'galore_svd', 'apollo', 'apollo_mini')]
-  adamw = rows['adamw']
-  pg = (adamw['sizes']['params'] + adamw['sizes']['gradients']) / adamw['peak_bytes']
-  return (table(['LLaMA-7B, float32 params', 'peak GB', '× AdamW peak',
-                 'optimizer state GB', '× AdamW state'], body) +
-          '\n\nThe state saving shows only partly in the peak: every low-rank '
-          'update materialises one float32 full-size copy of all projected '
-          f'kernels before `apply_updates` ({gb(min(temps))}–{gb(max(temps))} GB '
-          "of optimizer temporaries; AdamW's update is fused in place), and "
-          f"params + gradients alone are {pg:.2f}× AdamW's peak. " + _AOT_NOTE +
-          source(AOT))
+  """README: each method's whole-tree peak beside its state, H100 compile."""
+  rows = _h100_rows()
+  body = []
+  for method in _STACKED + _UNSTACKED:
+    cells = [_AOT_NAMES[method]]
+    for dtype in ('float32', 'bfloat16'):
+      r = rows[method, dtype]
+      cells += [gb(r['sizes']['optimizer_state']),
+                f"{gb(r['peak_bytes'])} ({x(r['vs_adamw'])})"]
+    body.append(cells)
+  shape = load(AOT_H100)['shapes']['llama_7b']
+  gal = lambda m, d: gb(rows[m, d]['peak_bytes'])
+  return (table(['LLaMA-7B, whole-tree step', 'float32 params: state GB',
+                 'peak GB (× AdamW)', 'bf16 params: state GB',
+                 'peak GB (× AdamW)'], body) +
+          f"\n\nBatch {shape['batch_size']} × {shape['seq_len']}, remat, rank "
+          f"{shape['rank']}, block matrices projected; the bf16 rows' AdamW "
+          'keeps bf16 moments. Stacked rows: the layers are scanned, one '
+          '`(layers, m, n)` kernel per weight; unstacked rows: one leaf per '
+          "layer (optax.contrib.galore's layout), over AdamW with that layout. "
+          'With one leaf per layer XLA can update each leaf, and free its '
+          'gradient, before the backward pass has made the others: GaLore '
+          f"there peaks at {gal('galore_randomized_unstacked', 'bfloat16')} GB "
+          f"in bf16 against {gal('galore_randomized', 'bfloat16')} GB "
+          'stacked. optax.contrib.galore keeps its moments in the params\' '
+          'dtype, ours stay float32 unless `mu_dtype` says otherwise (the bf16 '
+          'state column). GaLore, Q-GaLore and Online Subspace Descent are the '
+          "benchmark registry's presets (compact side; Q-GaLore with float32 "
+          'moments). ' + source(AOT_H100, AOT_H100_UNSTACKED))
+
+
+ONE_CONDITIONAL = 'peak_memory_h100_aot_one_conditional.json'
+
+
+def h100_one_conditional() -> str:
+  """benchmarks/README: the unstacked GaLore step before and after each
+  unstacked leaf got its own refresh conditional."""
+  before = {(r['method'], r['param_dtype']): r['peak_bytes']
+            for r in load(ONE_CONDITIONAL)['rows']}
+  now = {key: r['peak_bytes'] for key, r in _h100_rows().items()}
+  key = ('galore_randomized_unstacked', 'float32')
+  return (f'whole-tree step, float32 params, one leaf per layer: '
+          f'{gb(before[key])} GB against optax.contrib.galore\'s '
+          f"{gb(before['optax_galore', 'float32'])} GB; now {gb(now[key])} GB. "
+          + source(ONE_CONDITIONAL, AOT_H100_UNSTACKED))
+
+
+def peak_memory_h100() -> str:
+  """benchmarks/README: the whole-tree steps of the H100 compile, split."""
+  rows = _h100_rows()
+  body = [[_AOT_NAMES[m], dtype, gb(r['peak_bytes']), x(r['vs_adamw']),
+           gb(r['sizes']['optimizer_state']), gb(r['memory_analysis']['temp']),
+           gb(r['optimizer_only']['temp'])]
+          for dtype in ('float32', 'bfloat16') for m in _STACKED + _UNSTACKED
+          for r in [rows[m, dtype]]]
+  return (table(['method', 'params', 'peak GB', '× AdamW (same layout)',
+                 'state GB', 'step temp GB', 'optimizer-only temp GB'], body)
+          + '\n\n' + source(AOT_H100, AOT_H100_UNSTACKED))
 
 
 def readme_fits() -> str:
@@ -1602,56 +1654,46 @@ def continual_earlier_text() -> str:
 
 
 def peak_memory_goals() -> str:
-  d = load(AOT)
-  rows = {r['method']: r for r in d['rows']}
-  peak = lambda m: rows[m]['peak_vs_adamw']
-  temp = lambda m: rows[m]['optimizer_only']['temp']
-  gal = sorted(peak(m) for m in ('galore_randomized', 'galore_svd'))
-  best = min(('galore_randomized', 'galore_svd', 'apollo', 'fira', 'frugal',
-              'online_subspace_descent'), key=peak)
-  a = rows['adamw']
-  pg = (a['sizes']['params'] + a['sizes']['gradients'])
-  floor = lambda m: rows[m]['floor_all_gradients_vs_adamw_peak']
-  ok1 = peak(best) <= 0.6
-  ok2 = max(peak('apollo_mini'), peak('q_galore')) <= 0.45
-  both = 'both missed' if not (ok1 or ok2) else 'not both met'
+  cpu = {r['method']: r for r in load(AOT)['rows']}
+  h100 = {m: r for (m, d), r in _h100_rows().items() if d == 'float32'}
+  galore_class = ('galore_randomized', 'galore_svd', 'apollo', 'fira', 'frugal',
+                  'online_subspace_descent')
+
+  def goal(rows):
+    best = min(galore_class, key=lambda m: rows[m]['peak_bytes'])
+    ratio = lambda m: rows[m]['peak_bytes'] / rows['adamw']['peak_bytes']
+    return best, ratio
+
+  parts = []
+  for label, rows in (('XLA:CPU', cpu), ('the H100 compile', h100)):
+    best, ratio = goal(rows)
+    small = [ratio('apollo_mini'), ratio('q_galore')]
+    parts.append(
+        f'on {label}, GaLore-class ≤ 0.6× AdamW\'s peak: best {best} '
+        f"{x(ratio(best))} ({'met' if ratio(best) <= 0.6 else 'missed'}); "
+        f'APOLLO-Mini / Q-GaLore ≤ 0.45×: {x(small[0])} and {x(small[1])} '
+        f"({'met' if max(small) <= 0.45 else 'missed'})")
+  a = cpu['adamw']
+  pg = (a['sizes']['params'] + a['sizes']['gradients']) / a['peak_bytes']
+  floor = lambda m: cpu[m]['floor_all_gradients_vs_adamw_peak']
+  temps = ', '.join(f"{m} {gb(cpu[m]['optimizer_only']['temp'])}"
+                    for m in ('adamw',) + galore_class + ('apollo_mini',
+                                                          'q_galore'))
+  shape = load(AOT)['shapes']['llama_7b']
+  update = shape['layers'] * (4 * shape['dim'] ** 2
+                              + 3 * shape['dim'] * shape['ffn_dim']) * 4
   return (
-      f"**Goals at 7B: {both}.** GaLore-class ≤ 0.6× AdamW's peak: best is "
-      f"{best} {x(peak(best))} (galore {_span(gal, 2)}×). APOLLO-Mini / Q-GaLore "
-      f"≤ 0.45×: {x(peak('apollo_mini'))} and {x(peak('q_galore'))}. The buffers "
-      'responsible, from the split:\n\n'
-      "1. **A full-size float32 temporary in the optimizer update.** AdamW's "
-      f"update is fused in place ({gb(temp('adamw'))} GB of optimizer "
-      'temporaries); every low-rank method allocates about one float32 copy of '
-      "all projected kernels at once: apollo_mini's optimizer-only temp is "
-      f"{temp('apollo_mini') / 1e9:.2f} GB, the block kernels' "
-      '`32 × (4·4096² + 3·4096·11008) × 4` bytes, and GaLore\'s '
-      f"{gb(min(temp('galore_randomized'), temp('galore_svd')))}–"
-      f"{gb(max(temp('galore_randomized'), temp('galore_svd')))} GB. That is what "
-      'the full-size update of every block matrix (`Q·U`, or APOLLO\'s scaled '
-      'gradient) takes when all of them are alive at once before '
-      '`apply_updates` (an inference from the sizes, on XLA:CPU\'s schedule; '
-      'the HLO was not inspected, and the GPU schedule may differ). FRUGAL and '
-      f"Fira hold two such copies ({gb(min(temp('frugal'), temp('fira')))}–"
-      f"{gb(max(temp('frugal'), temp('fira')))} GB: the subspace update and the "
-      'full-size residual), which is why they exceed AdamW.\n'
-      f'2. **The gradients.** Params + gradients alone are {gb(pg)} GB = '
-      f"{pg / a['peak_bytes']:.2f}× AdamW's peak, so in float32 no method that "
-      'materialises all gradients can reach 0.45×, and GaLore\'s floor (params '
-      f"+ gradients + state) is {floor('galore_randomized'):.2f}× > 0.6. The "
-      "GaLore paper's 7B numbers rely on per-layer weight updates inside the "
-      "backward pass (a layer's gradient is freed as soon as it is applied) and "
-      '8-bit states; neither is in this train step.\n\n'
-      'Without item 1 (a leaf-at-a-time, or layer-at-a-time, update that never '
-      'holds all full-size updates), GaLore would be at its floor, '
-      f"{floor('galore_randomized'):.2f}×, and APOLLO-Mini at "
-      f"{floor('apollo_mini'):.2f}×; reaching the goals also needs item 2 (fused "
-      'per-layer updates). The optax.contrib.galore row needs the unstacked '
-      'layout, where the remat blocks keep far more activations on XLA:CPU '
-      f"({gb(rows['optax_galore']['model_only']['activation_temp'])} GB for the "
-      f"model alone against {gb(a['model_only']['activation_temp'])} GB stacked), "
-      f"so only its optimizer-only temp ({gb(temp('optax_galore'))} GB) compares. "
-      + source(AOT))
+      f"**Goals of the whole-tree step at 7B, float32 params**: {parts[0]}; "
+      f'{parts[1]}. Params + gradients alone are {pg:.2f}× AdamW\'s peak, so '
+      'no step that holds every gradient at once reaches 0.45×, and the floor '
+      'of GaLore (params + gradients + state) is '
+      f"{floor('galore_randomized'):.2f}× (APOLLO-Mini "
+      f"{floor('apollo_mini'):.2f}×). The optimizer-only temporaries on "
+      f'XLA:CPU, GB: {temps}; they include the update of the block '
+      f'kernels, {gb(update)} GB in float32, which `tx.update` returns whole '
+      'before `apply_updates` (the optax API; the layer loop\'s output is '
+      'not fused with `p + u`). The per-layer step (`per_layer_train_step`, '
+      'below) never holds every gradient. ' + source(AOT, AOT_H100))
 
 
 def peak_memory_compile_times() -> str:
@@ -1662,38 +1704,28 @@ def peak_memory_compile_times() -> str:
   walls = ', '.join(f"`benchmarks/results/{n}` {load(n)['wall_seconds'] / 60:.0f} min"
                     for n in names)
   return (f'Each compilation took {min(secs):.0f}–{max(secs):.0f} s on the 2 '
-          f'shared cores of this machine ({optax[0]:.0f} s for the unstacked '
-          'optax.contrib.galore row), so the default (every method, three shapes, '
-          'both dtypes, fit search) is too long for it; the runs above are the '
-          f'subset that was run (wall time: {walls}; ' +
+          f'cores of this machine ({optax[0]:.0f} s for the unstacked '
+          'optax.contrib.galore row); the runs above are the subset that was '
+          f'run (wall time: {walls}; ' +
           '; '.join(f'`{n}`: {provenance(n)}' for n in names) + ').')
 
 
 def peak_memory_bf16_note() -> str:
   rows = {r['method']: r for r in load(AOT_BF16)['rows']}
   f32 = {r['method']: r for r in load(AOT)['rows']}
-  g, a = rows['galore_randomized'], rows['adamw']
-  blocks = f32['apollo_mini']['optimizer_only']['temp']
+  h100 = {m: r for (m, d), r in _h100_rows().items() if d == 'bfloat16'}
+  a = rows['adamw']
+  ratios = ', '.join(
+      f"{m} {x(rows[m]['peak_vs_adamw'])} (H100 compile {x(h100[m]['vs_adamw'])})"
+      for m in rows if m != 'adamw')
   return (
-      'In pure bf16, GaLore and Q-GaLore need *more* memory than AdamW. Their '
-      f"state stays float32 ({gb(g['sizes']['optimizer_state'])} GB against "
-      f"AdamW's bf16 {gb(a['sizes']['optimizer_state'])} GB: only "
-      f"{g['state_vs_adamw']:.2f}×, because the embedding and head moments are "
-      'float32 too), and the optimizer alone allocates '
-      f"{gb(g['optimizer_only']['temp'])} GB of temporaries, consistent with a "
-      'float32 upcast of the bf16 gradients '
-      f'({gb(blocks)} GB for the block kernels) plus the float32 full-size update '
-      f'({gb(blocks)} GB) plus bf16 copies. Caveat for this table: the model alone '
-      f"(`value_and_grad`) has {gb(a['model_only']['activation_temp'])} GB of "
-      'temporaries with bf16 params against '
-      f"{gb(f32['adamw']['model_only']['activation_temp'])} GB with float32 "
-      'params, about one float32 copy of all weights more, which points at '
-      "XLA:CPU's float32 handling of bfloat16 matmuls (the weight gradients of "
-      'the stacked kernels), so the whole-step figures of the bf16 rows are '
-      'upper bounds for a GPU. The optimizer-only program has no model matmuls '
-      f"and AdamW's is still {gb(a['optimizer_only']['temp'])} GB there, so the "
-      f"{gb(g['optimizer_only']['temp'])} GB of GaLore's update is its own. " +
-      source(AOT_BF16, AOT))
+      f'Peak over AdamW\'s, bf16 params, XLA:CPU: {ratios}. XLA:CPU computes '
+      'bfloat16 matmuls in float32: the model alone (`value_and_grad`) has '
+      f"{gb(a['model_only']['activation_temp'])} GB of temporaries with bf16 "
+      f"params against {gb(f32['adamw']['model_only']['activation_temp'])} GB "
+      'with float32 params, so the whole-step figures of these rows are upper '
+      'bounds for a GPU; the H100 compile has none of those float32 copies. ' +
+      source(AOT_BF16, AOT, AOT_H100))
 
 
 def roofline_notes() -> str:
@@ -1979,12 +2011,13 @@ TABLES: dict[str, Callable[[], str]] = {
         continual_earlier_text, peak_memory_goals, peak_memory_compile_times,
         peak_memory_bf16_note, roofline_notes, gpu_check_estimate,
         per_layer_memory, per_layer_fits, per_layer_memory_h100,
-        per_layer_fits_h100, readme_per_layer, optimizer_temporaries)
+        per_layer_fits_h100, readme_per_layer, optimizer_temporaries,
+        peak_memory_h100, h100_one_conditional)
 }
 
 PAGES: dict[str, tuple[str, ...]] = {
     'README.md': ('readme_quality', 'readme_faithfulness', 'readme_h100',
-                  'readme_peak_memory', 'readme_fits', 'readme_per_layer',
+                  'readme_peak_memory', 'readme_per_layer',
                   'per_layer_fits_h100', 'readme_continual'),
     'docs/which_method.md': ('which_short_answer', 'quality_seed0',
                              'quality_3seeds', 'quality_side', 'which_speed',
@@ -1999,6 +2032,7 @@ PAGES: dict[str, tuple[str, ...]] = {
                              'quality_3seeds', 'quality_side', 'readme_continual',
                              'peak_memory_real_check', 'peak_memory_7b',
                              'peak_memory_350m_1b', 'peak_memory_bf16',
+                             'peak_memory_h100', 'h100_one_conditional',
                              'readme_fits', 'roofline', 'finetune_results',
                              'finetune_claims', 'sub_moe_results',
                              'soak_results',
