@@ -1689,10 +1689,14 @@ def peak_memory_goals() -> str:
       'of GaLore (params + gradients + state) is '
       f"{floor('galore_randomized'):.2f}× (APOLLO-Mini "
       f"{floor('apollo_mini'):.2f}×). The optimizer-only temporaries on "
-      f'XLA:CPU, GB: {temps}; they include the update of the block '
-      f'kernels, {gb(update)} GB in float32, which `tx.update` returns whole '
-      'before `apply_updates` (the optax API; the layer loop\'s output is '
-      'not fused with `p + u`). The per-layer step (`per_layer_train_step`, '
+      f'XLA:CPU, GB: {temps}. They include the update of the block '
+      f'kernels, {gb(update)} GB in float32: in that compile the gradients '
+      'are arguments of the program, so the update tree needs memory of its '
+      'own, where in the train step the layer loop writes each update in '
+      "place of its gradient (whole-step temporaries: GaLore "
+      f"{gb(cpu['galore_randomized']['memory_analysis']['temp'])} GB, AdamW "
+      f"{gb(a['memory_analysis']['temp'])} GB). Q-GaLore's lazy refresh keeps "
+      'the update over the whole stack. The per-layer step (`per_layer_train_step`, '
       'below) never holds every gradient. ' + source(AOT, AOT_H100))
 
 

@@ -10,7 +10,11 @@ matrices each. :func:`update` removes them: a ``lax.scan`` over the layers
 calls the update on a one-layer tree (the stack's leaves sliced to a leading
 axis of 1, the other leaves zero-size), and writes the layer's slice of every
 per-layer state leaf back in place into the carried stacks; the other leaves
-are updated once at the end, with the stack zero-size. The state is the
+are updated once at the end, with the stack zero-size. Each layer's update
+is written in place of its gradient in the carried gradient stacks, so in a
+train step the update tree takes the gradient tree's memory instead of
+adding its own (the staged update gets the same from XLA: its gradients die
+once projected, before ``QN`` exists). The state is the
 ordinary whole-tree state, split by :mod:`layer_state` (the same plan as
 :func:`~subspace_optax.per_layer_train_step`, so the result is the
 whole-tree update's for every transform that plan accepts; random bases draw
@@ -119,13 +123,17 @@ def update(update_fn: Callable[..., Any], split: layer_state.Split,
               for x, i in zip(stacks, carried_index)]
     slices = slice_at(stacks, jnp.minimum(l + 1, size - 1))
     shared = [by_index[i] for i in shared_index]
-    layer_out = [u[0] for u in split.parts(layer_updates)[0]]
-    return (grads, stacks, slices, shared), layer_out
+    # Layer l's update takes the place of its gradient in the carried stacks:
+    # the update tree reuses the gradient tree's memory (XLA writes in place),
+    # as in the staged update, whose projected gradients die before QN exists.
+    grads = [lax.dynamic_update_slice_in_dim(g, u.astype(g.dtype), l, 0)
+             for g, u in zip(grads, split.parts(layer_updates)[0])]
+    return (grads, stacks, slices, shared), None
 
   stacks = [whole[i] for i in carried_index]
   init = (stack_grads, stacks, slice_at(stacks, 0),
           [whole[i] for i in shared_index])
-  (_, carried, _, shared), stack_updates = lax.scan(
+  (stack_updates, carried, _, shared), _ = lax.scan(
       body, init, jnp.arange(size))
 
   # The other leaves, once, with the stack zero-size.

@@ -116,10 +116,11 @@ def over_matrices_on_cpu(fn: Callable[..., Any], num_batch_axes: int,
   H100, peaks at 36.6 GB vectorised against 50.1 GB looped
   (``benchmarks.per_layer_memory --target h100``), so GPUs vectorise. The
   CPU keeps the loop, which bounds the update's own temporaries
-  (``benchmarks.optimizer_temporaries``), although there the vectorised
-  train step compiled to a lower peak too (72.1 against 86.1 GB, before the
-  CPU's layer loop; 77.0 GB with it). TPUs, not measured, take the loop.
-  Same maths on every platform.
+  (``benchmarks.optimizer_temporaries``); there the vectorised train step
+  compiled to 72.1 GB against 86.1 looped before the CPU's layer loop, and
+  the layer loop, which writes each update in place of its gradient,
+  compiles to 64.1 GB. TPUs, not measured, take the loop. Same maths on
+  every platform.
   """
   if num_batch_axes == 0:
     return fn(*args)
