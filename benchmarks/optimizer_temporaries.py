@@ -93,8 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   names = (args.methods.split(',') if args.methods else
            [n for n in registry.REGISTRY if n not in UNSTACKABLE])
   result: dict[str, Any] = {
-      **per_layer_memory.result_header('optimizer_temporaries', args.date,
-                                       argv),
+      **peak_memory.result_header('optimizer_temporaries', args.date, argv),
       'largest_matrix_bytes': LARGEST_BYTES, 'bound': BOUND,
       'params': jax.tree.map(lambda x: list(x.shape), params('float32')),
       'rows': []}

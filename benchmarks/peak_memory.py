@@ -249,6 +249,20 @@ def compiled_for() -> str:
   return jax.default_backend()
 
 
+def result_header(benchmark: str, date: str,
+                  argv: Optional[Sequence[str]]) -> dict[str, Any]:
+  """The keys every AOT result file here starts with: what, when, where."""
+  return {
+      'benchmark': f'{benchmark} (AOT, XLA memory_analysis)',
+      'date': date or datetime.date.today().isoformat(),
+      'command': f'python -m benchmarks.{benchmark} ' + ' '.join(
+          sys.argv[1:] if argv is None else argv),
+      'machine': platform.processor() or platform.machine(),
+      'device': str(jax.devices()[0]), 'backend': jax.default_backend(),
+      'compiled_for': compiled_for(),
+      'versions': {'jax': jax.__version__, 'optax': optax.__version__}}
+
+
 def compile_program(fn, *args, donate=()):
   if COMPILE_DEVICE is not None:
     sharding = jax.sharding.SingleDeviceSharding(COMPILE_DEVICE)
@@ -539,13 +553,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   meter = Meter(shapes, vocab_size=vocab_size)
   rows, fits = [], {}
   result = {
-      'benchmark': 'peak_memory (AOT, XLA memory_analysis)',
-      'date': args.date or datetime.date.today().isoformat(),
-      'machine': platform.processor() or platform.machine(),
-      'backend': jax.default_backend(),
-      'compiled_for': compiled_for(),
-      'command': 'python -m benchmarks.peak_memory ' + ' '.join(sys.argv[1:]),
-      'versions': {'jax': jax.__version__, 'optax': optax.__version__},
+      **result_header('peak_memory', args.date, None),
       'vocab_size': vocab_size,
       'shapes': {k: dataclasses.asdict(v) | {'rank': v.rank}
                  for k, v in shapes.items()},

@@ -108,7 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   budgets = SMOKE_BUDGETS if args.smoke else BUDGETS
   vocab = peak_memory.SMOKE_VOCAB_SIZE if args.smoke else peak_memory.VOCAB_SIZE
   result: dict[str, Any] = {
-      **per_layer_memory.result_header('per_layer_fits', args.date, argv),
+      **peak_memory.result_header('per_layer_fits', args.date, argv),
       'vocab_size': vocab, 'param_dtype': 'bfloat16',
       'shapes': {name: s.__dict__ for name, s in shapes.items()},
       'budgets_bytes': budgets, 'cpu_only_measured': bool(args.dump_dir)}

@@ -49,13 +49,11 @@ step times and their ratio (one run, interleaved).
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import glob
 import json
 import os
 import pathlib
-import platform
 import re
 import statistics
 import sys
@@ -442,20 +440,6 @@ def dump_buffer_assignments(dump_dir: str) -> None:
         ' --xla_dump_hlo_module_re=.*step.*')
 
 
-def result_header(benchmark: str, date: str,
-                  argv: Optional[Sequence[str]]) -> dict[str, Any]:
-  """The keys every AOT result file here starts with: what, when, where."""
-  return {
-      'benchmark': f'{benchmark} (AOT, XLA memory_analysis)',
-      'date': date or datetime.date.today().isoformat(),
-      'command': f'python -m benchmarks.{benchmark} ' + ' '.join(
-          sys.argv[1:] if argv is None else argv),
-      'machine': platform.processor() or platform.machine(),
-      'device': str(jax.devices()[0]), 'backend': jax.default_backend(),
-      'compiled_for': peak_memory.compiled_for(),
-      'versions': {'jax': jax.__version__, 'optax': optax.__version__}}
-
-
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   args = parse_args(argv)
   if args.target != 'cpu':
@@ -470,7 +454,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   shape_names = list(shapes) if args.smoke else args.shapes.split(',')
   vocab = peak_memory.SMOKE_VOCAB_SIZE if args.smoke else peak_memory.VOCAB_SIZE
   result = {
-      **result_header('per_layer_memory', args.date, argv),
+      **peak_memory.result_header('per_layer_memory', args.date, argv),
       'vocab_size': vocab, 'rows': [], 'step_times': [],
       'galore_readme_7b_bytes': GALORE_README_7B_BYTES}
   start = time.perf_counter()

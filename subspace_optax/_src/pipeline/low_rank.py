@@ -393,9 +393,8 @@ def low_rank(
   def update_fn(updates, state, params=None, **extra_args):
     # On the CPU a stack of layers is updated one layer at a time, so no
     # temporary is stack-sized (layer_loop.py). GPUs keep the staged update
-    # over the whole stack: its unprojection fuses with ``p + u``, where the
-    # loop's output would be a materialised update tree
-    # (per_matrix.over_matrices_on_cpu).
+    # over the whole stack: its work is vectorised and its unprojection
+    # fuses with ``p + u``.
     split = layer_loop.stack_of(updates, layouts_for(updates))
     plan = None if split is None else plans.get(updates, split)
     if plan is None:
