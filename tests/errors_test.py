@@ -296,7 +296,7 @@ def test_a_basis_method_that_returns_nan_is_ignored():
   assert state_good.refresh['w'].next_refresh > 1
 
 
-@pytest.mark.parametrize('magnitude', [1e-30, 1e30])
+@pytest.mark.parametrize('magnitude', [1e-30, 1e30, 1e35])
 def test_randomized_basis_does_not_depend_on_gradient_scale(magnitude):
   """Extreme but finite gradients give the same subspace (no under/overflow)."""
   g = jax.random.normal(jax.random.key(1), (12, 9))
@@ -309,17 +309,33 @@ def test_randomized_basis_does_not_depend_on_gradient_scale(magnitude):
   np.testing.assert_allclose(scaled, unit, atol=1e-4)
 
 
-def test_an_ensemble_member_with_an_inf_gradient_keeps_its_basis():
+@pytest.mark.parametrize('basis', ['svd', 'randomized'])
+def test_an_ensemble_member_with_an_inf_gradient_keeps_its_basis(basis):
   """Under jax.vmap a refresh due for one member runs for all of them; LAPACK's
   SVD never returns on a matrix mixing Inf and finite entries, so the refresh
-  must not see the Inf (the member's result is discarded anyway)."""
-  tx = so.low_rank(optax.scale_by_adam(), rank=2, refresh=3, basis='svd', side='compact')
+  must not see the Inf (the member's result is discarded anyway). The
+  randomized basis takes the Inf itself (``handles_non_finite``)."""
+  tx = so.low_rank(optax.scale_by_adam(), rank=2, refresh=3, basis=basis,
+                   side='compact')
   state = jax.vmap(tx.init)({'w': jnp.ones((2, 8, 6))})
   g = jax.random.normal(jax.random.key(0), (2, 8, 6)).at[1, 0, 0].set(np.inf)
   _, new = jax.jit(jax.vmap(tx.update))({'w': g}, state)
   np.testing.assert_array_equal(new.basis['w'][1], state.basis['w'][1])
   assert not np.array_equal(new.basis['w'][0], state.basis['w'][0])
   assert np.all(np.isfinite(new.basis['w']))
+
+
+@pytest.mark.parametrize('bad', [np.inf, -np.inf, np.nan])
+def test_randomized_basis_of_a_non_finite_gradient_is_not_finite(bad):
+  """The randomized basis takes NaN/Inf entries as they are (no full-size
+  zeroed copy) and says so with a non-finite basis, which the stages drop;
+  its eigensolver sees only finite input, so it returns."""
+  method = singular.randomized()
+  assert method.handles_non_finite and not singular.svd().handles_non_finite
+  g = jax.random.normal(jax.random.key(1), (12, 9)).at[3, 4].set(bad)
+  new = jax.jit(method.refresh, static_argnums=3)(
+      g, bases_lib.dense_init(12, 9, 3), jax.random.key(2), True)
+  assert not np.any(np.isfinite(new))
 
 
 # ------------------------------------------- refresh periods and lazy refresh

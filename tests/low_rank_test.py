@@ -12,8 +12,10 @@ import subspace_optax as so
 from subspace_optax._src.bases import base as bases_lib
 from subspace_optax._src.bases import registry
 from subspace_optax._src.bases import singular
+from subspace_optax._src.pipeline import layer_index
 from subspace_optax._src.pipeline import layout as layout_lib
 from subspace_optax._src.pipeline import per_matrix
+from subspace_optax._src.pipeline import stages
 
 
 def _params():
@@ -221,6 +223,55 @@ def test_each_unstacked_leaf_refreshes_in_its_own_conditional():
   assert not _outermost(jaxpr, 'svd', stop='cond')
   assert [len(_outermost(e.params['branches'][1].jaxpr, 'svd'))
           for e in conds] == [1] * 5
+
+
+@pytest.mark.parametrize('one_layer', [True, False])
+@pytest.mark.parametrize('basis, reads', [('svd', True), ('random', False)])
+def test_a_one_layer_refresh_conditional_returns_the_gradient_it_reads(
+    basis, reads, one_layer):
+  """In a one-layer update (layer loop, per-layer step) the projection reads
+  the gradient as the refresh's ``cond`` returns it: XLA would otherwise give
+  the refresh and the projection a copy each of the layer's gradient slice.
+  Not elsewhere (XLA:GPU copies a whole stack's gradient through its
+  conditional), nor for a refresh that does not read it (random bases)."""
+  shapes = [(16, 8), (8, 12)]
+  params = {f'w{i}': jnp.ones(shape) for i, shape in enumerate(shapes)}
+  tx = so.low_rank(optax.scale_by_adam(), rank=2, refresh=4, basis=basis,
+                   side='compact')
+  if one_layer:
+    with layer_index.layer(jnp.int32(0), 1):
+      jaxpr = _staged_jaxpr(tx, params)
+  else:
+    jaxpr = _staged_jaxpr(tx, params)
+  # The top-level equations that hold a refresh's cond (batching.cond's
+  # custom_vmap call, whose outputs JAX cannot forward from its operands).
+  refreshes = [e for e in jaxpr.eqns if e.primitive.name == 'cond' or any(
+      _outermost(sub, 'cond') for sub in _sub_jaxprs(e))]
+  assert len(refreshes) == len(shapes)
+  gradients = [v for v in jaxpr.invars if v.aval.shape in shapes]
+  outputs = [v for e in refreshes for v in e.outvars
+             if v.aval.shape in shapes]
+  returned = reads and one_layer
+  assert len(outputs) == (len(shapes) if returned else 0)
+  # After the conditionals, the stages read their outputs, not the inputs.
+  after = jaxpr.eqns[max(jaxpr.eqns.index(e) for e in refreshes) + 1:]
+  read = {id(v) for e in after for v in e.invars if hasattr(v, 'aval')}
+  assert all(id(v) in read for v in outputs)
+  if returned:
+    assert not any(id(v) in read for v in gradients)
+
+
+def test_reads_gradient_tells_a_random_basis_from_an_svd():
+  layout = layout_lib.MatrixLayout(
+      path='w', shape=(6, 4), batch_axes=(), reduction_axes=(0,),
+      output_axes=(1,), rows=6, columns=4, project_rows=True, rank=2)
+  leaf = stages.Leaf(0, layout, jnp.zeros((6, 2)), None, jax.random.key(0),
+                     jnp.zeros((6, 4)))
+  assert stages.reads_gradient(so.bases.svd().refresh, leaf)
+  assert stages.reads_gradient(so.bases.randomized().refresh, leaf)
+  assert not stages.reads_gradient(
+      so.bases.random_orthonormal().refresh, leaf)
+  assert not stages.reads_gradient(so.bases.gaussian().refresh, leaf)
 
 
 def _flip_signs_svd():

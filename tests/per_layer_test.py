@@ -92,10 +92,16 @@ def run_both(tx, params=None, dtype=None, **options):
 
 def assert_trees_close(a, b, atol=1e-5):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    # bfloat16 state (galore_bf16_state): one bf16 ulp of float32 noise.
-    rtol = 1e-2 if x.dtype == jnp.bfloat16 else 1e-4
+    tolerance = {'atol': atol, 'rtol': 1e-4}
+    if x.dtype == jnp.bfloat16:
+      # bfloat16 state (galore_bf16_state): float32 noise moves a rounding
+      # by one bf16 ulp, and a moment that is a small difference of larger
+      # terms (m = β m + (1 - β) g) carries the ulp of those terms: one ulp
+      # at the leaf's scale.
+      scale = float(np.max(np.abs(np.asarray(y, np.float32))))
+      tolerance = {'atol': max(atol, 2.0 ** -8 * scale), 'rtol': 1e-2}
     np.testing.assert_allclose(np.asarray(x, np.float32),
-                               np.asarray(y, np.float32), atol=atol, rtol=rtol)
+                               np.asarray(y, np.float32), **tolerance)
 
 
 def build(name, **overrides):

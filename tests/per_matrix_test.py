@@ -29,6 +29,28 @@ def test_over_matrices_equals_a_vmap_over_the_batch_axes():
     np.testing.assert_array_equal(out, expected)
 
 
+def test_over_matrices_into_writes_each_output_in_place_of_into():
+  """With ``into``, the stacked output takes ``into``'s memory (a gradient
+  stack whose update it is): same values, and XLA aliases the donated
+  ``into`` to the output instead of allocating a new stack."""
+  a, b = _stacks()
+  into = jnp.zeros((3, 2, 5, 6), jnp.bfloat16)
+  expected = jax.vmap(jax.vmap(_matmul))(a, b)
+  for schedule in (per_matrix.over_matrices, per_matrix.over_matrices_on_cpu):
+    out = jax.jit(lambda i, a, b, s=schedule: s(_matmul, 2, a, b, into=i))(
+        into, a, b)
+    np.testing.assert_array_equal(out, expected)
+  shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (into, a, b)]
+  compiled = lambda write: jax.jit(
+      lambda i, a, b: per_matrix.over_matrices(
+          _matmul, 2, a, b, into=i if write else None),
+      donate_argnums=0).lower(*shapes).compile().memory_analysis()
+  assert compiled(False).alias_size_in_bytes == 0
+  written = compiled(True)
+  assert written.alias_size_in_bytes == into.nbytes
+  assert written.output_size_in_bytes == into.nbytes
+
+
 @pytest.mark.parametrize('platform, looped', [
     ('cpu', True), ('cuda', False), ('rocm', False)])
 def test_over_matrices_on_cpu_loops_only_when_lowered_for_the_cpu(

@@ -54,6 +54,12 @@ class BasisMethod(NamedTuple):
   # ``(*batch, k, l)`` view (with the batch axes); ``init`` still gives the
   # shapes and dtypes of one matrix's state. None: ``init``.
   init_from_weights: Optional[Callable[[jax.Array, int, str], Any]] = None
+  # The refresh takes a gradient with NaN/Inf entries as it is and returns a
+  # non-finite state for it (its factorisations see only small matrices it
+  # has made finite). False: the stages give it the gradient with those
+  # entries zeroed, a full-size copy, since LAPACK's SVD never returns on a
+  # matrix mixing Inf and finite entries.
+  handles_non_finite: bool = False
 
 
 def initial_state(method: BasisMethod, param: Any, layout: Any) -> Any:

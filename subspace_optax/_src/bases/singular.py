@@ -126,10 +126,14 @@ def randomized(oversample: int = 8, power_iterations: int = 1) -> bases_lib.Basi
 
   def refresh(g, old, key, align):
     g = g.astype(jnp.float32)
-    # The basis is scale invariant; scaling by max |G| keeps the Gram matrices
-    # below from overflowing (|G| >~ 1e18) or underflowing (|G| <~ 1e-18).
+    # The basis is scale invariant: each product of G is divided by max |G|
+    # (G / max |G| would be a full-size copy), so that the Gram matrices below
+    # neither overflow (|G| >~ 1e18) nor underflow (|G| <~ 1e-18). A product
+    # itself overflows only for |G| >~ 1e35.
     peak = jnp.max(jnp.abs(g))
-    g = g / jnp.where(peak > 0, peak, 1.0)
+    peak = jnp.where(peak > 0, peak, 1.0)
+    times_g = lambda spec, a, b: sharding.einsum(
+        spec, a, b, precision=_HIGHEST) / peak
     k, l = g.shape
     rank = old.shape[1]
     p = min(rank + oversample, k, l)
@@ -139,23 +143,25 @@ def randomized(oversample: int = 8, power_iterations: int = 1) -> bases_lib.Basi
     # Q times an orthogonal matrix); the earlier ones only keep the span stable.
     last = lambda i: 2 if i == power_iterations else 1
     q = bases_lib.orthonormalize(
-        sharding.einsum('kl,lp->kp', g, sketch, precision=_HIGHEST), keys[1],
-        last(0))
+        times_g('kl,lp->kp', g, sketch), keys[1], last(0))
     for i in range(power_iterations):
       z = bases_lib.orthonormalize(
-          sharding.einsum('kl,kp->lp', g, q, precision=_HIGHEST), keys[2 + 2 * i], 1)
+          times_g('kl,kp->lp', g, q), keys[2 + 2 * i], 1)
       q = bases_lib.orthonormalize(
-          sharding.einsum('kl,lp->kp', g, z, precision=_HIGHEST), keys[3 + 2 * i],
-          last(i + 1))
-    b = sharding.einsum('kp,kl->pl', q, g, precision=_HIGHEST)
-    vectors = _eigenvectors(sharding.einsum('pl,ql->pq', b, b, precision=_HIGHEST))
-    top = vectors[:, ::-1][:, :rank]  # eigh sorts ascending
+          times_g('kl,lp->kp', g, z), keys[3 + 2 * i], last(i + 1))
+    b = times_g('kp,kl->pl', q, g)
+    # A NaN/Inf in G reaches every product; the eigensolver (iterative) sees
+    # zeros instead, and the basis is NaN (handles_non_finite).
+    finite = jnp.all(jnp.isfinite(b))
+    gram = sharding.einsum('pl,ql->pq', b, b, precision=_HIGHEST)
+    vectors = _eigenvectors(jnp.where(finite, gram, 0.0))
+    top = jnp.where(finite, vectors[:, ::-1][:, :rank], jnp.nan)  # ascending
     return _finish(
         sharding.einsum('kp,pr->kr', q, top, precision=_HIGHEST), old, align)
 
   return bases_lib.BasisMethod(
       'randomized', bases_lib.dense_init, refresh, bases_lib.dense_project, bases_lib.dense_unproject,
-      bases_lib.dense_transition,
+      bases_lib.dense_transition, handles_non_finite=True,
   )
 
 

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from subspace_optax._src.pipeline import layout as layout_lib
+from subspace_optax._src.pipeline import sharding
 
 
 def stacked(x: jax.Array, layout: layout_lib.MatrixLayout) -> jax.Array:
@@ -74,42 +75,59 @@ def to_leaf(m: jax.Array, layout: layout_lib.MatrixLayout) -> jax.Array:
 
 
 def over_matrices(fn: Callable[..., Any], num_batch_axes: int,
-                  *args: Any) -> Any:
+                  *args: Any, into: jax.Array | None = None) -> Any:
   """``fn`` on each matrix of ``args`` (pytrees with ``num_batch_axes``
   leading batch axes), one matrix at a time; outputs stacked the same way.
 
   Without batch axes ``fn(*args)``; otherwise a ``lax.scan`` over the
   flattened batch axes that carries the stacks through an
   ``optimization_barrier``, so the temporaries of ``fn`` are those of one
-  matrix.
+  matrix. With ``into`` (an array of the stacked output's shape and dtype;
+  ``fn`` returns one array), each matrix's output is written in place of
+  ``into``'s: the output takes ``into``'s memory where nothing else reads it
+  (a gradient stack whose update this is), instead of a new stack beside it.
   """
   if num_batch_axes == 0:
     return fn(*args)
   batch_shape = jax.tree.leaves(args)[0].shape[:num_batch_axes]
-  flat = jax.tree.map(
-      lambda x: x.reshape((-1,) + x.shape[num_batch_axes:]), args)
+  flatten = lambda x: x.reshape((-1,) + x.shape[num_batch_axes:])
+  flat = jax.tree.map(flatten, args)
   size = jax.tree.leaves(flat)[0].shape[0]
 
-  def body(stacks, i):
+  def one(stacks, i):
     # The stacks are carried through a barrier, not closed over: XLA would
     # otherwise hoist a conversion of the whole stack (e.g. bfloat16 ->
     # float32) out of the loop as loop-invariant code.
     stacks = jax.lax.optimization_barrier(stacks)
-    one = jax.tree.map(
-        lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), stacks)
-    return stacks, fn(*one)
+    return stacks, fn(*jax.tree.map(
+        lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), stacks))
 
-  _, out = jax.lax.scan(body, flat, jnp.arange(size))
-  return jax.tree.map(lambda y: y.reshape(batch_shape + y.shape[1:]), out)
+  first = lambda x: jax.lax.index_in_dim(x, 0, keepdims=False)
+  if into is not None and (
+      sharding.explicit_spec(jax.eval_shape(fn, *jax.tree.map(first, flat)))
+      != sharding.explicit_spec(first(flatten(into)))):
+    into = None  # An Explicit mesh: the output is not sharded as ``into``.
+  if into is None:
+    _, out = jax.lax.scan(one, flat, jnp.arange(size))
+    return jax.tree.map(lambda y: y.reshape(batch_shape + y.shape[1:]), out)
+
+  def write(carry, i):
+    out, stacks = carry
+    stacks, y = one(stacks, i)
+    return (jax.lax.dynamic_update_index_in_dim(out, y, i, 0), stacks), None
+
+  (out, _), _ = jax.lax.scan(write, (flatten(into), flat), jnp.arange(size))
+  return out.reshape(into.shape)
 
 
 def over_matrices_on_cpu(fn: Callable[..., Any], num_batch_axes: int,
-                         *args: Any) -> Any:
-  """:func:`over_matrices` when lowered for the CPU, ``jax.vmap`` on GPUs.
+                         *args: Any, into: jax.Array | None = None) -> Any:
+  """:func:`over_matrices` (with ``into``) when lowered for the CPU,
+  ``jax.vmap`` on GPUs.
 
   For the stages whose output is the update (the unprojection ``α QN``, the
   residual path). Looped, a stack's float32 temporaries are one matrix's,
-  but the loop's stacked output is a materialised update tree; vectorised,
+  and the update is written in place of the gradient (``into``); vectorised,
   XLA fuses ``QN``, its cast and the optimizer's ``p + u``, and no update
   tree is held. At LLaMA-7B (bfloat16 params, batch 16 x 256, remat) the
   whole-tree train step with 8-bit GaLore, compiled ahead of time for an
@@ -125,7 +143,8 @@ def over_matrices_on_cpu(fn: Callable[..., Any], num_batch_axes: int,
   if num_batch_axes == 0:
     return fn(*args)
   return on_platform(
-      *args, cpu=functools.partial(over_matrices, fn, num_batch_axes),
+      *args, cpu=functools.partial(over_matrices, fn, num_batch_axes,
+                                   into=into),
       gpu=layout_lib.batched(fn, num_batch_axes))
 
 

@@ -106,9 +106,7 @@ def refresh_leaf(refresh, layout: layout_lib.MatrixLayout,
   (:func:`~subspace_optax._src.pipeline.per_matrix.stacked`); each matrix is
   cast to its float32 view only inside the loop. A refresh of a non-finite
   gradient is discarded, but it may still run (every-step bases, vmapped
-  ensembles); LAPACK's SVD never returns on a matrix mixing Inf with finite
-  entries (Reference-LAPACK issue 1409), so it sees the non-finite entries as
-  zeros.
+  ensembles): ``refresh`` comes from :func:`zeroing_non_finite`.
   """
   return per_matrix.over_matrices(
       _refresh_matrix(refresh, layout, align_signs), len(layout.batch_axes),
@@ -118,10 +116,19 @@ def refresh_leaf(refresh, layout: layout_lib.MatrixLayout,
 def _refresh_matrix(refresh, layout: layout_lib.MatrixLayout,
                     align_signs: bool):
   def one(g1, b1, k1):
-    view = per_matrix.view(g1, layout)
-    view = jnp.where(jnp.isfinite(view), view, 0.0)
-    return refresh(view, b1, k1, align_signs)
+    return refresh(per_matrix.view(g1, layout), b1, k1, align_signs)
   return one
+
+
+def zeroing_non_finite(method: bases_lib.BasisMethod, refresh):
+  """``refresh`` (``method.refresh`` or ``method.first_refresh``) seeing a
+  gradient's NaN/Inf entries as zeros, a full-size copy of the matrix; as it
+  is for a method that ``handles_non_finite``. LAPACK's SVD never returns on
+  a matrix mixing Inf with finite entries (Reference-LAPACK issue 1409)."""
+  if method.handles_non_finite:
+    return refresh
+  return lambda g, old, key, align: refresh(
+      jnp.where(jnp.isfinite(g), g, 0.0), old, key, align)
 
 
 def floats_finite(tree) -> jax.Array:
@@ -162,9 +169,11 @@ def refreshes_are_finite(method: bases_lib.BasisMethod,
           leaf.num_batch_axes, g, b, k))
 
     operands = (leaf.stacked, leaf.basis, leaf.keys)
-    every = functools.partial(check, refresh=method.refresh)
+    every = functools.partial(
+        check, refresh=zeroing_non_finite(method, method.refresh))
     if method.every_step and method.first_refresh is not None:
-      first = functools.partial(check, refresh=method.first_refresh)
+      first = functools.partial(
+          check, refresh=zeroing_non_finite(method, method.first_refresh))
       out.append(batching.cond(count == 0, first, every, *operands))
     elif method.every_step:
       out.append(every(*operands))
@@ -220,8 +229,9 @@ def unproject_leaves(method: bases_lib.BasisMethod, scale, leaves: list,
                      bases: list, subspace_updates: list) -> list[jax.Array]:
   """Stage 4 without a residual path: ``α Q N`` per projected leaf,
   back in the leaf's shape and dtype; on the CPU one matrix at a time (the
-  float32 ``QN`` of a single matrix is the only full-size temporary), on
-  GPUs vectorised, to fuse with ``p + u``
+  float32 ``QN`` of a single matrix is the only full-size temporary), each
+  written in place of its gradient, on GPUs vectorised, to fuse with
+  ``p + u``
   (:func:`~subspace_optax._src.pipeline.per_matrix.over_matrices_on_cpu`)."""
   out = []
   for leaf, basis in zip(leaves, bases):
@@ -232,8 +242,8 @@ def unproject_leaves(method: bases_lib.BasisMethod, scale, leaves: list,
     one = lambda n1, b1, leaf=leaf, dtype=dtype: per_matrix.to_leaf(
         scale * method.unproject(n1, b1), leaf.layout).astype(dtype)
     out.append(per_matrix.unstacked(per_matrix.over_matrices_on_cpu(
-        one, leaf.num_batch_axes, subspace_updates[leaf.index], basis),
-        leaf.layout))
+        one, leaf.num_batch_axes, subspace_updates[leaf.index], basis,
+        into=leaf.stacked), leaf.layout))
   return out
 
 
@@ -279,15 +289,30 @@ def refresh_every_step(method: bases_lib.BasisMethod, align_signs: bool,
   """
   finite = leaf_is_finite(leaf)
   refresh = functools.partial(
-      refresh_leaf, method.refresh, leaf.layout, align_signs)
+      refresh_leaf, zeroing_non_finite(method, method.refresh), leaf.layout,
+      align_signs)
   if method.first_refresh is None:
     fresh = refresh(leaf.stacked, leaf.basis, leaf.keys)
   else:
     first = functools.partial(
-        refresh_leaf, method.first_refresh, leaf.layout, align_signs)
+        refresh_leaf, zeroing_non_finite(method, method.first_refresh),
+        leaf.layout, align_signs)
     fresh = batching.cond(
         count == 0, first, refresh, leaf.stacked, leaf.basis, leaf.keys)
   return finite_or_old(fresh, leaf.basis, finite & refresh_is_finite(leaf))
+
+
+def reads_gradient(refresh, leaf: Leaf) -> bool:
+  """Whether ``refresh`` reads its gradient, from its jaxpr on one matrix
+  (random bases draw without it)."""
+  one = lambda x: jax.ShapeDtypeStruct(x.shape[leaf.num_batch_axes:], x.dtype)
+  view = jax.ShapeDtypeStruct(
+      (leaf.layout.projected_dim, leaf.layout.other_dim), jnp.float32)
+  jaxpr = jax.make_jaxpr(lambda g, b, k: refresh(g, b, k, False))(
+      view, jax.tree.map(one, leaf.basis), one(leaf.keys)).jaxpr
+  grad = jaxpr.invars[0]
+  return (any(v is grad for eqn in jaxpr.eqns for v in eqn.invars)
+          or any(v is grad for v in jaxpr.outvars))
 
 
 def refresh_bases(method: bases_lib.BasisMethod,
@@ -308,27 +333,51 @@ def refresh_bases(method: bases_lib.BasisMethod,
   non-finite gradient, or one that gives a non-finite basis, is dropped: the
   old basis stays and the leaf stays due.
 
+  In a one-layer update (the CPU's layer loop,
+  :func:`~subspace_optax.per_layer_train_step`), a leaf's conditional also
+  returns its gradient when the refresh reads it (:func:`reads_gradient`),
+  and the later stages read that output (of
+  :func:`~subspace_optax._src.pipeline.batching.cond`; a bare ``lax.cond``
+  drops an output that is an operand returned unchanged): the refresh and
+  the projection then share one buffer of the layer's gradient, where XLA
+  gave each its own copy of the slice and made the projection's before the
+  refresh ran (``benchmarks.optimizer_temporaries``: GaLore's float32
+  temporaries 4.8 -> 3.8 matrices). Elsewhere the gradient stays outside:
+  through the conditionals of whole stacks, XLA:GPU copies it (LLaMA-7B
+  whole-tree GaLore, bf16, compiled for an H100: 52.3 -> 59.5 GB), and a
+  refresh that does not read the gradient (random bases) would copy what
+  nothing needs.
+
   Returns:
-    A list over ``leaves`` of ``(basis, refreshed)``.
+    A list over ``leaves`` of ``(basis, refreshed, gradient)``, the gradient
+    with the batch axes first (:attr:`Leaf.stacked`).
   """
   if method.every_step:
-    return [refresh_every_step(method, align_signs, leaf, count)
-            for leaf in leaves]
+    return [(*refresh_every_step(method, align_signs, leaf, count),
+             leaf.stacked) for leaf in leaves]
   # The predicates are operands, not closed over (vmap needs that).
   operands = [(policy.due(leaf.refresh, count) & leaf_is_finite(leaf),
                leaf.stacked, leaf.basis, leaf.keys, refresh_is_finite(leaf))
               for leaf in leaves]
+  in_layer_loop = layer_index.current() is not None
+  reads = [in_layer_loop and reads_gradient(method.refresh, leaf)
+           for leaf in leaves]
+  refresh = zeroing_non_finite(method, method.refresh)
+  returned = lambda i, grad: grad if reads[i] else None
 
   def refresh_due(group, operands):
     return [batching.cond(
         predicate,
-        lambda g, b, k, ok, lay=leaves[i].layout: finite_or_old(
-            refresh_leaf(method.refresh, lay, align_signs, g, b, k), b, ok),
-        lambda g, b, k, ok: (b, jnp.asarray(False)), grad, basis, keys, ok)
+        lambda g, b, k, ok, i=i: (*finite_or_old(refresh_leaf(
+            refresh, leaves[i].layout, align_signs, g, b, k), b, ok),
+                                  returned(i, g)),
+        lambda g, b, k, ok, i=i: (b, jnp.asarray(False), returned(i, g)),
+        grad, basis, keys, ok)
             for i, (predicate, grad, basis, keys, ok) in zip(group, operands)]
 
-  def keep(operands):
-    return [(basis, jnp.asarray(False)) for _, _, basis, _, _ in operands]
+  def keep(group, operands):
+    return [(basis, jnp.asarray(False), returned(i, grad))
+            for i, (_, grad, basis, _, _) in zip(group, operands)]
 
   def shared(group):
     """The refreshes of ``group`` under one outer conditional."""
@@ -337,15 +386,18 @@ def refresh_bases(method: bases_lib.BasisMethod,
         jnp.any(predicate) for predicate, *_ in group_operands])
     # batching.cond: under jax.vmap (ensembles) the refreshes still run only
     # on steps where some member is due, not on every step.
-    return batching.cond(any_due, functools.partial(refresh_due, group), keep,
-                         group_operands)
+    return batching.cond(
+        any_due, functools.partial(refresh_due, group),
+        functools.partial(keep, group), group_operands)
 
   stacked = [i for i, leaf in enumerate(leaves) if leaf.num_batch_axes]
   out = dict(zip(stacked, shared(stacked) if stacked else []))
   for i, leaf in enumerate(leaves):
     if not leaf.num_batch_axes:
       out[i], = refresh_due([i], [operands[i]])
-  return [out[i] for i in range(len(leaves))]
+  return [(basis, refreshed, leaf.stacked if grad is None else grad)
+          for leaf, (basis, refreshed, grad) in zip(
+              leaves, (out[i] for i in range(len(leaves))))]
 
 
 def transitions(method: bases_lib.BasisMethod, leaves: list[Leaf],
