@@ -341,8 +341,7 @@ def low_rank(
     # The later stages read each gradient as its refresh returned it.
     bases, refreshed, grads = stages.unzip(
         stages.refresh_bases(method, policy, align_signs, leaves, count), 3)
-    leaves = [leaf._replace(grad=per_matrix.unstacked(g, leaf.layout))
-              for leaf, g in zip(leaves, grads)]
+    leaves = [leaf._replace(grad=g) for leaf, g in zip(leaves, grads)]
     transitions, similarities = stages.unzip(stages.transitions(
         method, leaves, bases,
         policy.needs_similarity or on_refresh == 'transport'), 2)

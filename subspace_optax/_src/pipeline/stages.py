@@ -350,11 +350,11 @@ def refresh_bases(method: bases_lib.BasisMethod,
 
   Returns:
     A list over ``leaves`` of ``(basis, refreshed, gradient)``, the gradient
-    with the batch axes first (:attr:`Leaf.stacked`).
+    leaf the later stages read, in the layout of ``Leaf.grad``.
   """
   if method.every_step:
-    return [(*refresh_every_step(method, align_signs, leaf, count),
-             leaf.stacked) for leaf in leaves]
+    return [(*refresh_every_step(method, align_signs, leaf, count), leaf.grad)
+            for leaf in leaves]
   # The predicates are operands, not closed over (vmap needs that).
   operands = [(policy.due(leaf.refresh, count) & leaf_is_finite(leaf),
                leaf.stacked, leaf.basis, leaf.keys, refresh_is_finite(leaf))
@@ -395,7 +395,8 @@ def refresh_bases(method: bases_lib.BasisMethod,
   for i, leaf in enumerate(leaves):
     if not leaf.num_batch_axes:
       out[i], = refresh_due([i], [operands[i]])
-  return [(basis, refreshed, leaf.stacked if grad is None else grad)
+  return [(basis, refreshed, leaf.grad if grad is None
+           else per_matrix.unstacked(grad, leaf.layout))
           for leaf, (basis, refreshed, grad) in zip(
               leaves, (out[i] for i in range(len(leaves))))]
 
