@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import subspace_optax as so
+from subspace_optax._src.pipeline import per_matrix
 from subspace_optax._src.transforms import auon as auon_lib
 
 
@@ -55,26 +56,37 @@ def _numpy_auon(grads, beta, gamma, ns_steps, normalize=True):
   return out
 
 
+@pytest.mark.parametrize('lowering', ['cpu', 'gpu'])
 @pytest.mark.parametrize('ns_steps,gamma,normalize', [
     (0, 1.0, True), (1, 1.0, True), (0, 1.5, False)])
-def test_scale_by_auon_matches_numpy(ns_steps, gamma, normalize):
+def test_scale_by_auon_matches_numpy(ns_steps, gamma, normalize, lowering,
+                                     monkeypatch):
+  # A stack of two matrices: looped on the CPU (without forming X when there
+  # are no Newton-Schulz steps), vectorised as X on GPUs; same rule.
+  if lowering == 'gpu':
+    monkeypatch.setattr(per_matrix, 'on_platform',
+                        lambda *args, cpu, gpu: gpu(*args))
   rng = np.random.RandomState(2)
-  grads = [rng.randn(8, 5) for _ in range(3)]
+  grads = [rng.randn(2, 8, 5) for _ in range(3)]
   tx = so.scale_by_auon(newton_schulz_steps=ns_steps, gamma=gamma,
                         normalize=normalize)
-  state = tx.init(jnp.zeros((8, 5)))
+  state = tx.init(jnp.zeros((2, 8, 5)))
   update = jax.jit(tx.update)
-  expected = _numpy_auon(grads, 0.95, gamma, ns_steps, normalize)
+  expected = np.stack([
+      _numpy_auon([g[i] for g in grads], 0.95, gamma, ns_steps, normalize)
+      for i in range(2)], axis=1)
   for g, e in zip(grads, expected):
     u, state = update(jnp.asarray(g, jnp.float32), state)
     np.testing.assert_allclose(u, e, rtol=1e-4, atol=1e-6)
     if ns_steps == 0 and normalize:
       # Unit Frobenius norm up to the brake, ‖U‖ = 1/brake, brake ≈ 1 + γ²/(2N).
-      x = np.asarray(u) / np.linalg.norm(u)
-      np.testing.assert_allclose(
-          np.linalg.norm(u), 1 / _numpy_brake(x, gamma), rtol=1e-5)
-      np.testing.assert_allclose(
-          np.linalg.norm(u), 1 / (1 + gamma**2 / (2 * g.size)), rtol=2e-3)
+      for one in np.asarray(u):
+        x = one / np.linalg.norm(one)
+        np.testing.assert_allclose(
+            np.linalg.norm(one), 1 / _numpy_brake(x, gamma), rtol=1e-5)
+        np.testing.assert_allclose(
+            np.linalg.norm(one), 1 / (1 + gamma**2 / (2 * one.size)),
+            rtol=2e-3)
 
 
 def test_stacked_matrices_are_normalized_one_by_one():

@@ -19,6 +19,7 @@ from benchmarks import methods as bench_methods
 from subspace_optax._src.pipeline import layer_loop
 from subspace_optax._src.pipeline import layout as layout_lib
 from subspace_optax._src.pipeline import per_matrix
+from subspace_optax._src.pipeline import stages
 
 L, D, H = 3, 8, 12
 
@@ -192,3 +193,39 @@ def test_a_refresh_that_fails_on_one_layer_keeps_every_layers_basis():
   failed = run(tx, params, [bad], staged=False)[1]
   np.testing.assert_array_equal(failed.basis['s'], tx.init(params).basis['s'])
   assert not np.allclose(looped_state.basis['s'], tx.init(params).basis['s'])
+
+
+def test_a_lazy_policy_records_the_whole_leafs_similarity():
+  # Q-GaLore's lazy policy stretches a stacked leaf's period from the
+  # similarity of its new bases to the old, averaged over the layers: each
+  # layer's update records the whole leaf's (computed before the loop), so
+  # the loop runs and gives the staged update's state. Refreshes at every
+  # step record a similarity at steps 1 and 2; then the period doubles.
+  tx = so.low_rank(
+      optax.scale_by_adam(), rank=2, basis='svd',
+      refresh=so.refresh.lazy(1, threshold=0.0, window=2, stagger=False),
+      dimension_numbers=so.last_two_axes)
+  params = make_params()
+  layouts = layout_lib.flat_layouts(params, so.last_two_axes, 'reference', 2)
+  assert layer_loop.Plans(tx).get(
+      params, layer_loop.stack_of(params, layouts)) is not None
+  grads = [gradients(step, params) for step in range(4)]
+  looped, looped_state = run(tx, params, grads, staged=False)
+  staged, staged_state = run(tx, params, grads, staged=True)
+  assert_trees_close(looped, staged)
+  assert_trees_close(looped_state, staged_state)
+  lazy = looped_state.refresh['blocks']['mlp']['up']['kernel']
+  assert (int(lazy.period), int(lazy.refreshes)) == (2, 3)
+  # The recorded similarity is the mean over the layers, not one layer's.
+  up = [g['blocks']['mlp']['up']['kernel'] for g in grads]
+  per_layer = [
+      stages.similarity(_transition(up[1][l], up[2][l]), 2) for l in range(L)]
+  np.testing.assert_allclose(lazy.similarities[-1], np.mean(per_layer),
+                             rtol=1e-5)
+  assert np.ptp(per_layer) > 1e-3
+
+
+def _transition(previous, new):
+  """``QₙᵀQₚ`` of the rank-2 SVD bases of two gradients (one matrix)."""
+  basis = lambda g: np.linalg.svd(np.asarray(g), full_matrices=False)[0][:, :2]
+  return jnp.asarray(basis(new).T @ basis(previous))

@@ -51,6 +51,16 @@ def test_over_matrices_into_writes_each_output_in_place_of_into():
   assert written.output_size_in_bytes == into.nbytes
 
 
+def test_over_matrices_of_an_empty_stack_is_empty():
+  # The layer loop's zero-size placeholders stand for leaves outside a
+  # one-layer update; with or without ``into`` their output is empty.
+  a, b = (x[:, :0] for x in _stacks())
+  into = jnp.zeros((3, 0, 5, 6), jnp.bfloat16)
+  for target in (None, into):
+    out = per_matrix.over_matrices(_matmul, 2, a, b, into=target)
+    assert out.shape == (3, 0, 5, 6)
+
+
 @pytest.mark.parametrize('platform, looped', [
     ('cpu', True), ('cuda', False), ('rocm', False)])
 def test_over_matrices_on_cpu_loops_only_when_lowered_for_the_cpu(

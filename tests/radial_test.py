@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import subspace_optax as so
+from subspace_optax._src.pipeline import per_matrix
 
 DELTA, WD_RATIO, EPS = 0.1, 0.1, 1e-8
 
@@ -103,6 +104,20 @@ def test_adamp_matches_the_reference_rule(kind):
     tx, update = _adamp(axis)
     np.testing.assert_allclose(_run(tx, w, grads, layout, update), expected,
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('kind', ['channel', 'layer', 'generic'])
+def test_the_gpu_lowering_matches_the_reference_rule(kind, monkeypatch):
+  # GPUs take the inner products without XLA:CPU's barrier around each
+  # reduction's operands (radial._inner_products); the rule is the same.
+  monkeypatch.setattr(per_matrix, 'on_platform',
+                      lambda *args, cpu, gpu: gpu(*args))
+  w = np.random.RandomState(1).randn(6, 10)
+  grads = _gradients(w, kind)
+  expected = _numpy_adamp(w, grads, lr=0.01, wd=0.5, nesterov=True)
+  tx = so.adamp(0.01, weight_decay=0.5, nesterov=True, channel_axis=0)
+  np.testing.assert_allclose(_run(tx, w, grads, 'torch'), expected,
+                             rtol=1e-5, atol=1e-6)
 
 
 def test_sgdp_matches_the_reference_rule():

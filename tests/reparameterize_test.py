@@ -210,11 +210,13 @@ def test_weight_basis_memory_protects_its_end_of_the_spectrum(end):
   assert np.max(np.abs(u[:, part].T @ delta)) < 1e-5
   assert np.max(np.abs(delta @ vt[part].T)) < 1e-5
   assert np.max(np.abs(u[:, other].T @ delta)) > 1e-2
-  # Stored as is by set_memory into a larger empty memory.
+  # Stored as is by set_memory into a larger empty memory: the same
+  # projection, up to float32 rounding (its products run over a zero column
+  # more, in another order on some CPUs: 10 ulps apart on an AMD EPYC).
   tx = so.continual.orthogonal_to(capacity=3)
   state = so.continual.set_memory(tx.init(params), memory)
   again, _ = tx.update(_grads(params, 0), state, params)
-  np.testing.assert_allclose(again['w'], updates['w'], atol=1e-6)
+  np.testing.assert_allclose(again['w'], updates['w'], rtol=1e-5, atol=1e-6)
 
 
 def test_weight_basis_stacks_and_modes():

@@ -26,13 +26,16 @@ class LayerIndex(NamedTuple):
   whether the whole stacked leaf (every layer) is finite, and whether this
   step's refresh gives a finite basis for every layer of it: a refresh is
   then kept or dropped for the whole leaf, as in the whole-tree update.
-  Leaves not in them are judged by their one layer.
+  Leaves not in them are judged by their one layer. ``similarity`` maps a
+  leaf to the similarity of this step's new bases to the old, averaged over
+  every layer (what a lazy refresh policy records for the whole leaf).
   """
 
   index: jax.Array
   size: int
   finite: Optional[Mapping[int, jax.Array]] = None
   refresh_finite: Optional[Mapping[int, jax.Array]] = None
+  similarity: Optional[Mapping[int, jax.Array]] = None
 
 
 _STATE = threading.local()
@@ -46,7 +49,8 @@ def current() -> Optional[LayerIndex]:
 @contextlib.contextmanager
 def layer(index: jax.Array, size: int,
           finite: Optional[Mapping[int, jax.Array]] = None,
-          refresh_finite: Optional[Mapping[int, jax.Array]] = None
+          refresh_finite: Optional[Mapping[int, jax.Array]] = None,
+          similarity: Optional[Mapping[int, jax.Array]] = None
           ) -> Iterator[LayerIndex]:
   """Within this context, one-layer updates are those of layer ``index``.
 
@@ -59,7 +63,7 @@ def layer(index: jax.Array, size: int,
     True
   """
   previous = current()
-  _STATE.layer = LayerIndex(index, size, finite, refresh_finite)
+  _STATE.layer = LayerIndex(index, size, finite, refresh_finite, similarity)
   try:
     yield _STATE.layer
   finally:

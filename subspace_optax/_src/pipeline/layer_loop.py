@@ -75,7 +75,8 @@ class Plans:
       try:
         with warnings.catch_warnings():
           warnings.simplefilter('ignore')  # init's warnings, on sub-trees
-          self._plans[key] = layer_state.plan(self._tx, abstract, split)
+          self._plans[key] = layer_state.plan(
+              self._tx, abstract, split, similarity_given=True)
       except separability.NotLayerSeparableError:
         self._plans[key] = None
     return self._plans[key]
@@ -84,12 +85,13 @@ class Plans:
 def update(update_fn: Callable[..., Any], split: layer_state.Split,
            plan: layer_state.Plan, updates, state, extra_args: dict,
            finite: Mapping[int, jax.Array],
-           refresh_finite: Mapping[int, jax.Array]):
+           refresh_finite: Mapping[int, jax.Array],
+           similarity: Mapping[int, jax.Array]):
   """``update_fn(updates, state)`` with the stack of ``split`` one layer at a
   time (``plan`` from :class:`Plans`); same outputs.
 
-  ``finite`` and ``refresh_finite`` hold, by position in the flat tree,
-  what a one-layer update must know of its whole stacked leaf
+  ``finite``, ``refresh_finite`` and ``similarity`` hold, by position in the
+  flat tree, what a one-layer update must know of its whole stacked leaf
   (:class:`~subspace_optax._src.pipeline.layer_index.LayerIndex`).
   """
   whole = plan.treedef.flatten_up_to(state)
@@ -110,7 +112,7 @@ def update(update_fn: Callable[..., Any], split: layer_state.Split,
     # loop.
     grads, stacks, slices, _ = carry
     grads = lax.optimization_barrier(grads)
-    with layer_index.layer(l, size, finite, refresh_finite):
+    with layer_index.layer(l, size, finite, refresh_finite, similarity):
       layer_updates, new_state = update_fn(
           split.build(slice_at(grads, l), zero_size(rest_grads)),
           plan.layer_state(whole, slices),

@@ -118,7 +118,8 @@ def with_leaves(params, split: Split, stack_fn, rest_fn):
   return split.build(map(stack_fn, stacked), map(rest_fn, rest))
 
 
-def plan(tx, params, stack: str | Split) -> Plan:
+def plan(tx, params, stack: str | Split,
+         similarity_given: bool = False) -> Plan:
   """The :class:`Plan` of ``tx`` on ``params`` (shapes only).
 
   Args:
@@ -126,6 +127,10 @@ def plan(tx, params, stack: str | Split) -> Plan:
     params: its params (or their shapes).
     stack: the key of ``params`` (a dict) holding the stacked layers, or a
       :class:`Split` naming the stacked leaves.
+    similarity_given: the caller gives each one-layer update the similarity
+      of the whole stacked leaf's new bases
+      (:class:`~subspace_optax._src.pipeline.layer_index.LayerIndex`), so a
+      lazy refresh policy records what the whole-tree update records.
 
   Raises:
     NotLayerSeparableError: ``tx`` or its state cannot be split by layer.
@@ -141,7 +146,7 @@ def plan(tx, params, stack: str | Split) -> Plan:
       params, split, lambda x: jax.ShapeDtypeStruct((n,) + x.shape[1:],
                                                    x.dtype), lambda x: x)
   whole = jax.eval_shape(tx.init, params)
-  separability.check_separable(tx, whole)
+  separability.check_separable(tx, whole, similarity_given)
   leaves, treedef = jax.tree.flatten(whole)
   grown = jax.tree.leaves(jax.eval_shape(tx.init, resized(size + 1)))
   carries = []

@@ -404,17 +404,19 @@ def low_rank(
 
     def looped(updates, state):
       # What each layer's update must know of its whole stacked leaf: is
-      # it finite, and does this step's refresh give a finite basis for
-      # every layer (else no layer takes its new basis).
+      # it finite, does this step's refresh give a finite basis for every
+      # layer (else no layer takes its new basis), and how far the new
+      # bases moved on average (a lazy policy records it for the leaf).
       *_, leaves = projected_leaves(updates, state)
       leaves = [leaf for leaf in leaves if split.is_stack[leaf.index]]
       indices = [leaf.index for leaf in leaves]
       finite = [stages.all_finite(leaf.grad) for leaf in leaves]
-      refresh_finite = stages.refreshes_are_finite(
-          method, policy, align_signs, leaves, finite, state.count)
+      refresh_finite, similarity = stages.unzip(stages.refreshes_are_finite(
+          method, policy, align_signs, leaves, finite, state.count), 2)
       return layer_loop.update(
           staged_update, split, plan, updates, state, extra_args,
-          dict(zip(indices, finite)), dict(zip(indices, refresh_finite)))
+          *(dict(zip(indices, x)) for x in (finite, refresh_finite,
+                                             similarity)))
 
     staged = lambda u, s: staged_update(u, s, None, **extra_args)
     return per_matrix.on_platform(updates, state, cpu=looped, gpu=staged)

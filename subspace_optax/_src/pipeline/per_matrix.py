@@ -93,6 +93,8 @@ def over_matrices(fn: Callable[..., Any], num_batch_axes: int,
   flatten = lambda x: x.reshape((-1,) + x.shape[num_batch_axes:])
   flat = jax.tree.map(flatten, args)
   size = jax.tree.leaves(flat)[0].shape[0]
+  if size == 0:  # An empty stack (the layer loop's zero-size placeholders).
+    return layout_lib.batched(fn, num_batch_axes)(*args)
 
   def one(stacks, i):
     # The stacks are carried through a barrier, not closed over: XLA would

@@ -87,12 +87,16 @@ def whole_tree_wrapper(tx: optax.GradientTransformation) -> Optional[str]:
       n == wrapper or n.startswith(wrapper + '.') for n in names)), None)
 
 
-def check_separable(tx: optax.GradientTransformation, state: Any) -> None:
+def check_separable(tx: optax.GradientTransformation, state: Any,
+                    similarity_given: bool = False) -> None:
   """Raises :class:`NotLayerSeparableError` for the known non-separable parts.
 
   Args:
     tx: the transform.
     state: its state (or its ``jax.eval_shape``).
+    similarity_given: each one-layer update is given the whole stacked
+      leaf's basis similarity (the layer loop), which a lazy refresh policy
+      needs.
   """
   wrapper = whole_tree_wrapper(tx)
   if wrapper is not None:
@@ -103,7 +107,7 @@ def check_separable(tx: optax.GradientTransformation, state: Any) -> None:
           x, (lazy_lib.LazyState, optax.ApplyIfFiniteState,
               optax.MultiStepsState)))
   for node in nodes:
-    if isinstance(node, lazy_lib.LazyState):
+    if isinstance(node, lazy_lib.LazyState) and not similarity_given:
       raise NotLayerSeparableError(
           'per_layer_train_step: a lazy refresh policy (q_galore\'s default) '
           'grows a stacked leaf\'s period from the basis similarity averaged '

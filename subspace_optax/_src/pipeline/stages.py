@@ -148,25 +148,33 @@ def finite_or_old(fresh, old, finite_input: jax.Array):
 def refreshes_are_finite(method: bases_lib.BasisMethod,
                          policy: refresh_lib.RefreshPolicy, align_signs: bool,
                          leaves: list[Leaf], finite: list[jax.Array],
-                         count: jax.Array) -> list[jax.Array]:
+                         count: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
   """Per leaf: whether this step's refresh (where one runs) gives a finite
-  basis for every matrix; one matrix at a time, keeping no basis. ``finite``
-  holds whether each leaf's gradient is finite (:func:`all_finite`); a
-  scheduled refresh runs only then.
+  basis for every matrix, and (for a policy that ``needs_similarity``, else
+  1) the similarity of the new bases to the old that the whole-tree update
+  records, averaged over the matrices; one matrix at a time, keeping no
+  basis. ``finite`` holds whether each leaf's gradient is finite
+  (:func:`all_finite`); a scheduled refresh runs only then.
 
   For the layer loop (:mod:`~subspace_optax._src.pipeline.layer_loop`),
   which refreshes one layer at a time but, as the whole-tree update, must
-  drop the refresh of every layer when one layer's new basis is not finite.
-  The refreshes of due leaves then run twice on the CPU.
+  drop the refresh of every layer when one layer's new basis is not finite,
+  and must record one similarity for the whole stacked leaf (a lazy policy
+  stretches the leaf's period from it). The refreshes of due leaves then run
+  twice on the CPU.
   """
   out = []
   for leaf, leaf_finite in zip(leaves, finite):
 
     def check(g, b, k, refresh, leaf=leaf):
-      return jnp.all(per_matrix.over_matrices(
-          lambda *a: floats_finite(
-              _refresh_matrix(refresh, leaf.layout, align_signs)(*a)),
-          leaf.num_batch_axes, g, b, k))
+      def one(g1, b1, k1):
+        fresh = _refresh_matrix(refresh, leaf.layout, align_signs)(g1, b1, k1)
+        return floats_finite(fresh), (
+            similarity(method.transition(b1, fresh), leaf.layout.rank)
+            if policy.needs_similarity else jnp.ones([], jnp.float32))
+      ok, similarities = per_matrix.over_matrices(
+          one, leaf.num_batch_axes, g, b, k)
+      return jnp.all(ok), jnp.mean(similarities)
 
     operands = (leaf.stacked, leaf.basis, leaf.keys)
     every = functools.partial(
@@ -180,8 +188,15 @@ def refreshes_are_finite(method: bases_lib.BasisMethod,
     else:
       out.append(batching.cond(
           policy.due(leaf.refresh, count) & leaf_finite, every,
-          lambda *_: jnp.asarray(True), *operands))
+          lambda *_: (jnp.asarray(True), jnp.ones([], jnp.float32)),
+          *operands))
   return out
+
+
+def similarity(transition: jax.Array, rank: int) -> jax.Array:
+  """``mean ‖R‖_F² / rank`` over the matrices of ``transition`` (in [0, 1]:
+  the mean squared cosine of the principal angles between two bases)."""
+  return jnp.mean(jnp.sum(transition * transition, axis=(-2, -1)) / rank)
 
 
 def transport(carry: jax.Array, moment: jax.Array) -> jax.Array:
@@ -419,9 +434,10 @@ def transitions(method: bases_lib.BasisMethod, leaves: list[Leaf],
       continue
     transition = layout_lib.batched(method.transition, leaf.num_batch_axes)(
         leaf.basis, basis)
-    similarity = jnp.mean(
-        jnp.sum(transition * transition, axis=(-2, -1)) / leaf.layout.rank)
-    out.append((transition, similarity))
+    # In a one-layer update of the layer loop: the whole stacked leaf's.
+    given = _given('similarity', leaf)
+    out.append((transition, similarity(transition, leaf.layout.rank)
+                if given is None else given))
   return out
 
 

@@ -44,7 +44,7 @@ def stored_like(new: optax.Updates, old: optax.Updates) -> optax.Updates:
   return jax.tree.map(lambda n, o: n.astype(o.dtype), new, old)
 
 
-def _first_moment(
+def first_moment(
     updates: optax.Updates, moment: optax.Updates, decay: float
 ) -> optax.Updates:
   """``m ← decay·m + (1-decay)·g``, in float32 whatever ``m``'s dtype."""
@@ -56,7 +56,7 @@ def update_first_moment(
     updates: optax.Updates, moment: optax.Updates, decay: float
 ) -> optax.Updates:
   """``m ← decay·m + (1-decay)·g``, computed in float32, stored in ``m``'s dtype."""
-  return stored_like(_first_moment(updates, moment, decay), moment)
+  return stored_like(first_moment(updates, moment, decay), moment)
 
 
 def update_second_moment(
@@ -83,7 +83,7 @@ def moments_for_step(
   """Adam's moments ``(m, v)`` after ``updates``: ``m`` in float32 (the step
   uses it before it is rounded to a ``mu_dtype``, as ``optax.scale_by_adam``),
   ``v`` in ``nu``'s dtype. Store ``m`` with :func:`stored_like`."""
-  return _first_moment(updates, mu, b1), update_second_moment(updates, nu, b2)
+  return first_moment(updates, mu, b1), update_second_moment(updates, nu, b2)
 
 
 def one_minus_power(decay: float, count: jax.Array) -> jax.Array:

@@ -13,6 +13,7 @@ runs Newton–Schulz steps on ``X`` before the brake.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple, Optional
 
@@ -20,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from subspace_optax._src.pipeline import layout as layout_lib
+from subspace_optax._src.pipeline import per_matrix
 from subspace_optax._src.transforms import adam
 
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -111,27 +114,50 @@ def scale_by_auon(
       newton_schulz_steps, int) or newton_schulz_steps < 0:
     raise ValueError('`newton_schulz_steps` must be a Python int >= 0.')
 
-  def direction(m):
+  def direction(m, fold_scale: bool):
     shape, dtype = m.shape, m.dtype
     m = _as_matrices(m.astype(jnp.float32))
     norm = jnp.sqrt(jnp.sum(m * m, axis=(-2, -1), keepdims=True))
-    x = m / (norm + eps)
-    for _ in range(newton_schulz_steps):
-      x = newton_schulz_step(x)
-    brake = cosh_brake(x, gamma)
-    out = (x if normalize else m) / (brake + 1e-8)
+    if fold_scale and not newton_schulz_steps:
+      # X = M̂ / (‖M̂‖ + ε) is not formed: its scale enters the brake's
+      # reduction and the step's factor, so XLA:CPU holds M̂ only (one
+      # matrix, where X took a second). XLA:GPU fuses X as written and
+      # holds neither.
+      scale = 1.0 / (norm + eps)
+      brake = cosh_brake(m * scale, gamma)
+      out = m * ((scale if normalize else 1.0) / (brake + 1e-8))
+    else:
+      x = m / (norm + eps)
+      for _ in range(newton_schulz_steps):
+        x = newton_schulz_step(x)
+      out = (x if normalize else m) / (cosh_brake(x, gamma) + 1e-8)
     return out.reshape(shape).astype(dtype)
 
   def init_fn(params):
     return ScaleByAuonState(optax.tree.zeros_like(params, dtype=mu_dtype))
 
+  def step(mu, g, fold_scale: bool):
+    # The look-ahead is not stored: float32, whatever the momentum's dtype.
+    looked = adam.first_moment(g, mu, beta) if nesterov else mu
+    return direction(looked, fold_scale).astype(jnp.result_type(g))
+
+  def leaf_step(mu, g):
+    # On the CPU a stack of matrices one matrix at a time, each step written
+    # in place of its gradient: the float32 temporaries are one matrix's.
+    # GPUs fuse the vectorised step.
+    batch_axes = max(g.ndim - 2, 0)
+    return per_matrix.on_platform(
+        mu, g,
+        cpu=lambda mu, g: per_matrix.over_matrices(
+            functools.partial(step, fold_scale=True), batch_axes, mu, g,
+            into=g),
+        gpu=layout_lib.batched(functools.partial(step, fold_scale=False),
+                               batch_axes))
+
   def update_fn(updates, state, params=None):
     del params
     mu = adam.update_first_moment(updates, state.mu, beta)
-    looked = adam.update_first_moment(updates, mu, beta) if nesterov else mu
-    out = jax.tree.map(
-        lambda d, g: direction(d).astype(jnp.result_type(g)), looked, updates)
-    return out, ScaleByAuonState(mu)
+    return jax.tree.map(leaf_step, mu, updates), ScaleByAuonState(mu)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -12,6 +12,7 @@ step.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from subspace_optax._src import arguments
+from subspace_optax._src.pipeline import per_matrix
 
 
 def _view_axes(x: jax.Array, channel_axis: Optional[int]) -> tuple[int, ...]:
@@ -29,31 +31,61 @@ def _view_axes(x: jax.Array, channel_axis: Optional[int]) -> tuple[int, ...]:
   return tuple(a for a in range(x.ndim) if a != channel_axis % x.ndim)
 
 
+def _inner_products(weight, grad, step, axes, separate: bool):
+  """``⟨w, w⟩, ⟨g, g⟩, ⟨w, g⟩, ⟨w, p⟩`` over ``axes``, in float32.
+
+  The results pass an optimization barrier, which keeps XLA from merging the
+  layer view's sums of them into reductions of their own over the leaf (XLA:CPU
+  then held each product full-size). With ``separate`` (XLA:CPU), each
+  reduction also takes its operands through a barrier of its own, so their
+  casts to float32 fuse into it (a cast that several reductions share is
+  held full-size). GPU lowerings fuse the casts without it; there the
+  barrier would make its operand, e.g. a fused Nesterov step, a buffer.
+  """
+
+  def dot(a, b):
+    if separate:
+      a, b = jax.lax.optimization_barrier((a, b))
+    return jnp.sum(a.astype(jnp.float32) * b.astype(jnp.float32), axis=axes,
+                   keepdims=True)
+
+  products = (dot(weight, weight), dot(grad, grad), dot(weight, grad),
+              dot(weight, step))
+  return jax.lax.optimization_barrier(products)
+
+
 def _radial_projection(step, grad, weight, delta, eps, channel_axis):
   """``(projected step, projected?)`` for one leaf of rank >= 2 (AdamP's rule).
 
   Reductions over the view's axes (no reshape), so sharded leaves keep their
-  sharding.
+  sharding. The four inner products are taken once per channel; the layer
+  view's are their sums over the channels. The radial part ``ŵ⟨ŵ, p⟩`` is
+  written ``w · ⟨w, p⟩ / (‖w‖ + ε)²``, so the step is one elementwise
+  expression of ``p`` and ``w`` after the reductions: no full-size unit
+  vector or candidate step is held beside the leaf.
   """
+  axes = _view_axes(weight, channel_axis)
+  by_channel = per_matrix.on_platform(
+      weight, grad, step,
+      cpu=functools.partial(_inner_products, axes=axes, separate=True),
+      gpu=functools.partial(_inner_products, axes=axes, separate=False))
+  by_layer = tuple(jnp.sum(x) for x in by_channel)
+  tests = []
+  for (ww, gg, wg, wp), width in (
+      (by_channel, math.prod(weight.shape[a] for a in axes)),
+      (by_layer, weight.size)):
+    w_norm = jnp.sqrt(ww)
+    cosine = jnp.abs(wg) / (jnp.maximum(w_norm, eps)
+                            * jnp.maximum(jnp.sqrt(gg), eps))
+    invariant = jnp.max(cosine) < delta / math.sqrt(width)
+    tests.append((invariant, wp / jnp.square(w_norm + eps)))
+  (channel_invariant, channel_radial), (layer_invariant, layer_radial) = tests
+  projected = channel_invariant | layer_invariant
+  radial = jnp.where(channel_invariant, channel_radial, layer_radial)
   step32 = step.astype(jnp.float32)
-  grad32 = grad.astype(jnp.float32)
-  w = weight.astype(jnp.float32)
-  results = []
-  for axis in (channel_axis, None):  # channel view first, then the layer view
-    axes = _view_axes(w, axis)
-    dot = lambda a, b: jnp.sum(a * b, axis=axes, keepdims=True)  # pylint: disable=cell-var-from-loop
-    w_norm = jnp.sqrt(dot(w, w))
-    g_norm = jnp.sqrt(dot(grad32, grad32))
-    cosine = jnp.abs(dot(w, grad32)) / (
-        jnp.maximum(w_norm, eps) * jnp.maximum(g_norm, eps))
-    fan_in = math.prod(w.shape[a] for a in axes)
-    invariant = jnp.max(cosine) < delta / math.sqrt(fan_in)
-    unit = w / (w_norm + eps)
-    results.append((invariant, step32 - unit * dot(unit, step32)))
-  (by_channel, channel_step), (by_layer, layer_step) = results
-  out = jnp.where(by_channel, channel_step,
-                  jnp.where(by_layer, layer_step, step32))
-  return out.astype(step.dtype), by_channel | by_layer
+  out = jnp.where(projected, step32 - weight.astype(jnp.float32) * radial,
+                  step32)
+  return out.astype(step.dtype), projected
 
 
 class ProjectRadialState(NamedTuple):
