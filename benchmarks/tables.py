@@ -1695,9 +1695,9 @@ def peak_memory_goals() -> str:
       'own, where in the train step the layer loop writes each update in '
       "place of its gradient (whole-step temporaries: GaLore "
       f"{gb(cpu['galore_randomized']['memory_analysis']['temp'])} GB, AdamW "
-      f"{gb(a['memory_analysis']['temp'])} GB). Q-GaLore's lazy refresh keeps "
-      'the update over the whole stack. The per-layer step (`per_layer_train_step`, '
-      'below) never holds every gradient. ' + source(AOT, AOT_H100))
+      f"{gb(a['memory_analysis']['temp'])} GB). The per-layer step "
+      '(`per_layer_train_step`, below) never holds every gradient. '
+      + source(AOT, AOT_H100))
 
 
 def peak_memory_compile_times() -> str:
