@@ -22,6 +22,17 @@ def test_dct_matrix_is_orthonormal_and_matches_the_fast_transforms():
   np.testing.assert_allclose(similarity, d.T @ g, atol=1e-5)
 
 
+@pytest.mark.parametrize('l', [1, 5, 13, 16, 64])
+@pytest.mark.parametrize('norm_order', [1, 2, 0.5])
+def test_scores_are_the_row_norms_of_the_whole_transform(l, norm_order):
+  # Summed over blocks of strided columns (l = 13: one block; 5: five of
+  # one column; 16 and 64: eight): every column is counted once.
+  g = np.random.RandomState(l).randn(12, l).astype(np.float32)
+  scores = jax.jit(dct_lib.dct_scores, static_argnums=1)(g, norm_order)
+  expected = np.sum(np.abs(dct_lib.dct_matrix(12).T @ g) ** norm_order, axis=1)
+  np.testing.assert_allclose(scores, expected, rtol=1e-4)
+
+
 def _planted_gradient(columns, k=16, l=6, seed=0, noise=0.01):
   rng = np.random.RandomState(seed)
   d = dct_lib.dct_matrix(k)

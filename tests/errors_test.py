@@ -338,6 +338,38 @@ def test_randomized_basis_of_a_non_finite_gradient_is_not_finite(bad):
   assert not np.any(np.isfinite(new))
 
 
+@pytest.mark.parametrize('initial', ['range_finder', 'random'])
+@pytest.mark.parametrize('bad', [np.inf, np.nan])
+def test_online_pca_of_a_non_finite_gradient_is_not_finite(initial, bad):
+  """The online-PCA step and its SVD-free initial bases take NaN/Inf entries
+  as they are (no zeroed copy of the gradient): the moved basis is not
+  finite, and the stages keep the old one; with ``initial='svd'`` the stages
+  zero them first, for LAPACK."""
+  method = so.bases.online_pca(initial=initial)
+  assert method.handles_non_finite
+  assert not so.bases.online_pca(initial='svd').handles_non_finite
+  g = jax.random.normal(jax.random.key(1), (12, 9)).at[3, 4].set(bad)
+  old = method.init(12, 9, 3)
+  moved = jax.jit(method.refresh, static_argnums=3)(g, old, jax.random.key(2),
+                                                     True)
+  assert not np.all(np.isfinite(moved.basis))
+  first = jax.jit(method.first_refresh, static_argnums=3)(
+      g, old, jax.random.key(2), True)
+  if initial == 'range_finder':  # 'random' does not read the gradient
+    assert not np.all(np.isfinite(first.basis))
+  tx = so.low_rank(optax.scale_by_adam(), rank=2, basis=method, side='compact')
+  state = jax.vmap(tx.init)({'w': jnp.ones((2, 8, 6))})
+  for step in range(2):  # the initial basis, then an online step
+    g = jax.random.normal(jax.random.key(step), (2, 8, 6)).at[1, 0, 0].set(bad)
+    _, new = jax.jit(jax.vmap(tx.update))({'w': g}, state)
+    np.testing.assert_array_equal(new.basis['w'].basis[1],
+                                  state.basis['w'].basis[1])
+    assert not np.array_equal(new.basis['w'].basis[0],
+                              state.basis['w'].basis[0])
+    assert np.all(np.isfinite(new.basis['w'].basis))
+    state = new
+
+
 # ------------------------------------------- refresh periods and lazy refresh
 
 

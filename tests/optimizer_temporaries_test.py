@@ -44,11 +44,15 @@ RESIDUAL = ('the residual path holds one matrix\'s float32 view and '
             'G - QQᵀG (2x) beside the layer\'s gradient slice')
 BLOCKS = ('the blocks basis projects onto the whole matrix: C, N and the '
           'moments of a layer are a matrix each')
-RANDOMIZED = ('the randomized range finder holds a sketch, its QR and the '
-              'power iterations\' products (k x (r + oversampling)), and '
-              'threefry\'s buffers of the random matrices, beside the layer\'s '
-              'gradient slice and a transposed copy of it for GᵀQ; at this '
-              'small shape a quarter of a matrix each')
+RANDOMIZED = ('the randomized range finder holds the layer\'s gradient slice '
+              'beside its k x (r + oversampling) products, their '
+              'orthonormalisations and the sketch (a quarter of a matrix each '
+              'at this small shape; 2.5x float32, 3.3x bfloat16)')
+APOLLO_BF16 = ('a bfloat16 stack\'s layer is held as a bfloat16 slice (0.5x) '
+               'beside its float32 view for C = QᵀG (1x), the rank-r moments '
+               'and sketch of the layer; and XLA:CPU makes the float32 view of '
+               'the plain 64 x 96 kernel (0.75x) before the layer loop and '
+               'holds it through it (2.4-2.9x)')
 EXPECTED_OVER = {
     # Exact SVD refreshes (measured 3.2-3.9x).
     **{name: SVD for name in (
@@ -60,30 +64,37 @@ EXPECTED_OVER = {
     # A residual path.
     'frugal_random': RESIDUAL, 'frugal_columns': RESIDUAL,
     'frugal_blocks': BLOCKS,
-    # APOLLO: in float32 too since the layer loop writes each layer's update
-    # in place of its gradient (measured 1.6 -> 2.6x here, where the
-    # gradients are an argument; in a train step it saves the update tree).
-    'apollo': RESIDUAL, 'apollo_reference': RESIDUAL,
-    'apollo_compact': RESIDUAL,
-    ('apollo_mini_reference', 'bfloat16'): RESIDUAL,
+    # APOLLO (float32 1.6x, APOLLO-Mini 1.1-1.2x).
+    ('apollo', 'bfloat16'): APOLLO_BF16,
+    ('apollo_reference', 'bfloat16'): APOLLO_BF16,
+    ('apollo_mini_reference', 'bfloat16'): APOLLO_BF16,
+    'apollo_compact': (
+        'the compact side\'s view of a layer is transposed, and the in-place '
+        'write of its update G ⊙ s cannot read the layer\'s gradient slice '
+        'through the transposes: XLA:CPU holds a copy of the slice from the '
+        'start of the layer to the write, beside the projection\'s copy '
+        '(2.9x float32, 3.1x bfloat16)'),
     'galore_randomized': RANDOMIZED,
     'galore_randomized_no_stagger': RANDOMIZED,
-    'golore': RANDOMIZED,
+    # GoLore (1.7x): its random basis is drawn one column at a time on the
+    # CPU (bases.base.normal_matrix), without threefry's buffers of the whole
+    # draw.
     'online_subspace_descent': (
-        'the online-PCA basis step differentiates ‖G - QQᵀG‖² every step: '
-        'full-size residual and its gradient per matrix'),
+        'the online-PCA step reads the layer\'s gradient slice and a '
+        'transposed float32 view of it for each of its two k x l x r '
+        'products (3.9x float32; bfloat16: a float32 copy per product, 5.1x)'),
     'online_subspace_descent_lion': (
-        'the online-PCA basis step differentiates ‖G - QQᵀG‖² every step: '
-        'full-size residual and its gradient per matrix'),
-    'dct_adamw': ('the DCT basis scores columns by the l1 norm of the '
-                  'transformed full-size gradient (a full-size product per '
-                  'matrix) besides the float32 view'),
+        'the online-PCA step reads the layer\'s gradient slice and a '
+        'transposed float32 view of it for each of its two k x l x r '
+        'products (3.9x float32; bfloat16: a float32 copy per product, 5.1x)'),
+    'dct_adamw': ('the layer\'s gradient slice, its finite float32 view for '
+                  'the DCT (zeroed NaN/Inf entries) and the unprojection QC '
+                  'are a matrix each (the DCT itself runs over blocks of an '
+                  'eighth of the columns; 3.4x float32)'),
     # Not built on low_rank. AdamP/SGDP take every inner product first and
     # then the step in one elementwise pass (0.2x).
-    ('sgdp', 'bfloat16'): ('the Nesterov step g + μb of a bfloat16 stack is '
-                           'held once, in float32 (XLA:CPU\'s excess '
-                           'precision), for the reduction ⟨w, p⟩ and the '
-                           'projected step: a stack-sized temporary'),
+    # SGDP's Nesterov step g + μb is not held on the CPU either: there
+    # ⟨w, p⟩ = ⟨w, g⟩ + μ⟨w, b⟩ (0.15x in float32 and bfloat16, any depth).
     'auon_hybrid': ('Newton-Schulz holds X, its Gram matrix and their '
                     'products beside the look-ahead (one matrix at a time)'),
 }
@@ -98,9 +109,6 @@ GROWS = {
            'galore_8bit_moments', 'q_galore_8bit_moments')},
     'frugal_blocks': ('XLA:CPU copies the carried moment stacks, which are '
                       'full-size for the blocks basis'),
-    'sgdp': ('the stacked norms (L, 64) are one rank-2 leaf to the radial '
-             'rule; its momentum and step temporaries are that leaf\'s size '
-             '(0.1 matrix more at 16 layers)'),
 }
 
 SKIPPED = {

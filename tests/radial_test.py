@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import subspace_optax as so
@@ -120,14 +121,66 @@ def test_the_gpu_lowering_matches_the_reference_rule(kind, monkeypatch):
                              rtol=1e-5, atol=1e-6)
 
 
-def test_sgdp_matches_the_reference_rule():
+def _lowered_for(lowering, monkeypatch):
+  """Take ``lowering``'s branch of ``per_matrix.on_platform`` ('cpu', 'gpu')."""
+  monkeypatch.setattr(per_matrix, 'on_platform',
+                      lambda *args, cpu, gpu: dict(cpu=cpu, gpu=gpu)[lowering](
+                          *args))
+
+
+@pytest.mark.parametrize('lowering', ['cpu', 'gpu'])
+@pytest.mark.parametrize('kind', ['channel', 'layer', 'generic'])
+@pytest.mark.parametrize('nesterov', [True, False])
+def test_sgdp_matches_the_reference_rule(nesterov, kind, lowering,
+                                         monkeypatch):
+  # XLA:CPU's lowering takes ⟨w, p⟩ of the Nesterov step p = g + μb as
+  # ⟨w, g⟩ + μ⟨w, b⟩; GPUs reduce p itself. The rule is the same.
+  _lowered_for(lowering, monkeypatch)
   w = np.random.RandomState(2).randn(5, 8)
-  grads = _gradients(w, 'channel', seed=3)
-  expected = _numpy_sgdp(w, grads, lr=0.1, wd=0.2, momentum=0.9, nesterov=True)
-  tx = so.sgdp(0.1, momentum=0.9, nesterov=True, weight_decay=0.2,
+  grads = _gradients(w, kind, seed=3)
+  expected = _numpy_sgdp(w, grads, lr=0.1, wd=0.2, momentum=0.9,
+                         nesterov=nesterov)
+  tx = so.sgdp(0.1, momentum=0.9, nesterov=nesterov, weight_decay=0.2,
                channel_axis=0)
   np.testing.assert_allclose(_run(tx, w, grads, 'torch'), expected,
                              rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('lowering', ['cpu', 'gpu'])
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_nesterov_momentum_is_the_nesterov_trace(dtype, lowering,
+                                                 monkeypatch):
+  # project_radial(trace(μ), nesterov_momentum=μ) projects optax.trace's
+  # Nesterov step g + μb, on matrices (projected) and vectors (passed).
+  _lowered_for(lowering, monkeypatch)
+  rng = np.random.RandomState(5)
+  params = {'w': jnp.asarray(rng.randn(6, 10), dtype),
+            'b': jnp.asarray(rng.randn(10), dtype)}
+  kwargs = dict(weight_decay=0.3, channel_axis=0)
+  ours = so.project_radial(optax.trace(0.9), nesterov_momentum=0.9, **kwargs)
+  reference = so.project_radial(optax.trace(0.9, nesterov=True), **kwargs)
+  states = ours.init(params), reference.init(params)
+  for _ in range(3):
+    # A cosine of 0.01 with each output channel of the current weight: under
+    # the threshold 0.1/√10, so the channel projection applies, and ⟨w, g⟩
+    # is not 0 (CPU: ⟨w, p⟩ = ⟨w, g⟩ + μ⟨w, b⟩).
+    w = np.asarray(params['w'], np.float64)
+    (g,) = _gradients(w, 'channel', steps=1, seed=rng.randint(1 << 30))
+    g += 0.01 * w * (np.linalg.norm(g, axis=1) / np.linalg.norm(w, axis=1)
+                     )[:, None]
+    assert _numpy_projection(w, g, g)[1] == WD_RATIO
+    grads = {'w': jnp.asarray(g, dtype), 'b': jnp.asarray(rng.randn(10), dtype)}
+    (u, s), (v, r) = (jax.jit(tx.update)(grads, state, params)
+                      for tx, state in ((ours, states[0]),
+                                        (reference, states[1])))
+    states = s, r
+    for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(v)):
+      assert a.dtype == b.dtype == jnp.dtype(dtype)
+      np.testing.assert_allclose(
+          np.asarray(a, np.float32), np.asarray(b, np.float32),
+          rtol=1e-5 if dtype == 'float32' else 2e-2,
+          atol=1e-5 if dtype == 'float32' else 2e-2)
+    params = jax.tree.map(lambda p, x: p - 0.1 * x, params, v)
 
 
 def test_projected_step_has_no_radial_component():

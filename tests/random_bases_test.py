@@ -75,6 +75,36 @@ def test_gaussian_basis_has_variance_one_over_rank():
   assert np.abs(gram - np.eye(3)).max() > 0.05
 
 
+@pytest.mark.parametrize('lowering', ['cpu', 'gpu'])
+def test_normal_matrix_draws_column_j_from_fold_in_j(lowering, monkeypatch):
+  # The CPU draws one column at a time (threefry's loop state is the draw),
+  # other platforms all at once: the same matrix, N(0, 1) entries, columns
+  # independent of the matrix's width.
+  from subspace_optax._src.bases import base  # pylint: disable=import-outside-toplevel
+  from subspace_optax._src.pipeline import per_matrix  # pylint: disable=import-outside-toplevel
+  chosen = []
+  original = per_matrix.on_platform
+
+  def forced(*args, cpu, gpu):
+    chosen.append(lowering)
+    return original(*args, cpu=cpu if lowering == 'cpu' else gpu,
+                    gpu=cpu if lowering == 'cpu' else gpu)
+
+  monkeypatch.setattr(per_matrix, 'on_platform', forced)
+  key = jax.random.key(3)
+  y = np.asarray(jax.jit(lambda k: base.normal_matrix(k, (500, 40)))(key))
+  assert chosen and y.shape == (500, 40) and y.dtype == np.float32
+  for j in (0, 17, 39):
+    np.testing.assert_array_equal(y[:, j], np.asarray(jax.random.normal(
+        jax.random.fold_in(key, j), (500,), jnp.float32)))
+  np.testing.assert_array_equal(
+      y[:, :7], np.asarray(base.normal_matrix(key, (500, 7))))
+  assert abs(y.mean()) < 0.02 and abs(y.std() - 1.0) < 0.02
+  # Distinct columns are uncorrelated.
+  correlation = np.corrcoef(y.T)
+  assert np.abs(correlation - np.eye(40)).max() < 0.2
+
+
 def test_golore_state_bytes_match_galore_bytes():
   params = {'w': jnp.zeros((20, 12)), 'v': jnp.zeros((6, 14)),
             'b': jnp.zeros((12,))}

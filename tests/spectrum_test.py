@@ -42,20 +42,34 @@ def _refresh(method, g, seed=0, align=False):
       g, method.init(k, l, RANK), jax.random.key(seed), align)
 
 
-@pytest.mark.parametrize('method, tolerance', [
-    (SVD, 1e-4), (RANDOMIZED, 1e-4),
-    # One sketch of exactly r columns, no power iteration: error ~ σ_tail/σ_r.
-    (bases.randomized(oversample=0, power_iterations=0), 3e-2),
-], ids=['svd', 'randomized', 'plain_sketch'])
+@pytest.mark.parametrize('method', [SVD, RANDOMIZED],
+                         ids=['svd', 'randomized'])
 @pytest.mark.parametrize('seed', [0, 1])
-def test_basis_spans_the_top_singular_subspace(method, tolerance, seed):
+def test_basis_spans_the_top_singular_subspace(method, seed):
   g, u, _ = _gradient(seed)
   q = _refresh(method, g, seed)
   assert q.shape == (K, RANK) and q.dtype == jnp.float32
   assert spectra.orthonormality_error(q) < 1e-5
-  assert spectra.distance(q, u[:, :RANK]) < tolerance
+  assert spectra.distance(q, u[:, :RANK]) < 1e-4
   # ... and it is not the bottom (or any other) part of the spectrum.
   assert spectra.distance(q, u[:, RANK:2 * RANK]) > 0.99
+
+
+def test_a_plain_sketch_spans_the_top_subspace_for_a_typical_draw():
+  # One sketch of exactly r columns, no power iteration: the error is
+  # σ_{r+1}/σ_r times a heavy-tailed factor (the inverse of the smallest
+  # singular value of an r x r Gaussian; Halko et al. 2011, §10), so a
+  # typical draw is close (here ~5e-3 against 1.25e-3 for σ_{r+1}/σ_r), not
+  # every draw.
+  method = bases.randomized(oversample=0, power_iterations=0)
+  g, u, _ = _gradient(0)
+  distances = []
+  for key in range(16):
+    q = _refresh(method, g, key)
+    assert spectra.orthonormality_error(q) < 1e-5
+    assert spectra.distance(q, u[:, RANK:2 * RANK]) > 0.99
+    distances.append(spectra.distance(q, u[:, :RANK]))
+  assert np.median(distances) < 3e-2
 
 
 @pytest.mark.parametrize('method', [SVD, RANDOMIZED], ids=['svd', 'randomized'])

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from subspace_optax._src import utils
 from subspace_optax._src.pipeline import batching
 from subspace_optax._src.pipeline import layout as layout_lib
+from subspace_optax._src.pipeline import per_matrix
 from subspace_optax._src.pipeline import sharding
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -55,10 +56,11 @@ class BasisMethod(NamedTuple):
   # shapes and dtypes of one matrix's state. None: ``init``.
   init_from_weights: Optional[Callable[[jax.Array, int, str], Any]] = None
   # The refresh takes a gradient with NaN/Inf entries as it is and returns a
-  # non-finite state for it (its factorisations see only small matrices it
-  # has made finite). False: the stages give it the gradient with those
-  # entries zeroed, a full-size copy, since LAPACK's SVD never returns on a
-  # matrix mixing Inf and finite entries.
+  # non-finite state for it (its factorisations are of small matrices and
+  # return on NaN/Inf: Cholesky, QR, or an eigensolver given a matrix it has
+  # made finite). False: the stages give it the gradient with those entries
+  # zeroed, a full-size copy, since LAPACK's SVD never returns on a matrix
+  # mixing Inf and finite entries.
   handles_non_finite: bool = False
 
 
@@ -100,6 +102,39 @@ def initial_state(method: BasisMethod, param: Any, layout: Any) -> Any:
 
 
 # ---------------------------------------------------------------- dense bases
+
+
+def normal_matrix(key: jax.Array, shape: tuple[int, int]) -> jax.Array:
+  """A ``(k, p)`` float32 matrix of independent ``N(0, 1)`` entries.
+
+  Column ``j`` is ``jax.random.normal(jax.random.fold_in(key, j), (k,))``.
+  XLA:CPU runs threefry as a loop whose state is the whole draw: drawn at
+  once, a ``4096 x 1024`` matrix compiles to three times its size in
+  temporaries. On the CPU the columns are therefore drawn one at a time, each
+  written in place into the matrix (no temporary of its size); elsewhere,
+  where threefry is one fused kernel, all at once (``vmap``). The values are
+  the same.
+
+  Args:
+    key: PRNG key.
+    shape: ``(k, p)``.
+
+  Returns:
+    The ``(k, p)`` float32 matrix.
+  """
+  k, p = shape
+
+  def column(j):
+    return jax.random.normal(jax.random.fold_in(key, j), (k,), jnp.float32)
+
+  def one_at_a_time(columns):
+    return jax.lax.fori_loop(
+        0, p, lambda j, y: y.at[:, j].set(column(columns[j])),
+        jnp.zeros((k, p), jnp.float32))
+
+  return per_matrix.on_platform(jnp.arange(p, dtype=jnp.uint32),
+                                cpu=one_at_a_time,
+                                gpu=jax.vmap(column, out_axes=1))
 
 
 @utils.compiled('k', 'l', 'rank')
@@ -201,8 +236,7 @@ def orthonormalize(y: jax.Array, key: jax.Array, passes: int = 3) -> jax.Array:
   y = y.astype(jnp.float32)
   rms = jnp.sqrt(jnp.mean(y * y))
   noise_scale = jnp.where(rms > 0, 1e-4 * rms, 1.0)
-  y = y + noise_scale * sharding.reshard_like(
-      jax.random.normal(key, (k, p), jnp.float32), y)
+  y = y + noise_scale * sharding.reshard_like(normal_matrix(key, (k, p)), y)
   eye = jnp.eye(p, dtype=jnp.float32)
   unit_roundoff = jnp.finfo(jnp.float32).eps / 2
   gram = sharding.einsum('kp,kq->pq', y, y, precision=_HIGHEST)

@@ -13,6 +13,8 @@ of a matrix is its ``rank`` int32 column indices.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,6 +82,59 @@ def dct_similarity(g: jax.Array) -> jax.Array:
   return jax.scipy.fft.dct(g.astype(jnp.float32), type=2, axis=0, norm='ortho')
 
 
+# The scores are summed over at most this many blocks of columns: the DCT of
+# a whole matrix holds two complex64 copies of it (its FFT and a transposed
+# copy), four float32 matrices of temporaries.
+_SCORE_BLOCKS = 8
+
+
+def _score_blocks(g: jax.Array) -> int:
+  """The number ``n`` of column blocks: the largest divisor of ``l`` up to
+  :data:`_SCORE_BLOCKS` whose blocks ``l / n`` a sharded column axis (under
+  an Explicit mesh) still divides evenly."""
+  l = g.shape[1]
+  spec = sharding.explicit_spec(g)
+  shards = 1
+  if spec is not None and spec[1] is not None:
+    mesh = jax.typeof(g).sharding.mesh
+    names = spec[1] if isinstance(spec[1], tuple) else (spec[1],)
+    shards = math.prod(mesh.shape[name] for name in names)
+  return max(n for n in range(1, _SCORE_BLOCKS + 1)
+             if l % n == 0 and (l // n) % shards == 0)
+
+
+def dct_scores(g: jax.Array, norm_order: float = 1.0) -> jax.Array:
+  """``‖S_{j,:}‖_p^p`` for each row ``j`` of ``S = DᵀG`` (``(k,)``, float32).
+
+  The rows of ``S`` are summed over ``n`` blocks of columns (up to 8; block
+  ``c`` holds the columns ``c, c + n, c + 2n, ...``, a bitcast of ``G`` to
+  ``(k, l / n, n)`` indexed on its last axis, so a column-sharded ``G`` stays
+  evenly sharded), in a ``lax.fori_loop``: the DCT's temporaries are those of
+  one block, not of the matrix.
+
+  Args:
+    g: a ``(k, l)`` matrix.
+    norm_order: ``p``.
+
+  Returns:
+    The float32 ``(k,)`` scores.
+  """
+  k, l = g.shape
+  blocks = _score_blocks(g)
+  strided = g.reshape(k, l // blocks, blocks)
+
+  def block_scores(c):
+    s = jnp.abs(dct_similarity(
+        jax.lax.dynamic_index_in_dim(strided, c, 2, keepdims=False)))
+    if not (isinstance(norm_order, (int, float)) and norm_order == 1):
+      s = s ** norm_order
+    return jnp.sum(s, axis=1)
+
+  # The first block outside the loop: the carry has its (sharded) type.
+  return jax.lax.fori_loop(1, blocks, lambda c, scores: scores + block_scores(c),
+                           block_scores(0))
+
+
 def dct(norm_order: float = 1.0) -> bases_lib.BasisMethod:
   """Columns of the DCT-II matrix that best align with the gradient.
 
@@ -126,11 +181,7 @@ def dct(norm_order: float = 1.0) -> bases_lib.BasisMethod:
   def refresh(g, old, key, align):
     del key, align
     rank = old.indices.shape[-1]
-    s = dct_similarity(g)
-    if isinstance(norm_order, (int, float)) and norm_order == 1:
-      scores = jnp.sum(jnp.abs(s), axis=1)
-    else:
-      scores = jnp.sum(jnp.abs(s) ** norm_order, axis=1)
+    scores = dct_scores(g, norm_order)
     # top_k needs the whole score vector on every device (a 1 x k gather).
     _, top = jax.lax.top_k(sharding.replicate_matrix(scores[None])[0], rank)
     return index.SelectedColumns(jnp.sort(top).astype(jnp.int32), old.size)

@@ -80,9 +80,11 @@ def online_pca_gradient(
   """
   g = g.astype(jnp.float32)
   norm = jnp.sqrt(jnp.sum(g * g))
-  g = g / jnp.where(norm > 0, norm, 1.0)
-  a = sharding.einsum('kr,kl->rl', basis, g)
-  b = sharding.einsum('kl,rl->kr', g, a)
+  norm = jnp.where(norm > 0, norm, 1.0)
+  # G̃ = G / ‖G‖ enters only through A and B: the products are divided by the
+  # norm, not G (a full-size copy).
+  a = sharding.einsum('kr,kl->rl', basis, g) / norm
+  b = sharding.einsum('kl,rl->kr', g, a) / norm
   gram_a = sharding.einsum('rl,sl->rs', a, a, precision=_HIGHEST)
   gram_p = sharding.einsum('kr,ks->rs', basis, basis, precision=_HIGHEST)
   grad = 2.0 * (
@@ -139,7 +141,7 @@ def range_finder(
   """
   g = g.astype(jnp.float32)
   keys = jax.random.split(key, 2 + 2 * power_iterations)
-  sketch = jax.random.normal(keys[0], (g.shape[1], rank), jnp.float32)
+  sketch = bases_lib.normal_matrix(keys[0], (g.shape[1], rank))
   q = bases_lib.orthonormalize(
       sharding.einsum('kl,lr->kr', g, sketch, precision=_HIGHEST), keys[1])
   for i in range(power_iterations):
@@ -157,7 +159,7 @@ def _initial_basis(kind: str, g: jax.Array, old: jax.Array, key: jax.Array):
   elif kind == 'random':
     draw, noise = jax.random.split(key)
     q = bases_lib.orthonormalize(sharding.reshard_like(
-        jax.random.normal(draw, old.shape, jnp.float32), old), noise)
+        bases_lib.normal_matrix(draw, old.shape), old), noise)
   else:
     u, _ = singular.singular_vectors(
         sharding.replicate_matrix(g.astype(jnp.float32)))
@@ -302,8 +304,13 @@ def online_pca(
   def transition(old, new):
     return bases_lib.dense_transition(old.basis, new.basis)
 
+  # Only an SVD needs a finite gradient (LAPACK's never returns on a matrix
+  # mixing Inf and finite entries); the online step and the other initial
+  # bases give a non-finite basis for a non-finite gradient, and the stages
+  # drop it, without the finite copy of the gradient.
   return bases_lib.BasisMethod(
       'online_pca', init, refresh, project, unproject, transition,
-      every_step=True, first_refresh=first_refresh)
+      every_step=True, first_refresh=first_refresh,
+      handles_non_finite=initial != 'svd')
 
 

@@ -16,8 +16,7 @@ from subspace_optax._src.pipeline import sharding
 
 
 def _gaussian_like(old: jax.Array, key: jax.Array) -> jax.Array:
-  return sharding.reshard_like(
-      jax.random.normal(key, old.shape, jnp.float32), old)
+  return sharding.reshard_like(bases_lib.normal_matrix(key, old.shape), old)
 
 
 def random_orthonormal() -> bases_lib.BasisMethod:

@@ -46,8 +46,8 @@ def seeded_matrix(state: SeedState) -> jax.Array:
     >>> so.bases.seeded_matrix(state).shape
     (8, 2)
   """
-  return jax.random.normal(
-      jax.random.key(state.seed), (state.size, state.rank), jnp.float32
+  return bases_lib.normal_matrix(
+      jax.random.key(state.seed), (state.size, state.rank)
   ) / math.sqrt(state.rank)
 
 

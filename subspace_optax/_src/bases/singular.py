@@ -126,19 +126,22 @@ def randomized(oversample: int = 8, power_iterations: int = 1) -> bases_lib.Basi
 
   def refresh(g, old, key, align):
     g = g.astype(jnp.float32)
-    # The basis is scale invariant: each product of G is divided by max |G|
-    # (G / max |G| would be a full-size copy), so that the Gram matrices below
-    # neither overflow (|G| >~ 1e18) nor underflow (|G| <~ 1e-18). A product
-    # itself overflows only for |G| >~ 1e35.
-    peak = jnp.max(jnp.abs(g))
-    peak = jnp.where(peak > 0, peak, 1.0)
-    times_g = lambda spec, a, b: sharding.einsum(
-        spec, a, b, precision=_HIGHEST) / peak
+    # The basis is scale invariant: each product of G is divided by its own
+    # largest magnitude (a k x p or p x l matrix; max |G| would be a
+    # reduction of the gradient, which XLA:CPU reads from a transposed copy
+    # of it), so that the Gram matrices below neither overflow (|G| >~ 1e18)
+    # nor underflow (|G| <~ 1e-18). A product itself overflows only for
+    # |G| >~ 1e35.
+    def times_g(spec, a, b):
+      product = sharding.einsum(spec, a, b, precision=_HIGHEST)
+      peak = jnp.max(jnp.abs(product))
+      return product / jnp.where(peak > 0, peak, 1.0)
+
     k, l = g.shape
     rank = old.shape[1]
     p = min(rank + oversample, k, l)
     keys = jax.random.split(key, 2 * power_iterations + 2)
-    sketch = jax.random.normal(keys[0], (l, p), jnp.float32)
+    sketch = bases_lib.normal_matrix(keys[0], (l, p))
     # Only the last orthonormalisation needs full precision (the final basis is
     # Q times an orthogonal matrix); the earlier ones only keep the span stable.
     last = lambda i: 2 if i == power_iterations else 1

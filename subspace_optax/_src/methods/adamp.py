@@ -128,11 +128,15 @@ def sgdp(
   """
   no_momentum = isinstance(momentum, (int, float)) and momentum == 0
   inner = (optax.identity() if no_momentum
-           else optax.trace(decay=momentum, nesterov=nesterov))
+           else optax.trace(decay=momentum, nesterov=False))
+  # optax.trace's Nesterov step g + μb, taken by the projection from the
+  # momentum b: XLA:CPU then need not hold it (see project_radial).
   return optax.chain(
       radial_lib.project_radial(
           inner, delta=delta, wd_ratio=wd_ratio,
           weight_decay=weight_decay / (1.0 - momentum), eps=eps,
-          channel_axis=channel_axis),
+          channel_axis=channel_axis,
+          nesterov_momentum=momentum if nesterov and not no_momentum
+          else None),
       optax.scale_by_learning_rate(learning_rate),
   )

@@ -12,7 +12,6 @@ step.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -54,21 +53,46 @@ def _inner_products(weight, grad, step, axes, separate: bool):
   return jax.lax.optimization_barrier(products)
 
 
-def _radial_projection(step, grad, weight, delta, eps, channel_axis):
+def _step(base, grad, nesterov_momentum):
+  """``base``, or the Nesterov step ``g + μ·base`` (``optax.trace``'s)."""
+  if nesterov_momentum is None:
+    return base
+  return grad + nesterov_momentum * base
+
+
+def _radial_projection(base, grad, weight, delta, eps, channel_axis,
+                       nesterov_momentum=None):
   """``(projected step, projected?)`` for one leaf of rank >= 2 (AdamP's rule).
 
-  Reductions over the view's axes (no reshape), so sharded leaves keep their
-  sharding. The four inner products are taken once per channel; the layer
-  view's are their sums over the channels. The radial part ``ŵ⟨ŵ, p⟩`` is
-  written ``w · ⟨w, p⟩ / (‖w‖ + ε)²``, so the step is one elementwise
-  expression of ``p`` and ``w`` after the reductions: no full-size unit
-  vector or candidate step is held beside the leaf.
+  The step is ``p = base``, or with ``nesterov_momentum`` ``μ`` the Nesterov
+  step ``p = g + μ·base`` of the momentum ``base``. Reductions over the
+  view's axes (no reshape), so sharded leaves keep their sharding. The four
+  inner products are taken once per channel; the layer view's are their
+  sums over the channels. The radial part ``ŵ⟨ŵ, p⟩`` is written
+  ``w · ⟨w, p⟩ / (‖w‖ + ε)²``, so the step is one elementwise expression of
+  ``p`` and ``w`` after the reductions: no full-size unit vector or
+  candidate step is held beside the leaf.
+
+  On XLA:CPU a Nesterov step is not held either: its consumers were the
+  reduction ``⟨w, p⟩`` and that expression, and XLA:CPU held it between them
+  (in float32 for a bfloat16 leaf; recomputed inside the reduction, its
+  ``μ`` became a full-size broadcast operand of XLA:CPU's fused reduction).
+  There ``⟨w, p⟩ = ⟨w, g⟩ + μ⟨w, b⟩`` (``p`` is linear in ``b``), and
+  the final expression computes ``p`` elementwise. GPU lowerings reduce
+  ``⟨w, p⟩`` with ``p`` fused, as before.
   """
   axes = _view_axes(weight, channel_axis)
+  step = _step(base, grad, nesterov_momentum)
+
+  def cpu(w, g, u, _):
+    ww, gg, wg, wu = _inner_products(w, g, u, axes, separate=True)
+    if nesterov_momentum is not None:
+      wu = wg + nesterov_momentum * wu  # ⟨w, g + μb⟩
+    return ww, gg, wg, wu
+
   by_channel = per_matrix.on_platform(
-      weight, grad, step,
-      cpu=functools.partial(_inner_products, axes=axes, separate=True),
-      gpu=functools.partial(_inner_products, axes=axes, separate=False))
+      weight, grad, base, step, cpu=cpu,
+      gpu=lambda w, g, _, p: _inner_products(w, g, p, axes, separate=False))
   by_layer = tuple(jnp.sum(x) for x in by_channel)
   tests = []
   for (ww, gg, wg, wp), width in (
@@ -101,13 +125,15 @@ def project_radial(
     weight_decay: float = 0.0,
     eps: float = 1e-8,
     channel_axis: int = -1,
+    nesterov_momentum: Optional[float] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """``inner``'s step with the radial component removed on scale-invariant weights.
 
   Heo et al., `AdamP <https://arxiv.org/abs/2006.08217>`_, ICLR 2021 (Alg. 1-2).
   For each leaf of rank >= 2, with ``g`` the gradient, ``w`` the weight and
-  ``p = inner(g)`` the step, in the channel view (one row per output channel)
-  and then, if that test fails, the layer view (one row):
+  ``p = inner(g)`` the step (``g + μ inner(g)`` with ``nesterov_momentum``),
+  in the channel view (one row per output channel) and then, if that test
+  fails, the layer view (one row):
 
   .. math::
     \\text{if } \\max_{rows} \\frac{|⟨w, g⟩|}{\\|w\\|\\|g\\|} <
@@ -129,6 +155,11 @@ def project_radial(
     eps: ``ε`` of the norms.
     channel_axis: the output-channel axis of the channel view: ``-1`` for flax
       kernels ``(..., in, out)``; ``0`` for PyTorch ``(out, in, ...)`` layouts.
+    nesterov_momentum: ``μ`` when ``inner``'s output is a momentum ``b``
+      (``optax.trace`` without Nesterov) and the step is the Nesterov step
+      ``p = g + μb``, as SGDP's: the same step as ``optax.trace``'s
+      ``nesterov=True``, but not held beside the leaf on XLA:CPU
+      (:func:`_radial_projection`). None: ``p`` is ``inner``'s output.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -157,12 +188,14 @@ def project_radial(
     steps, inner_state = inner.update(
         updates, state.inner_state, params, **extra_args)
 
-    def leaf(step, grad, weight):
+    def leaf(base, grad, weight):
       ratio = 1.0
       if jnp.ndim(weight) > 1:
         step, projected = _radial_projection(
-            step, grad, weight, delta, eps, channel_axis)
+            base, grad, weight, delta, eps, channel_axis, nesterov_momentum)
         ratio = jnp.where(projected, wd_ratio, 1.0)
+      else:
+        step = _step(base, grad, nesterov_momentum)
       if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
         step = (step + weight_decay * ratio * weight).astype(step.dtype)
       return step
